@@ -1,1 +1,99 @@
-fn main(){}
+//! The `amqp-iam-gateway` command line: parse arguments, load and validate the config,
+//! set up logging, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use amqp_iam_gateway::config;
+use amqp_iam_gateway::proxy::Gateway;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "AMQP 0-9-1 gateway: AWS STS web identity tokens (JWT) for RabbitMQ"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway with a config file.
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file, reporting every problem at once.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => match config::load(&config) {
+            Ok(_) => {
+                println!("{}: OK", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{}: invalid configuration:\n{errors}", config.display());
+                ExitCode::FAILURE
+            }
+        },
+        Command::Serve { config } => {
+            let cfg = match config::load(&config) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!("{}: invalid configuration:\n{errors}", config.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            init_logging(&cfg.log);
+            match serve(cfg) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(log: &config::LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.format {
+        config::LogFormat::Json => builder.json().init(),
+        config::LogFormat::Text => builder.init(),
+    }
+}
+
+fn serve(cfg: config::Config) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let gateway = Gateway::new(cfg)
+            .await
+            .map_err(anyhow::Error::msg)
+            .context("starting the gateway")?;
+        gateway.start().await.context("binding listeners")?;
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for a signal")?;
+        tracing::info!("shutting down");
+        Ok(())
+    })
+}

@@ -1,1 +1,14 @@
-//! authz
+//! Authorisation: the permission table built from a token's scopes
+//! ([`permissions`]) and the pure per-method decision ([`decide()`]).
+//!
+//! Invariant: no IO, no clock, no logging. The proxy asks, this module answers; the call
+//! site logs the decision and counts it.
+
+pub mod decide;
+pub mod permissions;
+
+pub use decide::{Context, Denial, ExchangeKind, Operation, decide, reply_text};
+pub use permissions::{Grant, Perm, Permissions};
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,449 @@
-//! config
+//! Configuration: the TOML file to a validated, typed [`Config`], every problem reported at once.
+//!
+//! Two stages. [`raw`] deserialises the file as written (every key optional, unknown keys
+//! rejected at every level); [`validate`] applies the documented `DEFAULT_*` values, resolves
+//! relative paths against the config file's directory and collects *every* semantic problem
+//! into [`ConfigErrors`], so an operator fixes a broken file in one round instead of one error
+//! per restart. The `[oauth2]` table keeps RabbitMQ's `auth_oauth2.*` key names so an Amazon MQ
+//! or RabbitMQ configuration carries over line by line.
+//!
+//! **Invariant:** this module binds no socket and contacts no server. It only checks that
+//! referenced files exist and can be opened (and that can be switched off with
+//! [`CheckFiles::No`]); it never parses certificates or keys: that belongs to the code that
+//! uses them.
+
+mod raw;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+// ---------------------------------------------------------------------------------------------
+// Defaults and bounds. Each is what an absent key means, or a limit validation enforces.
+// ---------------------------------------------------------------------------------------------
+
+/// `listener.address`: the AMQPS listener, on the IANA port for AMQP over TLS.
+pub const DEFAULT_LISTENER_ADDRESS: &str = "0.0.0.0:5671";
+/// `listener.max_connections`: client connections open at once; further accepts wait.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// `listener.handshake_timeout_ms`: TLS plus AMQP handshake up to authentication must finish
+/// within this, so an idle or slow peer cannot hold a slot before it has authenticated.
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// Upper bound of `listener.handshake_timeout_ms`: five minutes is already generous for a
+/// handshake; more lets idle unauthenticated sockets pile up.
+pub const MAX_HANDSHAKE_TIMEOUT_MS: u64 = 300_000;
+/// `listener.max_preauth_frame`: largest frame accepted before authentication. STS tokens with
+/// session tags reach several KiB, so this is well above AMQP's 4096-byte `frame-min-size`.
+pub const DEFAULT_MAX_PREAUTH_FRAME: u32 = 65_536;
+/// Lower bound of `listener.max_preauth_frame`: below this, large STS tokens no longer fit.
+pub const MIN_MAX_PREAUTH_FRAME: u32 = 16_384;
+/// Upper bound of `listener.max_preauth_frame`: an unauthenticated peer must not make the
+/// gateway buffer more than this per connection.
+pub const MAX_MAX_PREAUTH_FRAME: u32 = 1_048_576;
+/// `listener.auth_failure_delay_ms`: RabbitMQ closes the socket 3 s after a refused login when
+/// the client lacks the `authentication_failure_close` capability; the gateway does the same,
+/// which also slows down password guessing.
+pub const DEFAULT_AUTH_FAILURE_DELAY_MS: u64 = 3_000;
+/// Upper bound of `listener.auth_failure_delay_ms`: each delayed socket holds a connection slot.
+pub const MAX_AUTH_FAILURE_DELAY_MS: u64 = 60_000;
+/// `listener.channel_max`: RabbitMQ's default `channel_max`.
+pub const DEFAULT_CHANNEL_MAX: u16 = 2_047;
+/// `listener.frame_max`: RabbitMQ's default `frame_max` (128 KiB).
+pub const DEFAULT_FRAME_MAX: u32 = 131_072;
+/// Lower bound of `listener.frame_max`: AMQP 0-9-1's `frame-min-size`.
+pub const MIN_FRAME_MAX: u32 = 4_096;
+/// Upper bound of `listener.frame_max`: every relayed frame may be buffered whole, so this
+/// bounds per-connection memory.
+pub const MAX_FRAME_MAX: u32 = 16 * 1_048_576;
+/// `listener.heartbeat`: seconds; RabbitMQ's default. `0` disables heartbeats.
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 60;
+
+/// `backend.nodes`: a RabbitMQ node on the same host, plain AMQP.
+pub const DEFAULT_BACKEND_NODE: &str = "127.0.0.1:5672";
+/// `backend.connect_timeout_ms`: TCP plus AMQP handshake with a backend node.
+pub const DEFAULT_BACKEND_CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// Upper bound of `backend.connect_timeout_ms`: an authenticated client waits on it.
+pub const MAX_BACKEND_CONNECT_TIMEOUT_MS: u64 = 300_000;
+
+/// `oauth2.preferred_username_claims`: RabbitMQ 4.1+'s default.
+pub const DEFAULT_PREFERRED_USERNAME_CLAIMS: [&str; 2] = ["sub", "client_id"];
+/// `oauth2.verify_aud`: RabbitMQ's default.
+pub const DEFAULT_VERIFY_AUD: bool = true;
+/// `oauth2.require_exp`: RabbitMQ's default (4.2.9+).
+pub const DEFAULT_REQUIRE_EXP: bool = true;
+/// `oauth2.algorithms`: the two algorithms STS `GetWebIdentityToken` signs with.
+pub const DEFAULT_ALGORITHMS: [JwtAlgorithm; 2] = [JwtAlgorithm::RS256, JwtAlgorithm::ES384];
+/// `oauth2.leeway_seconds`: clock skew tolerated on `nbf` and `iat` (RabbitMQ checks neither).
+pub const DEFAULT_LEEWAY_SECONDS: u64 = 60;
+/// Upper bound of `oauth2.leeway_seconds`: more would quietly disable the checks, and usually
+/// means milliseconds were written where seconds were meant.
+pub const MAX_LEEWAY_SECONDS: u64 = 3_600;
+/// `oauth2.check_iat`: reject tokens issued in the future (beyond the leeway).
+pub const DEFAULT_CHECK_IAT: bool = true;
+/// `oauth2.check_nbf`: reject tokens not yet valid (beyond the leeway).
+pub const DEFAULT_CHECK_NBF: bool = true;
+/// `oauth2.jwks_refresh_seconds`: periodic JWKS refresh, so rotated keys are picked up
+/// without waiting for a token with an unknown `kid`.
+pub const DEFAULT_JWKS_REFRESH_SECONDS: u64 = 600;
+/// Upper bound of `oauth2.jwks_refresh_seconds`: a revoked key must not linger for days.
+pub const MAX_JWKS_REFRESH_SECONDS: u64 = 86_400;
+/// `oauth2.jwks_min_refetch_interval_ms`: minimum time between JWKS fetches triggered by an
+/// unknown `kid`. The `kid` is chosen by an unauthenticated client, so without this limit every
+/// forged token would cost a request to the identity provider.
+pub const DEFAULT_JWKS_MIN_REFETCH_INTERVAL_MS: u64 = 1_000;
+/// Upper bound of `oauth2.jwks_min_refetch_interval_ms`: a key rotated at the identity
+/// provider must still be picked up within the hour.
+pub const MAX_JWKS_MIN_REFETCH_INTERVAL_MS: u64 = 3_600_000;
+/// `oauth2.http_timeout_ms`: timeout of each JWKS or OIDC discovery request.
+pub const DEFAULT_HTTP_TIMEOUT_MS: u64 = 5_000;
+/// Upper bound of `oauth2.http_timeout_ms`: clients wait on this during a key refetch.
+pub const MAX_HTTP_TIMEOUT_MS: u64 = 120_000;
+
+/// `admin.address`: `/metrics`, `/healthz`, `/readyz`; loopback so metrics are not public.
+pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:15693";
+/// `log.level`: a level or a `tracing_subscriber::EnvFilter` directive list.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// `log.format`.
+pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
+
+// ---------------------------------------------------------------------------------------------
+// The validated configuration.
+// ---------------------------------------------------------------------------------------------
+
+/// The validated configuration. Every field holds a checked value with defaults applied and
+/// paths resolved against the config file's directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub listener: ListenerConfig,
+    pub backend: BackendConfig,
+    pub oauth2: OAuth2Config,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+}
+
+/// `[listener]`: where clients connect and the limits applied to them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// The AMQPS listener. `None` only when `plain_address` is set and none of `address`,
+    /// `tls_cert`, `tls_key` is; so there is always at least one listener.
+    pub tls: Option<TlsListenerConfig>,
+    /// The plain AMQP listener, for development and tests only.
+    pub plain_address: Option<SocketAddr>,
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    /// Bytes: the largest frame accepted before authentication.
+    pub max_preauth_frame: u32,
+    pub auth_failure_delay: Duration,
+    /// Offered in `connection.tune`; never 0 (which would mean "no limit").
+    pub channel_max: u16,
+    /// Bytes, offered in `connection.tune`.
+    pub frame_max: u32,
+    /// Seconds, offered in `connection.tune`; 0 disables heartbeats.
+    pub heartbeat: u16,
+}
+
+/// The AMQPS listener: address and PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsListenerConfig {
+    pub address: SocketAddr,
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// `[backend]`: the RabbitMQ node(s) the gateway relays to, and its service user.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// Tried in order; never empty.
+    pub nodes: Vec<BackendNode>,
+    pub username: String,
+    pub password: String,
+    pub connect_timeout: Duration,
+    /// Base URL of the management HTTP API (`http://host:15672`), used to look up exchange
+    /// types; no trailing slash is added or removed.
+    pub management_url: Option<String>,
+}
+
+/// Written by hand so the service user's password never reaches a log line.
+impl fmt::Debug for BackendConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackendConfig")
+            .field("nodes", &self.nodes)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("management_url", &self.management_url)
+            .finish()
+    }
+}
+
+/// One backend node. The host may be a name, so it is resolved when connecting, not here.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BackendNode {
+    /// A DNS name or IP address; an IPv6 address is stored without brackets.
+    pub host: String,
+    pub port: u16,
+}
+
+/// `host:port`, with brackets around an IPv6 host: the form `TcpStream::connect` accepts.
+impl fmt::Display for BackendNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// `[oauth2]`: token verification and scope normalisation, with RabbitMQ's key names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuth2Config {
+    /// Non-empty, without whitespace: the expected `aud`.
+    pub resource_server_id: String,
+    /// Resolved: `<resource_server_id>.` when unset; `""` disables prefix filtering.
+    pub scope_prefix: String,
+    /// Space-separated claim paths, as written (parsing paths is the scope module's job).
+    pub additional_scopes_key: Option<String>,
+    /// Never empty.
+    pub preferred_username_claims: Vec<String>,
+    pub verify_aud: bool,
+    pub require_exp: bool,
+    /// When set, a token's `iss` must equal it exactly; also the OIDC discovery base when
+    /// `jwks_uri` is unset.
+    pub issuer: Option<String>,
+    /// From `jwks_uri` or its deprecated alias `jwks_url`.
+    pub jwks_uri: Option<String>,
+    /// Never empty, no duplicates, in the configured order.
+    pub algorithms: Vec<JwtAlgorithm>,
+    /// The `kid` assumed for tokens whose header has none.
+    pub default_key: Option<String>,
+    /// `kid` → PEM file, resolved against the config file's directory.
+    pub signing_keys: BTreeMap<String, PathBuf>,
+    /// Clock skew tolerated on `nbf` and `iat`.
+    pub leeway: Duration,
+    pub check_iat: bool,
+    pub check_nbf: bool,
+    pub jwks_refresh: Duration,
+    pub jwks_min_refetch_interval: Duration,
+    pub http_timeout: Duration,
+    /// Alias → full scopes (including the prefix), a string value split on whitespace.
+    pub scope_aliases: BTreeMap<String, Vec<String>>,
+}
+
+/// `[admin]`: the HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// A level (`info`) or an `EnvFilter` directive list (`info,amqp_iam_gateway=debug`).
+    pub level: String,
+    pub format: LogFormat,
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The JWS algorithms a token may be signed with. Only asymmetric ones exist here: with an
+/// HMAC algorithm the verification key could also mint tokens, and `none` is no signature.
+#[allow(clippy::upper_case_acronyms)] // the JOSE names, exactly as they appear in `alg`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum JwtAlgorithm {
+    RS256,
+    RS384,
+    RS512,
+    PS256,
+    PS384,
+    PS512,
+    ES256,
+    ES384,
+    EdDSA,
+}
+
+impl JwtAlgorithm {
+    /// Every supported algorithm, in the order error messages list them.
+    pub const ALL: [JwtAlgorithm; 9] = [
+        JwtAlgorithm::RS256,
+        JwtAlgorithm::RS384,
+        JwtAlgorithm::RS512,
+        JwtAlgorithm::PS256,
+        JwtAlgorithm::PS384,
+        JwtAlgorithm::PS512,
+        JwtAlgorithm::ES256,
+        JwtAlgorithm::ES384,
+        JwtAlgorithm::EdDSA,
+    ];
+
+    /// The JOSE `alg` name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            JwtAlgorithm::RS256 => "RS256",
+            JwtAlgorithm::RS384 => "RS384",
+            JwtAlgorithm::RS512 => "RS512",
+            JwtAlgorithm::PS256 => "PS256",
+            JwtAlgorithm::PS384 => "PS384",
+            JwtAlgorithm::PS512 => "PS512",
+            JwtAlgorithm::ES256 => "ES256",
+            JwtAlgorithm::ES384 => "ES384",
+            JwtAlgorithm::EdDSA => "EdDSA",
+        }
+    }
+}
+
+impl fmt::Display for JwtAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a string is not a [`JwtAlgorithm`]; the message says what to write instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseAlgorithmError(String);
+
+/// Exact, case-sensitive match on the JOSE name, as `alg` header values are compared.
+impl FromStr for JwtAlgorithm {
+    type Err = ParseAlgorithmError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(alg) = JwtAlgorithm::ALL.into_iter().find(|a| a.as_str() == s) {
+            return Ok(alg);
+        }
+        let allowed = JwtAlgorithm::ALL.map(JwtAlgorithm::as_str).join(", ");
+        let upper = s.to_ascii_uppercase();
+        let reason = if upper.starts_with("HS") {
+            "is not allowed: with an HMAC algorithm the verification key can also mint tokens"
+                .to_owned()
+        } else if upper == "NONE" {
+            "is not allowed: unsigned tokens are never accepted".to_owned()
+        } else if let Some(alg) = JwtAlgorithm::ALL
+            .into_iter()
+            .find(|a| a.as_str().eq_ignore_ascii_case(s))
+        {
+            format!("is not an algorithm name (names are case-sensitive: did you mean {alg}?)")
+        } else {
+            "is not a supported algorithm".to_owned()
+        };
+        Err(ParseAlgorithmError(format!(
+            "{s:?} {reason}; allowed: {allowed}"
+        )))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors.
+// ---------------------------------------------------------------------------------------------
+
+/// One problem with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file itself could not be read.
+    #[error("{}: {message}", path.display())]
+    Read { path: PathBuf, message: String },
+    /// Not TOML, a value of the wrong type, or an unknown key: the toml crate's message,
+    /// which gives the line and column. Parsing stops at the first such error.
+    #[error("{0}")]
+    Syntax(String),
+    /// Well-formed TOML with an unacceptable value. `key` is the dotted path
+    /// (`oauth2.algorithms[2]`, `oauth2.signing_keys.k1`).
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    /// The dotted key path for [`ConfigError::Invalid`], `None` otherwise.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { key, .. } => Some(key),
+            ConfigError::Read { .. } | ConfigError::Syntax(_) => None,
+        }
+    }
+}
+
+/// Every problem found; never empty. Displays one problem per line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl From<ConfigError> for ConfigErrors {
+    fn from(error: ConfigError) -> Self {
+        ConfigErrors(vec![error])
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points.
+// ---------------------------------------------------------------------------------------------
+
+/// Whether validation checks that referenced files (TLS certificate and key, signing keys)
+/// exist and can be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckFiles {
+    Yes,
+    /// For checking a config on another machine than the one that runs it, and for tests of
+    /// example files.
+    No,
+}
+
+/// Reads, parses and validates the config file at `path`; relative paths inside it are
+/// resolved against its directory. Referenced files must exist.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_with(path, CheckFiles::Yes)
+}
+
+/// [`load`], choosing whether referenced files must exist.
+pub fn load_with(path: &Path, check_files: CheckFiles) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    let base_dir = path.parent().unwrap_or(Path::new(""));
+    parse_with(&text, base_dir, check_files)
+}
+
+/// Parses and validates `text`, resolving relative paths against `base_dir`. Referenced files
+/// must exist.
+pub fn parse(text: &str, base_dir: &Path) -> Result<Config, ConfigErrors> {
+    parse_with(text, base_dir, CheckFiles::Yes)
+}
+
+/// [`parse`], choosing whether referenced files must exist.
+pub fn parse_with(
+    text: &str,
+    base_dir: &Path,
+    check_files: CheckFiles,
+) -> Result<Config, ConfigErrors> {
+    let raw: raw::RawConfig = toml::from_str(text)
+        .map_err(|e| ConfigError::Syntax(e.to_string().trim_end().to_owned()))?;
+    validate::validate(raw, base_dir, check_files)
+}

@@ -1,1 +1,231 @@
-//! proxy
+//! Sockets: listeners, TLS, the per-connection task, the relay.
+//!
+//! - [`Gateway`]: built from a validated config; binds the listeners and serves.
+//! - `conn`: one connection from accept to close: TLS, the client handshake, token
+//!   verification, the backend connection, then the relay.
+//! - [`backend`]: opening the backend connection.
+//! - [`relay`]: the byte pump.
+//!
+//! **Invariant:** no policy decisions here: tokens are judged by `auth`, operations by
+//! `authz`, and what is forwarded by `amqp::session`. **Invariant:** every wait before
+//! authentication has a deadline, and every pre-auth buffer a size bound.
+
+pub mod backend;
+mod conn;
+pub mod relay;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use jsonwebtoken::Algorithm;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use crate::amqp::handshake::HandshakeSettings;
+use crate::auth::Authenticator;
+use crate::auth::jwt::ClaimRules;
+use crate::auth::keys::{KeySettings, KeyStore};
+use crate::auth::scopes::ScopeRules;
+use crate::config::Config;
+
+/// State shared by every connection.
+pub(crate) struct Shared {
+    pub cfg: Config,
+    pub auth: Authenticator,
+    pub handshake: HandshakeSettings,
+}
+
+/// A configured gateway, ready to bind.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
+}
+
+/// The addresses actually bound (useful with port 0).
+#[derive(Clone, Copy, Debug)]
+pub struct BoundAddrs {
+    pub tls: Option<SocketAddr>,
+    pub plain: Option<SocketAddr>,
+}
+
+impl Gateway {
+    /// Loads TLS material and keys, and fetches the JWKS once (a failure is logged; the
+    /// background refresh keeps trying and unknown kids fail closed meanwhile).
+    pub async fn new(cfg: Config) -> Result<Gateway, String> {
+        let tls = match &cfg.listener.tls {
+            Some(t) => Some(tls_acceptor(&t.cert, &t.key)?),
+            None => None,
+        };
+        let o = &cfg.oauth2;
+        let keys = Arc::new(KeyStore::new(KeySettings {
+            signing_keys: o
+                .signing_keys
+                .iter()
+                .map(|(k, p)| (k.clone(), p.clone()))
+                .collect(),
+            default_key: o.default_key.clone(),
+            jwks_uri: o.jwks_uri.clone(),
+            // The issuer is pinned in any case; it is used for OIDC discovery only when
+            // no other key source is configured (as RabbitMQ does).
+            issuer: o
+                .issuer
+                .clone()
+                .filter(|_| o.jwks_uri.is_none() && o.signing_keys.is_empty()),
+            refresh_interval: o.jwks_refresh,
+            min_refetch_interval: o.jwks_min_refetch_interval,
+            http_timeout: o.http_timeout,
+        })?);
+        if keys.has_remote() {
+            if let Err(e) = keys.refresh().await {
+                tracing::error!(error = %e, "initial JWKS fetch failed; retrying in the background");
+            }
+            keys.spawn_refresh();
+        }
+        let algorithms = o
+            .algorithms
+            .iter()
+            .map(|a| {
+                a.as_str()
+                    .parse::<Algorithm>()
+                    .map_err(|e| format!("{a}: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let auth = Authenticator {
+            algorithms,
+            keys,
+            claims: ClaimRules {
+                resource_server_id: o.resource_server_id.clone(),
+                verify_aud: o.verify_aud,
+                require_exp: o.require_exp,
+                issuer: o.issuer.clone(),
+                check_nbf: o.check_nbf,
+                check_iat: o.check_iat,
+                leeway_seconds: o.leeway.as_secs() as i64,
+            },
+            scopes: ScopeRules {
+                resource_server_id: o.resource_server_id.clone(),
+                scope_prefix: o.scope_prefix.clone(),
+                additional_scopes_key: o.additional_scopes_key.clone(),
+                scope_aliases: o.scope_aliases.clone(),
+                preferred_username_claims: o.preferred_username_claims.clone(),
+            },
+        };
+        let l = &cfg.listener;
+        let handshake = HandshakeSettings {
+            max_preauth_frame: l.max_preauth_frame as usize,
+            channel_max: l.channel_max,
+            frame_max: l.frame_max,
+            heartbeat: l.heartbeat,
+            product: "amqp-iam-gateway".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        };
+        Ok(Gateway {
+            shared: Arc::new(Shared {
+                cfg,
+                auth,
+                handshake,
+            }),
+            tls,
+        })
+    }
+
+    /// Binds the listeners and serves connections in the background.
+    pub async fn start(self) -> std::io::Result<BoundAddrs> {
+        let l = &self.shared.cfg.listener;
+        let limit = Arc::new(Semaphore::new(l.max_connections));
+        let mut bound = BoundAddrs {
+            tls: None,
+            plain: None,
+        };
+        if let (Some(t), Some(acceptor)) = (&l.tls, &self.tls) {
+            let listener = TcpListener::bind(t.address).await?;
+            bound.tls = Some(listener.local_addr()?);
+            tracing::info!(address = %listener.local_addr()?, "AMQPS listener");
+            tokio::spawn(accept_loop(
+                listener,
+                Some(acceptor.clone()),
+                self.shared.clone(),
+                limit.clone(),
+            ));
+        }
+        if let Some(addr) = l.plain_address {
+            let listener = TcpListener::bind(addr).await?;
+            bound.plain = Some(listener.local_addr()?);
+            tracing::warn!(address = %listener.local_addr()?, "plain AMQP listener (development only: tokens travel unencrypted)");
+            tokio::spawn(accept_loop(listener, None, self.shared.clone(), limit));
+        }
+        Ok(bound)
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    limit: Arc<Semaphore>,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; closing");
+            drop(stream);
+            continue;
+        };
+        let shared = shared.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            serve_socket(stream, peer, tls, shared).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_socket(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+) {
+    let _ = stream.set_nodelay(true);
+    match tls {
+        None => conn::serve(stream, peer, shared).await,
+        Some(acceptor) => {
+            let deadline = shared.cfg.listener.handshake_timeout;
+            match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+                Ok(Ok(tls_stream)) => conn::serve(tls_stream, peer, shared).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+/// A rustls acceptor for TLS 1.2 and 1.3 with the aws-lc-rs provider.
+pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate found", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("TLS certificate/key: {e}"))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}

@@ -1,0 +1,336 @@
+//! Byte-level handshake tests, fed one byte at a time as well as whole.
+
+use super::*;
+use amq_protocol::types::ShortString;
+
+fn settings() -> HandshakeSettings {
+    HandshakeSettings {
+        max_preauth_frame: 16_384,
+        channel_max: 2047,
+        frame_max: 131_072,
+        heartbeat: 60,
+        product: "amqp-iam-gateway".into(),
+        version: "test".into(),
+    }
+}
+
+fn client_props(auth_failure_close: bool) -> FieldTable {
+    let mut caps = FieldTable::default();
+    caps.insert(
+        "authentication_failure_close".into(),
+        AMQPValue::Boolean(auth_failure_close),
+    );
+    let mut props = FieldTable::default();
+    props.insert("capabilities".into(), AMQPValue::FieldTable(caps));
+    props
+}
+
+fn start_ok(mechanism: &str, response: &[u8], afc: bool) -> BytesMut {
+    let mut out = BytesMut::new();
+    let m = connection::StartOk {
+        client_properties: client_props(afc),
+        mechanism: ShortString::from(mechanism),
+        response: response.to_vec().into(),
+        locale: ShortString::from("en_US"),
+    };
+    method::encode(
+        &mut out,
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::StartOk(m)),
+    );
+    out
+}
+
+fn tune_ok(frame_max: u32) -> BytesMut {
+    let mut out = BytesMut::new();
+    let m = connection::TuneOk {
+        channel_max: 2047,
+        frame_max,
+        heartbeat: 30,
+    };
+    method::encode(
+        &mut out,
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::TuneOk(m)),
+    );
+    out
+}
+
+fn open(vhost: &str) -> BytesMut {
+    let mut out = BytesMut::new();
+    let m = connection::Open {
+        virtual_host: ShortString::from(vhost),
+    };
+    method::encode(
+        &mut out,
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Open(m)),
+    );
+    out
+}
+
+/// Feeds `bytes` one at a time, returning the first step that is not `NeedMore`.
+fn feed_bytewise(
+    hs: &mut ClientHandshake,
+    bytes: &[u8],
+    out: &mut BytesMut,
+) -> Result<Step, HandshakeError> {
+    let mut input = BytesMut::new();
+    for b in bytes {
+        input.extend_from_slice(&[*b]);
+        match hs.receive(&mut input, out)? {
+            Step::NeedMore => continue,
+            step => {
+                assert!(input.is_empty(), "step returned with bytes left over");
+                return Ok(step);
+            }
+        }
+    }
+    Ok(Step::NeedMore)
+}
+
+fn decode_all(mut out: BytesMut) -> Vec<(u16, AMQPClass)> {
+    let mut v = Vec::new();
+    while let Some(h) = frame::check(&out, 1 << 20).unwrap() {
+        let f = out.split_to(h.wire_len());
+        v.push((h.channel, method::decode(frame::payload(&f, &h)).unwrap()));
+    }
+    assert!(out.is_empty());
+    v
+}
+
+#[test]
+fn full_handshake_plain_bytewise() {
+    let mut hs = ClientHandshake::new(settings());
+    let mut out = BytesMut::new();
+    let mut bytes = PROTOCOL_HEADER.to_vec();
+    bytes.extend_from_slice(&start_ok("PLAIN", b"\0\0tok.en.sig", true));
+    let step = feed_bytewise(&mut hs, &bytes, &mut out).unwrap();
+    let Step::Authenticate(creds) = step else {
+        panic!("{step:?}")
+    };
+    assert_eq!(
+        (
+            creds.mechanism,
+            creds.username.as_str(),
+            creds.token.as_str()
+        ),
+        (Mechanism::Plain, "", "tok.en.sig")
+    );
+    assert!(creds.capability("authentication_failure_close"));
+    let sent = decode_all(out.split());
+    let AMQPClass::Connection(connection::AMQPMethod::Start(start)) = &sent[0].1 else {
+        panic!()
+    };
+    assert_eq!(start.mechanisms.as_bytes(), b"PLAIN AMQPLAIN");
+    let Some(AMQPValue::FieldTable(caps)) = start.server_properties.inner().get("capabilities")
+    else {
+        panic!()
+    };
+    for c in SERVER_CAPABILITIES {
+        assert!(method::table_bool(caps, c), "{c}");
+    }
+
+    hs.accept(&mut out);
+    let sent = decode_all(out.split());
+    assert!(matches!(
+        sent[0].1,
+        AMQPClass::Connection(connection::AMQPMethod::Tune(_))
+    ));
+
+    let mut rest = tune_ok(131_072);
+    rest.extend_from_slice(&open("/"));
+    let step = feed_bytewise(&mut hs, &rest, &mut out).unwrap();
+    assert!(
+        matches!(step, Step::Open { ref vhost } if vhost == "/"),
+        "{step:?}"
+    );
+    assert_eq!(
+        hs.tuning(),
+        Some(Tuning {
+            channel_max: 2047,
+            frame_max: 131_072,
+            heartbeat: 30
+        })
+    );
+    hs.opened(&mut out);
+    assert!(matches!(
+        decode_all(out)[0].1,
+        AMQPClass::Connection(connection::AMQPMethod::OpenOk(_))
+    ));
+}
+
+#[test]
+fn amqplain_credentials() {
+    let mut table = FieldTable::default();
+    table.insert(
+        "LOGIN".into(),
+        AMQPValue::LongString(method::long("someone")),
+    );
+    table.insert(
+        "PASSWORD".into(),
+        AMQPValue::LongString(method::long("the.token")),
+    );
+    let encoded = cookie_factory::gen_simple(
+        amq_protocol::types::generation::gen_field_table(&table),
+        Vec::new(),
+    )
+    .unwrap();
+    let mut hs = ClientHandshake::new(settings());
+    let mut input = BytesMut::from(&PROTOCOL_HEADER[..]);
+    input.extend_from_slice(&start_ok("AMQPLAIN", &encoded[4..], false));
+    let mut out = BytesMut::new();
+    let Step::Authenticate(c) = hs.receive(&mut input, &mut out).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        (c.mechanism, c.username.as_str(), c.token.as_str()),
+        (Mechanism::AmqPlain, "someone", "the.token")
+    );
+    assert!(!c.capability("authentication_failure_close"));
+}
+
+#[test]
+fn wrong_protocol_header_gets_ours_back() {
+    for bad in [
+        &b"AMQP\x00\x00\x08\x00"[..],
+        b"GET / HTTP/1.1\r\n",
+        b"AMQP\x01\x01\x00\x0a",
+    ] {
+        let mut hs = ClientHandshake::new(settings());
+        let mut out = BytesMut::new();
+        let r = hs.receive(&mut BytesMut::from(bad), &mut out);
+        assert_eq!(r.unwrap_err(), HandshakeError::BadProtocolHeader);
+        assert_eq!(&out[..], PROTOCOL_HEADER);
+    }
+}
+
+#[test]
+fn refusal_with_and_without_capability() {
+    for (afc, mech, expect) in [(true, "PLAIN", Some("PLAIN")), (false, "PLAIN", None)] {
+        let mut hs = ClientHandshake::new(settings());
+        let mut input = BytesMut::from(&PROTOCOL_HEADER[..]);
+        input.extend_from_slice(&start_ok(mech, b"\0\0bad", afc));
+        let mut out = BytesMut::new();
+        let Step::Authenticate(c) = hs.receive(&mut input, &mut out).unwrap() else {
+            panic!()
+        };
+        out.clear();
+        assert_eq!(hs.refuse(&c, &mut out), expect.is_some());
+        match expect {
+            None => assert!(out.is_empty()),
+            Some(m) => {
+                let sent = decode_all(out);
+                assert_eq!(sent.len(), 1);
+                let AMQPClass::Connection(connection::AMQPMethod::Close(close)) = &sent[0].1 else {
+                    panic!()
+                };
+                assert_eq!(
+                    (close.reply_code, close.class_id, close.method_id),
+                    (403, 0, 0)
+                );
+                assert_eq!(
+                    close.reply_text.as_str(),
+                    format!(
+                        "ACCESS_REFUSED - Login was refused using authentication mechanism {m}. For details see the broker logfile."
+                    )
+                );
+                // The client's close-ok ends it.
+                let mut ok = BytesMut::new();
+                method::connection_close_ok(&mut ok);
+                assert!(matches!(
+                    hs.receive(&mut ok, &mut BytesMut::new()),
+                    Ok(Step::Closed)
+                ));
+            }
+        }
+    }
+}
+
+#[test]
+fn plain_with_authzid_is_a_syntax_error() {
+    let mut hs = ClientHandshake::new(settings());
+    let mut input = BytesMut::from(&PROTOCOL_HEADER[..]);
+    input.extend_from_slice(&start_ok("PLAIN", b"admin\0user\0secret-token", true));
+    let mut out = BytesMut::new();
+    assert!(hs.receive(&mut input, &mut out).is_err());
+    let sent = decode_all(out);
+    let AMQPClass::Connection(connection::AMQPMethod::Close(close)) = &sent.last().unwrap().1
+    else {
+        panic!()
+    };
+    assert_eq!(close.reply_code, 502);
+    assert!(
+        !close.reply_text.as_str().contains("secret"),
+        "the credential must not be echoed"
+    );
+}
+
+#[test]
+fn preauth_frame_bound() {
+    let mut hs = ClientHandshake::new(settings());
+    let mut input = BytesMut::from(&PROTOCOL_HEADER[..]);
+    // Only the 7-byte header of a 1 MiB frame: refused before the payload arrives.
+    input.extend_from_slice(&[1, 0, 0, 0, 0x10, 0, 0]);
+    let err = hs.receive(&mut input, &mut BytesMut::new()).unwrap_err();
+    assert!(
+        matches!(err, HandshakeError::Frame(FrameError::TooLarge { .. })),
+        "{err:?}"
+    );
+
+    // A 12 KiB token fits in the 16 KiB bound.
+    let mut hs = ClientHandshake::new(settings());
+    let mut input = BytesMut::from(&PROTOCOL_HEADER[..]);
+    let mut response = b"\0\0".to_vec();
+    response.extend(std::iter::repeat_n(b'a', 12 * 1024));
+    input.extend_from_slice(&start_ok("PLAIN", &response, true));
+    assert!(matches!(
+        hs.receive(&mut input, &mut BytesMut::new()),
+        Ok(Step::Authenticate(_))
+    ));
+}
+
+#[test]
+fn unknown_mechanism_and_wrong_method() {
+    let mut hs = ClientHandshake::new(settings());
+    let mut input = BytesMut::from(&PROTOCOL_HEADER[..]);
+    input.extend_from_slice(&start_ok("EXTERNAL", b"", true));
+    assert_eq!(
+        hs.receive(&mut input, &mut BytesMut::new()).unwrap_err(),
+        HandshakeError::Mechanism
+    );
+
+    let mut hs = ClientHandshake::new(settings());
+    let mut input = BytesMut::from(&PROTOCOL_HEADER[..]);
+    input.extend_from_slice(&open("/"));
+    let mut out = BytesMut::new();
+    assert!(matches!(
+        hs.receive(&mut input, &mut out),
+        Err(HandshakeError::Unexpected(_))
+    ));
+    let sent = decode_all(out);
+    let AMQPClass::Connection(connection::AMQPMethod::Close(close)) = &sent.last().unwrap().1
+    else {
+        panic!()
+    };
+    assert_eq!(close.reply_code, 503);
+}
+
+#[test]
+fn tune_ok_out_of_range() {
+    for bad in [1024u32, 1 << 20] {
+        let mut hs = ClientHandshake::new(settings());
+        let mut input = BytesMut::from(&PROTOCOL_HEADER[..]);
+        input.extend_from_slice(&start_ok("PLAIN", b"\0\0t", true));
+        let mut out = BytesMut::new();
+        let Step::Authenticate(_) = hs.receive(&mut input, &mut out).unwrap() else {
+            panic!()
+        };
+        hs.accept(&mut out);
+        let mut t = tune_ok(bad);
+        assert!(matches!(
+            hs.receive(&mut t, &mut out),
+            Err(HandshakeError::Tune(_))
+        ));
+    }
+}

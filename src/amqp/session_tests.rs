@@ -1,0 +1,1 @@
+//! Session tests: frames in, frames out.

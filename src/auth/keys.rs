@@ -1,0 +1,321 @@
+//! Verification keys: static PEM files and the issuer's JWKS.
+//!
+//! This is the only module that talks to an identity provider. The JWKS is fetched at
+//! start, refreshed in the background, and refetched when a token names an unknown `kid`
+//! (one fetch at a time, at most one per `min_refetch_interval`). A failed fetch keeps
+//! the last good key set: known keys keep working while the issuer is down, unknown
+//! kids fail closed.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use tokio::sync::Mutex;
+
+use super::jwt::{AuthError, Curve, KeyKind, VerifyKey};
+
+/// Largest JWKS or discovery document accepted.
+pub const MAX_DOCUMENT_BYTES: usize = 1 << 20;
+/// How soon a failed background refresh is retried.
+pub const DEFAULT_RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
+
+/// Where keys come from, already validated by the config.
+#[derive(Clone, Debug, Default)]
+pub struct KeySettings {
+    /// `kid` → PEM file (`auth_oauth2.signing_keys`).
+    pub signing_keys: Vec<(String, PathBuf)>,
+    /// Key used for tokens without a `kid` (`auth_oauth2.default_key`).
+    pub default_key: Option<String>,
+    pub jwks_uri: Option<String>,
+    /// Used for OIDC discovery when `jwks_uri` is not set.
+    pub issuer: Option<String>,
+    pub refresh_interval: Duration,
+    pub min_refetch_interval: Duration,
+    pub http_timeout: Duration,
+}
+
+/// Outcome of the latest JWKS fetch, for logs and readiness.
+#[derive(Clone, Debug, Default)]
+pub struct FetchStatus {
+    pub last_success: Option<SystemTime>,
+    pub last_error: Option<String>,
+    pub fetches: u64,
+    pub keys: usize,
+}
+
+type KeyMap = HashMap<String, Arc<VerifyKey>>;
+
+struct Remote {
+    settings: KeySettings,
+    http: reqwest::Client,
+    keys: RwLock<Arc<KeyMap>>,
+    /// Held while fetching: concurrent misses wait for one fetch instead of each fetching.
+    fetch: Mutex<Option<Instant>>,
+    status: RwLock<FetchStatus>,
+}
+
+/// All keys of one issuer.
+pub struct KeyStore {
+    static_keys: KeyMap,
+    default_key: Option<String>,
+    remote: Option<Remote>,
+}
+
+impl KeyStore {
+    /// Loads the static keys. Remote keys are fetched by [`KeyStore::refresh`].
+    pub fn new(settings: KeySettings) -> Result<Self, String> {
+        let mut static_keys = KeyMap::new();
+        for (kid, path) in &settings.signing_keys {
+            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let key = key_from_pem(kid, &pem).ok_or_else(|| {
+                format!(
+                    "{}: not an RSA, EC or Ed25519 public key (PEM)",
+                    path.display()
+                )
+            })?;
+            static_keys.insert(kid.clone(), Arc::new(key));
+        }
+        let remote = if settings.jwks_uri.is_some() || settings.issuer.is_some() {
+            let http = reqwest::Client::builder()
+                .timeout(settings.http_timeout)
+                .connect_timeout(settings.http_timeout)
+                .build()
+                .map_err(|e| format!("HTTP client: {e}"))?;
+            Some(Remote {
+                settings: settings.clone(),
+                http,
+                keys: RwLock::new(Arc::new(KeyMap::new())),
+                fetch: Mutex::new(None),
+                status: RwLock::new(FetchStatus::default()),
+            })
+        } else {
+            None
+        };
+        Ok(KeyStore {
+            static_keys,
+            default_key: settings.default_key,
+            remote,
+        })
+    }
+
+    /// Whether keys come from the network (then `refresh` and the background task apply).
+    pub fn has_remote(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// The latest fetch outcome, if keys come from the network.
+    pub fn status(&self) -> Option<FetchStatus> {
+        self.remote.as_ref().map(|r| read(&r.status).clone())
+    }
+
+    /// Number of keys currently usable.
+    pub fn key_count(&self) -> usize {
+        self.static_keys.len() + self.remote.as_ref().map_or(0, |r| read(&r.keys).len())
+    }
+
+    /// Finds the key for a token's `kid` (or the default key when it has none),
+    /// refetching the JWKS once when the kid is unknown.
+    pub async fn find(&self, kid: Option<&str>) -> Result<Arc<VerifyKey>, AuthError> {
+        let kid = match kid.or(self.default_key.as_deref()) {
+            Some(k) => k,
+            None => return Err(AuthError::NoKid),
+        };
+        if let Some(k) = self.lookup(kid) {
+            return Ok(k);
+        }
+        let Some(remote) = &self.remote else {
+            return Err(AuthError::UnknownKid(kid.to_owned()));
+        };
+        let mut last = remote.fetch.lock().await;
+        // Someone else's fetch may have brought the key while we waited.
+        if let Some(k) = self.lookup(kid) {
+            return Ok(k);
+        }
+        if last.is_some_and(|t| t.elapsed() < remote.settings.min_refetch_interval) {
+            return Err(AuthError::UnknownKid(kid.to_owned()));
+        }
+        *last = Some(Instant::now());
+        // A failed refetch keeps the old set; the kid is then still unknown.
+        let _ = remote.fetch_and_store().await;
+        drop(last);
+        self.lookup(kid)
+            .ok_or_else(|| AuthError::UnknownKid(kid.to_owned()))
+    }
+
+    fn lookup(&self, kid: &str) -> Option<Arc<VerifyKey>> {
+        if let Some(k) = self.static_keys.get(kid) {
+            return Some(k.clone());
+        }
+        self.remote
+            .as_ref()
+            .and_then(|r| read(&r.keys).get(kid).cloned())
+    }
+
+    /// Fetches the JWKS now (serialised with kid-miss refetches). Errors keep the last
+    /// good key set.
+    pub async fn refresh(&self) -> Result<usize, String> {
+        let Some(remote) = &self.remote else {
+            return Ok(self.static_keys.len());
+        };
+        let mut last = remote.fetch.lock().await;
+        *last = Some(Instant::now());
+        remote.fetch_and_store().await
+    }
+
+    /// Refreshes the JWKS in the background for as long as the store is alive.
+    pub fn spawn_refresh(self: &Arc<Self>) {
+        let Some(remote) = &self.remote else { return };
+        let every = remote.settings.refresh_interval;
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut wait = every;
+            loop {
+                tokio::time::sleep(wait).await;
+                let Some(store) = weak.upgrade() else { return };
+                wait = match store.refresh().await {
+                    Ok(_) => every,
+                    Err(_) => DEFAULT_RETRY_AFTER_FAILURE.min(every),
+                };
+            }
+        });
+    }
+}
+
+impl Remote {
+    async fn fetch_and_store(&self) -> Result<usize, String> {
+        let result = self.fetch_keys().await;
+        let mut status = self.status.write().unwrap_or_else(|e| e.into_inner());
+        status.fetches += 1;
+        match result {
+            Ok(keys) => {
+                let n = keys.len();
+                *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+                status.last_success = Some(SystemTime::now());
+                status.last_error = None;
+                status.keys = n;
+                tracing::info!(keys = n, "JWKS fetched");
+                Ok(n)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "JWKS fetch failed; keeping the last good key set");
+                status.last_error = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    async fn fetch_keys(&self) -> Result<KeyMap, String> {
+        let uri = match (&self.settings.jwks_uri, &self.settings.issuer) {
+            (Some(u), _) => u.clone(),
+            (None, Some(issuer)) => self.discover(issuer).await?,
+            (None, None) => return Err("no jwks_uri or issuer".into()),
+        };
+        let body = self.get(&uri).await?;
+        let set: JwkSet =
+            serde_json::from_slice(&body).map_err(|e| format!("{uri}: invalid JWKS: {e}"))?;
+        let keys: KeyMap = set
+            .keys
+            .iter()
+            .filter_map(key_from_jwk)
+            .map(|k| (k.kid.clone(), Arc::new(k)))
+            .collect();
+        if keys.is_empty() {
+            return Err(format!("{uri}: JWKS has no usable signing keys"));
+        }
+        Ok(keys)
+    }
+
+    async fn discover(&self, issuer: &str) -> Result<String, String> {
+        let url = format!(
+            "{}/.well-known/openid-configuration",
+            issuer.trim_end_matches('/')
+        );
+        let body = self.get(&url).await?;
+        let doc: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| format!("{url}: invalid discovery document: {e}"))?;
+        doc.get("jwks_uri")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+            .ok_or_else(|| format!("{url}: discovery document has no jwks_uri"))
+    }
+
+    async fn get(&self, url: &str) -> Result<Vec<u8>, String> {
+        let mut resp = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        if resp.status() != reqwest::StatusCode::OK {
+            return Err(format!("{url}: HTTP {}", resp.status()));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| format!("{url}: {e}"))? {
+            if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
+                return Err(format!(
+                    "{url}: document larger than {MAX_DOCUMENT_BYTES} bytes"
+                ));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A key from a PEM file: RSA, EC or Ed25519 public key (or certificate).
+pub fn key_from_pem(kid: &str, pem: &[u8]) -> Option<VerifyKey> {
+    let (kind, key) = if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
+        (KeyKind::Rsa, k)
+    } else if let Ok(k) = DecodingKey::from_ec_pem(pem) {
+        (KeyKind::Ec(None), k)
+    } else if let Ok(k) = DecodingKey::from_ed_pem(pem) {
+        (KeyKind::Ed25519, k)
+    } else {
+        return None;
+    };
+    Some(VerifyKey {
+        kid: kid.to_owned(),
+        kind,
+        alg: None,
+        key,
+    })
+}
+
+/// A signing key from a JWK, or `None` for keys that cannot verify JWS signatures
+/// (encryption keys, symmetric keys, unknown types, no `kid`).
+pub fn key_from_jwk(jwk: &Jwk) -> Option<VerifyKey> {
+    let kid = jwk.common.key_id.clone()?;
+    if matches!(jwk.common.public_key_use, Some(ref u) if *u != PublicKeyUse::Signature) {
+        return None;
+    }
+    let kind = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => KeyKind::Rsa,
+        AlgorithmParameters::EllipticCurve(p) => match p.curve {
+            EllipticCurve::P256 => KeyKind::Ec(Some(Curve::P256)),
+            EllipticCurve::P384 => KeyKind::Ec(Some(Curve::P384)),
+            _ => return None,
+        },
+        AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
+            KeyKind::Ed25519
+        }
+        _ => return None,
+    };
+    let alg = match &jwk.common.key_algorithm {
+        None => None,
+        Some(a) => Some(format!("{a:?}").parse::<Algorithm>().ok()?),
+    };
+    let key = DecodingKey::from_jwk(jwk).ok()?;
+    Some(VerifyKey {
+        kid,
+        kind,
+        alg,
+        key,
+    })
+}

@@ -1,0 +1,437 @@
+//! The per-method authorisation decision: `(Permissions, Context, Operation)` → permit or
+//! a [`Denial`] carrying RabbitMQ 4.2's exact channel.close reply (spec §6).
+//!
+//! The gateway reaches RabbitMQ with a service user that may do everything, and the broker
+//! still enforces every STRUCTURAL rule (default exchange, reserved `amq.` names, `amq.*`
+//! deletion, 404, 405 exclusive, internal exchanges, `immediate`, ...) with its own texts.
+//! So this module makes only the PERMISSION decisions, in RabbitMQ's order: wherever the
+//! broker checks a structural rule before a permission, we permit, so that the first error
+//! a client sees is the one RabbitMQ itself would have sent.
+//!
+//! Invariant: pure (no IO, no clock, no logging); the call site logs and counts. The
+//! method → permission table lives here and nowhere else.
+
+use std::borrow::Cow;
+
+use super::permissions::{Perm, Permissions};
+
+/// AMQP reply code for `ACCESS_REFUSED`.
+pub const ACCESS_REFUSED: u16 = 403;
+/// AMQP reply code for `PRECONDITION_FAILED`.
+pub const PRECONDITION_FAILED: u16 = 406;
+/// The longest reply text an AMQP shortstr can carry.
+const MAX_REPLY_TEXT: usize = 255;
+/// RabbitMQ's name for the default exchange in permission checks.
+const DEFAULT_EXCHANGE: &str = "amq.default";
+/// The direct reply-to pseudo queue: consuming from it needs no permission.
+pub const REPLY_TO: &str = "amq.rabbitmq.reply-to";
+/// The tag that lets a user publish with someone else's `user_id` (§6.3).
+pub const IMPERSONATOR_TAG: &str = "impersonator";
+
+/// The type of the exchange an operation routes through, as far as the gateway knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExchangeKind {
+    Topic,
+    Other,
+    /// The gateway could not learn the type. Treated as [`ExchangeKind::Topic`] (fail
+    /// closed: the topic check is applied even where RabbitMQ might skip it).
+    Unknown,
+}
+
+impl ExchangeKind {
+    fn needs_topic_check(self) -> bool {
+        !matches!(self, ExchangeKind::Other)
+    }
+}
+
+/// Who is acting, and where.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Context<'a> {
+    pub vhost: &'a str,
+    pub username: &'a str,
+}
+
+/// The decoded methods that need authorisation. Names are as sent by the client; CR and
+/// LF are stripped here, like RabbitMQ's `strip_cr_lf`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation<'a> {
+    ExchangeDeclare {
+        exchange: &'a str,
+        passive: bool,
+        alternate_exchange: Option<&'a str>,
+    },
+    ExchangeDelete {
+        exchange: &'a str,
+    },
+    ExchangeBind {
+        destination: &'a str,
+        source: &'a str,
+        routing_key: &'a str,
+        source_kind: ExchangeKind,
+        unbind: bool,
+    },
+    /// `queue` `""` must already be replaced by the caller: for a non-passive declare with
+    /// a server-name probe (`amq.gen-…`) and `server_named: true`; for a passive declare
+    /// with the channel's most recently declared queue. The caller also handles the
+    /// direct reply-to pseudo queue, which RabbitMQ answers without any check.
+    QueueDeclare {
+        queue: &'a str,
+        passive: bool,
+        server_named: bool,
+        dead_letter_exchange: Option<&'a str>,
+    },
+    QueueDelete {
+        queue: &'a str,
+    },
+    QueuePurge {
+        queue: &'a str,
+    },
+    QueueBind {
+        queue: &'a str,
+        exchange: &'a str,
+        routing_key: &'a str,
+        exchange_kind: ExchangeKind,
+        unbind: bool,
+    },
+    BasicPublish {
+        exchange: &'a str,
+        routing_key: &'a str,
+        exchange_kind: ExchangeKind,
+        user_id: Option<&'a str>,
+        /// The values of the `CC` and `BCC` headers, topic-checked from 4.0.3.
+        extra_routing_keys: &'a [String],
+    },
+    BasicConsume {
+        queue: &'a str,
+    },
+    BasicGet {
+        queue: &'a str,
+    },
+}
+
+impl Operation<'_> {
+    /// The AMQP (class id, method id) of the method, for the channel.close.
+    pub fn class_method(&self) -> (u16, u16) {
+        match self {
+            Operation::ExchangeDeclare { .. } => (40, 10),
+            Operation::ExchangeDelete { .. } => (40, 20),
+            Operation::ExchangeBind { unbind: false, .. } => (40, 30),
+            Operation::ExchangeBind { unbind: true, .. } => (40, 40),
+            Operation::QueueDeclare { .. } => (50, 10),
+            Operation::QueueBind { unbind: false, .. } => (50, 20),
+            Operation::QueuePurge { .. } => (50, 30),
+            Operation::QueueDelete { .. } => (50, 40),
+            Operation::QueueBind { unbind: true, .. } => (50, 50),
+            Operation::BasicPublish { .. } => (60, 40),
+            Operation::BasicConsume { .. } => (60, 20),
+            Operation::BasicGet { .. } => (60, 70),
+        }
+    }
+}
+
+/// A refusal, ready to be sent as channel.close.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Denial {
+    pub reply_code: u16,
+    pub reply_text: String,
+    pub class_id: u16,
+    pub method_id: u16,
+    /// The permission that was missing; `None` for the any-of check of passive declares
+    /// and for the `user_id` precondition.
+    pub permission: Option<Perm>,
+}
+
+/// `rabbit_binary_generator:amqp_exception_explanation/2`: `CONSTANT - explanation`, and
+/// when longer than 255 bytes, the first 252 bytes plus `...`. RabbitMQ cuts bytes; we
+/// back off to a char boundary so the text stays valid UTF-8.
+pub fn reply_text(constant: &str, explanation: &str) -> String {
+    let mut text = format!("{constant} - {explanation}");
+    if text.len() > MAX_REPLY_TEXT {
+        let mut cut = MAX_REPLY_TEXT - 3;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str("...");
+    }
+    text
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Queue,
+    Exchange,
+}
+
+/// One decision in progress: the permissions, the context and the method being checked.
+struct Check<'a> {
+    perms: &'a Permissions,
+    ctx: &'a Context<'a>,
+    class_method: (u16, u16),
+}
+
+impl Check<'_> {
+    fn deny(&self, code: u16, constant: &str, text: String, perm: Option<Perm>) -> Denial {
+        let (class_id, method_id) = self.class_method;
+        Denial {
+            reply_code: code,
+            reply_text: reply_text(constant, &text),
+            class_id,
+            method_id,
+            permission: perm,
+        }
+    }
+
+    /// `check_resource_access`, including the `""` → `amq.default` rewrite for exchanges.
+    fn resource(&self, perm: Perm, kind: Kind, name: &str) -> Result<(), Denial> {
+        let (kind_word, name) = resource_name(kind, name);
+        if self.perms.resource(perm, self.ctx.vhost, name) {
+            return Ok(());
+        }
+        let text = format!(
+            "{perm} access to {kind_word} '{name}' in vhost '{}' refused for user '{}'",
+            self.ctx.vhost, self.ctx.username
+        );
+        Err(self.deny(ACCESS_REFUSED, "ACCESS_REFUSED", text, Some(perm)))
+    }
+
+    /// Passive declares (4.2.7+): any of read, write or configure. The refusal text has no
+    /// permission word; it is derived from the code, not verified against a live 4.2.7.
+    fn any(&self, kind: Kind, name: &str) -> Result<(), Denial> {
+        let (kind_word, name) = resource_name(kind, name);
+        let vhost = self.ctx.vhost;
+        let all = [Perm::Read, Perm::Write, Perm::Configure];
+        if all.iter().any(|&p| self.perms.resource(p, vhost, name)) {
+            return Ok(());
+        }
+        let text = format!(
+            "access to {kind_word} '{name}' in vhost '{vhost}' refused for user '{}'",
+            self.ctx.username
+        );
+        Err(self.deny(ACCESS_REFUSED, "ACCESS_REFUSED", text, None))
+    }
+
+    /// `check_topic_authorisation`: only for topic exchanges (or unknown ones, fail
+    /// closed). The default exchange is always direct, so it never gets a topic check.
+    fn topic(&self, perm: Perm, kind: ExchangeKind, x: &str, rk: &str) -> Result<(), Denial> {
+        if x.is_empty() || !kind.needs_topic_check() {
+            return Ok(());
+        }
+        if self.perms.topic(perm, self.ctx.vhost, x, rk) {
+            return Ok(());
+        }
+        let text = format!(
+            "{perm} access to topic '{rk}' in exchange '{x}' in vhost '{}' refused for user '{}'",
+            self.ctx.vhost, self.ctx.username
+        );
+        Err(self.deny(ACCESS_REFUSED, "ACCESS_REFUSED", text, Some(perm)))
+    }
+
+    /// §6.3: a `user_id` other than the authenticated user needs the `impersonator` tag.
+    fn user_id(&self, user_id: Option<&str>) -> Result<(), Denial> {
+        match user_id {
+            Some(id) if id != self.ctx.username && !self.perms.has_tag(IMPERSONATOR_TAG) => {
+                let text = format!(
+                    "user_id property set to '{id}' but authenticated user was '{}'",
+                    self.ctx.username
+                );
+                Err(self.deny(PRECONDITION_FAILED, "PRECONDITION_FAILED", text, None))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn resource_name(kind: Kind, name: &str) -> (&'static str, &str) {
+    match kind {
+        Kind::Queue => ("queue", name),
+        Kind::Exchange if name.is_empty() => ("exchange", DEFAULT_EXCHANGE),
+        Kind::Exchange => ("exchange", name),
+    }
+}
+
+/// `strip_cr_lf`: RabbitMQ removes CR and LF from queue and exchange names before any
+/// check, so a name containing them can never exist; the texts use the stripped name.
+fn strip_cr_lf(name: &str) -> Cow<'_, str> {
+    if name.contains(['\r', '\n']) {
+        Cow::Owned(name.replace(['\r', '\n'], ""))
+    } else {
+        Cow::Borrowed(name)
+    }
+}
+
+/// Names starting with `amq.` are reserved; RabbitMQ refuses a client-chosen one itself.
+fn is_reserved(name: &str) -> bool {
+    name.starts_with("amq.")
+}
+
+/// Decides whether `op` is permitted. `Ok(())` means "forward to the broker", which may
+/// still refuse it for a structural reason.
+pub fn decide(perms: &Permissions, ctx: &Context, op: &Operation) -> Result<(), Denial> {
+    let check = Check {
+        perms,
+        ctx,
+        class_method: op.class_method(),
+    };
+    match *op {
+        Operation::ExchangeDeclare {
+            exchange,
+            passive,
+            alternate_exchange,
+        } => exchange_declare(&check, &strip_cr_lf(exchange), passive, alternate_exchange),
+        Operation::ExchangeDelete { exchange } => exchange_delete(&check, &strip_cr_lf(exchange)),
+        Operation::ExchangeBind {
+            destination,
+            source,
+            routing_key,
+            source_kind,
+            unbind: _,
+        } => exchange_bind(&check, destination, source, routing_key, source_kind),
+        Operation::QueueDeclare {
+            queue,
+            passive,
+            server_named,
+            dead_letter_exchange,
+        } => {
+            let q = strip_cr_lf(queue);
+            queue_declare(&check, &q, passive, server_named, dead_letter_exchange)
+        }
+        Operation::QueueDelete { queue } => {
+            check.resource(Perm::Configure, Kind::Queue, &strip_cr_lf(queue))
+        }
+        Operation::QueuePurge { queue } => {
+            check.resource(Perm::Read, Kind::Queue, &strip_cr_lf(queue))
+        }
+        Operation::QueueBind {
+            queue,
+            exchange,
+            routing_key,
+            exchange_kind,
+            unbind: _,
+        } => queue_bind(&check, queue, exchange, routing_key, exchange_kind),
+        Operation::BasicPublish {
+            exchange,
+            routing_key,
+            exchange_kind,
+            user_id,
+            extra_routing_keys,
+        } => {
+            let x = strip_cr_lf(exchange);
+            let keys =
+                std::iter::once(routing_key).chain(extra_routing_keys.iter().map(String::as_str));
+            basic_publish(&check, &x, exchange_kind, keys, user_id)
+        }
+        Operation::BasicConsume { queue } if queue == REPLY_TO => Ok(()),
+        Operation::BasicConsume { queue } | Operation::BasicGet { queue } => {
+            check.resource(Perm::Read, Kind::Queue, &strip_cr_lf(queue))
+        }
+    }
+}
+
+fn exchange_declare(check: &Check, x: &str, passive: bool, ae: Option<&str>) -> Result<(), Denial> {
+    // The default exchange is refused by the broker before any permission check.
+    if x.is_empty() {
+        return Ok(());
+    }
+    if passive {
+        return check.any(Kind::Exchange, x);
+    }
+    check.resource(Perm::Configure, Kind::Exchange, x)?;
+    // After configure, RabbitMQ either finds the exchange (no AE check) or, for a new
+    // `amq.*` name, refuses the reserved prefix before the AE checks: nothing left for us.
+    if is_reserved(x) {
+        return Ok(());
+    }
+    match ae {
+        // RabbitMQ checks the alternate exchange only when the exchange is new. The
+        // gateway cannot know that, so it always checks: stricter, never looser.
+        Some(ae) => {
+            check.resource(Perm::Read, Kind::Exchange, x)?;
+            check.resource(Perm::Write, Kind::Exchange, ae)
+        }
+        None => Ok(()),
+    }
+}
+
+fn exchange_delete(check: &Check, x: &str) -> Result<(), Denial> {
+    // The broker refuses the default exchange and `amq.*` before the permission check.
+    if x.is_empty() || is_reserved(x) {
+        return Ok(());
+    }
+    check.resource(Perm::Configure, Kind::Exchange, x)
+}
+
+fn exchange_bind(
+    check: &Check,
+    destination: &str,
+    source: &str,
+    rk: &str,
+    source_kind: ExchangeKind,
+) -> Result<(), Denial> {
+    let (dest, src) = (strip_cr_lf(destination), strip_cr_lf(source));
+    check.resource(Perm::Write, Kind::Exchange, &dest)?;
+    // The broker refuses the default exchange on either side right after the write check.
+    if dest.is_empty() || src.is_empty() {
+        return Ok(());
+    }
+    check.resource(Perm::Read, Kind::Exchange, &src)?;
+    check.topic(Perm::Read, source_kind, &src, rk)
+}
+
+fn queue_declare(
+    check: &Check,
+    q: &str,
+    passive: bool,
+    server_named: bool,
+    dlx: Option<&str>,
+) -> Result<(), Denial> {
+    if passive {
+        return check.any(Kind::Queue, q);
+    }
+    // A client-chosen `amq.*` name is refused by the broker BEFORE the permission check;
+    // a server-named probe (`amq.gen-…`) is what the broker would check configure on.
+    if !server_named && is_reserved(q) {
+        return Ok(());
+    }
+    check.resource(Perm::Configure, Kind::Queue, q)?;
+    match dlx {
+        // As for alternate exchanges: RabbitMQ checks only for a new queue; we always do.
+        Some(dlx) => {
+            check.resource(Perm::Read, Kind::Queue, q)?;
+            check.resource(Perm::Write, Kind::Exchange, dlx)
+        }
+        None => Ok(()),
+    }
+}
+
+fn queue_bind(
+    check: &Check,
+    queue: &str,
+    exchange: &str,
+    rk: &str,
+    kind: ExchangeKind,
+) -> Result<(), Denial> {
+    let (q, x) = (strip_cr_lf(queue), strip_cr_lf(exchange));
+    check.resource(Perm::Write, Kind::Queue, &q)?;
+    // The broker refuses binding to the default exchange right after the write check.
+    if x.is_empty() {
+        return Ok(());
+    }
+    check.resource(Perm::Read, Kind::Exchange, &x)?;
+    check.topic(Perm::Read, kind, &x, rk)
+}
+
+fn basic_publish<'k>(
+    check: &Check,
+    x: &str,
+    kind: ExchangeKind,
+    routing_keys: impl Iterator<Item = &'k str>,
+    user_id: Option<&str>,
+) -> Result<(), Denial> {
+    check.resource(Perm::Write, Kind::Exchange, x)?;
+    // 4.0.3+: the routing key, then every CC and BCC key, each topic-checked.
+    for rk in routing_keys {
+        check.topic(Perm::Write, kind, x, rk)?;
+    }
+    check.user_id(user_id)
+}

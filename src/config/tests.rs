@@ -1,0 +1,569 @@
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use super::*;
+
+/// A fresh directory holding the files the configs below reference.
+fn fixture_dir() -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "amqp-iam-gateway-config-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    for file in ["certs/server.pem", "certs/server-key.pem", "keys/k1.pem"] {
+        let path = dir.join(file);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, "not parsed here").unwrap();
+    }
+    dir
+}
+
+/// The smallest valid file: TLS files, service user, resource server and a key source.
+const MINIMAL: &str = r#"
+[listener]
+tls_cert = "certs/server.pem"
+tls_key = "certs/server-key.pem"
+
+[backend]
+username = "gateway"
+password = "secret"
+
+[oauth2]
+resource_server_id = "rabbitmq"
+jwks_uri = "https://idp.example/.well-known/jwks.json"
+"#;
+
+fn parse_ok(text: &str) -> (Config, PathBuf) {
+    let dir = fixture_dir();
+    match parse(text, &dir) {
+        Ok(config) => (config, dir),
+        Err(e) => panic!("expected a valid config, got:\n{e}"),
+    }
+}
+
+fn parse_err(text: &str) -> ConfigErrors {
+    let dir = fixture_dir();
+    match parse(text, &dir) {
+        Ok(config) => panic!("expected errors, got {config:#?}"),
+        Err(e) => e,
+    }
+}
+
+/// `MINIMAL` with `extra` lines added to the end of `[table]` (a new table if not present).
+fn minimal_with(table: &str, extra: &str) -> String {
+    let header = format!("[{table}]\n");
+    match MINIMAL.find(&header) {
+        Some(at) => {
+            let (head, tail) = MINIMAL.split_at(at + header.len());
+            format!("{head}{extra}\n{tail}")
+        }
+        None => format!("{MINIMAL}\n{header}{extra}\n"),
+    }
+}
+
+fn keys(errors: &ConfigErrors) -> Vec<&str> {
+    errors.0.iter().filter_map(ConfigError::key).collect()
+}
+
+#[test]
+fn defaults_apply_to_a_minimal_file() {
+    let (c, dir) = parse_ok(MINIMAL);
+    let tls = c.listener.tls.as_ref().unwrap();
+    assert_eq!(
+        tls.address,
+        DEFAULT_LISTENER_ADDRESS.parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(tls.cert, dir.join("certs/server.pem"));
+    assert_eq!(tls.key, dir.join("certs/server-key.pem"));
+    let l = &c.listener;
+    assert_eq!(l.plain_address, None);
+    assert_eq!(l.max_connections, 10_000);
+    assert_eq!(l.handshake_timeout, Duration::from_secs(10));
+    assert_eq!(l.max_preauth_frame, 65_536);
+    assert_eq!(l.auth_failure_delay, Duration::from_secs(3));
+    assert_eq!(
+        (l.channel_max, l.frame_max, l.heartbeat),
+        (2047, 131_072, 60)
+    );
+
+    let b = &c.backend;
+    assert_eq!(
+        b.nodes,
+        vec![BackendNode {
+            host: "127.0.0.1".into(),
+            port: 5672
+        }]
+    );
+    assert_eq!(b.connect_timeout, Duration::from_secs(5));
+    assert_eq!(b.management_url, None);
+
+    let o = &c.oauth2;
+    assert_eq!(o.scope_prefix, "rabbitmq.");
+    assert_eq!(o.additional_scopes_key, None);
+    assert_eq!(o.preferred_username_claims, ["sub", "client_id"]);
+    assert!(o.verify_aud && o.require_exp && o.check_iat && o.check_nbf);
+    assert_eq!(o.issuer, None);
+    assert_eq!(o.algorithms, [JwtAlgorithm::RS256, JwtAlgorithm::ES384]);
+    assert_eq!(o.default_key, None);
+    assert!(o.signing_keys.is_empty() && o.scope_aliases.is_empty());
+    assert_eq!(o.leeway, Duration::from_secs(60));
+    assert_eq!(o.jwks_refresh, Duration::from_secs(600));
+    assert_eq!(o.jwks_min_refetch_interval, Duration::from_secs(1));
+    assert_eq!(o.http_timeout, Duration::from_secs(5));
+
+    assert_eq!(
+        c.admin.address,
+        "127.0.0.1:15693".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(c.log.level, "info");
+    assert_eq!(c.log.format, LogFormat::Text);
+}
+
+#[test]
+fn a_full_file_is_read_into_typed_values() {
+    let text = r#"
+[listener]
+address = "[::]:5671"
+tls_cert = "certs/server.pem"
+tls_key = "/abs/elsewhere/../server-key.pem"
+plain_address = "127.0.0.1:5674"
+max_connections = 50
+handshake_timeout_ms = 2500
+max_preauth_frame = 16384
+auth_failure_delay_ms = 0
+channel_max = 16
+frame_max = 4096
+heartbeat = 0
+
+[backend]
+nodes = ["rabbit-1.internal:5672", "10.0.0.2:5673", "[::1]:5672"]
+username = "gateway"
+password = "secret"
+connect_timeout_ms = 750
+management_url = "http://127.0.0.1:15672"
+
+[oauth2]
+resource_server_id = "rabbitmq"
+scope_prefix = "rabbitmq/"
+additional_scopes_key = 'sub https://sts\.amazonaws\.com/.request_tags.scope'
+preferred_username_claims = ["client_id"]
+verify_aud = false
+require_exp = false
+issuer = "https://abc.tokens.sts.global.api.aws"
+algorithms = ["ES384", "EdDSA", "ES384"]
+default_key = "k1"
+leeway_seconds = 5
+check_iat = false
+check_nbf = false
+jwks_refresh_seconds = 30
+jwks_min_refetch_interval_ms = 0
+http_timeout_ms = 100
+
+[oauth2.signing_keys]
+k1 = "keys/k1.pem"
+
+[oauth2.scope_aliases]
+admin = "rabbitmq/tag:administrator"
+
+[admin]
+address = "0.0.0.0:9000"
+
+[log]
+level = "info,amqp_iam_gateway=debug"
+format = "json"
+"#;
+    let dir = fixture_dir();
+    // The absolute key path does not exist, so file checks are off for this one.
+    let c = parse_with(text, &dir, CheckFiles::No).unwrap_or_else(|e| panic!("{e}"));
+    let tls = c.listener.tls.as_ref().unwrap();
+    assert_eq!(tls.address, "[::]:5671".parse::<SocketAddr>().unwrap());
+    assert_eq!(tls.key, PathBuf::from("/abs/elsewhere/../server-key.pem"));
+    let l = &c.listener;
+    assert_eq!(l.plain_address, Some("127.0.0.1:5674".parse().unwrap()));
+    assert_eq!(l.max_connections, 50);
+    assert_eq!(l.handshake_timeout, Duration::from_millis(2500));
+    assert_eq!(l.auth_failure_delay, Duration::ZERO);
+    assert_eq!(
+        (l.max_preauth_frame, l.channel_max, l.frame_max, l.heartbeat),
+        (16_384, 16, 4096, 0)
+    );
+
+    let b = &c.backend;
+    let nodes: Vec<String> = b.nodes.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        nodes,
+        ["rabbit-1.internal:5672", "10.0.0.2:5673", "[::1]:5672"]
+    );
+    assert_eq!(b.nodes[2].host, "::1");
+    assert_eq!(b.connect_timeout, Duration::from_millis(750));
+    assert_eq!(b.management_url.as_deref(), Some("http://127.0.0.1:15672"));
+    assert!(
+        !format!("{b:?}").contains("secret"),
+        "the password must not be printed"
+    );
+
+    let o = &c.oauth2;
+    assert_eq!(o.scope_prefix, "rabbitmq/");
+    assert_eq!(
+        o.additional_scopes_key.as_deref(),
+        Some(r"sub https://sts\.amazonaws\.com/.request_tags.scope")
+    );
+    assert_eq!(o.preferred_username_claims, ["client_id"]);
+    assert!(!o.verify_aud && !o.require_exp && !o.check_iat && !o.check_nbf);
+    assert_eq!(
+        o.issuer.as_deref(),
+        Some("https://abc.tokens.sts.global.api.aws")
+    );
+    assert_eq!(o.jwks_uri, None);
+    assert_eq!(
+        o.algorithms,
+        [JwtAlgorithm::ES384, JwtAlgorithm::EdDSA],
+        "duplicates dropped"
+    );
+    assert_eq!(o.default_key.as_deref(), Some("k1"));
+    assert_eq!(o.signing_keys["k1"], dir.join("keys/k1.pem"));
+    assert_eq!(o.leeway, Duration::from_secs(5));
+    assert_eq!(o.jwks_refresh, Duration::from_secs(30));
+    assert_eq!(o.jwks_min_refetch_interval, Duration::ZERO);
+    assert_eq!(o.http_timeout, Duration::from_millis(100));
+    assert_eq!(o.scope_aliases["admin"], ["rabbitmq/tag:administrator"]);
+
+    assert_eq!(
+        c.admin.address,
+        "0.0.0.0:9000".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(c.log.level, "info,amqp_iam_gateway=debug");
+    assert_eq!(c.log.format, LogFormat::Json);
+}
+
+#[test]
+fn unknown_keys_are_rejected_at_every_level() {
+    let cases = [
+        ("listener", "tls_certificate = \"x\""),
+        ("backend", "passwd = \"x\""),
+        ("oauth2", "verify_aub = false"),
+        ("admin", "port = 1"),
+        ("log", "colour = true"),
+    ];
+    for (table, line) in cases {
+        let errors = parse_err(&minimal_with(table, line));
+        let text = errors.to_string();
+        let field = line.split(' ').next().unwrap();
+        assert!(
+            text.contains(&format!("unknown field `{field}`")),
+            "{table}: {text}"
+        );
+        assert!(
+            text.contains("line "),
+            "toml's message carries the position: {text}"
+        );
+    }
+    let errors = parse_err(&format!("{MINIMAL}\n[metrics]\nenabled = true\n"));
+    assert!(
+        errors.to_string().contains("unknown field `metrics`"),
+        "{errors}"
+    );
+    // A nested table is a struct too.
+    let errors = parse_err(&format!("{MINIMAL}\n[oauth2.https]\nverify = true\n"));
+    assert!(
+        errors.to_string().contains("unknown field `https`"),
+        "{errors}"
+    );
+}
+
+#[test]
+fn syntax_errors_carry_the_position() {
+    let errors = parse_err("[listener\naddress = 1");
+    assert_eq!(errors.0.len(), 1);
+    assert!(
+        matches!(&errors.0[0], ConfigError::Syntax(m) if m.contains("line 1")),
+        "{errors}"
+    );
+    let errors = parse_err(&minimal_with("listener", "heartbeat = -1"));
+    assert!(errors.to_string().contains("heartbeat"), "{errors}");
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = r#"
+[listener]
+address = "localhost:5671"
+tls_key = "certs/missing-key.pem"
+frame_max = 1024
+max_preauth_frame = 4096
+
+[backend]
+nodes = ["amqp://rabbit:5672", "rabbit"]
+password = ""
+
+[oauth2]
+algorithms = ["RS256", "none", "HS256", "rs384"]
+default_key = "k9"
+scope_prefix = "x"
+
+[oauth2.scope_aliases]
+bad = ["ok", "two scopes"]
+
+[log]
+format = "yaml"
+"#;
+    let errors = parse_err(text);
+    let expected = [
+        "listener.address",
+        "listener.tls_cert",
+        "listener.tls_key",
+        "listener.max_preauth_frame",
+        "listener.frame_max",
+        "backend.nodes[0]",
+        "backend.nodes[1]",
+        "backend.username",
+        "backend.password",
+        "oauth2.resource_server_id",
+        "oauth2.algorithms[1]",
+        "oauth2.algorithms[2]",
+        "oauth2.algorithms[3]",
+        "oauth2",
+        "oauth2.default_key",
+        "oauth2.scope_aliases.bad[1]",
+        "log.format",
+    ];
+    let mut found = keys(&errors);
+    found.sort_unstable();
+    let mut expected = expected.to_vec();
+    expected.sort_unstable();
+    assert_eq!(found, expected, "\n{errors}");
+
+    // One per line, each starting with its key path.
+    let text = errors.to_string();
+    assert_eq!(text.lines().count(), errors.0.len());
+    assert!(
+        text.contains(r#"oauth2.algorithms[2]: "HS256" is not allowed"#),
+        "{text}"
+    );
+    assert!(text.contains("did you mean RS384?"), "{text}");
+    assert!(text.contains("missing-key.pem"), "{text}");
+    assert!(text.contains("no key source"), "{text}");
+}
+
+#[test]
+fn referenced_files_must_exist_unless_checks_are_off() {
+    let text = minimal_with(
+        "oauth2.signing_keys",
+        "k2 = \"keys/nope.pem\"\nk3 = \"keys\"",
+    );
+    let errors = parse_err(&text);
+    assert_eq!(
+        keys(&errors),
+        ["oauth2.signing_keys.k2", "oauth2.signing_keys.k3"],
+        "{errors}"
+    );
+    assert!(errors.to_string().contains("is a directory"), "{errors}");
+    assert!(parse_with(&text, &fixture_dir(), CheckFiles::No).is_ok());
+}
+
+#[test]
+fn relative_paths_are_resolved_against_the_config_directory() {
+    let dir = fixture_dir();
+    let file = dir.join("gateway.toml");
+    let text = minimal_with("oauth2.signing_keys", "k1 = \"keys/k1.pem\"");
+    std::fs::write(&file, text).unwrap();
+    // load() resolves against the file's directory, not the working directory.
+    let c = load(&file).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.listener.tls.unwrap().cert, dir.join("certs/server.pem"));
+    assert_eq!(c.oauth2.signing_keys["k1"], dir.join("keys/k1.pem"));
+    let missing = load(&dir.join("absent.toml")).unwrap_err();
+    assert!(
+        matches!(missing.0[..], [ConfigError::Read { .. }]),
+        "{missing}"
+    );
+}
+
+#[test]
+fn the_tls_listener_is_optional_only_with_a_plain_listener() {
+    let plain_only = r#"
+[listener]
+plain_address = "127.0.0.1:5674"
+[backend]
+username = "u"
+password = "p"
+[oauth2]
+resource_server_id = "rabbitmq"
+issuer = "http://127.0.0.1:8080"
+"#;
+    let (c, _) = parse_ok(plain_only);
+    assert_eq!(c.listener.tls, None);
+    assert_eq!(
+        c.listener.plain_address,
+        Some("127.0.0.1:5674".parse().unwrap())
+    );
+
+    // Saying anything about TLS turns it on, so a half-configured TLS listener is an error.
+    let half = plain_only.replace("[backend]", "address = \"0.0.0.0:5671\"\n[backend]");
+    let errors = parse_err(&half);
+    assert_eq!(
+        keys(&errors),
+        ["listener.tls_cert", "listener.tls_key"],
+        "{errors}"
+    );
+    assert!(
+        errors
+            .to_string()
+            .contains("to run only the plain listener"),
+        "{errors}"
+    );
+
+    let clash = plain_only.replace(
+        "[backend]",
+        "[admin]\naddress = \"127.0.0.1:5674\"\n[backend]",
+    );
+    assert_eq!(keys(&parse_err(&clash)), ["admin.address"]);
+}
+
+#[test]
+fn jwks_url_is_an_alias_of_jwks_uri() {
+    let url = "https://idp.example/jwks";
+    let text = MINIMAL.replace(
+        "jwks_uri = \"https://idp.example/.well-known/jwks.json\"",
+        &format!("jwks_url = \"{url}\""),
+    );
+    let (c, _) = parse_ok(&text);
+    assert_eq!(c.oauth2.jwks_uri.as_deref(), Some(url));
+
+    let both = minimal_with("oauth2", &format!("jwks_url = \"{url}\""));
+    assert_eq!(keys(&parse_err(&both)), ["oauth2.jwks_url"]);
+}
+
+#[test]
+fn identity_provider_urls_need_https_except_on_loopback() {
+    let remote = MINIMAL.replace("https://idp.example", "http://idp.example");
+    let errors = parse_err(&remote);
+    assert_eq!(keys(&errors), ["oauth2.jwks_uri"]);
+    assert!(errors.to_string().contains("must use https"), "{errors}");
+    for local in [
+        "http://localhost:8080",
+        "http://127.0.0.1:8080",
+        "http://[::1]:8080",
+    ] {
+        parse_ok(&MINIMAL.replace("https://idp.example", local));
+    }
+    assert_eq!(
+        keys(&parse_err(
+            &MINIMAL.replace("https://idp.example", "idp.example")
+        )),
+        ["oauth2.jwks_uri"]
+    );
+}
+
+#[test]
+fn alias_values_accept_a_spaced_string_or_a_list() {
+    let aliases = r#"
+"arn:aws:iam::111122223333:role/Admin" = "rabbitmq.tag:administrator  rabbitmq.read:*/*"
+multi = """
+    rabbitmq.read:*/*
+    rabbitmq.write:*/*"""
+listed = ["rabbitmq.tag:management", "rabbitmq.read:vh/*"]
+"#;
+    let (c, _) = parse_ok(&minimal_with("oauth2.scope_aliases", aliases));
+    let a = &c.oauth2.scope_aliases;
+    assert_eq!(
+        a["arn:aws:iam::111122223333:role/Admin"],
+        ["rabbitmq.tag:administrator", "rabbitmq.read:*/*"]
+    );
+    assert_eq!(a["multi"], ["rabbitmq.read:*/*", "rabbitmq.write:*/*"]);
+    assert_eq!(
+        a["listed"],
+        ["rabbitmq.tag:management", "rabbitmq.read:vh/*"]
+    );
+
+    let errors = parse_err(&minimal_with("oauth2.scope_aliases", "x = 3"));
+    assert!(
+        errors
+            .to_string()
+            .contains("space-separated scopes or a list"),
+        "{errors}"
+    );
+    let errors = parse_err(&minimal_with("oauth2.scope_aliases", "\"a:b\" = [\"\"]"));
+    assert_eq!(keys(&errors), [r#"oauth2.scope_aliases."a:b"[0]"#]);
+}
+
+#[test]
+fn scope_prefix_defaults_to_the_resource_server_id_and_may_be_empty() {
+    let (c, _) = parse_ok(&MINIMAL.replace("\"rabbitmq\"", "\"my-api\""));
+    assert_eq!(c.oauth2.scope_prefix, "my-api.");
+    let (c, _) = parse_ok(&minimal_with("oauth2", "scope_prefix = \"\""));
+    assert_eq!(c.oauth2.scope_prefix, "");
+    let (c, _) = parse_ok(&minimal_with("oauth2", "scope_prefix = \"api://\""));
+    assert_eq!(c.oauth2.scope_prefix, "api://");
+}
+
+#[test]
+fn default_key_needs_a_signing_key_only_without_a_jwks() {
+    let signing_only = MINIMAL.replace(
+        "jwks_uri = \"https://idp.example/.well-known/jwks.json\"",
+        "default_key = \"k1\"\n[oauth2.signing_keys]\nk1 = \"keys/k1.pem\"",
+    );
+    parse_ok(&signing_only);
+    let wrong = signing_only.replace("default_key = \"k1\"", "default_key = \"k2\"");
+    assert_eq!(keys(&parse_err(&wrong)), ["oauth2.default_key"]);
+    // With a JWKS the default kid may be one of its keys, as in RabbitMQ.
+    parse_ok(&minimal_with("oauth2", "default_key = \"RSA_0\""));
+}
+
+#[test]
+fn algorithm_names_round_trip() {
+    for alg in JwtAlgorithm::ALL {
+        assert_eq!(alg.as_str().parse::<JwtAlgorithm>(), Ok(alg));
+        assert_eq!(alg.to_string(), alg.as_str());
+    }
+    for refused in ["HS256", "HS512", "none", "rs256", "ES512", ""] {
+        assert!(refused.parse::<JwtAlgorithm>().is_err(), "{refused}");
+    }
+}
+
+#[test]
+fn the_example_files_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy-config");
+    for name in ["gateway.example.toml", "amazon-mq-iam.toml"] {
+        let path = dir.join(name);
+        if let Err(e) = load_with(&path, CheckFiles::No) {
+            panic!("{}:\n{e}", path.display());
+        }
+    }
+    let c = load_with(&dir.join("amazon-mq-iam.toml"), CheckFiles::No).unwrap();
+    let o = &c.oauth2;
+    assert_eq!(
+        (o.resource_server_id.as_str(), o.scope_prefix.as_str()),
+        ("rabbitmq", "rabbitmq/")
+    );
+    assert_eq!(o.additional_scopes_key.as_deref(), Some("sub"));
+    assert_eq!(
+        o.scope_aliases["arn:aws:iam::111122223333:role/RabbitMqAdminRole"],
+        [
+            "rabbitmq/tag:administrator",
+            "rabbitmq/read:*/*",
+            "rabbitmq/write:*/*",
+            "rabbitmq/configure:*/*"
+        ]
+    );
+
+    // The commented nested-claim line, in both of its spellings, means the same path.
+    let basic =
+        r#"additional_scopes_key = "sub https://sts\\.amazonaws\\.com/.request_tags.scope""#;
+    let literal = r"additional_scopes_key = 'sub https://sts\.amazonaws\.com/.request_tags.scope'";
+    let example = std::fs::read_to_string(dir.join("amazon-mq-iam.toml")).unwrap();
+    for line in [basic, literal] {
+        assert!(
+            example.contains(&format!("# {line}")),
+            "example shows {line}"
+        );
+        let text = example.replace("additional_scopes_key = \"sub\"", line);
+        let c = parse_with(&text, &dir, CheckFiles::No).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            c.oauth2.additional_scopes_key.as_deref(),
+            Some(r"sub https://sts\.amazonaws\.com/.request_tags.scope")
+        );
+    }
+}

@@ -1,0 +1,678 @@
+//! Raw TOML values to typed ones: defaults applied, paths resolved, every problem collected.
+//!
+//! Each section builder always returns a value, substituting a placeholder where a key is
+//! invalid, and records the problem in the [`Checker`]. The placeholders never escape: any
+//! recorded problem turns the whole result into [`ConfigErrors`]. This keeps the builders
+//! straight-line code while still reporting every bad key in one pass.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::raw::{RawAdmin, RawAliasValue, RawBackend, RawConfig, RawListener, RawLog, RawOAuth2};
+use super::{
+    AdminConfig, BackendConfig, BackendNode, CheckFiles, Config, ConfigError, ConfigErrors,
+    DEFAULT_ADMIN_ADDRESS, DEFAULT_ALGORITHMS, DEFAULT_AUTH_FAILURE_DELAY_MS,
+    DEFAULT_BACKEND_CONNECT_TIMEOUT_MS, DEFAULT_BACKEND_NODE, DEFAULT_CHANNEL_MAX,
+    DEFAULT_CHECK_IAT, DEFAULT_CHECK_NBF, DEFAULT_FRAME_MAX, DEFAULT_HANDSHAKE_TIMEOUT_MS,
+    DEFAULT_HEARTBEAT_SECS, DEFAULT_HTTP_TIMEOUT_MS, DEFAULT_JWKS_MIN_REFETCH_INTERVAL_MS,
+    DEFAULT_JWKS_REFRESH_SECONDS, DEFAULT_LEEWAY_SECONDS, DEFAULT_LISTENER_ADDRESS,
+    DEFAULT_LOG_FORMAT, DEFAULT_LOG_LEVEL, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PREAUTH_FRAME,
+    DEFAULT_PREFERRED_USERNAME_CLAIMS, DEFAULT_REQUIRE_EXP, DEFAULT_VERIFY_AUD, JwtAlgorithm,
+    ListenerConfig, LogConfig, LogFormat, MAX_AUTH_FAILURE_DELAY_MS,
+    MAX_BACKEND_CONNECT_TIMEOUT_MS, MAX_FRAME_MAX, MAX_HANDSHAKE_TIMEOUT_MS, MAX_HTTP_TIMEOUT_MS,
+    MAX_JWKS_MIN_REFETCH_INTERVAL_MS, MAX_JWKS_REFRESH_SECONDS, MAX_LEEWAY_SECONDS,
+    MAX_MAX_PREAUTH_FRAME, MIN_FRAME_MAX, MIN_MAX_PREAUTH_FRAME, OAuth2Config, TlsListenerConfig,
+};
+
+pub(super) fn validate(
+    raw: RawConfig,
+    base_dir: &Path,
+    check_files: CheckFiles,
+) -> Result<Config, ConfigErrors> {
+    let mut c = Checker {
+        base_dir,
+        check_files,
+        errors: Vec::new(),
+    };
+    let listener = c.listener(raw.listener);
+    let backend = c.backend(raw.backend);
+    let oauth2 = c.oauth2(raw.oauth2);
+    let admin = c.admin(raw.admin);
+    let log = c.log(raw.log);
+    c.address_conflicts(&listener, &admin);
+    if c.errors.is_empty() {
+        Ok(Config {
+            listener,
+            backend,
+            oauth2,
+            admin,
+            log,
+        })
+    } else {
+        Err(ConfigErrors(c.errors))
+    }
+}
+
+/// Only ever returned alongside a recorded error, so it is never bound.
+const PLACEHOLDER_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+
+struct Checker<'a> {
+    base_dir: &'a Path,
+    check_files: CheckFiles,
+    errors: Vec<ConfigError>,
+}
+
+impl Checker<'_> {
+    fn error(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    // --- sections ----------------------------------------------------------------------------
+
+    fn listener(&mut self, raw: RawListener) -> ListenerConfig {
+        let plain_address = raw
+            .plain_address
+            .map(|a| self.socket_addr("listener.plain_address", &a));
+        // The TLS listener is the default; it is left out only when the operator asked for a
+        // plain listener and said nothing at all about TLS, so a half-configured TLS listener
+        // is an error rather than silently missing.
+        let wants_tls = raw.address.is_some()
+            || raw.tls_cert.is_some()
+            || raw.tls_key.is_some()
+            || plain_address.is_none();
+        let tls = wants_tls.then(|| {
+            let address = self.socket_addr(
+                "listener.address",
+                raw.address.as_deref().unwrap_or(DEFAULT_LISTENER_ADDRESS),
+            );
+            let cert = self.required_file("listener.tls_cert", raw.tls_cert, plain_address);
+            let key = self.required_file("listener.tls_key", raw.tls_key, plain_address);
+            TlsListenerConfig { address, cert, key }
+        });
+        ListenerConfig {
+            tls,
+            plain_address,
+            max_connections: self.bounded(
+                "listener.max_connections",
+                raw.max_connections,
+                DEFAULT_MAX_CONNECTIONS,
+                1,
+                u32::MAX.into(),
+            ),
+            handshake_timeout: self.millis(
+                "listener.handshake_timeout_ms",
+                raw.handshake_timeout_ms,
+                DEFAULT_HANDSHAKE_TIMEOUT_MS,
+                1,
+                MAX_HANDSHAKE_TIMEOUT_MS,
+            ),
+            max_preauth_frame: self.bounded(
+                "listener.max_preauth_frame",
+                raw.max_preauth_frame,
+                DEFAULT_MAX_PREAUTH_FRAME,
+                MIN_MAX_PREAUTH_FRAME.into(),
+                MAX_MAX_PREAUTH_FRAME.into(),
+            ),
+            auth_failure_delay: self.millis(
+                "listener.auth_failure_delay_ms",
+                raw.auth_failure_delay_ms,
+                DEFAULT_AUTH_FAILURE_DELAY_MS,
+                0,
+                MAX_AUTH_FAILURE_DELAY_MS,
+            ),
+            // 0 would mean "no limit" in connection.tune; the gateway always sets one.
+            channel_max: self.bounded(
+                "listener.channel_max",
+                raw.channel_max,
+                DEFAULT_CHANNEL_MAX,
+                1,
+                u16::MAX.into(),
+            ),
+            frame_max: self.bounded(
+                "listener.frame_max",
+                raw.frame_max,
+                DEFAULT_FRAME_MAX,
+                MIN_FRAME_MAX.into(),
+                MAX_FRAME_MAX.into(),
+            ),
+            heartbeat: self.bounded(
+                "listener.heartbeat",
+                raw.heartbeat,
+                DEFAULT_HEARTBEAT_SECS,
+                0,
+                u16::MAX.into(),
+            ),
+        }
+    }
+
+    fn backend(&mut self, raw: RawBackend) -> BackendConfig {
+        let nodes = match raw.nodes {
+            None => parse_node(DEFAULT_BACKEND_NODE).into_iter().collect(),
+            Some(nodes) => {
+                if nodes.is_empty() {
+                    self.error("backend.nodes", "must list at least one \"host:port\"");
+                }
+                let mut parsed = Vec::with_capacity(nodes.len());
+                for (i, node) in nodes.iter().enumerate() {
+                    match parse_node(node) {
+                        Ok(n) => parsed.push(n),
+                        Err(why) => {
+                            self.error(format!("backend.nodes[{i}]"), format!("{node:?} {why}"))
+                        }
+                    }
+                }
+                parsed
+            }
+        };
+        // RabbitMQ's internal backend refuses blank passwords, so an empty one is a mistake.
+        let username = self.required_text("backend.username", raw.username);
+        let password = self.required_text("backend.password", raw.password);
+        let management_url = raw.management_url.inspect(|url| {
+            if let Err(why) = check_url(url, UrlPolicy::AnyHttp) {
+                self.error("backend.management_url", format!("{url:?} {why}"));
+            }
+        });
+        BackendConfig {
+            nodes,
+            username,
+            password,
+            connect_timeout: self.millis(
+                "backend.connect_timeout_ms",
+                raw.connect_timeout_ms,
+                DEFAULT_BACKEND_CONNECT_TIMEOUT_MS,
+                1,
+                MAX_BACKEND_CONNECT_TIMEOUT_MS,
+            ),
+            management_url,
+        }
+    }
+
+    fn oauth2(&mut self, raw: RawOAuth2) -> OAuth2Config {
+        // RabbitMQ 4.1+ rejects every token when the id is empty, and `aud` values are split on
+        // spaces, so an id that is empty or contains whitespace can never match.
+        let resource_server_id =
+            self.required_text("oauth2.resource_server_id", raw.resource_server_id);
+        if resource_server_id.contains(char::is_whitespace) {
+            self.error(
+                "oauth2.resource_server_id",
+                "must not contain whitespace: `aud` values are split on spaces",
+            );
+        }
+        let scope_prefix = raw
+            .scope_prefix
+            .unwrap_or_else(|| format!("{resource_server_id}."));
+        if let Some(key) = &raw.additional_scopes_key
+            && key.trim().is_empty()
+        {
+            self.error(
+                "oauth2.additional_scopes_key",
+                "must name at least one claim path; remove the key to read no extra claim",
+            );
+        }
+        let preferred_username_claims = self.username_claims(raw.preferred_username_claims);
+        let algorithms = self.algorithms(raw.algorithms);
+        let keys = self.key_sources(
+            raw.issuer,
+            raw.jwks_uri,
+            raw.jwks_url,
+            raw.signing_keys.unwrap_or_default(),
+            raw.default_key.as_deref(),
+        );
+        OAuth2Config {
+            resource_server_id,
+            scope_prefix,
+            additional_scopes_key: raw.additional_scopes_key,
+            preferred_username_claims,
+            verify_aud: raw.verify_aud.unwrap_or(DEFAULT_VERIFY_AUD),
+            require_exp: raw.require_exp.unwrap_or(DEFAULT_REQUIRE_EXP),
+            issuer: keys.issuer,
+            jwks_uri: keys.jwks_uri,
+            algorithms,
+            default_key: raw.default_key,
+            signing_keys: keys.signing_keys,
+            leeway: Duration::from_secs(self.bounded(
+                "oauth2.leeway_seconds",
+                raw.leeway_seconds,
+                DEFAULT_LEEWAY_SECONDS,
+                0,
+                MAX_LEEWAY_SECONDS,
+            )),
+            check_iat: raw.check_iat.unwrap_or(DEFAULT_CHECK_IAT),
+            check_nbf: raw.check_nbf.unwrap_or(DEFAULT_CHECK_NBF),
+            jwks_refresh: Duration::from_secs(self.bounded(
+                "oauth2.jwks_refresh_seconds",
+                raw.jwks_refresh_seconds,
+                DEFAULT_JWKS_REFRESH_SECONDS,
+                1,
+                MAX_JWKS_REFRESH_SECONDS,
+            )),
+            jwks_min_refetch_interval: self.millis(
+                "oauth2.jwks_min_refetch_interval_ms",
+                raw.jwks_min_refetch_interval_ms,
+                DEFAULT_JWKS_MIN_REFETCH_INTERVAL_MS,
+                0,
+                MAX_JWKS_MIN_REFETCH_INTERVAL_MS,
+            ),
+            http_timeout: self.millis(
+                "oauth2.http_timeout_ms",
+                raw.http_timeout_ms,
+                DEFAULT_HTTP_TIMEOUT_MS,
+                1,
+                MAX_HTTP_TIMEOUT_MS,
+            ),
+            scope_aliases: self.scope_aliases(raw.scope_aliases.unwrap_or_default()),
+        }
+    }
+
+    fn admin(&mut self, raw: RawAdmin) -> AdminConfig {
+        AdminConfig {
+            address: self.socket_addr(
+                "admin.address",
+                raw.address.as_deref().unwrap_or(DEFAULT_ADMIN_ADDRESS),
+            ),
+        }
+    }
+
+    fn log(&mut self, raw: RawLog) -> LogConfig {
+        let level = raw.level.unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_owned());
+        // A bare word must be a level; anything with `=` or `,` is an EnvFilter directive list
+        // and is left for tracing_subscriber to judge.
+        let is_directives = level.contains('=') || level.contains(',');
+        if level.trim().is_empty() {
+            self.error("log.level", "must not be empty");
+        } else if !is_directives && !LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            self.error(
+                "log.level",
+                format!(
+                    "{level:?} is not one of {} (or an EnvFilter directive list)",
+                    LOG_LEVELS.join(", ")
+                ),
+            );
+        }
+        let format = match raw.format.as_deref() {
+            None => DEFAULT_LOG_FORMAT,
+            Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                self.error(
+                    "log.format",
+                    format!("{other:?} is not \"text\" or \"json\""),
+                );
+                DEFAULT_LOG_FORMAT
+            }
+        };
+        LogConfig { level, format }
+    }
+
+    /// Two listeners on one address would fail at bind time, after part of the gateway started.
+    fn address_conflicts(&mut self, listener: &ListenerConfig, admin: &AdminConfig) {
+        let tls = listener.tls.as_ref().map(|t| t.address);
+        let clash = |a: Option<SocketAddr>, b: Option<SocketAddr>| matches!((a, b), (Some(a), Some(b)) if a == b && a.port() != 0);
+        if clash(tls, listener.plain_address) {
+            self.error(
+                "listener.plain_address",
+                "is the same address as listener.address",
+            );
+        }
+        if clash(tls, Some(admin.address)) {
+            self.error("admin.address", "is the same address as listener.address");
+        }
+        if clash(listener.plain_address, Some(admin.address)) {
+            self.error(
+                "admin.address",
+                "is the same address as listener.plain_address",
+            );
+        }
+    }
+
+    // --- oauth2 pieces -----------------------------------------------------------------------
+
+    /// Where verification keys come from, checked together: at least one source, and a
+    /// `default_key` that can be found.
+    fn key_sources(
+        &mut self,
+        issuer: Option<String>,
+        jwks_uri: Option<String>,
+        jwks_url: Option<String>,
+        signing_keys: BTreeMap<String, String>,
+        default_key: Option<&str>,
+    ) -> KeySources {
+        let issuer = self.idp_url("oauth2.issuer", issuer);
+        let jwks_uri = match (jwks_uri, jwks_url) {
+            (Some(uri), Some(_)) => {
+                self.error(
+                    "oauth2.jwks_url",
+                    "is the deprecated name of oauth2.jwks_uri; set only jwks_uri",
+                );
+                // Kept, so the checks below do not report a second, spurious error.
+                self.idp_url("oauth2.jwks_uri", Some(uri))
+            }
+            (Some(uri), None) => self.idp_url("oauth2.jwks_uri", Some(uri)),
+            (None, Some(url)) => self.idp_url("oauth2.jwks_url", Some(url)),
+            (None, None) => None,
+        };
+        let signing_keys = self.signing_keys(signing_keys);
+        let has_jwks = jwks_uri.is_some() || issuer.is_some();
+        if !has_jwks && signing_keys.is_empty() {
+            self.error(
+                "oauth2",
+                "no key source: set jwks_uri, issuer (keys found through OIDC discovery) or signing_keys",
+            );
+        }
+        if let Some(kid) = default_key {
+            // RabbitMQ looks an unknown kid up in the JWKS too, so with a JWKS the default key
+            // may legitimately live there; without one it must be a configured signing key.
+            if kid.is_empty() {
+                self.error("oauth2.default_key", "must not be empty");
+            } else if !has_jwks && !signing_keys.contains_key(kid) {
+                self.error(
+                    "oauth2.default_key",
+                    format!("{kid:?} is not a key in oauth2.signing_keys and there is no jwks_uri or issuer to find it in"),
+                );
+            }
+        }
+        KeySources {
+            issuer,
+            jwks_uri,
+            signing_keys,
+        }
+    }
+
+    fn username_claims(&mut self, raw: Option<Vec<String>>) -> Vec<String> {
+        let Some(claims) = raw else {
+            return DEFAULT_PREFERRED_USERNAME_CLAIMS
+                .map(str::to_owned)
+                .to_vec();
+        };
+        // RabbitMQ 4.1+ uses the list as-is, so an empty list would name every user "unknown".
+        if claims.is_empty() {
+            self.error(
+                "oauth2.preferred_username_claims",
+                "must name at least one claim",
+            );
+        }
+        for (i, claim) in claims.iter().enumerate() {
+            if claim.is_empty() {
+                self.error(
+                    format!("oauth2.preferred_username_claims[{i}]"),
+                    "must not be empty",
+                );
+            }
+        }
+        claims
+    }
+
+    fn algorithms(&mut self, raw: Option<Vec<String>>) -> Vec<JwtAlgorithm> {
+        let Some(names) = raw else {
+            return DEFAULT_ALGORITHMS.to_vec();
+        };
+        if names.is_empty() {
+            self.error("oauth2.algorithms", "must list at least one algorithm");
+        }
+        let mut algorithms = Vec::with_capacity(names.len());
+        for (i, name) in names.iter().enumerate() {
+            match name.parse::<JwtAlgorithm>() {
+                // A repeated name is harmless, so it is dropped rather than reported.
+                Ok(alg) if !algorithms.contains(&alg) => algorithms.push(alg),
+                Ok(_) => {}
+                Err(why) => self.error(format!("oauth2.algorithms[{i}]"), why.to_string()),
+            }
+        }
+        algorithms
+    }
+
+    fn signing_keys(&mut self, raw: BTreeMap<String, String>) -> BTreeMap<String, PathBuf> {
+        let mut keys = BTreeMap::new();
+        for (kid, path) in raw {
+            let key = table_key("oauth2.signing_keys", &kid);
+            if kid.is_empty() {
+                self.error(key.clone(), "a key id must not be empty");
+            }
+            let path = self.file(&key, &path);
+            keys.insert(kid, path);
+        }
+        keys
+    }
+
+    fn scope_aliases(
+        &mut self,
+        raw: BTreeMap<String, RawAliasValue>,
+    ) -> BTreeMap<String, Vec<String>> {
+        let mut aliases = BTreeMap::new();
+        for (alias, value) in raw {
+            let key = table_key("oauth2.scope_aliases", &alias);
+            if alias.is_empty() {
+                self.error(key.clone(), "an alias must not be empty");
+            }
+            let scopes = match value {
+                // Whitespace rather than only ' ', so a multi-line TOML string also works.
+                RawAliasValue::Spaced(s) => s.split_whitespace().map(str::to_owned).collect(),
+                RawAliasValue::List(list) => {
+                    for (i, scope) in list.iter().enumerate() {
+                        // Token scopes are space-separated, so such an entry could never be
+                        // granted as written.
+                        if scope.is_empty() || scope.contains(char::is_whitespace) {
+                            self.error(
+                                format!("{key}[{i}]"),
+                                format!("{scope:?} must be one non-empty scope without whitespace"),
+                            );
+                        }
+                    }
+                    list
+                }
+            };
+            aliases.insert(alias, scopes);
+        }
+        aliases
+    }
+
+    /// `issuer` and `jwks_uri`: the keys fetched from here decide who may log in, so they
+    /// must come over HTTPS unless the identity provider is on this host.
+    fn idp_url(&mut self, key: &str, value: Option<String>) -> Option<String> {
+        let url = value?;
+        if let Err(why) = check_url(&url, UrlPolicy::HttpsUnlessLoopback) {
+            self.error(key, format!("{url:?} {why}"));
+        }
+        Some(url)
+    }
+
+    // --- scalar helpers ----------------------------------------------------------------------
+
+    fn socket_addr(&mut self, key: &str, value: &str) -> SocketAddr {
+        value.parse().unwrap_or_else(|_| {
+            self.error(
+                key,
+                format!("{value:?} is not an IP socket address such as \"0.0.0.0:5671\" or \"[::]:5671\""),
+            );
+            PLACEHOLDER_ADDR
+        })
+    }
+
+    fn required_text(&mut self, key: &str, value: Option<String>) -> String {
+        match value {
+            None => self.error(key, "is required"),
+            Some(ref v) if v.is_empty() => self.error(key, "must not be empty"),
+            Some(_) => {}
+        }
+        value.unwrap_or_default()
+    }
+
+    /// A TLS listener file: required, with an explanation of how to run without TLS.
+    fn required_file(
+        &mut self,
+        key: &str,
+        value: Option<String>,
+        plain: Option<SocketAddr>,
+    ) -> PathBuf {
+        match value {
+            Some(path) => self.file(key, &path),
+            None => {
+                let how = if plain.is_some() {
+                    "to run only the plain listener, remove listener.address, tls_cert and tls_key"
+                } else {
+                    "the TLS listener is the only listener unless listener.plain_address is set"
+                };
+                self.error(key, format!("is required for the TLS listener ({how})"));
+                PathBuf::new()
+            }
+        }
+    }
+
+    /// Resolves `value` against the config file's directory and, if asked, checks it can be
+    /// opened now, so a typo fails `check-config` rather than the first TLS handshake.
+    fn file(&mut self, key: &str, value: &str) -> PathBuf {
+        if value.is_empty() {
+            self.error(key, "must not be empty");
+            return PathBuf::new();
+        }
+        let path = self.base_dir.join(value);
+        if self.check_files == CheckFiles::Yes {
+            let opened = std::fs::File::open(&path).and_then(|f| f.metadata());
+            match opened {
+                Ok(meta) if meta.is_dir() => {
+                    self.error(
+                        key,
+                        format!("{} is a directory, not a file", path.display()),
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => self.error(key, format!("cannot read {}: {e}", path.display())),
+            }
+        }
+        path
+    }
+
+    /// An integer key within `[min, max]`, converted to the field's type.
+    fn bounded<T>(&mut self, key: &str, value: Option<u64>, default: T, min: u64, max: u64) -> T
+    where
+        T: TryFrom<u64>,
+    {
+        let Some(v) = value else { return default };
+        if v < min || v > max {
+            self.error(
+                key,
+                format!("{v} is out of range: must be between {min} and {max}"),
+            );
+            return default;
+        }
+        // Cannot fail: every caller's `max` fits in `T`.
+        T::try_from(v).unwrap_or(default)
+    }
+
+    fn millis(
+        &mut self,
+        key: &str,
+        value: Option<u64>,
+        default: u64,
+        min: u64,
+        max: u64,
+    ) -> Duration {
+        Duration::from_millis(self.bounded(key, value, default, min, max))
+    }
+}
+
+/// The validated key-source fields of `[oauth2]`.
+struct KeySources {
+    issuer: Option<String>,
+    jwks_uri: Option<String>,
+    signing_keys: BTreeMap<String, PathBuf>,
+}
+
+const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// `table.key`, quoting the key as TOML would when it is not a bare key (`"arn:aws:…"`).
+fn table_key(table: &str, key: &str) -> String {
+    let bare = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if bare {
+        format!("{table}.{key}")
+    } else {
+        format!("{table}.{key:?}")
+    }
+}
+
+/// `host:port` with a DNS name, an IPv4 address or a bracketed IPv6 address.
+fn parse_node(node: &str) -> Result<BackendNode, &'static str> {
+    if node.contains("://") {
+        return Err("is a URL; expected \"host:port\"");
+    }
+    let (host, port) = if let Some(rest) = node.strip_prefix('[') {
+        let (host, port) = rest.split_once("]:").ok_or("expected \"[ipv6]:port\"")?;
+        host.parse::<Ipv6Addr>()
+            .map_err(|_| "has an invalid IPv6 address between the brackets")?;
+        (host, port)
+    } else {
+        let (host, port) = node
+            .rsplit_once(':')
+            .ok_or("has no port; expected \"host:port\"")?;
+        if host.contains(':') {
+            return Err("looks like an IPv6 address: write it as \"[addr]:port\"");
+        }
+        let valid = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+        if !valid {
+            return Err("has an invalid host name");
+        }
+        (host, port)
+    };
+    match port.parse::<u16>() {
+        Ok(port) if port != 0 => Ok(BackendNode {
+            host: host.to_owned(),
+            port,
+        }),
+        _ => Err("has an invalid port (1-65535)"),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum UrlPolicy {
+    AnyHttp,
+    HttpsUnlessLoopback,
+}
+
+/// A light check of `scheme://host[:port][/path]`: enough to catch typos and plain HTTP to a
+/// remote identity provider, without pulling in a URL parser the rest of the crate lacks.
+fn check_url(url: &str, policy: UrlPolicy) -> Result<(), &'static str> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or("is not a URL: expected http:// or https://")?;
+    if url.contains(char::is_whitespace) {
+        return Err("must not contain whitespace");
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = host_of(authority);
+    if host.is_empty() {
+        return Err("has no host");
+    }
+    match (scheme, policy) {
+        ("https", _) | ("http", UrlPolicy::AnyHttp) => Ok(()),
+        ("http", UrlPolicy::HttpsUnlessLoopback) if is_loopback(host) => Ok(()),
+        ("http", UrlPolicy::HttpsUnlessLoopback) => Err(
+            "must use https: signing keys fetched over plain HTTP could be replaced in transit (http is allowed only for localhost)",
+        ),
+        _ => Err("must use http:// or https://"),
+    }
+}
+
+/// The host part of `userinfo@host:port`, without IPv6 brackets.
+fn host_of(authority: &str) -> &str {
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if let Some(rest) = host_port.strip_prefix('[') {
+        return rest.split_once(']').map_or("", |(h, _)| h);
+    }
+    host_port.split_once(':').map_or(host_port, |(h, _)| h)
+}
+
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}

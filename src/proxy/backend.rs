@@ -1,0 +1,229 @@
+//! Opens the backend connection for an authenticated client: TCP to a RabbitMQ node,
+//! then the AMQP handshake as a client with the service user, the client's vhost, and
+//! the client's identity in `connection_name`. Every step is bounded by the connect
+//! timeout.
+
+use amq_protocol::protocol::{AMQPClass, connection};
+use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::amqp::frame::{self, PROTOCOL_HEADER};
+use crate::amqp::handshake::Tuning;
+use crate::amqp::method;
+use crate::config::BackendConfig;
+
+/// Largest frame accepted from the backend before tune.
+const MAX_HANDSHAKE_FRAME: usize = 128 * 1024;
+
+/// Why the backend connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("no backend node reachable: {0}")]
+    Unreachable(String),
+    #[error("backend handshake failed: {0}")]
+    Protocol(String),
+    /// The broker refused with `connection.close` (e.g. `530 NOT_ALLOWED - vhost nope
+    /// not found`); the client gets the same close.
+    #[error("backend refused: {code} {text}")]
+    Refused {
+        code: u16,
+        text: String,
+        class_id: u16,
+        method_id: u16,
+    },
+}
+
+/// An open backend connection.
+pub struct Backend {
+    pub stream: TcpStream,
+    /// Bytes read after `open-ok`, to be relayed.
+    pub leftover: BytesMut,
+    pub node: String,
+    pub tuning: Tuning,
+}
+
+/// Connects to the first reachable node and opens `vhost` on it.
+pub async fn open(
+    cfg: &BackendConfig,
+    vhost: &str,
+    client: Tuning,
+    client_properties: FieldTable,
+) -> Result<Backend, BackendError> {
+    let mut errors = Vec::new();
+    for node in &cfg.nodes {
+        let addr = node.to_string();
+        let stream =
+            match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&addr)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    errors.push(format!("{addr}: {e}"));
+                    continue;
+                }
+                Err(_) => {
+                    errors.push(format!("{addr}: connect timed out"));
+                    continue;
+                }
+            };
+        let _ = stream.set_nodelay(true);
+        let handshake = handshake(stream, cfg, vhost, client, client_properties.clone());
+        return match tokio::time::timeout(cfg.connect_timeout, handshake).await {
+            Ok(Ok((stream, leftover, tuning))) => Ok(Backend {
+                stream,
+                leftover,
+                node: addr,
+                tuning,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(BackendError::Protocol(format!(
+                "{addr}: handshake timed out"
+            ))),
+        };
+    }
+    Err(BackendError::Unreachable(errors.join("; ")))
+}
+
+async fn handshake(
+    mut s: TcpStream,
+    cfg: &BackendConfig,
+    vhost: &str,
+    client: Tuning,
+    client_properties: FieldTable,
+) -> Result<(TcpStream, BytesMut, Tuning), BackendError> {
+    let io = |e: std::io::Error| BackendError::Protocol(e.to_string());
+    let mut buf = BytesMut::with_capacity(4096);
+    s.write_all(PROTOCOL_HEADER).await.map_err(io)?;
+    expect(&mut s, &mut buf, 10, 10).await?;
+
+    let mut out = BytesMut::new();
+    let mut response = Vec::with_capacity(cfg.username.len() + cfg.password.len() + 2);
+    response.push(0);
+    response.extend_from_slice(cfg.username.as_bytes());
+    response.push(0);
+    response.extend_from_slice(cfg.password.as_bytes());
+    let start_ok = connection::StartOk {
+        client_properties,
+        mechanism: ShortString::from("PLAIN"),
+        response: response.into(),
+        locale: ShortString::from("en_US"),
+    };
+    method::encode(
+        &mut out,
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok)),
+    );
+    s.write_all(&out).await.map_err(io)?;
+    out.clear();
+
+    let tune = match expect(&mut s, &mut buf, 10, 30).await? {
+        AMQPClass::Connection(connection::AMQPMethod::Tune(t)) => t,
+        _ => return Err(BackendError::Protocol("expected connection.tune".into())),
+    };
+    let tuning = Tuning {
+        channel_max: min_nonzero(client.channel_max as u32, tune.channel_max as u32) as u16,
+        frame_max: min_nonzero(client.frame_max, tune.frame_max),
+        heartbeat: client.heartbeat,
+    };
+    let tune_ok = connection::TuneOk {
+        channel_max: tuning.channel_max,
+        frame_max: tuning.frame_max,
+        heartbeat: tuning.heartbeat,
+    };
+    method::encode(
+        &mut out,
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::TuneOk(tune_ok)),
+    );
+    let open = connection::Open {
+        virtual_host: method::short(vhost),
+    };
+    method::encode(
+        &mut out,
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Open(open)),
+    );
+    s.write_all(&out).await.map_err(io)?;
+    expect(&mut s, &mut buf, 10, 41).await?;
+    Ok((s, buf, tuning))
+}
+
+fn min_nonzero(a: u32, b: u32) -> u32 {
+    match (a, b) {
+        (0, x) | (x, 0) => x,
+        (a, b) => a.min(b),
+    }
+}
+
+/// Reads the next method on channel 0 and checks it is `class.method`; a
+/// `connection.close` becomes [`BackendError::Refused`].
+async fn expect(
+    s: &mut TcpStream,
+    buf: &mut BytesMut,
+    class: u16,
+    meth: u16,
+) -> Result<AMQPClass, BackendError> {
+    loop {
+        if let Some(h) = frame::check(buf, MAX_HANDSHAKE_FRAME)
+            .map_err(|e| BackendError::Protocol(e.to_string()))?
+        {
+            let f = buf.split_to(h.wire_len());
+            if h.frame_type != frame::METHOD {
+                continue;
+            }
+            let payload = frame::payload(&f, &h);
+            let m = method::decode(payload).map_err(|e| BackendError::Protocol(e.to_string()))?;
+            if let AMQPClass::Connection(connection::AMQPMethod::Close(c)) = &m {
+                let mut ok = BytesMut::new();
+                method::connection_close_ok(&mut ok);
+                let _ = s.write_all(&ok).await;
+                return Err(BackendError::Refused {
+                    code: c.reply_code,
+                    text: c.reply_text.to_string(),
+                    class_id: c.class_id,
+                    method_id: c.method_id,
+                });
+            }
+            return match method::ids(payload) {
+                Some(ids) if ids == (class, meth) => Ok(m),
+                other => Err(BackendError::Protocol(format!(
+                    "expected {class}.{meth}, got {other:?}"
+                ))),
+            };
+        }
+        if buf.len() >= 8 && &buf[..4] == b"AMQP" {
+            return Err(BackendError::Protocol(
+                "backend does not speak AMQP 0-9-1".into(),
+            ));
+        }
+        buf.reserve(4096);
+        let n = s
+            .read_buf(buf)
+            .await
+            .map_err(|e| BackendError::Protocol(e.to_string()))?;
+        if n == 0 {
+            return Err(BackendError::Protocol(
+                "backend closed the connection during the handshake".into(),
+            ));
+        }
+    }
+}
+
+/// The client's properties, passed on so the broker knows its capabilities, with the
+/// authenticated identity in `connection_name` (shown by `rabbitmqctl list_connections`).
+pub fn backend_properties(client: &FieldTable, identity: &str) -> FieldTable {
+    let mut props = client.clone();
+    let name = match client
+        .inner()
+        .get("connection_name")
+        .and_then(method::value_str)
+    {
+        Some(own) => format!("{own} [{identity}]"),
+        None => identity.to_owned(),
+    };
+    props.insert(
+        "connection_name".into(),
+        AMQPValue::LongString(method::long(&name)),
+    );
+    props
+}

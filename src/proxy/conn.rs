@@ -1,0 +1,310 @@
+//! One client connection: the handshake (under a deadline and a frame-size bound),
+//! token verification, the backend connection, then the relay.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use super::Shared;
+use super::backend::{self, BackendError};
+use super::relay::{self, RelayEnd, SecretVerifier};
+use crate::amqp::handshake::{ClientHandshake, Credentials, Step};
+use crate::amqp::method::reply;
+use crate::amqp::session::Session;
+use crate::auth::{Identity, token_id};
+
+/// How long a refused client may take to answer our `connection.close`.
+const CLOSE_OK_WAIT: Duration = Duration::from_secs(3);
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The deadline for a token's `exp`, on the tokio clock.
+fn expiry_instant(exp: Option<i64>) -> Option<Instant> {
+    exp.map(|e| Instant::now() + Duration::from_secs(e.saturating_sub(now_secs()).max(0) as u64))
+}
+
+struct Established {
+    identity: Identity,
+    vhost: String,
+    backend: backend::Backend,
+    client_leftover: BytesMut,
+}
+
+/// Serves one connection to the end.
+pub(super) async fn serve<S>(mut stream: S, peer: SocketAddr, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let deadline = Instant::now() + shared.cfg.listener.handshake_timeout;
+    let est = match tokio::time::timeout_at(deadline, handshake(&mut stream, peer, &shared)).await {
+        Ok(Some(est)) => est,
+        Ok(None) => return,
+        Err(_) => {
+            tracing::info!(%peer, "handshake timed out");
+            return;
+        }
+    };
+    let Established {
+        identity,
+        vhost,
+        backend,
+        client_leftover,
+    } = est;
+    tracing::info!(
+        %peer, user = %identity.username, vhost = %vhost, node = %backend.node,
+        jti = identity.jti.as_deref().unwrap_or("-"), token = %identity.token_id,
+        "connection opened"
+    );
+    let seed = rand::random::<u64>();
+    let session = Session::new(
+        identity.username.clone(),
+        vhost.clone(),
+        identity.permissions,
+        backend.tuning.frame_max,
+        seed,
+    );
+    let verifier = secret_verifier(
+        shared.clone(),
+        identity.username.clone(),
+        vhost.clone(),
+        peer,
+    );
+    let expiry = expiry_instant(identity.exp);
+    let (end, _) = relay::run(
+        stream,
+        backend.stream,
+        client_leftover,
+        backend.leftover,
+        session,
+        expiry,
+        verifier,
+    )
+    .await;
+    match end {
+        RelayEnd::Expired => {
+            tracing::info!(%peer, user = %identity.username, "credential expired; connection closed")
+        }
+        RelayEnd::Error(e) => {
+            tracing::info!(%peer, user = %identity.username, error = %e, "connection ended")
+        }
+        other => {
+            tracing::debug!(%peer, user = %identity.username, end = ?other, "connection closed")
+        }
+    }
+}
+
+/// Runs the client handshake. `None` when the connection is over (refused or closed).
+async fn handshake<S>(stream: &mut S, peer: SocketAddr, shared: &Shared) -> Option<Established>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut hs = ClientHandshake::new(shared.handshake.clone());
+    let mut input = BytesMut::with_capacity(4096);
+    let mut out = BytesMut::new();
+    let mut identity: Option<Identity> = None;
+    let mut creds_props = None;
+    loop {
+        let step = hs.receive(&mut input, &mut out);
+        if !out.is_empty() {
+            if stream.write_all(&out).await.is_err() {
+                return None;
+            }
+            out.clear();
+        }
+        match step {
+            Err(e) => {
+                tracing::info!(%peer, error = %e, "handshake failed");
+                let _ = stream.shutdown().await;
+                return None;
+            }
+            Ok(Step::Closed) => return None,
+            Ok(Step::NeedMore) => {
+                // The frame check bounds `input` to one pre-auth frame plus one read.
+                input.reserve(4096);
+                match stream.read_buf(&mut input).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+            Ok(Step::Authenticate(creds)) => {
+                match shared.auth.authenticate(&creds.token, now_secs()).await {
+                    Ok(id) => {
+                        tracing::debug!(%peer, user = %id.username, token = %id.token_id, "token accepted");
+                        hs.accept(&mut out);
+                        creds_props = Some(creds.client_properties);
+                        identity = Some(id);
+                    }
+                    Err(e) => {
+                        tracing::info!(
+                            %peer, reason = e.reason(), error = %e, token = %token_id(&creds.token),
+                            mechanism = creds.mechanism.as_str(), "login refused"
+                        );
+                        refuse(stream, &mut hs, &creds, shared).await;
+                        return None;
+                    }
+                }
+            }
+            Ok(Step::Open { vhost }) => {
+                let id = identity.take()?;
+                let props = creds_props.take().unwrap_or_default();
+                return open_vhost(stream, &mut hs, peer, shared, id, vhost, props, input).await;
+            }
+        }
+    }
+}
+
+/// RabbitMQ's refusal: a `connection.close 403` for clients with
+/// `authentication_failure_close`, a silent close after a delay for the others.
+async fn refuse<S>(stream: &mut S, hs: &mut ClientHandshake, creds: &Credentials, shared: &Shared)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut out = BytesMut::new();
+    if hs.refuse(creds, &mut out) {
+        if stream.write_all(&out).await.is_ok() {
+            wait_close_ok(
+                stream,
+                hs,
+                CLOSE_OK_WAIT.min(shared.cfg.listener.auth_failure_delay),
+            )
+            .await;
+        }
+    } else {
+        tokio::time::sleep(shared.cfg.listener.auth_failure_delay).await;
+    }
+    let _ = stream.shutdown().await;
+}
+
+/// Waits (bounded) for the client's `close-ok` to our `connection.close`.
+async fn wait_close_ok<S>(stream: &mut S, hs: &mut ClientHandshake, wait: Duration)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(wait, async {
+        let mut input = BytesMut::with_capacity(512);
+        let mut out = BytesMut::new();
+        loop {
+            match hs.receive(&mut input, &mut out) {
+                Ok(Step::NeedMore) => {}
+                _ => break,
+            }
+            if !out.is_empty() {
+                let _ = stream.write_all(&out).await;
+                out.clear();
+            }
+            input.reserve(512);
+            match stream.read_buf(&mut input).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn open_vhost<S>(
+    stream: &mut S,
+    hs: &mut ClientHandshake,
+    peer: SocketAddr,
+    shared: &Shared,
+    identity: Identity,
+    vhost: String,
+    client_props: amq_protocol::types::FieldTable,
+    leftover: BytesMut,
+) -> Option<Established>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut out = BytesMut::new();
+    if !identity.permissions.vhost_access(&vhost) {
+        tracing::info!(%peer, user = %identity.username, %vhost, reason = "vhost", "vhost access refused");
+        let text = format!(
+            "NOT_ALLOWED - access to vhost '{vhost}' refused for user '{}'",
+            identity.username
+        );
+        hs.vhost_refused(&mut out, &text);
+        let _ = stream.write_all(&out).await;
+        wait_close_ok(stream, hs, CLOSE_OK_WAIT).await;
+        return None;
+    }
+    let tuning = hs.tuning()?;
+    let name = format!(
+        "{} via amqp-iam-gateway from {peer} (token {})",
+        identity.username, identity.token_id
+    );
+    let props = backend::backend_properties(&client_props, &name);
+    match backend::open(&shared.cfg.backend, &vhost, tuning, props).await {
+        Ok(backend) => {
+            hs.opened(&mut out);
+            stream.write_all(&out).await.ok()?;
+            Some(Established {
+                identity,
+                vhost,
+                backend,
+                client_leftover: leftover,
+            })
+        }
+        Err(e) => {
+            tracing::warn!(%peer, user = %identity.username, %vhost, error = %e, "backend connection failed");
+            let (code, text, class_id, method_id) = match e {
+                BackendError::Refused {
+                    code,
+                    text,
+                    class_id,
+                    method_id,
+                } => (code, text, class_id, method_id),
+                _ => (
+                    reply::CONNECTION_FORCED,
+                    "CONNECTION_FORCED - broker unavailable".to_owned(),
+                    10,
+                    40,
+                ),
+            };
+            hs.close(&mut out, code, &text, (class_id, method_id));
+            let _ = stream.write_all(&out).await;
+            wait_close_ok(stream, hs, CLOSE_OK_WAIT).await;
+            None
+        }
+    }
+}
+
+/// Verifies update-secret tokens for this connection: fully (signature, claims, `exp`),
+/// for the same username, with vhost access re-checked by the session.
+fn secret_verifier(
+    shared: Arc<Shared>,
+    username: String,
+    vhost: String,
+    peer: SocketAddr,
+) -> SecretVerifier {
+    Box::new(move |token: String| {
+        let shared = shared.clone();
+        let username = username.clone();
+        let vhost = vhost.clone();
+        Box::pin(async move {
+            let refused = "NOT_ALLOWED - New secret was refused by one of the backends".to_owned();
+            match shared.auth.authenticate(&token, now_secs()).await {
+                Ok(id) if id.username == username => {
+                    tracing::info!(%peer, user = %username, %vhost, token = %id.token_id, "secret updated");
+                    Ok((id.permissions, expiry_instant(id.exp)))
+                }
+                Ok(id) => {
+                    tracing::info!(%peer, user = %username, new_user = %id.username, "update-secret refused: username changed");
+                    Err(refused)
+                }
+                Err(e) => {
+                    tracing::info!(%peer, user = %username, reason = e.reason(), "update-secret refused");
+                    Err(refused)
+                }
+            }
+        })
+    })
+}

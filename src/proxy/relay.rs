@@ -1,0 +1,302 @@
+//! The relay: moves bytes between the client and its backend connection.
+//!
+//! One task per connection polls both sockets in a single future (as
+//! `tokio::io::copy_bidirectional` does), so the session state needs no lock and no
+//! frame is copied between tasks. Bytes read are handed to [`Session`], which returns
+//! the spans to forward as `Bytes` cut from the read buffer (no copy); they are written
+//! with vectored writes, so one read usually becomes one write. Each direction's queued
+//! output is bounded: when the peer stops reading, the gateway stops reading from the
+//! other side (back pressure instead of buffering).
+//!
+//! **Invariant:** no policy here. What to forward is the session's decision; whether a
+//! refreshed token is acceptable is the authenticator's.
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Instant, Sleep};
+
+use crate::amqp::session::{ClientEvent, Outbox, Session, SessionError};
+use crate::authz::Permissions;
+
+/// Stop reading a side while this much is queued for its peer.
+pub const HIGH_WATER: usize = 256 * 1024;
+/// Read buffer growth step.
+pub const READ_CHUNK: usize = 16 * 1024;
+/// Most chunks handed to one vectored write.
+const MAX_IOVECS: usize = 64;
+
+/// A refreshed token's outcome: new permissions and expiry, or the close text.
+pub type SecretOutcome = Result<(Permissions, Option<Instant>), String>;
+/// Verifies an update-secret token.
+pub type SecretVerifier =
+    Box<dyn Fn(String) -> Pin<Box<dyn Future<Output = SecretOutcome> + Send>> + Send + Sync>;
+
+/// How the relay ended.
+#[derive(Debug)]
+pub enum RelayEnd {
+    ClientClosed,
+    BackendClosed,
+    Expired,
+    Error(String),
+}
+
+/// Relays until either side closes. `c_in` / `b_in` hold bytes already read.
+pub async fn run<C, B>(
+    client: C,
+    backend: B,
+    c_in: BytesMut,
+    b_in: BytesMut,
+    session: Session,
+    expiry: Option<Instant>,
+    verifier: SecretVerifier,
+) -> (RelayEnd, Session)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut r = Relay {
+        client: Side::new(client, c_in),
+        backend: Side::new(backend, b_in),
+        session,
+        expiry: expiry.map(|at| Box::pin(tokio::time::sleep_until(at))),
+        expired: false,
+        secret: None,
+        verifier,
+    };
+    let end = std::future::poll_fn(|cx| r.poll(cx)).await;
+    (end, r.session)
+}
+
+struct Side<S> {
+    io: S,
+    input: BytesMut,
+    out: Outbox,
+    eof: bool,
+    needs_flush: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Side<S> {
+    fn new(io: S, input: BytesMut) -> Self {
+        Side {
+            io,
+            input,
+            out: Outbox::default(),
+            eof: false,
+            needs_flush: false,
+        }
+    }
+
+    /// Reads once if possible. Ready(true) when bytes (or EOF) arrived.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        if self.input.capacity() - self.input.len() < READ_CHUNK / 4 {
+            self.input.reserve(READ_CHUNK);
+        }
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.input
+        ))?;
+        if n == 0 {
+            self.eof = true;
+        }
+        Poll::Ready(Ok(true))
+    }
+
+    /// Writes queued output until done or the socket would block. Ready(true) if any
+    /// progress was made.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        let mut progressed = false;
+        while !self.out.is_empty() {
+            let slices: Vec<IoSlice<'_>> = self
+                .out
+                .chunks()
+                .take(MAX_IOVECS)
+                .map(|b| IoSlice::new(b))
+                .collect();
+            match Pin::new(&mut self.io).poll_write_vectored(cx, &slices) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.out.consume(n);
+                    self.needs_flush = true;
+                    progressed = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => break,
+            }
+        }
+        if self.needs_flush {
+            match Pin::new(&mut self.io).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.needs_flush = false,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {}
+            }
+        }
+        if progressed {
+            Poll::Ready(Ok(true))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+struct Relay<C, B> {
+    client: Side<C>,
+    backend: Side<B>,
+    session: Session,
+    expiry: Option<Pin<Box<Sleep>>>,
+    expired: bool,
+    secret: Option<Pin<Box<dyn Future<Output = SecretOutcome> + Send>>>,
+    verifier: SecretVerifier,
+}
+
+impl<C, B> Relay<C, B>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
+        loop {
+            let mut progress = false;
+            if let Some(t) = &mut self.expiry
+                && t.as_mut().poll(cx).is_ready()
+            {
+                self.expiry = None;
+                self.expired = true;
+                self.session
+                    .expire(&mut self.client.out, &mut self.backend.out);
+                progress = true;
+            }
+            if let Some(f) = &mut self.secret
+                && let Poll::Ready(outcome) = f.as_mut().poll(cx)
+            {
+                self.secret = None;
+                let outcome = outcome.map(|(perms, exp)| {
+                    self.expiry = exp.map(|at| Box::pin(tokio::time::sleep_until(at)));
+                    perms
+                });
+                self.session
+                    .secret_updated(outcome, &mut self.client.out, &mut self.backend.out);
+                progress = true;
+            }
+            match self.pump_client(cx) {
+                Ok(p) => progress |= p,
+                Err(end) => return Poll::Ready(end),
+            }
+            match self.pump_backend(cx) {
+                Ok(p) => progress |= p,
+                Err(end) => return Poll::Ready(end),
+            }
+            for (side, res) in [
+                ("backend", self.backend.poll_write(cx)),
+                ("client", self.client.poll_write(cx)),
+            ] {
+                match res {
+                    Poll::Ready(Ok(p)) => progress |= p,
+                    Poll::Ready(Err(e)) => {
+                        return Poll::Ready(RelayEnd::Error(format!("{side} write: {e}")));
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            if let Some(end) = self.finished(cx) {
+                return Poll::Ready(end);
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn pump_client(&mut self, cx: &mut Context<'_>) -> Result<bool, RelayEnd> {
+        let mut progress = false;
+        if !self.client.eof && self.backend.out.len() < HIGH_WATER && !self.session.client_paused()
+        {
+            match self.client.poll_read(cx) {
+                Poll::Ready(Ok(p)) => progress = p,
+                Poll::Ready(Err(e)) => return Err(RelayEnd::Error(format!("client read: {e}"))),
+                Poll::Pending => {}
+            }
+        }
+        if !self.client.input.is_empty() && !self.session.client_paused() {
+            let before = self.client.input.len();
+            match self.session.on_client_input(
+                &mut self.client.input,
+                &mut self.backend.out,
+                &mut self.client.out,
+            ) {
+                Ok(ClientEvent::None) => {}
+                Ok(ClientEvent::UpdateSecret(token)) => self.secret = Some((self.verifier)(token)),
+                Err(e) => return Err(self.fatal(e)),
+            }
+            for d in self.session.take_denials() {
+                tracing::info!(
+                    user = self.session.username(), code = d.reply_code, class = d.class_id,
+                    method = d.method_id, text = %d.reply_text, "operation refused"
+                );
+            }
+            progress |= self.client.input.len() != before;
+        }
+        Ok(progress)
+    }
+
+    fn pump_backend(&mut self, cx: &mut Context<'_>) -> Result<bool, RelayEnd> {
+        let mut progress = false;
+        if !self.backend.eof && self.client.out.len() < HIGH_WATER {
+            match self.backend.poll_read(cx) {
+                Poll::Ready(Ok(p)) => progress = p,
+                Poll::Ready(Err(e)) => return Err(RelayEnd::Error(format!("backend read: {e}"))),
+                Poll::Pending => {}
+            }
+        }
+        if !self.backend.input.is_empty() {
+            let before = self.backend.input.len();
+            if let Err(e) = self.session.on_backend_input(
+                &mut self.backend.input,
+                &mut self.client.out,
+                &mut self.backend.out,
+            ) {
+                return Err(self.fatal(e));
+            }
+            progress |= self.backend.input.len() != before;
+        }
+        Ok(progress)
+    }
+
+    fn fatal(&mut self, e: SessionError) -> RelayEnd {
+        // Best effort: the close frame the session queued for the client.
+        let waker = futures_noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let _ = self.client.poll_write(&mut cx);
+        RelayEnd::Error(e.to_string())
+    }
+
+    /// Whether the relay is over: a side closed and what was owed to the other is sent.
+    fn finished(&mut self, cx: &mut Context<'_>) -> Option<RelayEnd> {
+        if self.client.eof {
+            return Some(if self.expired {
+                RelayEnd::Expired
+            } else {
+                RelayEnd::ClientClosed
+            });
+        }
+        if self.backend.eof && self.client.out.is_empty() && !self.client.needs_flush {
+            // Send TLS close_notify; a shutdown error changes nothing now.
+            let _ = Pin::new(&mut self.client.io).poll_shutdown(cx);
+            return Some(if self.expired {
+                RelayEnd::Expired
+            } else {
+                RelayEnd::BackendClosed
+            });
+        }
+        None
+    }
+}
+
+fn futures_noop_waker() -> std::task::Waker {
+    std::task::Waker::noop().clone()
+}
