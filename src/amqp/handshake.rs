@@ -139,6 +139,9 @@ enum State {
     Done,
 }
 
+/// A method frame's ids and its payload.
+type MethodFrame = ((u16, u16), BytesMut);
+
 /// The client handshake. See the module docs for the states.
 pub struct ClientHandshake {
     settings: HandshakeSettings,
@@ -200,10 +203,7 @@ impl ClientHandshake {
     }
 
     /// Takes the next method frame on channel 0, skipping heartbeats.
-    fn next_method(
-        &self,
-        input: &mut BytesMut,
-    ) -> Result<Option<((u16, u16), BytesMut)>, HandshakeError> {
+    fn next_method(&self, input: &mut BytesMut) -> Result<Option<MethodFrame>, HandshakeError> {
         loop {
             let Some(h) = frame::check(input, self.settings.max_preauth_frame)? else {
                 return Ok(None);

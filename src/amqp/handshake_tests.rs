@@ -334,3 +334,15 @@ fn tune_ok_out_of_range() {
         ));
     }
 }
+
+#[test]
+fn start_parses_as_a_whole_frame() {
+    let mut hs = ClientHandshake::new(settings());
+    let mut out = BytesMut::new();
+    let _ = hs.receive(&mut BytesMut::from(&PROTOCOL_HEADER[..]), &mut out);
+    let r = amq_protocol::frame::parsing::parse_frame(&out[..]);
+    assert!(r.is_ok(), "{:?} {:x?}", r.err(), &out[..40]);
+    let mut out = BytesMut::new();
+    hs.accept(&mut out);
+    assert!(amq_protocol::frame::parsing::parse_frame(&out[..]).is_ok());
+}

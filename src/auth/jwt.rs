@@ -118,14 +118,14 @@ impl VerifyKey {
             return false;
         }
         use Algorithm::*;
-        match (self.kind, alg) {
-            (KeyKind::Rsa, RS256 | RS384 | RS512 | PS256 | PS384 | PS512) => true,
-            (KeyKind::Ec(None), ES256 | ES384) => true,
-            (KeyKind::Ec(Some(Curve::P256)), ES256) => true,
-            (KeyKind::Ec(Some(Curve::P384)), ES384) => true,
-            (KeyKind::Ed25519, EdDSA) => true,
-            _ => false,
-        }
+        matches!(
+            (self.kind, alg),
+            (KeyKind::Rsa, RS256 | RS384 | RS512 | PS256 | PS384 | PS512)
+                | (KeyKind::Ec(None), ES256 | ES384)
+                | (KeyKind::Ec(Some(Curve::P256)), ES256)
+                | (KeyKind::Ec(Some(Curve::P384)), ES384)
+                | (KeyKind::Ed25519, EdDSA)
+        )
     }
 }
 

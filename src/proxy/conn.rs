@@ -192,13 +192,13 @@ where
         let mut input = BytesMut::with_capacity(512);
         let mut out = BytesMut::new();
         loop {
-            match hs.receive(&mut input, &mut out) {
-                Ok(Step::NeedMore) => {}
-                _ => break,
-            }
+            let step = hs.receive(&mut input, &mut out);
             if !out.is_empty() {
                 let _ = stream.write_all(&out).await;
                 out.clear();
+            }
+            if !matches!(step, Ok(Step::NeedMore)) {
+                break;
             }
             input.reserve(512);
             match stream.read_buf(&mut input).await {

@@ -1,0 +1,209 @@
+//! Test harness: a gateway in-process on ephemeral ports, in front of the RabbitMQ node on
+//! 127.0.0.1:5672, with throw-away TLS material and signing keys, and a token minter.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use amqp_iam_gateway::config;
+use amqp_iam_gateway::proxy::{BoundAddrs, Gateway};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+
+pub const ISSUER: &str = "https://issuer.test";
+pub const ADMIN_ROLE: &str = "arn:aws:iam::111122223333:role/RabbitMqAdminRole";
+pub const READONLY_ROLE: &str = "arn:aws:iam::111122223333:role/ReadOnly";
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A unique suffix for resource names, so tests can run in parallel and repeatedly.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", rand::random::<u64>())
+}
+
+pub struct TestGateway {
+    pub addrs: BoundAddrs,
+    pub ca_pem: String,
+    _dir: tempdir::Dir,
+}
+
+impl TestGateway {
+    pub fn tls(&self) -> SocketAddr {
+        self.addrs.tls.unwrap()
+    }
+
+    /// An `amqps://` URI with an empty username and the token as password.
+    pub fn uri(&self, token: &str, vhost: &str) -> String {
+        let vhost = if vhost == "/" {
+            "%2f".to_owned()
+        } else {
+            vhost.to_owned()
+        };
+        format!("amqps://:{token}@localhost:{}/{vhost}", self.tls().port())
+    }
+
+    pub async fn connect(&self, token: &str, vhost: &str) -> lapin::Result<lapin::Connection> {
+        let tls = lapin::tcp::OwnedTLSConfig {
+            identity: None,
+            cert_chain: Some(self.ca_pem.clone()),
+        };
+        lapin::DefaultConnectionBuilder::new()?
+            .with_uri_str(self.uri(token, vhost))
+            .with_tls_config(tls)
+            .connect()
+            .await
+    }
+}
+
+/// Starts a gateway with the standard test config plus `extra_oauth2` lines.
+pub async fn start_gateway(extra_oauth2: &str) -> TestGateway {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let dir = tempdir::Dir::new();
+    let ca_pem = write_tls(dir.path());
+    let f = fixtures();
+    let toml = format!(
+        r#"
+[listener]
+address = "127.0.0.1:0"
+tls_cert = "server.pem"
+tls_key = "server-key.pem"
+plain_address = "127.0.0.1:0"
+auth_failure_delay_ms = 200
+
+[backend]
+nodes = ["127.0.0.1:5672"]
+username = "guest"
+password = "guest"
+
+[oauth2]
+resource_server_id = "rabbitmq"
+scope_prefix = "rabbitmq/"
+issuer = "{ISSUER}"
+additional_scopes_key = 'sub https://sts\.amazonaws\.com/.request_tags.scope'
+{extra_oauth2}
+
+[oauth2.signing_keys]
+test-rsa = "{rsa}"
+test-ec384 = "{ec}"
+
+[oauth2.scope_aliases]
+"{ADMIN_ROLE}" = "rabbitmq/tag:administrator rabbitmq/read:*/* rabbitmq/write:*/* rabbitmq/configure:*/*"
+"{READONLY_ROLE}" = "rabbitmq/read:*/*"
+"team-a" = "rabbitmq/configure:%2F/team-a.* rabbitmq/write:%2F/team-a.* rabbitmq/read:%2F/team-a.*"
+"#,
+        rsa = f.join("rsa-public.pem").display(),
+        ec = f.join("ec384-public.pem").display(),
+    );
+    let cfg = config::parse(&toml, dir.path()).unwrap_or_else(|e| panic!("test config: {e}"));
+    let gateway = Gateway::new(cfg).await.expect("gateway");
+    let addrs = gateway.start().await.expect("bind");
+    TestGateway {
+        addrs,
+        ca_pem,
+        _dir: dir,
+    }
+}
+
+/// Writes a CA and a server certificate for localhost / 127.0.0.1; returns the CA PEM.
+fn write_tls(dir: &Path) -> String {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let params =
+        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server-key.pem"), key.serialize_pem()).unwrap();
+    ca_cert.pem()
+}
+
+/// Standard STS-shaped claims for `sub`, valid for 5 minutes.
+pub fn claims(sub: &str) -> Value {
+    let now = now();
+    json!({
+        "iss": ISSUER,
+        "aud": "rabbitmq",
+        "sub": sub,
+        "iat": now,
+        "exp": now + 300,
+        "jti": unique("jti"),
+        "https://sts.amazonaws.com/": { "aws_account": "111122223333", "source_region": "us-east-1" }
+    })
+}
+
+/// Signs `claims` with the trusted RSA key (kid `test-rsa`).
+pub fn sign(claims: &Value) -> String {
+    sign_with(claims, Algorithm::RS256, "test-rsa", "rsa-private.pem")
+}
+
+pub fn sign_with(claims: &Value, alg: Algorithm, kid: &str, key_file: &str) -> String {
+    let pem = std::fs::read(fixtures().join(key_file)).unwrap();
+    let key = match alg {
+        Algorithm::ES256 | Algorithm::ES384 => EncodingKey::from_ec_pem(&pem).unwrap(),
+        _ => EncodingKey::from_rsa_pem(&pem).unwrap(),
+    };
+    let mut header = Header::new(alg);
+    header.kid = Some(kid.to_owned());
+    jsonwebtoken::encode(&header, claims, &key).unwrap()
+}
+
+/// A compact JWS with an arbitrary header and signature bytes (for hostile tokens).
+pub fn raw_token(header: &Value, claims: &Value, signature: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    format!(
+        "{}.{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes()),
+        b64(signature)
+    )
+}
+
+/// HS256 over `header.payload` with `secret` (to forge "HMAC with the RSA public key").
+pub fn hs256(signing_input: &str, secret: &[u8]) -> Vec<u8> {
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, secret);
+    aws_lc_rs::hmac::sign(&key, signing_input.as_bytes())
+        .as_ref()
+        .to_vec()
+}
+
+mod tempdir {
+    use std::path::{Path, PathBuf};
+
+    /// A temporary directory removed on drop.
+    pub struct Dir(PathBuf);
+
+    impl Dir {
+        pub fn new() -> Dir {
+            let p = std::env::temp_dir().join(super::unique("amqp-iam-gateway-test"));
+            std::fs::create_dir_all(&p).unwrap();
+            Dir(p)
+        }
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}

@@ -1,0 +1,463 @@
+//! End-to-end tests with lapin over TLS, through the gateway, against the real RabbitMQ
+//! on 127.0.0.1:5672.
+
+mod common;
+
+use common::*;
+use futures_lite::StreamExt;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Connection};
+use serde_json::json;
+
+fn admin_token() -> String {
+    sign(&claims(ADMIN_ROLE))
+}
+
+/// The reply code and text of a lapin error caused by a channel or connection close.
+fn close_reason(err: &lapin::Error) -> Option<(u16, String)> {
+    match err.kind() {
+        lapin::ErrorKind::ProtocolError(e) => Some((e.get_id(), e.get_message().to_string())),
+        other => {
+            eprintln!("not a protocol error: {other:?}");
+            None
+        }
+    }
+}
+
+async fn declare(conn: &Connection, name: &str) -> lapin::Result<()> {
+    let ch = conn.create_channel().await?;
+    ch.queue_declare(
+        name.into(),
+        QueueDeclareOptions {
+            auto_delete: false,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn publish_consume_round_trip_with_confirms() {
+    let gw = start_gateway("").await;
+    let conn = gw
+        .connect(&admin_token(), "/")
+        .await
+        .expect("connect with an empty username and a JWT");
+    let ch = conn.create_channel().await.unwrap();
+    let q = unique("roundtrip");
+    ch.queue_declare(
+        q.as_str().into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let bodies: Vec<Vec<u8>> = (0..50u32)
+        .map(|i| format!("message {i} {}", "x".repeat(i as usize * 97)).into_bytes())
+        .collect();
+    // One large message spans several body frames (frame_max 128 KiB).
+    let mut bodies = bodies;
+    bodies.push((0..600_000u32).map(|i| (i % 251) as u8).collect());
+    for b in &bodies {
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                q.as_str().into(),
+                BasicPublishOptions::default(),
+                b,
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "publisher confirm");
+    }
+    let mut consumer = ch
+        .basic_consume(
+            q.as_str().into(),
+            "c1".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for expected in &bodies {
+        let delivery = tokio::time::timeout(std::time::Duration::from_secs(10), consumer.next())
+            .await
+            .expect("delivery in time")
+            .unwrap()
+            .unwrap();
+        assert_eq!(&delivery.data, expected);
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    conn.close(200, "bye".into()).await.unwrap();
+}
+
+#[tokio::test]
+async fn read_only_token_gets_403_and_connection_stays_usable() {
+    let gw = start_gateway("").await;
+    let existing = unique("ro-existing");
+    let admin = gw.connect(&admin_token(), "/").await.unwrap();
+    declare(&admin, &existing).await.unwrap();
+    let ach = admin.create_channel().await.unwrap();
+    ach.basic_publish(
+        "".into(),
+        existing.as_str().into(),
+        BasicPublishOptions::default(),
+        b"hello",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+
+    let conn = gw
+        .connect(&sign(&claims(READONLY_ROLE)), "/")
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let q = unique("ro-new");
+    let err = ch
+        .queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        close_reason(&err),
+        Some((
+            403,
+            format!(
+                "ACCESS_REFUSED - configure access to queue '{q}' in vhost '/' refused for user '{READONLY_ROLE}'"
+            )
+        ))
+    );
+    // Same connection, new channel: reading is allowed.
+    let ch2 = conn.create_channel().await.unwrap();
+    let mut got = None;
+    for _ in 0..50 {
+        got = ch2
+            .basic_get(existing.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap();
+        if got.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(got.expect("message").delivery.data, b"hello");
+    // And publishing is refused with the exact 4.x text, channel closed, connection alive.
+    let ch3 = conn.create_channel().await.unwrap();
+    let err = ch3
+        .basic_publish(
+            "".into(),
+            existing.as_str().into(),
+            BasicPublishOptions::default(),
+            b"nope",
+            BasicProperties::default(),
+        )
+        .await
+        .map(|_| ())
+        .unwrap_err_or_close(&ch3)
+        .await;
+    assert_eq!(
+        err,
+        Some((
+            403,
+            format!(
+                "ACCESS_REFUSED - write access to exchange 'amq.default' in vhost '/' refused for user '{READONLY_ROLE}'"
+            )
+        ))
+    );
+    assert!(conn.status().connected());
+    let ch4 = conn.create_channel().await.unwrap();
+    ch4.queue_declare(
+        existing.as_str().into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("passive declare with read permission");
+    ch4.queue_delete(existing.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap_err();
+    let ach2 = admin.create_channel().await.unwrap();
+    ach2.queue_delete(existing.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+}
+
+/// A publish is refused asynchronously (the broker, or the gateway, closes the channel
+/// after the fact): wait for the channel to close and return its reason.
+trait CloseAfterPublish {
+    async fn unwrap_err_or_close(self, ch: &lapin::Channel) -> Option<(u16, String)>;
+}
+
+impl CloseAfterPublish for lapin::Result<()> {
+    async fn unwrap_err_or_close(self, ch: &lapin::Channel) -> Option<(u16, String)> {
+        if let Err(e) = self {
+            return close_reason(&e);
+        }
+        // The next synchronous call on the channel surfaces the close.
+        for _ in 0..100 {
+            match ch.basic_qos(1, BasicQosOptions::default()).await {
+                Err(e) => return close_reason(&e),
+                Ok(()) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+        None
+    }
+}
+
+#[tokio::test]
+async fn wrong_vhost_gets_530() {
+    let gw = start_gateway("").await;
+    let mut c = claims("arn:aws:iam::111122223333:role/OtherVhost");
+    c["scope"] = json!("rabbitmq/read:other/* rabbitmq/write:other/*");
+    let err = gw.connect(&sign(&c), "/").await.unwrap_err();
+    assert_eq!(
+        close_reason(&err),
+        Some((530, "NOT_ALLOWED - access to vhost '/' refused for user 'arn:aws:iam::111122223333:role/OtherVhost'".to_owned()))
+    );
+}
+
+#[tokio::test]
+async fn nested_sts_claim_alias_grants_access() {
+    let gw = start_gateway("").await;
+    let mut c = claims("arn:aws:iam::111122223333:role/NoAlias");
+    c["https://sts.amazonaws.com/"]["request_tags"] = json!({ "scope": "team-a" });
+    let conn = gw.connect(&sign(&c), "/").await.unwrap();
+    let ok = unique("team-a.q");
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        ok.as_str().into(),
+        QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("alias from the nested STS request tag grants configure on team-a.*");
+    let other = unique("other");
+    let err = declare(&conn, &other).await.unwrap_err();
+    assert_eq!(close_reason(&err).map(|r| r.0), Some(403));
+
+    // Without the tag, the same role gets no vhost access at all.
+    let err = gw
+        .connect(
+            &sign(&claims("arn:aws:iam::111122223333:role/NoAlias")),
+            "/",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(close_reason(&err).map(|r| r.0), Some(530));
+}
+
+#[tokio::test]
+async fn refused_tokens_never_reach_the_backend() {
+    let gw = start_gateway("").await;
+    let sub = unique("arn:aws:iam::111122223333:role/Refused");
+    let now = now();
+    let base = claims(&sub);
+    let with = |k: &str, v: serde_json::Value| {
+        let mut c = base.clone();
+        c[k] = v;
+        c
+    };
+    let rsa_public = std::fs::read(fixtures().join("rsa-public.pem")).unwrap();
+    let hs_header = json!({"alg": "HS256", "typ": "JWT", "kid": "test-rsa"});
+    let hs_input = {
+        let t = raw_token(&hs_header, &base, b"");
+        t[..t.len() - 1].to_owned()
+    };
+    let cases: Vec<(&str, String)> = vec![
+        ("expired", sign(&with("exp", json!(now - 10)))),
+        ("wrong aud", sign(&with("aud", json!("not-rabbitmq")))),
+        ("wrong iss", sign(&with("iss", json!("https://evil.test")))),
+        (
+            "bad signature",
+            sign_with(
+                &base,
+                jsonwebtoken::Algorithm::RS256,
+                "test-rsa",
+                "other-rsa-private.pem",
+            ),
+        ),
+        (
+            "alg none",
+            raw_token(&json!({"alg": "none", "typ": "JWT"}), &base, b""),
+        ),
+        (
+            "HS256 with the RSA public key",
+            format!("{hs_input}.{}", {
+                use base64::Engine;
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .encode(hs256(&hs_input, &rsa_public))
+            }),
+        ),
+        ("garbage", "not-a-jwt".to_owned()),
+    ];
+    for (name, token) in &cases {
+        let err = gw.connect(token, "/").await.expect_err(name);
+        assert_eq!(
+            close_reason(&err),
+            Some((
+                403,
+                "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. For details see the broker logfile.".to_owned()
+            )),
+            "{name}: {err:?}"
+        );
+    }
+    // A valid token for the same subject works, proving the cases failed on the token.
+    gw.connect(&sign(&with("scope", json!("rabbitmq/read:*/*"))), "/")
+        .await
+        .expect("valid token");
+    // No backend connection was opened for a refused token: the broker's connection list
+    // carries the gateway's identity in connection_name.
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "client_properties", "--quiet"])
+        .output();
+    if let Ok(out) = out
+        && out.status.success()
+    {
+        let listing = String::from_utf8_lossy(&out.stdout);
+        let tokens: Vec<String> = cases
+            .iter()
+            .map(|(_, t)| amqp_iam_gateway::auth::token_id(t))
+            .collect();
+        for t in tokens {
+            assert!(
+                !listing.contains(&t),
+                "backend connection for refused token {t}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn es384_tokens_and_topic_permissions() {
+    let gw = start_gateway("").await;
+    let mut c = claims("arn:aws:iam::111122223333:role/Topic");
+    c["scope"] =
+        json!("rabbitmq/write:%2F/amq.topic/orders.* rabbitmq/read:%2F/amq.topic/orders.*");
+    let token = sign_with(
+        &c,
+        jsonwebtoken::Algorithm::ES384,
+        "test-ec384",
+        "ec384-private.pem",
+    );
+    let conn = gw.connect(&token, "/").await.expect("ES384 token");
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let ok = ch
+        .basic_publish(
+            "amq.topic".into(),
+            "orders.eu".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(ok.is_ack());
+    let err = ch
+        .basic_publish(
+            "amq.topic".into(),
+            "payments.eu".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default(),
+        )
+        .await
+        .map(|_| ())
+        .unwrap_err_or_close(&ch)
+        .await;
+    assert_eq!(
+        err,
+        Some((403, "ACCESS_REFUSED - write access to topic 'payments.eu' in exchange 'amq.topic' in vhost '/' refused for user 'arn:aws:iam::111122223333:role/Topic'".to_owned()))
+    );
+    // user_id must match the authenticated user unless the token has the impersonator tag.
+    let ch2 = conn.create_channel().await.unwrap();
+    let props = BasicProperties::default().with_user_id(ShortString::from("someone-else"));
+    let err = ch2
+        .basic_publish(
+            "amq.topic".into(),
+            "orders.us".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            props,
+        )
+        .await
+        .map(|_| ())
+        .unwrap_err_or_close(&ch2)
+        .await;
+    assert_eq!(
+        err,
+        Some((406, "PRECONDITION_FAILED - user_id property set to 'someone-else' but authenticated user was 'arn:aws:iam::111122223333:role/Topic'".to_owned()))
+    );
+    // CC headers are topic-checked too (RabbitMQ 4.0.3+).
+    let ch3 = conn.create_channel().await.unwrap();
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "CC".into(),
+        AMQPValue::FieldArray(vec![AMQPValue::LongString("payments.x".into())].into()),
+    );
+    let err = ch3
+        .basic_publish(
+            "amq.topic".into(),
+            "orders.us".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default().with_headers(headers),
+        )
+        .await
+        .map(|_| ())
+        .unwrap_err_or_close(&ch3)
+        .await;
+    assert_eq!(err.map(|e| e.0), Some(403));
+    assert!(conn.status().connected());
+}
+
+#[tokio::test]
+async fn expired_token_closes_the_connection_with_320() {
+    let gw = start_gateway("").await;
+    let mut c = claims(ADMIN_ROLE);
+    c["exp"] = json!(now() + 2);
+    let conn = gw.connect(&sign(&c), "/").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let start = std::time::Instant::now();
+    let mut result = Ok(());
+    while start.elapsed() < std::time::Duration::from_secs(8) {
+        result = ch.basic_qos(1, BasicQosOptions::default()).await;
+        if result.is_err() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let err = result.expect_err("connection closed at exp");
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(5),
+        "closed at about exp"
+    );
+    let _ = err;
+    assert!(!conn.status().connected());
+}
