@@ -461,3 +461,47 @@ async fn expired_token_closes_the_connection_with_320() {
     let _ = err;
     assert!(!conn.status().connected());
 }
+
+#[tokio::test]
+async fn update_secret_replaces_permissions_and_refuses_another_user() {
+    let gw = start_gateway("").await;
+    let sub = "arn:aws:iam::111122223333:role/Refreshing";
+    let mut full = claims(sub);
+    full["scope"] = json!("rabbitmq/configure:*/* rabbitmq/read:*/* rabbitmq/write:*/*");
+    let conn = gw.connect(&sign(&full), "/").await.unwrap();
+    declare(&conn, &unique("before-refresh"))
+        .await
+        .expect("configure granted by the first token");
+
+    let mut reduced = claims(sub);
+    reduced["scope"] = json!("rabbitmq/read:*/*");
+    reduced["exp"] = json!(now() + 600);
+    conn.update_secret(sign(&reduced).as_str().into(), "refresh".into())
+        .await
+        .expect("update-secret-ok");
+    let q = unique("after-refresh");
+    let err = declare(&conn, &q).await.unwrap_err();
+    assert_eq!(
+        close_reason(&err),
+        Some((
+            403,
+            format!(
+                "ACCESS_REFUSED - configure access to queue '{q}' in vhost '/' refused for user '{sub}'"
+            )
+        )),
+        "nothing of the old token's permissions survives"
+    );
+
+    let other = sign(&claims("arn:aws:iam::111122223333:role/SomeoneElse"));
+    let err = conn
+        .update_secret(other.as_str().into(), "swap".into())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        close_reason(&err),
+        Some((
+            530,
+            "NOT_ALLOWED - New secret was refused by one of the backends".to_owned()
+        ))
+    );
+}

@@ -7,11 +7,9 @@
 //! No IO here.
 
 use amq_protocol::frame::{AMQPFrame, gen_frame};
-use amq_protocol::protocol::{AMQPClass, basic, channel, connection};
+use amq_protocol::protocol::{AMQPClass, channel, connection};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::BytesMut;
-
-use super::frame::{self, FrameHeader};
 
 /// AMQP 0-9-1 and RabbitMQ reply codes used by the gateway.
 pub mod reply {
@@ -252,31 +250,11 @@ pub fn long(s: &str) -> LongString {
     LongString::from(s.as_bytes().to_vec())
 }
 
-/// The header of the frame at the start of a buffer, for callers that already checked it.
-pub fn frame_payload<'a>(buf: &'a [u8], h: &FrameHeader) -> &'a [u8] {
-    frame::payload(buf, h)
-}
-
-/// Decodes a `basic.publish`-free content header's class id; used to reject content
-/// headers of classes other than basic.
-pub fn content_class(payload: &[u8]) -> Option<u16> {
-    let p = payload.get(..2)?;
-    Some(u16::from_be_bytes([p[0], p[1]]))
-}
-
-/// Parses a `basic` class method, if the payload is one (used by the relay for the few
-/// basic methods it decodes with amq-protocol).
-pub fn as_basic(class: AMQPClass) -> Option<basic::AMQPMethod> {
-    match class {
-        AMQPClass::Basic(m) => Some(m),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use amq_protocol::protocol::basic::AMQPProperties;
+    use crate::amqp::frame;
+    use amq_protocol::protocol::basic::{self, AMQPProperties};
 
     fn publish_payload(exchange: &str, rk: &str, bits: u8) -> Vec<u8> {
         let mut p = vec![0, 60, 0, 40, 0, 0];

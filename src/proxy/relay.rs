@@ -96,13 +96,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Side<S> {
         if self.input.capacity() - self.input.len() < READ_CHUNK / 4 {
             self.input.reserve(READ_CHUNK);
         }
-        let n = ready!(tokio_util::io::poll_read_buf(
+        match ready!(tokio_util::io::poll_read_buf(
             Pin::new(&mut self.io),
             cx,
             &mut self.input
-        ))?;
-        if n == 0 {
-            self.eof = true;
+        )) {
+            Ok(0) => self.eof = true,
+            Ok(_) => {}
+            // Many clients close TCP without a TLS close_notify: that is a close, not an error.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => self.eof = true,
+            Err(e) => return Poll::Ready(Err(e)),
         }
         Poll::Ready(Ok(true))
     }

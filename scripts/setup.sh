@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Prepares a Debian machine (as root) for the test suite. Idempotent and fast when
+# everything is already there:
+#   - Debian packages: rabbitmq-server, openssl, python3 with venv (apt-get update once,
+#     only when something is missing);
+#   - a running RabbitMQ node on 127.0.0.1:5672 with the default `guest` user, which the
+#     test gateway uses as its backend service user;
+#   - .venv with tests/python/requirements.txt installed.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT="$(pwd)"
+
+log() { echo "setup: $*"; }
+die() { echo "setup: error: $*" >&2; exit 1; }
+
+# --- Debian packages -------------------------------------------------------------------
+
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
+missing=()
+installed rabbitmq-server || missing+=(rabbitmq-server)
+command -v openssl >/dev/null 2>&1 || installed openssl || missing+=(openssl)
+if ! command -v python3 >/dev/null 2>&1; then
+    missing+=(python3 python3-venv)
+elif ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    missing+=(python3-venv)
+fi
+
+if ((${#missing[@]})); then
+    [[ $(id -u) -eq 0 ]] || die "missing packages (${missing[*]}) and not root"
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # Keep the package scripts from starting services (they fail without an init system
+    # in containers); RabbitMQ is started below.
+    policy=/usr/sbin/policy-rc.d
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod +x "$policy"
+        trap 'rm -f "$policy"' EXIT
+    fi
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+    if [[ $(trap -p EXIT) ]]; then rm -f "$policy"; trap - EXIT; fi
+fi
+
+# --- RabbitMQ --------------------------------------------------------------------------
+
+rabbit_up() { timeout 30 rabbitmqctl -q status >/dev/null 2>&1; }
+
+if rabbit_up; then
+    log "RabbitMQ is running"
+else
+    log "starting RabbitMQ"
+    rabbitmq-server -detached || true
+    deadline=$((SECONDS + 60))
+    until timeout 20 rabbitmqctl -q await_startup >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || die "RabbitMQ did not start within 60 s (see /var/log/rabbitmq/)"
+        sleep 1
+    done
+    log "RabbitMQ started"
+fi
+
+# The gateway under test logs in as guest/guest (allowed from loopback only, which is
+# where the gateway connects from). A fresh install has it; recreate it if it was removed.
+if ! rabbitmqctl -q list_users | awk '{print $1}' | grep -qx guest; then
+    log "creating the guest user"
+    rabbitmqctl -q add_user guest guest
+    rabbitmqctl -q set_user_tags guest administrator
+fi
+rabbitmqctl -q set_permissions -p / guest '.*' '.*' '.*' >/dev/null
+
+# --- Python venv -----------------------------------------------------------------------
+
+REQ="$ROOT/tests/python/requirements.txt"
+VENV="$ROOT/.venv"
+STAMP="$VENV/.requirements.sha256"
+want="$(sha256sum "$REQ" | cut -d' ' -f1)"
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+    log "creating $VENV"
+    python3 -m venv "$VENV"
+fi
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]] \
+    && "$VENV/bin/python" -c 'import pika, jwt, cryptography, pytest' >/dev/null 2>&1; then
+    log "Python requirements already installed"
+else
+    log "installing Python requirements"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$REQ"
+    echo "$want" >"$STAMP"
+fi
+
+log "done"

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The one test command: setup, build, the Rust tests, then the Python (pika) integration
+# tests against the freshly built gateway. Works from any directory.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT="$(pwd)"
+
+STEP="setup"
+trap 'rc=$?; if ((rc != 0)); then echo; echo "test.sh: FAILED at step: $STEP (exit $rc)"; fi' EXIT
+
+step() { STEP="$1"; echo; echo "==> $1"; }
+
+step "setup"
+bash scripts/setup.sh
+
+command -v cargo >/dev/null 2>&1 || { echo "cargo not found" >&2; exit 1; }
+
+step "cargo build"
+cargo build
+
+if cargo nextest --version >/dev/null 2>&1; then
+    step "rust tests (cargo nextest run)"
+    # nextest skips doctests; the crate has none (its doc blocks are `text`).
+    cargo nextest run
+else
+    step "rust tests (cargo test)"
+    cargo test
+fi
+
+TARGET_DIR="$(cargo metadata --format-version 1 --no-deps \
+    | "$ROOT/.venv/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+export GATEWAY_BIN="$TARGET_DIR/debug/amqp-iam-gateway"
+
+step "python integration tests (pytest tests/python)"
+"$ROOT/.venv/bin/python" -m pytest tests/python -q -p no:cacheprovider
+
+STEP="done"
+echo
+echo "test.sh: ALL PASSED (setup, cargo build, rust tests, python integration tests)"
