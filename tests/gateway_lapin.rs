@@ -159,18 +159,7 @@ async fn read_only_token_gets_403_and_connection_stays_usable() {
     assert_eq!(got.expect("message").delivery.data, b"hello");
     // And publishing is refused with the exact 4.x text, channel closed, connection alive.
     let ch3 = conn.create_channel().await.unwrap();
-    let err = ch3
-        .basic_publish(
-            "".into(),
-            existing.as_str().into(),
-            BasicPublishOptions::default(),
-            b"nope",
-            BasicProperties::default(),
-        )
-        .await
-        .map(|_| ())
-        .unwrap_err_or_close(&ch3)
-        .await;
+    let err = publish_refused(&ch3, "", existing.as_str(), BasicProperties::default()).await;
     assert_eq!(
         err,
         Some((
@@ -201,25 +190,37 @@ async fn read_only_token_gets_403_and_connection_stays_usable() {
         .unwrap();
 }
 
-/// A publish is refused asynchronously (the broker, or the gateway, closes the channel
-/// after the fact): wait for the channel to close and return its reason.
-trait CloseAfterPublish {
-    async fn unwrap_err_or_close(self, ch: &lapin::Channel) -> Option<(u16, String)>;
-}
-
-impl CloseAfterPublish for lapin::Result<()> {
-    async fn unwrap_err_or_close(self, ch: &lapin::Channel) -> Option<(u16, String)> {
-        if let Err(e) = self {
-            return close_reason(&e);
-        }
-        // The next synchronous call on the channel surfaces the close.
-        for _ in 0..100 {
-            match ch.basic_qos(1, BasicQosOptions::default()).await {
-                Err(e) => return close_reason(&e),
-                Ok(()) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
-            }
-        }
-        None
+/// Publishes on `ch` in confirm mode and returns the close reason when the publish is
+/// refused: a refused publish is never confirmed, and lapin fails the pending confirm
+/// with the channel's close reason.
+async fn publish_refused(
+    ch: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    props: BasicProperties,
+) -> Option<(u16, String)> {
+    if !ch.status().confirm() {
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+    }
+    let confirm = match ch
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            b"x",
+            props,
+        )
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => return close_reason(&e),
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), confirm).await {
+        Ok(Err(e)) => close_reason(&e),
+        Ok(Ok(c)) => panic!("publish was confirmed: {c:?}"),
+        Err(_) => None,
     }
 }
 
@@ -379,18 +380,7 @@ async fn es384_tokens_and_topic_permissions() {
         .await
         .unwrap();
     assert!(ok.is_ack());
-    let err = ch
-        .basic_publish(
-            "amq.topic".into(),
-            "payments.eu".into(),
-            BasicPublishOptions::default(),
-            b"x",
-            BasicProperties::default(),
-        )
-        .await
-        .map(|_| ())
-        .unwrap_err_or_close(&ch)
-        .await;
+    let err = publish_refused(&ch, "amq.topic", "payments.eu", BasicProperties::default()).await;
     assert_eq!(
         err,
         Some((403, "ACCESS_REFUSED - write access to topic 'payments.eu' in exchange 'amq.topic' in vhost '/' refused for user 'arn:aws:iam::111122223333:role/Topic'".to_owned()))
@@ -398,18 +388,7 @@ async fn es384_tokens_and_topic_permissions() {
     // user_id must match the authenticated user unless the token has the impersonator tag.
     let ch2 = conn.create_channel().await.unwrap();
     let props = BasicProperties::default().with_user_id(ShortString::from("someone-else"));
-    let err = ch2
-        .basic_publish(
-            "amq.topic".into(),
-            "orders.us".into(),
-            BasicPublishOptions::default(),
-            b"x",
-            props,
-        )
-        .await
-        .map(|_| ())
-        .unwrap_err_or_close(&ch2)
-        .await;
+    let err = publish_refused(&ch2, "amq.topic", "orders.us", props).await;
     assert_eq!(
         err,
         Some((406, "PRECONDITION_FAILED - user_id property set to 'someone-else' but authenticated user was 'arn:aws:iam::111122223333:role/Topic'".to_owned()))
@@ -421,18 +400,13 @@ async fn es384_tokens_and_topic_permissions() {
         "CC".into(),
         AMQPValue::FieldArray(vec![AMQPValue::LongString("payments.x".into())].into()),
     );
-    let err = ch3
-        .basic_publish(
-            "amq.topic".into(),
-            "orders.us".into(),
-            BasicPublishOptions::default(),
-            b"x",
-            BasicProperties::default().with_headers(headers),
-        )
-        .await
-        .map(|_| ())
-        .unwrap_err_or_close(&ch3)
-        .await;
+    let err = publish_refused(
+        &ch3,
+        "amq.topic",
+        "orders.us",
+        BasicProperties::default().with_headers(headers),
+    )
+    .await;
     assert_eq!(err.map(|e| e.0), Some(403));
     assert!(conn.status().connected());
 }
