@@ -415,24 +415,31 @@ async fn es384_tokens_and_topic_permissions() {
 async fn expired_token_closes_the_connection_with_320() {
     let gw = start_gateway("").await;
     let mut c = claims(ADMIN_ROLE);
-    c["exp"] = json!(now() + 2);
+    c["exp"] = json!(now() + 3);
     let conn = gw.connect(&sign(&c), "/").await.unwrap();
+    let mut events = conn.events_listener();
     let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(1, BasicQosOptions::default())
+        .await
+        .expect("usable before exp");
     let start = std::time::Instant::now();
-    let mut result = Ok(());
-    while start.elapsed() < std::time::Duration::from_secs(8) {
-        result = ch.basic_qos(1, BasicQosOptions::default()).await;
-        if result.is_err() {
-            break;
+    let reason = loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(8), events.next()).await {
+            Ok(Some(lapin::Event::Error(e))) => break close_reason(&e),
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => break None,
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let err = result.expect_err("connection closed at exp");
-    assert!(
-        start.elapsed() < std::time::Duration::from_secs(5),
-        "closed at about exp"
+    };
+    assert_eq!(
+        reason,
+        Some((320, "CONNECTION_FORCED - credential expired".to_owned()))
     );
-    let _ = err;
+    let waited = start.elapsed();
+    assert!(
+        waited > std::time::Duration::from_millis(1500)
+            && waited < std::time::Duration::from_secs(5),
+        "closed at about exp: {waited:?}"
+    );
     assert!(!conn.status().connected());
 }
 

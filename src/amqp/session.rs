@@ -150,6 +150,10 @@ pub struct Session {
     verifying_secret: bool,
     /// The gateway closed the connection (expiry): drop all client frames.
     closing: bool,
+    /// A `connection.close` has passed in either direction: the end is orderly.
+    connection_closing: bool,
+    /// The client answered the gateway's own `connection.close`.
+    close_acknowledged: bool,
     probe_seed: u64,
     denials: Vec<Denial>,
 }
@@ -192,6 +196,8 @@ impl Session {
             blocked_on: None,
             verifying_secret: false,
             closing: false,
+            connection_closing: false,
+            close_acknowledged: false,
             probe_seed,
             denials: Vec::new(),
         }
@@ -396,6 +402,10 @@ impl Session {
             return self.client_frame_on_closing_channel(h.channel, ids, to_backend, to_client);
         }
         match ids {
+            id::CONNECTION_CLOSE if h.channel == 0 => {
+                self.connection_closing = true;
+                Action::Forward
+            }
             id::CONNECTION_UPDATE_SECRET if h.channel == 0 => match method::decode(payload) {
                 Ok(AMQPClass::Connection(
                     amq_protocol::protocol::connection::AMQPMethod::UpdateSecret(u),
@@ -626,6 +636,9 @@ impl Session {
 
     /// Handles one complete backend frame; returns whether it is forwarded to the client.
     fn backend_frame(&mut self, h: &FrameHeader, f: &[u8], to_backend: &mut Outbox) -> bool {
+        if self.closing {
+            return false; // the gateway closed both sides; the backend's answers are its own
+        }
         let payload = frame::payload(f, h);
         let ids = if h.frame_type == frame::METHOD {
             method::ids(payload)
@@ -677,6 +690,7 @@ impl Session {
     /// backend connection with it. Nothing the client sends afterwards is relayed.
     pub fn expire(&mut self, to_client: &mut Outbox, to_backend: &mut Outbox) {
         self.closing = true;
+        self.connection_closing = true;
         to_client.frame(|b| {
             method::connection_close(
                 b,
@@ -695,6 +709,33 @@ impl Session {
                 0,
             )
         });
+    }
+
+    /// Whether the gateway closed the connection itself (expiry, refused secret, lost
+    /// backend), and whether the client has answered with `close-ok`.
+    pub fn gateway_closed(&self) -> (bool, bool) {
+        (self.closing, self.close_acknowledged)
+    }
+
+    /// The backend connection ended without a `connection.close`: the client gets
+    /// `320 CONNECTION_FORCED` instead of a bare disconnect. Returns whether a close was
+    /// written.
+    pub fn backend_lost(&mut self, to_client: &mut Outbox) -> bool {
+        if self.connection_closing || self.closing {
+            return false;
+        }
+        self.closing = true;
+        self.connection_closing = true;
+        to_client.frame(|b| {
+            method::connection_close(
+                b,
+                reply::CONNECTION_FORCED,
+                "CONNECTION_FORCED - broker connection lost",
+                0,
+                0,
+            )
+        });
+        true
     }
 
     /// The outcome of verifying an update-secret token. On success the permissions are

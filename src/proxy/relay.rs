@@ -29,6 +29,9 @@ pub const HIGH_WATER: usize = 256 * 1024;
 pub const READ_CHUNK: usize = 16 * 1024;
 /// Most chunks handed to one vectored write.
 const MAX_IOVECS: usize = 64;
+/// How long a closing client gets to take its final `connection.close` before the socket
+/// is closed anyway (a client that stops reading must not keep the task alive).
+pub const CLOSE_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A refreshed token's outcome: new permissions and expiry, or the close text.
 pub type SecretOutcome = Result<(Permissions, Option<Instant>), String>;
@@ -65,6 +68,8 @@ where
         session,
         expiry: expiry.map(|at| Box::pin(tokio::time::sleep_until(at))),
         expired: false,
+        fail: None,
+        close_deadline: None,
         secret: None,
         verifier,
     };
@@ -153,6 +158,9 @@ struct Relay<C, B> {
     session: Session,
     expiry: Option<Pin<Box<Sleep>>>,
     expired: bool,
+    /// A fatal session error: the close frame is queued, the relay ends once it is sent.
+    fail: Option<String>,
+    close_deadline: Option<Pin<Box<Sleep>>>,
     secret: Option<Pin<Box<dyn Future<Output = SecretOutcome> + Send>>>,
     verifier: SecretVerifier,
 }
@@ -234,7 +242,10 @@ where
             ) {
                 Ok(ClientEvent::None) => {}
                 Ok(ClientEvent::UpdateSecret(token)) => self.secret = Some((self.verifier)(token)),
-                Err(e) => return Err(self.fatal(e)),
+                Err(e) => {
+                    self.fatal(e);
+                    return Ok(true);
+                }
             }
             for d in self.session.take_denials() {
                 tracing::info!(
@@ -249,10 +260,18 @@ where
 
     fn pump_backend(&mut self, cx: &mut Context<'_>) -> Result<bool, RelayEnd> {
         let mut progress = false;
+        if self.fail.is_some() {
+            return Ok(false);
+        }
         if !self.backend.eof && self.client.out.len() < HIGH_WATER {
             match self.backend.poll_read(cx) {
                 Poll::Ready(Ok(p)) => progress = p,
-                Poll::Ready(Err(e)) => return Err(RelayEnd::Error(format!("backend read: {e}"))),
+                Poll::Ready(Err(e)) => {
+                    // A lost broker is reported to the client (320), not dropped on it.
+                    tracing::warn!(error = %e, "backend connection failed");
+                    self.backend.eof = true;
+                    progress = true;
+                }
                 Poll::Pending => {}
             }
         }
@@ -263,22 +282,25 @@ where
                 &mut self.client.out,
                 &mut self.backend.out,
             ) {
-                return Err(self.fatal(e));
+                self.fatal(e);
+                return Ok(true);
             }
             progress |= self.backend.input.len() != before;
+        }
+        if self.backend.eof && self.session.backend_lost(&mut self.client.out) {
+            progress = true;
         }
         Ok(progress)
     }
 
-    fn fatal(&mut self, e: SessionError) -> RelayEnd {
-        // Best effort: the close frame the session queued for the client.
-        let waker = futures_noop_waker();
-        let mut cx = Context::from_waker(&waker);
-        let _ = self.client.poll_write(&mut cx);
-        RelayEnd::Error(e.to_string())
+    /// Ends the relay after a protocol violation, once the close frame the session
+    /// queued for the client is sent.
+    fn fatal(&mut self, e: SessionError) {
+        self.fail = Some(e.to_string());
     }
 
-    /// Whether the relay is over: a side closed and what was owed to the other is sent.
+    /// Whether the relay is over: a side closed and what was owed to the client is sent
+    /// (or the client had [`CLOSE_FLUSH_TIMEOUT`] to take it).
     fn finished(&mut self, cx: &mut Context<'_>) -> Option<RelayEnd> {
         if self.client.eof {
             return Some(if self.expired {
@@ -287,19 +309,26 @@ where
                 RelayEnd::ClientClosed
             });
         }
-        if self.backend.eof && self.client.out.is_empty() && !self.client.needs_flush {
-            // Send TLS close_notify; a shutdown error changes nothing now.
-            let _ = Pin::new(&mut self.client.io).poll_shutdown(cx);
-            return Some(if self.expired {
-                RelayEnd::Expired
-            } else {
-                RelayEnd::BackendClosed
-            });
+        if !self.backend.eof && self.fail.is_none() {
+            return None;
         }
-        None
+        let deadline = self
+            .close_deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_FLUSH_TIMEOUT)));
+        let flushed = self.client.out.is_empty() && !self.client.needs_flush;
+        // After its own connection.close the gateway waits for the client's close-ok, as a
+        // broker does, so the client reads the reason rather than a reset.
+        let (closed_by_gateway, acknowledged) = self.session.gateway_closed();
+        let done = flushed && (self.fail.is_some() || !closed_by_gateway || acknowledged);
+        if !done && deadline.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        // Send TLS close_notify; a shutdown error changes nothing now.
+        let _ = Pin::new(&mut self.client.io).poll_shutdown(cx);
+        Some(match self.fail.take() {
+            Some(e) => RelayEnd::Error(e),
+            None if self.expired => RelayEnd::Expired,
+            None => RelayEnd::BackendClosed,
+        })
     }
-}
-
-fn futures_noop_waker() -> std::task::Waker {
-    std::task::Waker::noop().clone()
 }

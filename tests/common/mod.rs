@@ -67,6 +67,11 @@ impl TestGateway {
 
 /// Starts a gateway with the standard test config plus `extra_oauth2` lines.
 pub async fn start_gateway(extra_oauth2: &str) -> TestGateway {
+    start_gateway_with(extra_oauth2, "127.0.0.1:5672").await
+}
+
+/// As [`start_gateway`], with the backend node list given (`host:port`).
+pub async fn start_gateway_with(extra_oauth2: &str, backend_node: &str) -> TestGateway {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -84,7 +89,8 @@ plain_address = "127.0.0.1:0"
 auth_failure_delay_ms = 200
 
 [backend]
-nodes = ["127.0.0.1:5672"]
+nodes = ["{backend_node}"]
+connect_timeout_ms = 2000
 username = "guest"
 password = "guest"
 

@@ -1,0 +1,127 @@
+//! What a client sees when the broker fails: never a hang, never a bare disconnect.
+
+mod common;
+
+use amq_protocol::protocol::{AMQPClass, connection};
+use amqp_iam_gateway::amqp::frame;
+use amqp_iam_gateway::amqp::method;
+use bytes::BytesMut;
+use common::*;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn close_reason(err: &lapin::Error) -> Option<(u16, String)> {
+    match err.kind() {
+        lapin::ErrorKind::ProtocolError(e) => Some((e.get_id(), e.get_message().to_string())),
+        _ => None,
+    }
+}
+
+/// Reads one frame (the protocol header counts as one when `header` is set).
+async fn read_frame(s: &mut TcpStream, buf: &mut BytesMut) {
+    loop {
+        if let Ok(Some(h)) = frame::check(buf, 1 << 20) {
+            let _ = buf.split_to(h.wire_len());
+            return;
+        }
+        assert!(
+            s.read_buf(buf).await.unwrap() > 0,
+            "gateway closed the backend socket early"
+        );
+    }
+}
+
+/// A fake broker: completes the handshake, then drops the socket without a close.
+async fn flaky_broker() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut header = [0u8; 8];
+        s.read_exact(&mut header).await.unwrap();
+        assert_eq!(&header, frame::PROTOCOL_HEADER);
+        let mut out = BytesMut::new();
+        let start = connection::Start {
+            version_major: 0,
+            version_minor: 9,
+            server_properties: Default::default(),
+            mechanisms: method::long("PLAIN"),
+            locales: method::long("en_US"),
+        };
+        method::encode(
+            &mut out,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Start(start)),
+        );
+        s.write_all(&out.split()).await.unwrap();
+        let mut buf = BytesMut::new();
+        read_frame(&mut s, &mut buf).await; // start-ok
+        let tune = connection::Tune {
+            channel_max: 2047,
+            frame_max: 131_072,
+            heartbeat: 60,
+        };
+        method::encode(
+            &mut out,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::Tune(tune)),
+        );
+        s.write_all(&out.split()).await.unwrap();
+        read_frame(&mut s, &mut buf).await; // tune-ok
+        read_frame(&mut s, &mut buf).await; // open
+        method::encode(
+            &mut out,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::OpenOk(connection::OpenOk {})),
+        );
+        s.write_all(&out.split()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(s); // the broker vanishes
+    });
+    addr
+}
+
+#[tokio::test]
+async fn lost_broker_closes_the_client_with_320() {
+    let gw = start_gateway_with("", &flaky_broker().await).await;
+    let conn = gw
+        .connect(&sign(&claims(ADMIN_ROLE)), "/")
+        .await
+        .expect("handshake through the fake broker");
+    let mut events = conn.events_listener();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let reason = loop {
+        match tokio::time::timeout_at(deadline, futures_lite::StreamExt::next(&mut events)).await {
+            Ok(Some(lapin::Event::Error(e))) => {
+                eprintln!("event error: {e:?}");
+                break close_reason(&e);
+            }
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => break None,
+        }
+    };
+    assert_eq!(
+        reason,
+        Some((320, "CONNECTION_FORCED - broker connection lost".to_owned()))
+    );
+    assert!(!conn.status().connected());
+}
+
+#[tokio::test]
+async fn unreachable_broker_is_a_320_at_open() {
+    // A port nothing listens on.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let gw = start_gateway_with("", &format!("127.0.0.1:{port}")).await;
+    let err = gw
+        .connect(&sign(&claims(ADMIN_ROLE)), "/")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        close_reason(&err),
+        Some((320, "CONNECTION_FORCED - broker unavailable".to_owned()))
+    );
+}
