@@ -166,9 +166,6 @@ pub struct BackendConfig {
     pub username: String,
     pub password: String,
     pub connect_timeout: Duration,
-    /// Base URL of the management HTTP API (`http://host:15672`), used to look up exchange
-    /// types; no trailing slash is added or removed.
-    pub management_url: Option<String>,
 }
 
 /// Written by hand so the service user's password never reaches a log line.
@@ -179,7 +176,6 @@ impl fmt::Debug for BackendConfig {
             .field("username", &self.username)
             .field("password", &"<redacted>")
             .field("connect_timeout", &self.connect_timeout)
-            .field("management_url", &self.management_url)
             .finish()
     }
 }

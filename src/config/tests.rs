@@ -98,7 +98,6 @@ fn defaults_apply_to_a_minimal_file() {
         }]
     );
     assert_eq!(b.connect_timeout, Duration::from_secs(5));
-    assert_eq!(b.management_url, None);
 
     let o = &c.oauth2;
     assert_eq!(o.scope_prefix, "rabbitmq.");
@@ -143,7 +142,6 @@ nodes = ["rabbit-1.internal:5672", "10.0.0.2:5673", "[::1]:5672"]
 username = "gateway"
 password = "secret"
 connect_timeout_ms = 750
-management_url = "http://127.0.0.1:15672"
 
 [oauth2]
 resource_server_id = "rabbitmq"
@@ -199,7 +197,6 @@ format = "json"
     );
     assert_eq!(b.nodes[2].host, "::1");
     assert_eq!(b.connect_timeout, Duration::from_millis(750));
-    assert_eq!(b.management_url.as_deref(), Some("http://127.0.0.1:15672"));
     assert!(
         !format!("{b:?}").contains("secret"),
         "the password must not be printed"

@@ -172,11 +172,6 @@ impl Checker<'_> {
         // RabbitMQ's internal backend refuses blank passwords, so an empty one is a mistake.
         let username = self.required_text("backend.username", raw.username);
         let password = self.required_text("backend.password", raw.password);
-        let management_url = raw.management_url.inspect(|url| {
-            if let Err(why) = check_url(url, UrlPolicy::AnyHttp) {
-                self.error("backend.management_url", format!("{url:?} {why}"));
-            }
-        });
         BackendConfig {
             nodes,
             username,
@@ -188,7 +183,6 @@ impl Checker<'_> {
                 1,
                 MAX_BACKEND_CONNECT_TIMEOUT_MS,
             ),
-            management_url,
         }
     }
 
@@ -475,7 +469,7 @@ impl Checker<'_> {
     /// must come over HTTPS unless the identity provider is on this host.
     fn idp_url(&mut self, key: &str, value: Option<String>) -> Option<String> {
         let url = value?;
-        if let Err(why) = check_url(&url, UrlPolicy::HttpsUnlessLoopback) {
+        if let Err(why) = check_url(&url) {
             self.error(key, format!("{url:?} {why}"));
         }
         Some(url)
@@ -633,15 +627,9 @@ fn parse_node(node: &str) -> Result<BackendNode, &'static str> {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum UrlPolicy {
-    AnyHttp,
-    HttpsUnlessLoopback,
-}
-
 /// A light check of `scheme://host[:port][/path]`: enough to catch typos and plain HTTP to a
 /// remote identity provider, without pulling in a URL parser the rest of the crate lacks.
-fn check_url(url: &str, policy: UrlPolicy) -> Result<(), &'static str> {
+fn check_url(url: &str) -> Result<(), &'static str> {
     let (scheme, rest) = url
         .split_once("://")
         .ok_or("is not a URL: expected http:// or https://")?;
@@ -653,10 +641,10 @@ fn check_url(url: &str, policy: UrlPolicy) -> Result<(), &'static str> {
     if host.is_empty() {
         return Err("has no host");
     }
-    match (scheme, policy) {
-        ("https", _) | ("http", UrlPolicy::AnyHttp) => Ok(()),
-        ("http", UrlPolicy::HttpsUnlessLoopback) if is_loopback(host) => Ok(()),
-        ("http", UrlPolicy::HttpsUnlessLoopback) => Err(
+    match scheme {
+        "https" => Ok(()),
+        "http" if is_loopback(host) => Ok(()),
+        "http" => Err(
             "must use https: signing keys fetched over plain HTTP could be replaced in transit (http is allowed only for localhost)",
         ),
         _ => Err("must use http:// or https://"),
