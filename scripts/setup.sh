@@ -4,7 +4,8 @@
 #   - Debian packages: rabbitmq-server, openssl, python3 with venv (apt-get update once,
 #     only when something is missing);
 #   - a running RabbitMQ node on 127.0.0.1:5672 with the default `guest` user, which the
-#     test gateway uses as its backend service user;
+#     test gateway uses as its backend service user, and the management plugin on
+#     127.0.0.1:15672 (the gateway looks exchange types up there);
 #   - .venv with tests/python/requirements.txt installed.
 set -euo pipefail
 
@@ -20,6 +21,7 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install o
 
 missing=()
 installed rabbitmq-server || missing+=(rabbitmq-server)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v openssl >/dev/null 2>&1 || installed openssl || missing+=(openssl)
 if ! command -v python3 >/dev/null 2>&1; then
     missing+=(python3 python3-venv)
@@ -69,6 +71,17 @@ if ! rabbitmqctl -q list_users | awk '{print $1}' | grep -qx guest; then
     rabbitmqctl -q set_user_tags guest administrator
 fi
 rabbitmqctl -q set_permissions -p / guest '.*' '.*' '.*' >/dev/null
+
+# The management API answers the gateway's exchange-type lookups (backend.management_url).
+if ! curl -sf -o /dev/null -u guest:guest http://127.0.0.1:15672/api/overview; then
+    log "enabling the management plugin"
+    rabbitmq-plugins -q enable rabbitmq_management >/dev/null
+    deadline=$((SECONDS + 60))
+    until curl -sf -o /dev/null -u guest:guest http://127.0.0.1:15672/api/overview; do
+        ((SECONDS < deadline)) || die "the management API did not come up within 60 s"
+        sleep 1
+    done
+fi
 
 # --- Python venv -----------------------------------------------------------------------
 

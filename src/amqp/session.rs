@@ -96,6 +96,9 @@ pub enum ClientEvent {
     /// The client sent `connection.update-secret`: verify the token, then call
     /// [`Session::secret_updated`]. Client input is paused until then.
     UpdateSecret(String),
+    /// An operation needs the type of this exchange: look it up, then call
+    /// [`Session::exchange_kind_learned`]. Client input is paused until then.
+    LookupExchange(String),
 }
 
 /// One side's view of a channel.
@@ -141,7 +144,17 @@ pub struct Session {
     permissions: Permissions,
     frame_max: usize,
     channels: HashMap<u16, Channel>,
+    /// Exchange types known for the life of the connection: built-ins, and exchanges this
+    /// connection declared (learnt from `declare-ok`).
     exchange_kinds: HashMap<String, ExchangeKind>,
+    /// Types looked up in the broker; forgotten periodically by the relay so a type that
+    /// changed (delete and redeclare elsewhere) is looked up again.
+    looked_up: HashMap<String, ExchangeKind>,
+    /// Whether the relay can look exchange types up; without it, unknown types are
+    /// treated as topic (fail closed).
+    lookups: bool,
+    /// A lookup is in flight: client input waits.
+    looking_up: bool,
     client_stream: Option<Streaming>,
     backend_stream: Option<Streaming>,
     /// Client input waits for the backend to finish closing this channel.
@@ -191,6 +204,9 @@ impl Session {
                 .iter()
                 .map(|(n, k)| (n.to_string(), *k))
                 .collect(),
+            looked_up: HashMap::new(),
+            lookups: false,
+            looking_up: false,
             client_stream: None,
             backend_stream: None,
             blocked_on: None,
@@ -201,6 +217,44 @@ impl Session {
             probe_seed,
             denials: Vec::new(),
         }
+    }
+
+    /// Lets the session ask (with [`ClientEvent::LookupExchange`]) for the type of an
+    /// exchange it has not seen, instead of treating it as a topic exchange.
+    pub fn with_exchange_lookups(mut self) -> Self {
+        self.lookups = true;
+        self
+    }
+
+    /// The answer to a [`ClientEvent::LookupExchange`]; `None` when the type could not be
+    /// learnt (the exchange is then treated as a topic exchange).
+    pub fn exchange_kind_learned(&mut self, name: String, kind: Option<ExchangeKind>) {
+        self.looked_up
+            .insert(name, kind.unwrap_or(ExchangeKind::Unknown));
+        self.looking_up = false;
+    }
+
+    /// Forgets looked-up exchange types (called periodically by the relay).
+    pub fn forget_looked_up_kinds(&mut self) {
+        self.looked_up.clear();
+    }
+
+    /// The type of `name`, or `None` when it must be looked up first.
+    fn exchange_kind(&self, name: &str) -> Option<ExchangeKind> {
+        match self
+            .exchange_kinds
+            .get(name)
+            .or_else(|| self.looked_up.get(name))
+        {
+            Some(k) => Some(*k),
+            None if self.lookups => None,
+            None => Some(ExchangeKind::Unknown),
+        }
+    }
+
+    fn start_lookup(&mut self, name: &str) -> Action {
+        self.looking_up = true;
+        Action::Lookup(name.to_owned())
     }
 
     /// Denials since the last call, for the caller to log and count.
@@ -214,7 +268,7 @@ impl Session {
 
     /// Whether client input is paused (waiting for a backend close-ok or a secret check).
     pub fn client_paused(&self) -> bool {
-        self.blocked_on.is_some() || self.verifying_secret
+        self.blocked_on.is_some() || self.verifying_secret || self.looking_up
     }
 
     /// Processes client bytes. Forwarded frames go to `to_backend`; the gateway's own
@@ -272,11 +326,14 @@ impl Session {
                     match action {
                         Action::Hold => self.hold_publish(h.channel, f),
                         Action::Release => self.release_publish(h.channel, f, to_backend),
-                        Action::Pause => {
+                        Action::Pause | Action::Lookup(_) => {
                             // Put it back: it is processed again once unblocked.
                             let mut back = BytesMut::from(&f[..]);
                             back.extend_from_slice(input);
                             *input = back;
+                            if let Action::Lookup(name) = action {
+                                break Ok(ClientEvent::LookupExchange(name));
+                            }
                         }
                         Action::UpdateSecret(token) => break Ok(ClientEvent::UpdateSecret(token)),
                         Action::Drop | Action::Forward => {}
@@ -485,7 +542,9 @@ impl Session {
         to_backend: &mut Outbox,
         to_client: &mut Outbox,
     ) -> Action {
-        if !needs_decoding(ids) {
+        // A method on a channel that is not open is a connection error at the broker
+        // (504) before anything is done, so it needs no decision here.
+        if !needs_decoding(ids) || !self.channels.contains_key(&ch) {
             return Action::Forward;
         }
         let Ok(class) = method::decode(payload) else {
@@ -499,16 +558,28 @@ impl Session {
         if let AMQPClass::Exchange(exchange::AMQPMethod::Declare(d)) = &class
             && !d.passive
         {
-            let kind = kind_of(d.kind.as_str());
-            if d.nowait {
-                self.exchange_kinds
-                    .insert(d.exchange.as_str().to_owned(), kind);
-            } else if let Some(c) = self.channels.get_mut(&ch) {
-                c.pending_exchange = Some((d.exchange.as_str().to_owned(), kind));
+            // Learnt only from declare-ok, which proves the exchange has this type; a
+            // nowait declare proves nothing (it may fail on an existing exchange).
+            if !d.nowait
+                && let Some(c) = self.channels.get_mut(&ch)
+            {
+                c.pending_exchange =
+                    Some((d.exchange.as_str().to_owned(), kind_of(d.kind.as_str())));
             }
         }
-        let kinds = &self.exchange_kinds;
-        let kind = |name: &str| kinds.get(name).copied().unwrap_or(ExchangeKind::Unknown);
+        if matches!(
+            op.method,
+            id::EXCHANGE_BIND | id::EXCHANGE_UNBIND | id::QUEUE_BIND | id::QUEUE_UNBIND
+        ) && self.exchange_kind(&op.b).is_none()
+        {
+            return self.start_lookup(&op.b);
+        }
+        if op.method == id::EXCHANGE_DELETE {
+            // Whatever is declared under this name next may have another type.
+            self.exchange_kinds.remove(&op.a);
+            self.looked_up.remove(&op.a);
+        }
+        let kind = |name: &str| self.exchange_kind(name).unwrap_or(ExchangeKind::Unknown);
         let ctx = Context {
             vhost: &self.vhost,
             username: &self.username,
@@ -536,6 +607,12 @@ impl Session {
         // RabbitMQ decides only once the whole message is in; holding the method frame
         // until the header keeps the order of checks identical.
         let _ = (to_backend, to_client);
+        if !self.channels.contains_key(&ch) {
+            return Action::Forward; // the broker refuses publishes on unopened channels
+        }
+        if self.exchange_kind(p.exchange).is_none() {
+            return self.start_lookup(p.exchange);
+        }
         if let Some(c) = self.channels.get_mut(&ch) {
             c.held_publish = Some(HeldPublish {
                 frame: Bytes::new(),
@@ -570,9 +647,7 @@ impl Session {
             return Action::Forward;
         };
         let kind = self
-            .exchange_kinds
-            .get(&held.exchange)
-            .copied()
+            .exchange_kind(&held.exchange)
             .unwrap_or(ExchangeKind::Unknown);
         let op = Operation::BasicPublish {
             exchange: &held.exchange,
@@ -812,6 +887,7 @@ enum Action {
     Hold,
     Release,
     Pause,
+    Lookup(String),
     UpdateSecret(String),
 }
 

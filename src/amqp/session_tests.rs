@@ -282,3 +282,40 @@ fn expiry_closes_with_320_and_stops_relaying() {
     let (to_b, _) = client(&mut s, &channel_open(3), 1 << 20);
     assert!(to_b.is_empty(), "nothing is relayed after exp");
 }
+
+#[test]
+fn unknown_exchange_type_is_looked_up_before_deciding() {
+    let mut s = session(&["write:*/*"]).with_exchange_lookups();
+    client(&mut s, &channel_open(1), 1 << 20);
+    let msg = publish(1, "ext", "rk", b"body", None);
+    let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
+    let mut buf = BytesMut::from(&msg[..]);
+    let ev = s.on_client_input(&mut buf, &mut to_b, &mut to_c).unwrap();
+    assert_eq!(ev, ClientEvent::LookupExchange("ext".into()));
+    assert!(to_b.is_empty() && s.client_paused());
+    s.exchange_kind_learned("ext".into(), Some(ExchangeKind::Other));
+    s.on_client_input(&mut buf, &mut to_b, &mut to_c).unwrap();
+    assert_eq!(
+        drain(&mut to_b),
+        msg,
+        "a direct exchange needs no topic scope"
+    );
+
+    // The same publish to a topic exchange is refused for want of a 3-part scope.
+    s.forget_looked_up_kinds();
+    let mut buf = BytesMut::from(&msg[..]);
+    assert_eq!(
+        s.on_client_input(&mut buf, &mut to_b, &mut to_c).unwrap(),
+        ClientEvent::LookupExchange("ext".into())
+    );
+    s.exchange_kind_learned("ext".into(), Some(ExchangeKind::Topic));
+    s.on_client_input(&mut buf, &mut to_b, &mut to_c).unwrap();
+    let sent = methods(&drain(&mut to_c));
+    let AMQPClass::Channel(channel::AMQPMethod::Close(c)) = &sent[0].1 else {
+        panic!("{sent:?}")
+    };
+    assert_eq!(
+        c.reply_text.as_str(),
+        "ACCESS_REFUSED - write access to topic 'rk' in exchange 'ext' in vhost '/' refused for user 'alice'"
+    );
+}

@@ -166,6 +166,10 @@ pub struct BackendConfig {
     pub username: String,
     pub password: String,
     pub connect_timeout: Duration,
+    /// Base URL of the management HTTP API (`http://host:15672`), used to look up the types
+    /// of exchanges the gateway has not seen declared (topic checks apply to topic
+    /// exchanges only). `None`: such exchanges are treated as topic exchanges.
+    pub management_url: Option<String>,
 }
 
 /// Written by hand so the service user's password never reaches a log line.
@@ -176,6 +180,7 @@ impl fmt::Debug for BackendConfig {
             .field("username", &self.username)
             .field("password", &"<redacted>")
             .field("connect_timeout", &self.connect_timeout)
+            .field("management_url", &self.management_url)
             .finish()
     }
 }

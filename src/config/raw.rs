@@ -47,6 +47,7 @@ pub(super) struct RawBackend {
     pub username: Option<String>,
     pub password: Option<String>,
     pub connect_timeout_ms: Option<u64>,
+    pub management_url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

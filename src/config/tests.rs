@@ -142,6 +142,7 @@ nodes = ["rabbit-1.internal:5672", "10.0.0.2:5673", "[::1]:5672"]
 username = "gateway"
 password = "secret"
 connect_timeout_ms = 750
+management_url = "http://127.0.0.1:15672"
 
 [oauth2]
 resource_server_id = "rabbitmq"

@@ -172,6 +172,16 @@ impl Checker<'_> {
         // RabbitMQ's internal backend refuses blank passwords, so an empty one is a mistake.
         let username = self.required_text("backend.username", raw.username);
         let password = self.required_text("backend.password", raw.password);
+        let management_url = raw.management_url.inspect(|url| {
+            if !(url.starts_with("http://") || url.starts_with("https://"))
+                || url.contains(char::is_whitespace)
+            {
+                self.error(
+                    "backend.management_url",
+                    format!("{url:?} is not an http:// or https:// URL"),
+                );
+            }
+        });
         BackendConfig {
             nodes,
             username,
@@ -183,6 +193,7 @@ impl Checker<'_> {
                 1,
                 MAX_BACKEND_CONNECT_TIMEOUT_MS,
             ),
+            management_url,
         }
     }
 

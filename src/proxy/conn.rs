@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::Shared;
 use super::backend::{self, BackendError};
-use super::relay::{self, RelayEnd, SecretVerifier};
+use super::relay::{self, ExchangeLookup, RelayEnd, SecretVerifier};
 use crate::amqp::handshake::{ClientHandshake, Credentials, Step};
 use crate::amqp::method::reply;
 use crate::amqp::session::Session;
@@ -64,13 +64,16 @@ where
         "connection opened"
     );
     let seed = rand::random::<u64>();
-    let session = Session::new(
+    let mut session = Session::new(
         identity.username.clone(),
         vhost.clone(),
         identity.permissions,
         backend.tuning.frame_max,
         seed,
     );
+    if shared.exchange_types.is_some() {
+        session = session.with_exchange_lookups();
+    }
     let verifier = secret_verifier(
         shared.clone(),
         identity.username.clone(),
@@ -85,7 +88,10 @@ where
         backend.leftover,
         session,
         expiry,
-        verifier,
+        relay::Hooks {
+            verifier,
+            lookup: exchange_lookup(&shared, &vhost),
+        },
     )
     .await;
     match end {
@@ -307,4 +313,15 @@ fn secret_verifier(
             }
         })
     })
+}
+
+/// Looks exchange types up in the broker for this connection's vhost, when configured.
+fn exchange_lookup(shared: &Arc<Shared>, vhost: &str) -> Option<ExchangeLookup> {
+    let types = shared.exchange_types.clone()?;
+    let vhost = vhost.to_owned();
+    Some(Box::new(move |name: String| {
+        let types = types.clone();
+        let vhost = vhost.clone();
+        Box::pin(async move { types.lookup(&vhost, &name).await })
+    }))
 }

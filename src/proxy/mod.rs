@@ -12,6 +12,7 @@
 
 pub mod backend;
 mod conn;
+pub mod exchange_types;
 pub mod relay;
 
 use std::net::SocketAddr;
@@ -30,12 +31,14 @@ use crate::auth::jwt::ClaimRules;
 use crate::auth::keys::{KeySettings, KeyStore};
 use crate::auth::scopes::ScopeRules;
 use crate::config::Config;
+use exchange_types::ExchangeTypes;
 
 /// State shared by every connection.
 pub(crate) struct Shared {
     pub cfg: Config,
     pub auth: Authenticator,
     pub handshake: HandshakeSettings,
+    pub exchange_types: Option<Arc<ExchangeTypes>>,
 }
 
 /// A configured gateway, ready to bind.
@@ -122,11 +125,21 @@ impl Gateway {
             product: "amqp-iam-gateway".into(),
             version: env!("CARGO_PKG_VERSION").into(),
         };
+        let exchange_types = match &cfg.backend.management_url {
+            Some(url) => Some(Arc::new(ExchangeTypes::new(
+                url,
+                &cfg.backend.username,
+                &cfg.backend.password,
+                cfg.backend.connect_timeout,
+            )?)),
+            None => None,
+        };
         Ok(Gateway {
             shared: Arc::new(Shared {
                 cfg,
                 auth,
                 handshake,
+                exchange_types,
             }),
             tls,
         })

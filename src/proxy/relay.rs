@@ -21,7 +21,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
 use crate::amqp::session::{ClientEvent, Outbox, Session, SessionError};
-use crate::authz::Permissions;
+use crate::authz::{ExchangeKind, Permissions};
+use crate::proxy::exchange_types::TYPE_TTL;
 
 /// Stop reading a side while this much is queued for its peer.
 pub const HIGH_WATER: usize = 256 * 1024;
@@ -38,6 +39,17 @@ pub type SecretOutcome = Result<(Permissions, Option<Instant>), String>;
 /// Verifies an update-secret token.
 pub type SecretVerifier =
     Box<dyn Fn(String) -> Pin<Box<dyn Future<Output = SecretOutcome> + Send>> + Send + Sync>;
+/// Looks an exchange's type up in the broker.
+pub type ExchangeLookup =
+    Box<dyn Fn(String) -> Pin<Box<dyn Future<Output = Option<ExchangeKind>> + Send>> + Send + Sync>;
+
+type PendingLookup = Pin<Box<dyn Future<Output = Option<ExchangeKind>> + Send>>;
+
+/// What the relay calls out to, outside the session.
+pub struct Hooks {
+    pub verifier: SecretVerifier,
+    pub lookup: Option<ExchangeLookup>,
+}
 
 /// How the relay ended.
 #[derive(Debug)]
@@ -56,7 +68,7 @@ pub async fn run<C, B>(
     b_in: BytesMut,
     session: Session,
     expiry: Option<Instant>,
-    verifier: SecretVerifier,
+    hooks: Hooks,
 ) -> (RelayEnd, Session)
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -71,7 +83,12 @@ where
         fail: None,
         close_deadline: None,
         secret: None,
-        verifier,
+        lookup: None,
+        forget: hooks
+            .lookup
+            .as_ref()
+            .map(|_| tokio::time::interval_at(Instant::now() + TYPE_TTL, TYPE_TTL)),
+        hooks,
     };
     let end = std::future::poll_fn(|cx| r.poll(cx)).await;
     (end, r.session)
@@ -162,7 +179,10 @@ struct Relay<C, B> {
     fail: Option<String>,
     close_deadline: Option<Pin<Box<Sleep>>>,
     secret: Option<Pin<Box<dyn Future<Output = SecretOutcome> + Send>>>,
-    verifier: SecretVerifier,
+    lookup: Option<(String, PendingLookup)>,
+    /// Ticks every [`TYPE_TTL`] to make the session forget looked-up exchange types.
+    forget: Option<tokio::time::Interval>,
+    hooks: Hooks,
 }
 
 impl<C, B> Relay<C, B>
@@ -193,6 +213,19 @@ where
                 self.session
                     .secret_updated(outcome, &mut self.client.out, &mut self.backend.out);
                 progress = true;
+            }
+            if let Some((_, f)) = &mut self.lookup
+                && let Poll::Ready(kind) = f.as_mut().poll(cx)
+            {
+                if let Some((name, _)) = self.lookup.take() {
+                    self.session.exchange_kind_learned(name, kind);
+                }
+                progress = true;
+            }
+            if let Some(t) = &mut self.forget
+                && t.poll_tick(cx).is_ready()
+            {
+                self.session.forget_looked_up_kinds();
             }
             match self.pump_client(cx) {
                 Ok(p) => progress |= p,
@@ -241,7 +274,13 @@ where
                 &mut self.client.out,
             ) {
                 Ok(ClientEvent::None) => {}
-                Ok(ClientEvent::UpdateSecret(token)) => self.secret = Some((self.verifier)(token)),
+                Ok(ClientEvent::UpdateSecret(token)) => {
+                    self.secret = Some((self.hooks.verifier)(token))
+                }
+                Ok(ClientEvent::LookupExchange(name)) => match &self.hooks.lookup {
+                    Some(lookup) => self.lookup = Some((name.clone(), lookup(name))),
+                    None => self.session.exchange_kind_learned(name, None),
+                },
                 Err(e) => {
                     self.fatal(e);
                     return Ok(true);

@@ -70,8 +70,17 @@ pub async fn start_gateway(extra_oauth2: &str) -> TestGateway {
     start_gateway_with(extra_oauth2, "127.0.0.1:5672").await
 }
 
-/// As [`start_gateway`], with the backend node list given (`host:port`).
+/// As [`start_gateway`], with the backend node given (`host:port`).
 pub async fn start_gateway_with(extra_oauth2: &str, backend_node: &str) -> TestGateway {
+    start_gateway_full(extra_oauth2, backend_node, "").await
+}
+
+/// As [`start_gateway_with`], plus `extra_backend` lines in `[backend]`.
+pub async fn start_gateway_full(
+    extra_oauth2: &str,
+    backend_node: &str,
+    extra_backend: &str,
+) -> TestGateway {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -93,6 +102,7 @@ nodes = ["{backend_node}"]
 connect_timeout_ms = 2000
 username = "guest"
 password = "guest"
+{extra_backend}
 
 [oauth2]
 resource_server_id = "rabbitmq"
