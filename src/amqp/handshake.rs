@@ -78,10 +78,15 @@ impl std::fmt::Debug for Credentials {
 impl Credentials {
     /// A capability the client advertised in `client-properties.capabilities`.
     pub fn capability(&self, name: &str) -> bool {
-        match self.client_properties.inner().get("capabilities") {
-            Some(AMQPValue::FieldTable(caps)) => method::table_bool(caps, name),
-            _ => false,
-        }
+        capability(&self.client_properties, name)
+    }
+}
+
+/// A capability advertised in a client's `client-properties.capabilities` table.
+pub fn capability(client_properties: &FieldTable, name: &str) -> bool {
+    match client_properties.inner().get("capabilities") {
+        Some(AMQPValue::FieldTable(caps)) => method::table_bool(caps, name),
+        _ => false,
     }
 }
 

@@ -118,10 +118,14 @@ struct Channel {
     backend_close_forwarded: bool,
     /// A permitted-so-far `basic.publish` waiting for its content header.
     held_publish: Option<HeldPublish>,
-    /// Content of a refused publish is being discarded until the next method frame.
+    /// The queue most recently declared on this channel (`""` in later methods means it).
     last_queue: Option<String>,
     /// An `exchange.declare` sent to the backend, learnt once `declare-ok` comes back.
     pending_exchange: Option<(String, ExchangeKind)>,
+    /// Queues of `basic.consume` calls waiting for `consume-ok`, in order.
+    pending_consumers: VecDeque<String>,
+    /// Live consumers: tag → queue, re-checked when the token is refreshed.
+    consumers: HashMap<String, String>,
 }
 
 struct HeldPublish {
@@ -155,6 +159,9 @@ pub struct Session {
     lookups: bool,
     /// A lookup is in flight: client input waits.
     looking_up: bool,
+    /// The client advertised `consumer_cancel_notify`: it is told when the gateway
+    /// cancels its consumers.
+    cancel_notify: bool,
     client_stream: Option<Streaming>,
     backend_stream: Option<Streaming>,
     /// Client input waits for the backend to finish closing this channel.
@@ -207,6 +214,7 @@ impl Session {
             looked_up: HashMap::new(),
             lookups: false,
             looking_up: false,
+            cancel_notify: false,
             client_stream: None,
             backend_stream: None,
             blocked_on: None,
@@ -223,6 +231,12 @@ impl Session {
     /// exchange it has not seen, instead of treating it as a topic exchange.
     pub fn with_exchange_lookups(mut self) -> Self {
         self.lookups = true;
+        self
+    }
+
+    /// Whether the client advertised `consumer_cancel_notify`.
+    pub fn with_consumer_cancel_notify(mut self, enabled: bool) -> Self {
+        self.cancel_notify = enabled;
         self
     }
 
@@ -585,7 +599,20 @@ impl Session {
             username: &self.username,
         };
         match authz::decide(&self.permissions, &ctx, &op.as_operation(kind)) {
-            Ok(()) => Action::Forward,
+            Ok(()) => {
+                if let AMQPClass::Basic(amq_protocol::protocol::basic::AMQPMethod::Consume(c)) =
+                    &class
+                    && let Some(chan) = self.channels.get_mut(&ch)
+                {
+                    if c.nowait {
+                        chan.consumers
+                            .insert(c.consumer_tag.to_string(), op.a.clone());
+                    } else {
+                        chan.pending_consumers.push_back(op.a.clone());
+                    }
+                }
+                Action::Forward
+            }
             Err(d) => {
                 self.refuse(ch, d, to_backend, to_client);
                 Action::Drop
@@ -756,9 +783,57 @@ impl Session {
                     self.exchange_kinds.insert(name, kind);
                 }
             }
+            Some(id::BASIC_CONSUME_OK | id::BASIC_CANCEL | id::BASIC_CANCEL_OK) => {
+                use amq_protocol::protocol::basic::AMQPMethod as B;
+                match method::decode(payload) {
+                    Ok(AMQPClass::Basic(B::ConsumeOk(ok))) => {
+                        if let Some(q) = c.pending_consumers.pop_front() {
+                            c.consumers.insert(ok.consumer_tag.to_string(), q);
+                        }
+                    }
+                    Ok(AMQPClass::Basic(B::Cancel(x))) => {
+                        c.consumers.remove(x.consumer_tag.as_str());
+                    }
+                    Ok(AMQPClass::Basic(B::CancelOk(x))) => {
+                        c.consumers.remove(x.consumer_tag.as_str());
+                    }
+                    _ => {}
+                }
+            }
             _ => {}
         }
         true
+    }
+
+    /// Cancels the consumers the current permissions no longer allow to read their
+    /// queue (RabbitMQ 4.2.6+ after update-secret): toward the backend, and toward the
+    /// client when it understands `basic.cancel` from the server.
+    fn cancel_unreadable_consumers(&mut self, to_client: &mut Outbox, to_backend: &mut Outbox) {
+        use amq_protocol::protocol::basic;
+        for (&ch, chan) in self.channels.iter_mut() {
+            let lost: Vec<String> = chan
+                .consumers
+                .iter()
+                .filter(|(_, q)| {
+                    !q.starts_with(REPLY_TO)
+                        && !self.permissions.resource(authz::Perm::Read, &self.vhost, q)
+                })
+                .map(|(tag, _)| tag.clone())
+                .collect();
+            for tag in lost {
+                chan.consumers.remove(&tag);
+                let cancel = || {
+                    AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                        consumer_tag: tag.as_str().into(),
+                        nowait: true,
+                    }))
+                };
+                to_backend.frame(|b| method::encode(b, ch, cancel()));
+                if self.cancel_notify {
+                    to_client.frame(|b| method::encode(b, ch, cancel()));
+                }
+            }
+        }
     }
 
     /// Closes the client connection because the token expired (RabbitMQ 4.2.6+), and the
@@ -825,6 +900,7 @@ impl Session {
         match outcome {
             Ok(p) if p.vhost_access(&self.vhost) => {
                 self.permissions = p;
+                self.cancel_unreadable_consumers(to_client, to_backend);
                 to_client.frame(|b| {
                     method::encode(
                         b,

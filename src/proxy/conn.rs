@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::Shared;
 use super::backend::{self, BackendError};
 use super::relay::{self, ExchangeLookup, RelayEnd, SecretVerifier};
-use crate::amqp::handshake::{ClientHandshake, Credentials, Step};
+use crate::amqp::handshake::{self, ClientHandshake, Credentials, Step};
 use crate::amqp::method::reply;
 use crate::amqp::session::Session;
 use crate::auth::{Identity, token_id};
@@ -36,6 +36,8 @@ struct Established {
     vhost: String,
     backend: backend::Backend,
     client_leftover: BytesMut,
+    /// The client understands `basic.cancel` from the server.
+    cancel_notify: bool,
 }
 
 /// Serves one connection to the end.
@@ -57,6 +59,7 @@ where
         vhost,
         backend,
         client_leftover,
+        cancel_notify,
     } = est;
     tracing::info!(
         %peer, user = %identity.username, vhost = %vhost, node = %backend.node,
@@ -71,6 +74,7 @@ where
         backend.tuning.frame_max,
         seed,
     );
+    session = session.with_consumer_cancel_notify(cancel_notify);
     if shared.exchange_types.is_some() {
         session = session.with_exchange_lookups();
     }
@@ -231,6 +235,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut out = BytesMut::new();
+    let cancel_notify = handshake::capability(&client_props, "consumer_cancel_notify");
     if !identity.permissions.vhost_access(&vhost) {
         tracing::info!(%peer, user = %identity.username, %vhost, reason = "vhost", "vhost access refused");
         let text = format!(
@@ -257,6 +262,7 @@ where
                 vhost,
                 backend,
                 client_leftover: leftover,
+                cancel_notify,
             })
         }
         Err(e) => {
