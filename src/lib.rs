@@ -21,12 +21,15 @@
 //! - [`auth`]: JWT verification (pure), key sets and JWKS fetching, scope normalisation,
 //!   RabbitMQ's wildcard matcher.
 //! - [`authz`]: the permission table and the per-method authorisation decision (pure).
-//! - [`config`]: raw TOML to a validated typed config, every error reported at once.
+//! - [`config`]: raw TOML to a validated typed config, every error reported at once; the
+//!   `rabbitmq.conf` importer.
+//! - [`cli`]: the operator commands `explain` and `import-rabbitmq-conf`.
 //! - [`proxy`]: sockets only: listeners, TLS, the per-connection session and the relay.
 #![forbid(unsafe_code)]
 
 pub mod amqp;
 pub mod auth;
 pub mod authz;
+pub mod cli;
 pub mod config;
 pub mod proxy;

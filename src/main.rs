@@ -32,6 +32,23 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Verify a token against a config and show the username, tags and scopes it gets, and
+    /// which claim or alias produced each scope. Exit 1 when the token is refused.
+    Explain {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The token; read from standard input when absent.
+        token: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert the auth_oauth2.* lines of a rabbitmq.conf into gateway TOML (standard
+    /// output); lines that are not converted are reported on standard error.
+    ImportRabbitmqConf {
+        /// The rabbitmq.conf file.
+        file: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -44,6 +61,23 @@ fn main() -> ExitCode {
             }
             Err(errors) => {
                 eprintln!("{}: invalid configuration:\n{errors}", config.display());
+                ExitCode::FAILURE
+            }
+        },
+        Command::Explain {
+            config,
+            token,
+            json,
+        } => explain(&config, token, json),
+        Command::ImportRabbitmqConf { file } => match std::fs::read_to_string(&file) {
+            Ok(conf) => {
+                let (toml, report) = amqp_iam_gateway::cli::import_rabbitmq_conf(&conf);
+                print!("{toml}");
+                eprint!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", file.display());
                 ExitCode::FAILURE
             }
         },
@@ -64,6 +98,51 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn explain(config: &std::path::Path, token: Option<String>, json: bool) -> ExitCode {
+    let cfg = match config::load(config) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{}: invalid configuration:\n{errors}", config.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let token = match token {
+        Some(t) => t,
+        None => {
+            let mut t = String::new();
+            if std::io::Read::read_to_string(&mut std::io::stdin(), &mut t).is_err() {
+                eprintln!("cannot read the token from standard input");
+                return ExitCode::FAILURE;
+            }
+            t.trim().to_owned()
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(amqp_iam_gateway::cli::explain(&cfg, &token, json)) {
+        Ok(e) => {
+            print!("{}", e.text);
+            if e.accepted {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }

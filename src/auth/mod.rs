@@ -52,10 +52,67 @@ pub struct Authenticator {
 impl Authenticator {
     /// Verifies `token` at time `now` (seconds since the epoch).
     pub async fn authenticate(&self, token: &str, now: i64) -> Result<Identity, AuthError> {
+        let claims = self.verify_signature(token).await?;
+        self.identity(token, &claims, now)
+    }
+
+    /// Checks the header and signature only, returning the claims.
+    pub async fn verify_signature(&self, token: &str) -> Result<Value, AuthError> {
         let header = jwt::read_header(token, &self.algorithms)?;
         let key = self.keys.find(header.kid.as_deref()).await?;
-        let claims = jwt::verify_signature(token, &header, &key)?;
-        self.identity(token, &claims, now)
+        jwt::verify_signature(token, &header, &key)
+    }
+
+    /// Builds the authenticator for a validated `[oauth2]` config (keys loaded, nothing
+    /// fetched yet: see [`KeyStore::refresh`]).
+    pub fn from_config(o: &crate::config::OAuth2Config) -> Result<Authenticator, String> {
+        let keys = Arc::new(KeyStore::new(keys::KeySettings {
+            signing_keys: o
+                .signing_keys
+                .iter()
+                .map(|(k, p)| (k.clone(), p.clone()))
+                .collect(),
+            default_key: o.default_key.clone(),
+            jwks_uri: o.jwks_uri.clone(),
+            // The issuer is pinned in any case; it is used for OIDC discovery only when
+            // no other key source is configured (as RabbitMQ does).
+            issuer: o
+                .issuer
+                .clone()
+                .filter(|_| o.jwks_uri.is_none() && o.signing_keys.is_empty()),
+            refresh_interval: o.jwks_refresh,
+            min_refetch_interval: o.jwks_min_refetch_interval,
+            http_timeout: o.http_timeout,
+        })?);
+        let algorithms = o
+            .algorithms
+            .iter()
+            .map(|a| {
+                a.as_str()
+                    .parse::<Algorithm>()
+                    .map_err(|e| format!("{a}: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Authenticator {
+            algorithms,
+            keys,
+            claims: ClaimRules {
+                resource_server_id: o.resource_server_id.clone(),
+                verify_aud: o.verify_aud,
+                require_exp: o.require_exp,
+                issuer: o.issuer.clone(),
+                check_nbf: o.check_nbf,
+                check_iat: o.check_iat,
+                leeway_seconds: o.leeway.as_secs() as i64,
+            },
+            scopes: ScopeRules {
+                resource_server_id: o.resource_server_id.clone(),
+                scope_prefix: o.scope_prefix.clone(),
+                additional_scopes_key: o.additional_scopes_key.clone(),
+                scope_aliases: o.scope_aliases.clone(),
+                preferred_username_claims: o.preferred_username_claims.clone(),
+            },
+        })
     }
 
     /// The claim checks and scope mapping for already verified claims.

@@ -12,6 +12,7 @@
 //! [`CheckFiles::No`]); it never parses certificates or keys: that belongs to the code that
 //! uses them.
 
+pub mod import;
 mod raw;
 #[cfg(test)]
 mod tests;

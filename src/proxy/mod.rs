@@ -18,7 +18,6 @@ pub mod relay;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use jsonwebtoken::Algorithm;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
@@ -27,9 +26,6 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::amqp::handshake::HandshakeSettings;
 use crate::auth::Authenticator;
-use crate::auth::jwt::ClaimRules;
-use crate::auth::keys::{KeySettings, KeyStore};
-use crate::auth::scopes::ScopeRules;
 use crate::config::Config;
 use exchange_types::ExchangeTypes;
 
@@ -62,60 +58,14 @@ impl Gateway {
             Some(t) => Some(tls_acceptor(&t.cert, &t.key)?),
             None => None,
         };
-        let o = &cfg.oauth2;
-        let keys = Arc::new(KeyStore::new(KeySettings {
-            signing_keys: o
-                .signing_keys
-                .iter()
-                .map(|(k, p)| (k.clone(), p.clone()))
-                .collect(),
-            default_key: o.default_key.clone(),
-            jwks_uri: o.jwks_uri.clone(),
-            // The issuer is pinned in any case; it is used for OIDC discovery only when
-            // no other key source is configured (as RabbitMQ does).
-            issuer: o
-                .issuer
-                .clone()
-                .filter(|_| o.jwks_uri.is_none() && o.signing_keys.is_empty()),
-            refresh_interval: o.jwks_refresh,
-            min_refetch_interval: o.jwks_min_refetch_interval,
-            http_timeout: o.http_timeout,
-        })?);
+        let auth = Authenticator::from_config(&cfg.oauth2)?;
+        let keys = &auth.keys;
         if keys.has_remote() {
             if let Err(e) = keys.refresh().await {
                 tracing::error!(error = %e, "initial JWKS fetch failed; retrying in the background");
             }
             keys.spawn_refresh();
         }
-        let algorithms = o
-            .algorithms
-            .iter()
-            .map(|a| {
-                a.as_str()
-                    .parse::<Algorithm>()
-                    .map_err(|e| format!("{a}: {e}"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let auth = Authenticator {
-            algorithms,
-            keys,
-            claims: ClaimRules {
-                resource_server_id: o.resource_server_id.clone(),
-                verify_aud: o.verify_aud,
-                require_exp: o.require_exp,
-                issuer: o.issuer.clone(),
-                check_nbf: o.check_nbf,
-                check_iat: o.check_iat,
-                leeway_seconds: o.leeway.as_secs() as i64,
-            },
-            scopes: ScopeRules {
-                resource_server_id: o.resource_server_id.clone(),
-                scope_prefix: o.scope_prefix.clone(),
-                additional_scopes_key: o.additional_scopes_key.clone(),
-                scope_aliases: o.scope_aliases.clone(),
-                preferred_username_claims: o.preferred_username_claims.clone(),
-            },
-        };
         let l = &cfg.listener;
         let handshake = HandshakeSettings {
             max_preauth_frame: l.max_preauth_frame as usize,
