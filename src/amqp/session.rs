@@ -86,6 +86,8 @@ pub enum SessionError {
     ClientFrame(FrameError),
     #[error("backend framing error: {0}")]
     BackendFrame(FrameError),
+    #[error("client sent method {0:?} that must be checked but cannot be decoded")]
+    Undecodable((u16, u16)),
 }
 
 /// Something the relay must act on.
@@ -350,6 +352,9 @@ impl Session {
                             }
                         }
                         Action::UpdateSecret(token) => break Ok(ClientEvent::UpdateSecret(token)),
+                        Action::Undecodable(ids) => {
+                            break Err(self.undecodable(ids, to_client, to_backend));
+                        }
                         Action::Drop | Action::Forward => {}
                     }
                 }
@@ -414,6 +419,21 @@ impl Session {
         };
         flush(input, &mut span, to_client);
         result
+    }
+
+    /// Closes the connection over a method that must be checked but cannot be decoded.
+    fn undecodable(
+        &mut self,
+        ids: (u16, u16),
+        to_client: &mut Outbox,
+        to_backend: &mut Outbox,
+    ) -> SessionError {
+        let text = format!(
+            "SYNTAX_ERROR - the gateway cannot decode method {}.{} (names must be valid UTF-8)",
+            ids.0, ids.1
+        );
+        self.close_both_with(reply::SYNTAX_ERROR, &text, ids, to_client, to_backend);
+        SessionError::Undecodable(ids)
     }
 
     fn client_frame_error(&mut self, e: FrameError, to_client: &mut Outbox) -> SessionError {
@@ -506,9 +526,7 @@ impl Session {
                 }
                 Action::Forward
             }
-            id::BASIC_PUBLISH => {
-                self.check_publish_method(h.channel, payload, to_backend, to_client)
-            }
+            id::BASIC_PUBLISH => self.check_publish_method(h.channel, payload),
             _ => self.check_method(h.channel, ids, payload, to_backend, to_client),
         }
     }
@@ -562,7 +580,9 @@ impl Session {
             return Action::Forward;
         }
         let Ok(class) = method::decode(payload) else {
-            return Action::Forward; // the broker answers malformed methods itself
+            // RabbitMQ accepts some payloads amq-protocol does not (names that are not
+            // UTF-8, for one); forwarding what was not checked would bypass the checks.
+            return Action::Undecodable(ids);
         };
         let last_queue = self.channels.get(&ch).and_then(|c| c.last_queue.clone());
         let probe = self.server_name_probe(ch);
@@ -620,36 +640,28 @@ impl Session {
         }
     }
 
-    fn check_publish_method(
-        &mut self,
-        ch: u16,
-        payload: &[u8],
-        to_backend: &mut Outbox,
-        to_client: &mut Outbox,
-    ) -> Action {
-        let Ok(p) = PublishRef::parse(payload) else {
-            return Action::Forward;
-        };
-        // Everything except the content-dependent checks can be decided now, but
-        // RabbitMQ decides only once the whole message is in; holding the method frame
-        // until the header keeps the order of checks identical.
-        let _ = (to_backend, to_client);
+    fn check_publish_method(&mut self, ch: u16, payload: &[u8]) -> Action {
         if !self.channels.contains_key(&ch) {
             return Action::Forward; // the broker refuses publishes on unopened channels
         }
+        let Ok(p) = PublishRef::parse(payload) else {
+            return Action::Undecodable(id::BASIC_PUBLISH);
+        };
         if self.exchange_kind(p.exchange).is_none() {
             return self.start_lookup(p.exchange);
         }
+        // Everything except the content-dependent checks could be decided now, but
+        // RabbitMQ decides once the whole message is in; holding the method frame until
+        // the header keeps the order of checks identical.
+        let held = HeldPublish {
+            frame: Bytes::new(),
+            exchange: p.exchange.to_owned(),
+            routing_key: p.routing_key.to_owned(),
+        };
         if let Some(c) = self.channels.get_mut(&ch) {
-            c.held_publish = Some(HeldPublish {
-                frame: Bytes::new(),
-                exchange: p.exchange.to_owned(),
-                routing_key: p.routing_key.to_owned(),
-            });
-            Action::Hold
-        } else {
-            Action::Forward // the broker refuses publishes on unopened channels
+            c.held_publish = Some(held);
         }
+        Action::Hold
     }
 
     fn hold_publish(&mut self, ch: u16, f: Bytes) {
@@ -669,7 +681,9 @@ impl Session {
         to_backend: &mut Outbox,
         to_client: &mut Outbox,
     ) -> Action {
-        let props = method::publish_props(payload).unwrap_or_default();
+        let Ok(props) = method::publish_props(payload) else {
+            return Action::Undecodable(id::BASIC_PUBLISH);
+        };
         let Some(held) = self.channels.get(&ch).and_then(|c| c.held_publish.as_ref()) else {
             return Action::Forward;
         };
@@ -931,11 +945,35 @@ impl Session {
         to_client: &mut Outbox,
         to_backend: &mut Outbox,
     ) {
+        self.close_both_with(
+            code,
+            text,
+            id::CONNECTION_UPDATE_SECRET,
+            to_client,
+            to_backend,
+        );
+    }
+
+    /// Closes the client connection with `code`/`text` and the backend connection with it.
+    fn close_both_with(
+        &mut self,
+        code: u16,
+        text: &str,
+        ids: (u16, u16),
+        to_client: &mut Outbox,
+        to_backend: &mut Outbox,
+    ) {
         self.closing = true;
-        let (c, m) = id::CONNECTION_UPDATE_SECRET;
-        to_client.frame(|b| method::connection_close(b, code, text, c, m));
+        self.connection_closing = true;
+        to_client.frame(|b| method::connection_close(b, code, text, ids.0, ids.1));
         to_backend.frame(|b| {
-            method::connection_close(b, reply::REPLY_SUCCESS, "gateway: client refused", 0, 0)
+            method::connection_close(
+                b,
+                reply::REPLY_SUCCESS,
+                "gateway: client connection closed",
+                0,
+                0,
+            )
         });
     }
 
@@ -964,6 +1002,8 @@ enum Action {
     Release,
     Pause,
     Lookup(String),
+    /// A method the gateway must check but cannot decode: the connection is closed.
+    Undecodable((u16, u16)),
     UpdateSecret(String),
 }
 

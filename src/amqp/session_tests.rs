@@ -319,3 +319,44 @@ fn unknown_exchange_type_is_looked_up_before_deciding() {
         "ACCESS_REFUSED - write access to topic 'rk' in exchange 'ext' in vhost '/' refused for user 'alice'"
     );
 }
+
+#[test]
+fn undecodable_checked_methods_close_the_connection_instead_of_passing() {
+    // basic.publish to amq.fanout with a routing key that is not UTF-8: RabbitMQ accepts
+    // it, so forwarding it unchecked would let a read-only token publish.
+    let mut payload = vec![0, 60, 0, 40, 0, 0];
+    payload.push(10);
+    payload.extend_from_slice(b"amq.fanout");
+    payload.extend_from_slice(&[2, 0xff, 0xfe, 0]);
+    let mut frame = BytesMut::new();
+    frame::write_frame(&mut frame, frame::METHOD, 1, &payload);
+    let mut s = session(&["read:*/*"]);
+    client(&mut s, &channel_open(1), 1 << 20);
+    let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
+    assert!(s.on_client_input(&mut frame, &mut to_b, &mut to_c).is_err());
+    let sent = methods(&drain(&mut to_c));
+    let AMQPClass::Connection(amq_protocol::protocol::connection::AMQPMethod::Close(c)) =
+        &sent[0].1
+    else {
+        panic!()
+    };
+    assert_eq!((c.reply_code, c.class_id, c.method_id), (502, 60, 40));
+    let to_backend = methods(&drain(&mut to_b));
+    assert!(
+        matches!(
+            to_backend.as_slice(),
+            [(
+                0,
+                AMQPClass::Connection(amq_protocol::protocol::connection::AMQPMethod::Close(_))
+            )]
+        ),
+        "nothing of the publish reaches the broker: {to_backend:?}"
+    );
+    // The same for a checked method amq-protocol cannot decode (queue.declare, truncated).
+    let mut s = session(&["read:*/*"]);
+    client(&mut s, &channel_open(1), 1 << 20);
+    let mut frame = BytesMut::new();
+    frame::write_frame(&mut frame, frame::METHOD, 1, &[0, 50, 0, 10, 0, 0, 5, b'a']);
+    let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
+    assert!(s.on_client_input(&mut frame, &mut to_b, &mut to_c).is_err());
+}

@@ -80,6 +80,8 @@ impl KeyStore {
         }
         let remote = if settings.jwks_uri.is_some() || settings.issuer.is_some() {
             let http = reqwest::Client::builder()
+                // A key source that redirects elsewhere is a misconfiguration or an attack.
+                .redirect(reqwest::redirect::Policy::none())
                 .timeout(settings.http_timeout)
                 .connect_timeout(settings.http_timeout)
                 .build()
@@ -236,10 +238,23 @@ impl Remote {
         let body = self.get(&url).await?;
         let doc: serde_json::Value = serde_json::from_slice(&body)
             .map_err(|e| format!("{url}: invalid discovery document: {e}"))?;
-        doc.get("jwks_uri")
+        // OpenID Connect Discovery §4.3: the document must name the issuer it was fetched for.
+        let named = doc.get("issuer").and_then(|v| v.as_str());
+        if named.map(|n| n.trim_end_matches('/')) != Some(issuer.trim_end_matches('/')) {
+            return Err(format!(
+                "{url}: discovery document names issuer {named:?}, expected {issuer:?}"
+            ));
+        }
+        let jwks_uri = doc
+            .get("jwks_uri")
             .and_then(|v| v.as_str())
-            .map(str::to_owned)
-            .ok_or_else(|| format!("{url}: discovery document has no jwks_uri"))
+            .ok_or_else(|| format!("{url}: discovery document has no jwks_uri"))?;
+        if !secure_or_loopback(jwks_uri) {
+            return Err(format!(
+                "{url}: jwks_uri {jwks_uri:?} must use https (http only on loopback)"
+            ));
+        }
+        Ok(jwks_uri.to_owned())
     }
 
     async fn get(&self, url: &str) -> Result<Vec<u8>, String> {
@@ -263,6 +278,26 @@ impl Remote {
         }
         Ok(body)
     }
+}
+
+/// The rule config validation applies to key URLs: https, or http to a loopback host.
+fn secure_or_loopback(url: &str) -> bool {
+    if url.starts_with("https://") {
+        return true;
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').map_or("", |(h, _)| h),
+        None => host_port.split_once(':').map_or(host_port, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
