@@ -65,9 +65,11 @@ impl TestGateway {
     }
 }
 
-/// Starts a gateway with the standard test config plus `extra_oauth2` lines.
+/// Starts a gateway with the standard test config plus `extra_oauth2` lines, trusting the
+/// fixture keys `test-rsa` and `test-ec384` as static signing keys, with `iss` pinned to
+/// [`ISSUER`].
 pub async fn start_gateway(extra_oauth2: &str) -> TestGateway {
-    start_gateway_with(extra_oauth2, "127.0.0.1:5672").await
+    start_gateway_full(extra_oauth2, "127.0.0.1:5672", "").await
 }
 
 /// As [`start_gateway`], with the backend node given (`host:port`).
@@ -81,13 +83,40 @@ pub async fn start_gateway_full(
     backend_node: &str,
     extra_backend: &str,
 ) -> TestGateway {
+    let f = fixtures();
+    let key_source = format!(
+        r#"issuer = "{ISSUER}"
+
+[oauth2.signing_keys]
+test-rsa = "{rsa}"
+test-ec384 = "{ec}"
+"#,
+        rsa = f.join("rsa-public.pem").display(),
+        ec = f.join("ec384-public.pem").display(),
+    );
+    build_gateway(extra_oauth2, &key_source, backend_node, extra_backend).await
+}
+
+/// Starts a gateway with the standard test config plus `extra_oauth2` lines, taking its keys
+/// from `key_source`: `[oauth2]` lines such as `issuer` and `jwks_uri`, optionally followed
+/// by an `[oauth2.signing_keys]` table (it is placed last in `[oauth2]`, before the scope
+/// aliases).
+pub async fn start_gateway_with_keys(extra_oauth2: &str, key_source: &str) -> TestGateway {
+    build_gateway(extra_oauth2, key_source, "127.0.0.1:5672", "").await
+}
+
+async fn build_gateway(
+    extra_oauth2: &str,
+    key_source: &str,
+    backend_node: &str,
+    extra_backend: &str,
+) -> TestGateway {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
     let dir = tempdir::Dir::new();
     let ca_pem = write_tls(dir.path());
-    let f = fixtures();
     let toml = format!(
         r#"
 [listener]
@@ -107,21 +136,15 @@ password = "guest"
 [oauth2]
 resource_server_id = "rabbitmq"
 scope_prefix = "rabbitmq/"
-issuer = "{ISSUER}"
 additional_scopes_key = 'sub https://sts\.amazonaws\.com/.request_tags.scope'
 {extra_oauth2}
-
-[oauth2.signing_keys]
-test-rsa = "{rsa}"
-test-ec384 = "{ec}"
+{key_source}
 
 [oauth2.scope_aliases]
 "{ADMIN_ROLE}" = "rabbitmq/tag:administrator rabbitmq/read:*/* rabbitmq/write:*/* rabbitmq/configure:*/*"
 "{READONLY_ROLE}" = "rabbitmq/read:*/*"
 "team-a" = "rabbitmq/configure:%2F/team-a.* rabbitmq/write:%2F/team-a.* rabbitmq/read:%2F/team-a.*"
-"#,
-        rsa = f.join("rsa-public.pem").display(),
-        ec = f.join("ec384-public.pem").display(),
+"#
     );
     let cfg = config::parse(&toml, dir.path()).unwrap_or_else(|e| panic!("test config: {e}"));
     let gateway = Gateway::new(cfg).await.expect("gateway");

@@ -1,0 +1,616 @@
+//! Key fetching from an identity provider: the JWKS and OIDC discovery, served by a tiny
+//! HTTP/1.1 server on loopback whose answers the tests change while they run.
+//!
+//! The `KeyStore` / `Authenticator` tests need no broker; the `gateway_*` tests connect with
+//! lapin through a gateway in front of the RabbitMQ node on 127.0.0.1:5672. Every wait is
+//! bounded: the server reads a request head for at most 5 s and delays an answer only when
+//! a test asks it to, and the gateway's HTTP timeout ends any request the server holds.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use amqp_iam_gateway::auth::Authenticator;
+use amqp_iam_gateway::auth::jwt::{AuthError, ClaimRules};
+use amqp_iam_gateway::auth::keys::{KeySettings, KeyStore};
+use amqp_iam_gateway::auth::scopes::ScopeRules;
+use common::*;
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const JWKS_PATH: &str = "/.well-known/jwks.json";
+const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
+/// Longest time the server waits for a request head.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head the server reads.
+const MAX_HEAD: usize = 16 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// The identity provider.
+// ---------------------------------------------------------------------------------------------
+
+/// What the server answers, changeable while it runs.
+struct State {
+    /// Body of `GET /.well-known/jwks.json`.
+    jwks: String,
+    /// Status of the JWKS answer.
+    status: u16,
+    /// How long to wait before answering a JWKS request.
+    delay: Duration,
+    /// Body of `GET /.well-known/openid-configuration`.
+    discovery: String,
+    jwks_requests: usize,
+    discovery_requests: usize,
+}
+
+/// An HTTP/1.1 server on 127.0.0.1 with one connection per request (`Connection: close`).
+struct Idp {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Idp {
+    async fn start(jwks: &Value) -> Idp {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(State {
+            jwks: jwks.to_string(),
+            status: 200,
+            delay: Duration::ZERO,
+            discovery: json!({
+                "issuer": format!("http://{addr}"),
+                "jwks_uri": format!("http://{addr}{JWKS_PATH}"),
+            })
+            .to_string(),
+            jwks_requests: 0,
+            discovery_requests: 0,
+        }));
+        let shared = state.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(answer(stream, shared.clone()));
+            }
+        });
+        Idp {
+            addr,
+            state,
+            accept,
+        }
+    }
+
+    fn issuer(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn jwks_uri(&self) -> String {
+        format!("http://{}{JWKS_PATH}", self.addr)
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        f(&mut self.state.lock().unwrap())
+    }
+
+    fn publish(&self, jwks: &Value) {
+        self.with(|s| {
+            s.jwks = jwks.to_string();
+            s.status = 200;
+            s.delay = Duration::ZERO;
+        });
+    }
+
+    fn jwks_requests(&self) -> usize {
+        self.with(|s| s.jwks_requests)
+    }
+}
+
+impl Drop for Idp {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+async fn answer(mut stream: TcpStream, state: Arc<Mutex<State>>) {
+    let mut head = Vec::new();
+    let read_head = async {
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut buf).await.ok()?;
+            if n == 0 || head.len() + n > MAX_HEAD {
+                return None;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        Some(())
+    };
+    if !matches!(
+        tokio::time::timeout(READ_TIMEOUT, read_head).await,
+        Ok(Some(()))
+    ) {
+        return;
+    }
+    let head = String::from_utf8_lossy(&head);
+    let path = head.split_whitespace().nth(1).unwrap_or("");
+    let (status, body, delay) = {
+        let mut s = state.lock().unwrap();
+        match path {
+            JWKS_PATH => {
+                s.jwks_requests += 1;
+                (s.status, s.jwks.clone(), s.delay)
+            }
+            DISCOVERY_PATH => {
+                s.discovery_requests += 1;
+                (200, s.discovery.clone(), Duration::ZERO)
+            }
+            _ => (404, "{}".to_owned(), Duration::ZERO),
+        }
+    };
+    tokio::time::sleep(delay).await;
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        500 => "Internal Server Error",
+        _ => "Unknown",
+    };
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keys and tokens.
+// ---------------------------------------------------------------------------------------------
+
+/// The JWK of a fixture public key (PEM), with `kid`, `use` and an optional `alg`.
+fn jwk_from_public(file: &str, kid: &str, alg: Option<&str>, key_use: &str) -> Value {
+    let pem = std::fs::read(fixtures().join(file)).unwrap();
+    let key = DecodingKey::from_rsa_pem(&pem)
+        .or_else(|_| DecodingKey::from_ec_pem(&pem))
+        .unwrap();
+    finish_jwk(
+        Jwk::from_decoding_key(&key, None).unwrap(),
+        kid,
+        alg,
+        key_use,
+    )
+}
+
+/// The public JWK of a fixture RSA private key (for keys without a public PEM).
+fn jwk_from_rsa_private(file: &str, kid: &str, alg: Option<&str>) -> Value {
+    let pem = std::fs::read(fixtures().join(file)).unwrap();
+    let key = EncodingKey::from_rsa_pem(&pem).unwrap();
+    finish_jwk(
+        Jwk::from_encoding_key(&key, Algorithm::RS256).unwrap(),
+        kid,
+        alg,
+        "sig",
+    )
+}
+
+fn finish_jwk(jwk: Jwk, kid: &str, alg: Option<&str>, key_use: &str) -> Value {
+    let mut v = serde_json::to_value(jwk).unwrap();
+    let o = v.as_object_mut().unwrap();
+    o.remove("alg");
+    o.insert("kid".into(), json!(kid));
+    o.insert("use".into(), json!(key_use));
+    if let Some(a) = alg {
+        o.insert("alg".into(), json!(a));
+    }
+    v
+}
+
+/// `RSA_0` as AWS publishes it (no `alg`), the test gateway's `test-rsa` key.
+fn rsa_0() -> Value {
+    jwk_from_public("rsa-public.pem", "RSA_0", None, "sig")
+}
+
+/// `EC384_0`, with `alg: ES384`.
+fn ec384_0() -> Value {
+    jwk_from_public("ec384-public.pem", "EC384_0", Some("ES384"), "sig")
+}
+
+/// `RSA_1`: the key rotated in (`other-rsa-private.pem`).
+fn rsa_1() -> Value {
+    jwk_from_rsa_private("other-rsa-private.pem", "RSA_1", None)
+}
+
+fn jwks(keys: &[Value]) -> Value {
+    json!({ "keys": keys })
+}
+
+fn rs256(kid: &str, key_file: &str) -> String {
+    sign_with(&claims(ADMIN_ROLE), Algorithm::RS256, kid, key_file)
+}
+
+fn es384(kid: &str) -> String {
+    sign_with(
+        &claims(ADMIN_ROLE),
+        Algorithm::ES384,
+        kid,
+        "ec384-private.pem",
+    )
+}
+
+fn key_settings(idp: &Idp, min_refetch_ms: u64, http_timeout_ms: u64) -> KeySettings {
+    KeySettings {
+        jwks_uri: Some(idp.jwks_uri()),
+        refresh_interval: Duration::from_secs(600),
+        min_refetch_interval: Duration::from_millis(min_refetch_ms),
+        http_timeout: Duration::from_millis(http_timeout_ms),
+        ..KeySettings::default()
+    }
+}
+
+/// An authenticator with the gateway's defaults (RS256 and ES384, `aud` rabbitmq, `iss`
+/// pinned to [`ISSUER`]) over a key store that fetched the JWKS once.
+async fn authenticator(settings: KeySettings) -> Arc<Authenticator> {
+    let keys = Arc::new(KeyStore::new(settings).expect("key store"));
+    keys.refresh().await.expect("initial JWKS fetch");
+    Arc::new(Authenticator {
+        algorithms: vec![Algorithm::RS256, Algorithm::ES384],
+        keys,
+        claims: ClaimRules {
+            resource_server_id: "rabbitmq".into(),
+            verify_aud: true,
+            require_exp: true,
+            issuer: Some(ISSUER.into()),
+            check_nbf: true,
+            check_iat: true,
+            leeway_seconds: 60,
+        },
+        scopes: ScopeRules::with_defaults("rabbitmq"),
+    })
+}
+
+async fn verify(auth: &Authenticator, token: &str) -> Result<String, AuthError> {
+    auth.authenticate(token, now()).await.map(|i| i.username)
+}
+
+fn unknown_kid(kid: &str) -> Result<String, AuthError> {
+    Err(AuthError::UnknownKid(kid.to_owned()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key store and authenticator.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn rs256_and_es384_tokens_verify_with_keys_from_the_jwks() {
+    let idp = Idp::start(&jwks(&[rsa_0(), ec384_0()])).await;
+    let auth = authenticator(key_settings(&idp, 1_000, 2_000)).await;
+    assert_eq!(auth.keys.key_count(), 2);
+    assert_eq!(
+        verify(&auth, &rs256("RSA_0", "rsa-private.pem")).await,
+        Ok(ADMIN_ROLE.to_owned())
+    );
+    assert_eq!(
+        verify(&auth, &es384("EC384_0")).await,
+        Ok(ADMIN_ROLE.to_owned())
+    );
+    // The right kid with the wrong private key: the fetched key really is the one checked.
+    assert_eq!(
+        verify(&auth, &rs256("RSA_0", "other-rsa-private.pem")).await,
+        Err(AuthError::BadSignature)
+    );
+    assert_eq!(idp.jwks_requests(), 1, "known kids need no refetch");
+    let status = auth.keys.status().expect("remote keys");
+    assert_eq!((status.fetches, status.keys), (1, 2));
+    assert!(status.last_success.is_some() && status.last_error.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_key_is_fetched_once_for_50_concurrent_verifications() {
+    let idp = Idp::start(&jwks(&[rsa_0()])).await;
+    // No rate limit: only the single flight stands between 50 misses and 50 fetches.
+    let auth = authenticator(key_settings(&idp, 0, 5_000)).await;
+    let new_token = rs256("RSA_1", "other-rsa-private.pem");
+    assert_eq!(verify(&auth, &new_token).await, unknown_kid("RSA_1"));
+    assert_eq!(
+        idp.jwks_requests(),
+        2,
+        "initial fetch + one refetch for RSA_1"
+    );
+
+    idp.publish(&jwks(&[rsa_0(), rsa_1()]));
+    // A slow answer makes the 50 misses overlap the one fetch.
+    idp.with(|s| s.delay = Duration::from_millis(300));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let (auth, token) = (auth.clone(), new_token.clone());
+        tasks.spawn(async move { verify(&auth, &token).await });
+    }
+    let results = tokio::time::timeout(Duration::from_secs(20), tasks.join_all())
+        .await
+        .expect("verifications finish");
+    assert!(
+        results.iter().all(|r| r.as_deref() == Ok(ADMIN_ROLE)),
+        "{results:?}"
+    );
+    assert_eq!(idp.jwks_requests(), 3, "exactly one fetch for 50 misses");
+    assert_eq!(
+        verify(&auth, &rs256("RSA_0", "rsa-private.pem")).await,
+        Ok(ADMIN_ROLE.to_owned()),
+        "the old key still verifies"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_kids_within_the_refetch_interval_cause_at_most_one_fetch() {
+    const INTERVAL_MS: u64 = 1_000;
+    let idp = Idp::start(&jwks(&[rsa_0()])).await;
+    let auth = authenticator(key_settings(&idp, INTERVAL_MS, 2_000)).await;
+    // The initial fetch started the interval: misses right after it fetch nothing.
+    for i in 0..10 {
+        let kid = format!("forged-{i}");
+        assert_eq!(
+            verify(&auth, &rs256(&kid, "other-rsa-private.pem")).await,
+            unknown_kid(&kid)
+        );
+    }
+    assert_eq!(idp.jwks_requests(), 1);
+
+    // Signed before the clock starts, so the burst is only verification.
+    let forged: Vec<(String, String)> = (0..40)
+        .map(|i| {
+            let kid = format!("forged-again-{i}");
+            let token = rs256(&kid, "other-rsa-private.pem");
+            (kid, token)
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(INTERVAL_MS + 200)).await;
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (kid, token) in forged[..30].iter().cloned() {
+        let auth = auth.clone();
+        tasks.spawn(async move { (verify(&auth, &token).await, kid) });
+    }
+    for (got, kid) in tasks.join_all().await {
+        assert_eq!(got, unknown_kid(&kid));
+    }
+    for (kid, token) in &forged[30..] {
+        assert_eq!(verify(&auth, token).await, unknown_kid(kid));
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(INTERVAL_MS),
+        "the misses fell within one interval"
+    );
+    assert_eq!(
+        idp.jwks_requests(),
+        2,
+        "50 misses in one interval: one fetch"
+    );
+
+    // The limit is per interval, not forever.
+    tokio::time::sleep(Duration::from_millis(INTERVAL_MS + 200)).await;
+    assert_eq!(
+        verify(&auth, &rs256("forged-x", "other-rsa-private.pem")).await,
+        unknown_kid("forged-x")
+    );
+    assert_eq!(idp.jwks_requests(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_good_keys_survive_failing_fetches_and_unknown_kids_fail_closed() {
+    const TIMEOUT_MS: u64 = 300;
+    let idp = Idp::start(&jwks(&[rsa_0(), ec384_0()])).await;
+    // No rate limit, so every unknown kid really asks the failing server.
+    let auth = authenticator(key_settings(&idp, 0, TIMEOUT_MS)).await;
+    let known = rs256("RSA_0", "rsa-private.pem");
+    let unknown = rs256("RSA_1", "other-rsa-private.pem");
+
+    type Breakage = Box<dyn Fn(&mut State)>;
+    let breakages: Vec<(&str, Breakage)> = vec![
+        ("HTTP 500", Box::new(|s| s.status = 500)),
+        (
+            "not JSON",
+            Box::new(|s| s.jwks = "<html>oops</html>".into()),
+        ),
+        ("no keys", Box::new(|s| s.jwks = r#"{"keys":[]}"#.into())),
+        (
+            "only unusable keys",
+            Box::new(|s| {
+                s.jwks = jwks(&[jwk_from_public("rsa-public.pem", "ENC", None, "enc")]).to_string()
+            }),
+        ),
+        (
+            "no answer within http_timeout",
+            Box::new(|s| s.delay = Duration::from_secs(3)),
+        ),
+    ];
+    for (name, breakage) in &breakages {
+        idp.with(|s| breakage(s));
+        let before = idp.jwks_requests();
+        let started = Instant::now();
+        assert!(auth.keys.refresh().await.is_err(), "{name}: refresh fails");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{name}: bounded by http_timeout"
+        );
+        let status = auth.keys.status().unwrap();
+        assert!(status.last_error.is_some(), "{name}");
+        assert_eq!(auth.keys.key_count(), 2, "{name}: last good set kept");
+        assert_eq!(
+            verify(&auth, &known).await,
+            Ok(ADMIN_ROLE.to_owned()),
+            "{name}: known RS256 kid"
+        );
+        assert_eq!(
+            verify(&auth, &es384("EC384_0")).await,
+            Ok(ADMIN_ROLE.to_owned()),
+            "{name}: known ES384 kid"
+        );
+        assert_eq!(
+            verify(&auth, &unknown).await,
+            unknown_kid("RSA_1"),
+            "{name}: unknown kid"
+        );
+        assert_eq!(
+            idp.jwks_requests(),
+            before + 2,
+            "{name}: the refresh and the refetch both reached the server"
+        );
+        idp.publish(&jwks(&[rsa_0(), ec384_0()]));
+    }
+
+    // While a refetch for an unknown kid hangs, known kids are not held up behind it.
+    idp.with(|s| s.delay = Duration::from_secs(3));
+    let hanging = {
+        let (auth, unknown) = (auth.clone(), unknown.clone());
+        tokio::spawn(async move { verify(&auth, &unknown).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!hanging.is_finished(), "the refetch is in flight");
+    assert_eq!(verify(&auth, &known).await, Ok(ADMIN_ROLE.to_owned()));
+    assert!(
+        !hanging.is_finished(),
+        "the known kid was verified while the refetch was still in flight"
+    );
+    assert_eq!(hanging.await.unwrap(), unknown_kid("RSA_1"));
+}
+
+#[tokio::test]
+async fn jwks_keys_are_bound_to_their_type_use_and_alg() {
+    let rsa_enc = jwk_from_public("rsa-public.pem", "RSA_ENC", None, "enc");
+    let rsa_512 = jwk_from_public("rsa-public.pem", "RSA_512", Some("RS512"), "sig");
+    let idp = Idp::start(&jwks(&[rsa_0(), ec384_0(), rsa_enc, rsa_512])).await;
+    let auth = authenticator(key_settings(&idp, 0, 2_000)).await;
+    assert_eq!(auth.keys.key_count(), 3, "the `use: enc` key is not loaded");
+
+    let mismatch = |kid: &str, key: &str, alg: &str| {
+        Err(AuthError::KeyMismatch {
+            kid: kid.into(),
+            key: key.into(),
+            alg: alg.into(),
+        })
+    };
+    // An RS256 token naming the EC P-384 key.
+    assert_eq!(
+        verify(&auth, &rs256("EC384_0", "rsa-private.pem")).await,
+        mismatch("EC384_0", "Ec(Some(P384))", "RS256")
+    );
+    // An ES384 token naming an RSA key.
+    assert_eq!(
+        verify(&auth, &es384("RSA_0")).await,
+        mismatch("RSA_0", "Rsa", "ES384")
+    );
+    // The right RSA key, published for RS512 only.
+    assert_eq!(
+        verify(&auth, &rs256("RSA_512", "rsa-private.pem")).await,
+        mismatch("RSA_512", "Rsa", "RS256")
+    );
+    // An encryption key is not a verification key, even with a valid signature.
+    assert_eq!(
+        verify(&auth, &rs256("RSA_ENC", "rsa-private.pem")).await,
+        unknown_kid("RSA_ENC")
+    );
+    // Same key material under RSA_0 (no alg published): accepted.
+    assert_eq!(
+        verify(&auth, &rs256("RSA_0", "rsa-private.pem")).await,
+        Ok(ADMIN_ROLE.to_owned())
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Through the gateway, with lapin.
+// ---------------------------------------------------------------------------------------------
+
+/// `[oauth2]` key-source lines: the JWKS at `idp`, `iss` pinned to [`ISSUER`].
+fn jwks_source(idp: &Idp, min_refetch_ms: u64) -> String {
+    format!(
+        "issuer = \"{ISSUER}\"\njwks_uri = \"{}\"\njwks_min_refetch_interval_ms = {min_refetch_ms}\nhttp_timeout_ms = 2000\n",
+        idp.jwks_uri()
+    )
+}
+
+async fn use_connection(conn: lapin::Connection) {
+    let ch = conn.create_channel().await.expect("channel");
+    ch.basic_qos(10, lapin::options::BasicQosOptions::default())
+        .await
+        .expect("basic.qos through the gateway");
+    conn.close(200, "bye".into()).await.expect("close");
+}
+
+fn refused_login(err: &lapin::Error) -> bool {
+    matches!(err.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 403)
+}
+
+#[tokio::test]
+async fn gateway_accepts_rs256_and_es384_tokens_with_keys_from_the_jwks() {
+    let idp = Idp::start(&jwks(&[rsa_0(), ec384_0()])).await;
+    let gw = start_gateway_with_keys("", &jwks_source(&idp, 1_000)).await;
+    assert_eq!(idp.jwks_requests(), 1, "fetched at start");
+    for token in [rs256("RSA_0", "rsa-private.pem"), es384("EC384_0")] {
+        use_connection(gw.connect(&token, "/").await.expect("JWKS key")).await;
+    }
+    // The static kid of the other tests is not configured here.
+    let err = gw
+        .connect(&rs256("test-rsa", "rsa-private.pem"), "/")
+        .await
+        .unwrap_err();
+    assert!(refused_login(&err), "{err:?}");
+}
+
+#[tokio::test]
+async fn gateway_finds_keys_through_oidc_discovery() {
+    let idp = Idp::start(&jwks(&[rsa_0(), ec384_0()])).await;
+    let issuer = idp.issuer();
+    let gw = start_gateway_with_keys("", &format!("issuer = \"{issuer}\"\n")).await;
+    assert_eq!(
+        idp.with(|s| (s.discovery_requests, s.jwks_requests)),
+        (1, 1),
+        "discovery document, then the jwks_uri it names"
+    );
+    let mut c = claims(ADMIN_ROLE);
+    c["iss"] = json!(issuer);
+    for token in [
+        sign_with(&c, Algorithm::RS256, "RSA_0", "rsa-private.pem"),
+        sign_with(&c, Algorithm::ES384, "EC384_0", "ec384-private.pem"),
+    ] {
+        use_connection(gw.connect(&token, "/").await.expect("discovered key")).await;
+    }
+    // The issuer is pinned: the same key with another `iss` is refused.
+    let err = gw
+        .connect(&rs256("RSA_0", "rsa-private.pem"), "/")
+        .await
+        .unwrap_err();
+    assert!(refused_login(&err), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_picks_up_a_rotated_key_with_one_fetch_for_50_connections() {
+    let idp = Idp::start(&jwks(&[rsa_0()])).await;
+    let gw = Arc::new(start_gateway_with_keys("", &jwks_source(&idp, 0)).await);
+    let new_token = rs256("RSA_1", "other-rsa-private.pem");
+    let err = gw.connect(&new_token, "/").await.unwrap_err();
+    assert!(refused_login(&err), "RSA_1 not published yet: {err:?}");
+    assert_eq!(idp.jwks_requests(), 2, "start + one refetch for RSA_1");
+
+    idp.publish(&jwks(&[rsa_0(), rsa_1()]));
+    idp.with(|s| s.delay = Duration::from_millis(300));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let (gw, token) = (gw.clone(), new_token.clone());
+        tasks.spawn(async move {
+            let conn = gw.connect(&token, "/").await?;
+            conn.close(200, "bye".into()).await
+        });
+    }
+    let results = tokio::time::timeout(Duration::from_secs(60), tasks.join_all())
+        .await
+        .expect("connections finish");
+    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(
+        idp.jwks_requests(),
+        3,
+        "exactly one fetch for 50 connections"
+    );
+}
