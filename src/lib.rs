@@ -23,6 +23,9 @@
 //! - [`authz`]: the permission table and the per-method authorisation decision (pure).
 //! - [`config`]: raw TOML to a validated typed config, every error reported at once.
 //! - [`proxy`]: sockets only: listeners, TLS, the per-connection session and the relay.
+//! - [`sts`]: the embedded AWS STS issuer for development and tests: `GetWebIdentityToken`
+//!   over the STS Query API (SigV4 verified), tokens with the AWS shape, persisted keys with
+//!   rotation, OIDC discovery and JWKS.
 #![forbid(unsafe_code)]
 
 pub mod amqp;
@@ -30,3 +33,4 @@ pub mod auth;
 pub mod authz;
 pub mod config;
 pub mod proxy;
+pub mod sts;
