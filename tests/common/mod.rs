@@ -67,13 +67,28 @@ impl TestGateway {
 
 /// Starts a gateway with the standard test config plus `extra_oauth2` lines.
 pub async fn start_gateway(extra_oauth2: &str) -> TestGateway {
+    let f = fixtures();
+    let keys = format!(
+        "[oauth2.signing_keys]\ntest-rsa = \"{}\"\ntest-ec384 = \"{}\"\n",
+        f.join("rsa-public.pem").display(),
+        f.join("ec384-public.pem").display(),
+    );
+    start_gateway_for(ISSUER, extra_oauth2, &keys).await
+}
+
+/// Starts a gateway whose keys come only from `issuer`'s OIDC discovery document (no
+/// static keys), with the standard aliases plus `extra_oauth2` lines.
+pub async fn start_gateway_with_issuer(issuer: &str, extra_oauth2: &str) -> TestGateway {
+    start_gateway_for(issuer, extra_oauth2, "").await
+}
+
+async fn start_gateway_for(issuer: &str, extra_oauth2: &str, key_tables: &str) -> TestGateway {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
     let dir = tempdir::Dir::new();
     let ca_pem = write_tls(dir.path());
-    let f = fixtures();
     let toml = format!(
         r#"
 [listener]
@@ -91,21 +106,16 @@ password = "guest"
 [oauth2]
 resource_server_id = "rabbitmq"
 scope_prefix = "rabbitmq/"
-issuer = "{ISSUER}"
+issuer = "{issuer}"
 additional_scopes_key = 'sub https://sts\.amazonaws\.com/.request_tags.scope'
 {extra_oauth2}
 
-[oauth2.signing_keys]
-test-rsa = "{rsa}"
-test-ec384 = "{ec}"
-
+{key_tables}
 [oauth2.scope_aliases]
 "{ADMIN_ROLE}" = "rabbitmq/tag:administrator rabbitmq/read:*/* rabbitmq/write:*/* rabbitmq/configure:*/*"
 "{READONLY_ROLE}" = "rabbitmq/read:*/*"
 "team-a" = "rabbitmq/configure:%2F/team-a.* rabbitmq/write:%2F/team-a.* rabbitmq/read:%2F/team-a.*"
 "#,
-        rsa = f.join("rsa-public.pem").display(),
-        ec = f.join("ec384-public.pem").display(),
     );
     let cfg = config::parse(&toml, dir.path()).unwrap_or_else(|e| panic!("test config: {e}"));
     let gateway = Gateway::new(cfg).await.expect("gateway");
@@ -184,7 +194,7 @@ pub fn hs256(signing_input: &str, secret: &[u8]) -> Vec<u8> {
         .to_vec()
 }
 
-mod tempdir {
+pub mod tempdir {
     use std::path::{Path, PathBuf};
 
     /// A temporary directory removed on drop.
