@@ -522,7 +522,9 @@ fn http_mints_through_the_query_api() {
 fn http_errors_have_the_sts_shape() {
     let dir = TempDir::new();
     let issuer = Issuer::open(config(&dir.0)).unwrap();
-    let cases: Vec<(String, Vec<(String, String)>, u16, &str)> = vec![
+    // (body, headers (empty: signed with the right secret), status, code)
+    type Case = (String, Vec<(String, String)>, u16, &'static str);
+    let cases: Vec<Case> = vec![
         (
             BODY.into(),
             vec![("host".into(), "127.0.0.1:8479".into())],
