@@ -10,9 +10,11 @@
 //! - [`sigv4`]: SigV4 signature verification, pure (time passed in).
 //! - [`request`]: Query API form parsing and `GetWebIdentityToken` validation, pure.
 //! - [`keys`]: signing keys: generated with aws-lc-rs, persisted as PKCS#8 PEM, rotation.
-//! - [`issuer`]: [`Issuer`]: configuration, minting, JWKS and discovery, request handling.
+//! - [`issuer`]: [`Issuer`]: configuration, minting, JWKS and discovery, rotation.
 //! - [`xml`]: the STS XML responses and `ErrorResponse`.
-//! - [`server`]: the HTTP listener (hyper), bounded in body size, header time and connections.
+//! - [`server`]: routing ([`server::respond`], no IO) and the HTTP / HTTPS listener (hyper),
+//!   bounded in body size, header and body time, TLS handshake time and connections.
+//! - [`time`]: the two UTC timestamp forms STS uses.
 //!
 //! # What the emulator checks, and what it does not
 //!
@@ -29,10 +31,12 @@
 //! - `X-Amz-Date` within 15 minutes of the emulator's clock, as AWS allows
 //!   (`SignatureDoesNotMatch`, "Signature expired" / "Signature not yet current").
 //! - `Action` and `Version` (`MissingAction`, `InvalidAction`), and every
-//!   `GetWebIdentityToken` parameter rule of the API model (`ValidationError`, 400; duplicate
-//!   tag keys `InvalidParameterValue`, 400).
+//!   `GetWebIdentityToken` parameter rule of the API model (`ValidationError`, 400, every
+//!   broken rule in one message; duplicate tag keys `InvalidParameterValue`, 400). Tag
+//!   characters `[\p{L}\p{Z}\p{N}_.:/=+\-@]` use Unicode general categories (regex-syntax's
+//!   tables); lengths count characters, as AWS does.
 //!
-//! Not checked:
+//! Not checked or not emulated:
 //! - IAM policies: every configured principal may call `GetWebIdentityToken` with any
 //!   audience, duration, algorithm and tags (no `sts:TagGetWebIdentityToken`, no condition
 //!   keys), and outbound federation is always "enabled".
@@ -40,14 +44,13 @@
 //!   is the configured long-term key. Each call is modelled as a one-hour role session that
 //!   starts at the request, so `original_session_exp` is `iat + 3600` and
 //!   `SessionDurationEscalation` never happens.
-//! - Presigned URLs (query-string authentication) and SigV4a are not supported: such
-//!   requests get `MissingAuthenticationToken`.
-//! - The `X-Amz-Content-Sha256` header is not required (STS does not use it); the body is
-//!   always hashed.
-//! - `SubjectMode` and `Scope` (botocore 1.44.7+) are refused as unknown parameters
-//!   (`ValidationError`) rather than half-emulated.
-//! - Tag characters: `\p{L}\p{Z}\p{N}_.:/=+\-@` is matched with Unicode general categories
-//!   (regex-syntax's tables), code points counted as AWS counts characters.
+//! - Presigned URLs (query-string authentication), SigV4a and the `Date` header (instead of
+//!   `X-Amz-Date`) are not supported: such requests are refused as unsigned or incomplete.
+//! - `X-Amz-Content-Sha256` is not required (STS does not use it); the body is always hashed.
+//! - `SubjectMode=OriginIdentity` and `Scope` (botocore 1.44.7+) are refused with
+//!   `ValidationError`: the emulated caller has no identity propagation context, which is
+//!   when real STS refuses them too. `SubjectMode=AWSIdentity` is the default behaviour.
+//! - `JWTPayloadSizeExceeded`: no payload limit is enforced (the API bounds tags anyway).
 //!
 //! **Invariant:** `sigv4` and `request` do no IO and read no clock; the server passes `now`.
 //! **Invariant:** a secret access key, a private key or a minted token is never logged.
