@@ -25,6 +25,9 @@
 //!   `rabbitmq.conf` importer.
 //! - [`cli`]: the operator commands `explain` and `import-rabbitmq-conf`.
 //! - [`proxy`]: sockets only: listeners, TLS, the per-connection session and the relay.
+//! - [`sts`]: the embedded AWS STS issuer for development and tests: `GetWebIdentityToken`
+//!   over the STS Query API (SigV4 verified), tokens with the AWS shape, persisted keys with
+//!   rotation, OIDC discovery and JWKS.
 #![forbid(unsafe_code)]
 
 pub mod amqp;
@@ -33,3 +36,4 @@ pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod proxy;
+pub mod sts;

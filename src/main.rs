@@ -49,6 +49,23 @@ enum Command {
         /// The rabbitmq.conf file.
         file: PathBuf,
     },
+    /// Development: run the embedded STS issuer alone and print its URL on stdout.
+    #[command(hide = true)]
+    StsEmulator {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// Where the signing keys are kept (created if missing).
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// TOML file of `[[principal]]` tables.
+        #[arg(long)]
+        principals: PathBuf,
+        #[arg(long, default_value = amqp_iam_gateway::sts::DEFAULT_REGION)]
+        region: String,
+        /// The issuer URL; default `http://<bound address>`.
+        #[arg(long)]
+        issuer_url: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -81,6 +98,25 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::StsEmulator {
+            listen,
+            state_dir,
+            principals,
+            region,
+            issuer_url,
+        } => {
+            init_logging(&config::LogConfig {
+                level: "info".into(),
+                format: config::LogFormat::Text,
+            });
+            match sts_emulator(listen, state_dir, &principals, region, issuer_url) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Serve { config } => {
             let cfg = match config::load(&config) {
                 Ok(c) => c,
@@ -174,5 +210,47 @@ fn serve(cfg: config::Config) -> anyhow::Result<()> {
             .context("waiting for a signal")?;
         tracing::info!("shutting down");
         Ok(())
+    })
+}
+
+fn sts_emulator(
+    listen: std::net::SocketAddr,
+    state_dir: PathBuf,
+    principals: &std::path::Path,
+    region: String,
+    issuer_url: Option<String>,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::sync::Arc;
+
+    use amqp_iam_gateway::sts;
+
+    let principals = sts::load_principals(principals)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        let bound = listener.local_addr()?;
+        let issuer_url = issuer_url.unwrap_or_else(|| format!("http://{bound}"));
+        let issuer = sts::Issuer::open(sts::IssuerConfig {
+            issuer_url,
+            state_dir,
+            principals,
+            region,
+        })?;
+        // The first stdout line is the issuer URL, for scripts and tests.
+        println!("{}", issuer.issuer_url());
+        std::io::stdout().flush()?;
+        tracing::info!(issuer = issuer.issuer_url(), %bound, "STS emulator listening");
+        tokio::select! {
+            r = sts::serve(Arc::new(issuer), listener) => r.context("serving"),
+            r = tokio::signal::ctrl_c() => {
+                tracing::info!("shutting down");
+                r.context("waiting for a signal")
+            }
+        }
     })
 }

@@ -105,6 +105,12 @@ pub async fn start_gateway_with_keys(extra_oauth2: &str, key_source: &str) -> Te
     build_gateway(extra_oauth2, key_source, "127.0.0.1:5672", "").await
 }
 
+/// Starts a gateway whose keys come only from `issuer`'s OIDC discovery document (no
+/// static keys), with the standard aliases plus `extra_oauth2` lines.
+pub async fn start_gateway_with_issuer(issuer: &str, extra_oauth2: &str) -> TestGateway {
+    start_gateway_with_keys(extra_oauth2, &format!("issuer = \"{issuer}\"\n")).await
+}
+
 async fn build_gateway(
     extra_oauth2: &str,
     key_source: &str,
@@ -223,7 +229,7 @@ pub fn hs256(signing_input: &str, secret: &[u8]) -> Vec<u8> {
         .to_vec()
 }
 
-mod tempdir {
+pub mod tempdir {
     use std::path::{Path, PathBuf};
 
     /// A temporary directory removed on drop.

@@ -16,6 +16,7 @@ the gateway receives an empty authcid and the token as the password. No workarou
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -210,7 +211,11 @@ def _toml_str(s: str) -> str:
     return json.dumps(s)  # a JSON string is a valid TOML basic string
 
 
-def _write_config(dir_: Path, port: int, admin_port: int) -> Path:
+def _write_config(
+    dir_: Path, port: int, admin_port: int, *, issuer: str = ISSUER, static_key: bool = True
+) -> Path:
+    """The gateway config. With `static_key=False` the keys come only from `issuer`'s OIDC
+    discovery document (the STS emulator tests)."""
     aliases = {
         ADMIN_ROLE: "rabbitmq/tag:administrator rabbitmq/read:*/* rabbitmq/write:*/* "
         "rabbitmq/configure:*/*",
@@ -219,6 +224,11 @@ def _write_config(dir_: Path, port: int, admin_port: int) -> Path:
         "rabbitmq/read:%2F/team-a.*",
     }
     alias_lines = "\n".join(f"{_toml_str(k)} = {_toml_str(v)}" for k, v in aliases.items())
+    keys = (
+        f"[oauth2.signing_keys]\n{KID} = {_toml_str(str(FIXTURES / 'rsa-public.pem'))}\n"
+        if static_key
+        else ""
+    )
     text = f"""\
 [listener]
 address = "127.0.0.1:{port}"
@@ -234,12 +244,10 @@ password = "guest"
 [oauth2]
 resource_server_id = "rabbitmq"
 scope_prefix = "rabbitmq/"
-issuer = {_toml_str(ISSUER)}
+issuer = {_toml_str(issuer)}
 additional_scopes_key = 'sub https://sts\\.amazonaws\\.com/.request_tags.scope'
 
-[oauth2.signing_keys]
-{KID} = {_toml_str(str(FIXTURES / "rsa-public.pem"))}
-
+{keys}
 [oauth2.scope_aliases]
 {alias_lines}
 
@@ -303,20 +311,32 @@ def _resolve_bin() -> Path:
     return p if p.is_absolute() else (REPO_ROOT / p)
 
 
-@pytest.fixture(scope="session")
-def gateway(tmp_path_factory) -> Gateway:
-    global _GATEWAY_LOG
+def gateway_binary() -> Path:
     binary = _resolve_bin()
     if not binary.is_file():
         pytest.fail(
             f"gateway binary not found at {binary}: run `cargo build` or set GATEWAY_BIN",
             pytrace=False,
         )
+    return binary
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory) -> Gateway:
     workdir = tmp_path_factory.mktemp("gateway")
     ca_file = _write_tls(workdir)
     port = _free_port()
     config = _write_config(workdir, port, _free_port())
+    with run_gateway(workdir, config, port, ca_file) as gw:
+        yield gw
 
+
+@contextlib.contextmanager
+def run_gateway(workdir: Path, config: Path, port: int, ca_file: Path):
+    """Checks `config`, runs `serve` with it until the block ends, and yields the Gateway
+    once it accepts TCP on `port`."""
+    global _GATEWAY_LOG
+    binary = gateway_binary()
     check = subprocess.run(
         [str(binary), "check-config", "--config", str(config)],
         capture_output=True, text=True, timeout=30,
@@ -360,9 +380,15 @@ def gateway(tmp_path_factory) -> Gateway:
                 )
             time.sleep(0.1)
 
-    yield gw
+    try:
+        yield gw
+    finally:
+        stop_process(proc)
+        log.close()
 
-    # The gateway stops on SIGINT (ctrl-c); kill it if it does not.
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGINT (ctrl-c), which the binary handles; SIGKILL if it does not stop in 5 s."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
@@ -370,7 +396,6 @@ def gateway(tmp_path_factory) -> Gateway:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    log.close()
 
 
 @pytest.hookimpl(hookwrapper=True)
