@@ -24,6 +24,7 @@
 //! - [`config`]: raw TOML to a validated typed config, every error reported at once; the
 //!   `rabbitmq.conf` importer.
 //! - [`cli`]: the operator commands `explain` and `import-rabbitmq-conf`.
+//! - [`devmode`]: zero-config development mode (embedded issuer + gateway) and `token`.
 //! - [`proxy`]: sockets only: listeners, TLS, the per-connection session and the relay.
 //! - [`sts`]: the embedded AWS STS issuer for development and tests: `GetWebIdentityToken`
 //!   over the STS Query API (SigV4 verified), tokens with the AWS shape, persisted keys with
@@ -35,5 +36,6 @@ pub mod auth;
 pub mod authz;
 pub mod cli;
 pub mod config;
+pub mod devmode;
 pub mod proxy;
 pub mod sts;

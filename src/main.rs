@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use amqp_iam_gateway::config;
 use amqp_iam_gateway::proxy::Gateway;
+use amqp_iam_gateway::{config, devmode};
 
 #[derive(Parser)]
 #[command(
@@ -16,8 +16,10 @@ use amqp_iam_gateway::proxy::Gateway;
     about = "AMQP 0-9-1 gateway: AWS STS web identity tokens (JWT) for RabbitMQ"
 )]
 struct Cli {
+    /// Without a command: development mode, with the embedded STS issuer, a self-signed
+    /// certificate and RabbitMQ on 127.0.0.1:5672 as guest.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
@@ -42,6 +44,31 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Mint a token with the development issuer's keys (the ones `amqp-iam-gateway` with no
+    /// arguments trusts), shaped like an AWS STS GetWebIdentityToken token.
+    Token {
+        /// The role ARN: the token's `sub`.
+        #[arg(long, default_value = amqp_iam_gateway::devmode::ADMIN_ROLE)]
+        role_arn: String,
+        /// A request tag, KEY=VALUE (repeatable).
+        #[arg(long = "tag", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
+        /// An audience (repeatable; default rabbitmq).
+        #[arg(long = "audience")]
+        audiences: Vec<String>,
+        /// Lifetime in seconds (60..=3600).
+        #[arg(long, default_value_t = 300)]
+        duration: i64,
+        /// RS256 or ES384.
+        #[arg(long, default_value = "ES384")]
+        alg: String,
+        /// The development state directory.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// The issuer URL (`iss`).
+        #[arg(long)]
+        issuer_url: Option<String>,
     },
     /// Convert the auth_oauth2.* lines of a rabbitmq.conf into gateway TOML (standard
     /// output); lines that are not converted are reported on standard error.
@@ -70,7 +97,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let Some(command) = cli.command else {
+        return dev_mode();
+    };
+    match command {
         Command::CheckConfig { config } => match config::load(&config) {
             Ok(_) => {
                 println!("{}: OK", config.display());
@@ -81,6 +111,39 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Token {
+            role_arn,
+            tags,
+            audiences,
+            duration,
+            alg,
+            state_dir,
+            issuer_url,
+        } => {
+            let args = devmode::TokenArgs {
+                role_arn,
+                tags,
+                audiences,
+                duration_seconds: duration,
+                algorithm: alg,
+                state_dir: state_dir.unwrap_or_else(devmode::default_state_dir),
+                issuer_url: issuer_url
+                    .unwrap_or_else(|| format!("http://{}", devmode::DEFAULT_ISSUER_ADDR)),
+            };
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            match devmode::mint(&args, now) {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Explain {
             config,
             token,
@@ -176,6 +239,39 @@ fn explain(config: &std::path::Path, token: Option<String>, json: bool) -> ExitC
                 ExitCode::FAILURE
             }
         }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_tag(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
+}
+
+fn dev_mode() -> ExitCode {
+    init_logging(&config::LogConfig {
+        level: "info".into(),
+        format: config::LogFormat::Text,
+    });
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match rt.block_on(devmode::run(devmode::DevSettings::default(), shutdown)) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

@@ -1,0 +1,339 @@
+//! Zero-config development mode: `amqp-iam-gateway` with no arguments.
+//!
+//! Runs the embedded STS issuer and the gateway together, in front of RabbitMQ on
+//! `127.0.0.1:5672` (as `guest`), with a self-signed CA and server certificate and the
+//! issuer's signing keys created on first start in a state directory, so tokens and
+//! trusted certificates survive restarts. Also the `token` command, which mints with the
+//! same keys. Development only: the credentials and the listeners are for one machine.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::{self, Config};
+use crate::proxy::Gateway;
+use crate::sts::{self, Issuer, IssuerConfig, Principal, SigningAlgorithm, TokenRequest};
+
+/// Where the issuer listens and what `iss` says.
+pub const DEFAULT_ISSUER_ADDR: &str = "127.0.0.1:8479";
+/// The development gateway's AMQPS listener.
+pub const DEFAULT_TLS_ADDR: &str = "127.0.0.1:5671";
+/// The development gateway's plain listener.
+pub const DEFAULT_PLAIN_ADDR: &str = "127.0.0.1:5674";
+/// The account of the built-in development principals.
+pub const DEV_ACCOUNT: &str = "111122223333";
+/// The role the Amazon MQ IAM tutorial uses; mapped to full access.
+pub const ADMIN_ROLE: &str = "arn:aws:iam::111122223333:role/RabbitMqAdminRole";
+/// A role mapped to read-only access.
+pub const READONLY_ROLE: &str = "arn:aws:iam::111122223333:role/RabbitMqReadOnlyRole";
+
+/// Settings of the development mode (all have defaults).
+#[derive(Clone, Debug)]
+pub struct DevSettings {
+    pub state_dir: PathBuf,
+    pub issuer_addr: SocketAddr,
+    pub tls_addr: SocketAddr,
+    pub plain_addr: Option<SocketAddr>,
+    pub backend: String,
+    pub backend_user: String,
+    pub backend_password: String,
+}
+
+impl Default for DevSettings {
+    fn default() -> Self {
+        DevSettings {
+            state_dir: default_state_dir(),
+            issuer_addr: parse_addr(DEFAULT_ISSUER_ADDR),
+            tls_addr: parse_addr(DEFAULT_TLS_ADDR),
+            plain_addr: Some(parse_addr(DEFAULT_PLAIN_ADDR)),
+            backend: "127.0.0.1:5672".into(),
+            backend_user: "guest".into(),
+            backend_password: "guest".into(),
+        }
+    }
+}
+
+fn parse_addr(s: &str) -> SocketAddr {
+    s.parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// `$AMQP_IAM_GATEWAY_STATE`, else `$XDG_STATE_HOME/amqp-iam-gateway`, else
+/// `~/.local/state/amqp-iam-gateway`, else `./.amqp-iam-gateway`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("AMQP_IAM_GATEWAY_STATE") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_STATE_HOME") {
+        return PathBuf::from(d).join("amqp-iam-gateway");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/state/amqp-iam-gateway"),
+        None => PathBuf::from(".amqp-iam-gateway"),
+    }
+}
+
+/// The development callers of the STS API (AWS's documented example credentials).
+pub fn dev_principals() -> Vec<Principal> {
+    let p = |akid: &str, secret: &str, role: &str| Principal {
+        access_key_id: akid.into(),
+        secret_access_key: secret.into(),
+        role_arn: role.into(),
+        account: DEV_ACCOUNT.into(),
+        org_id: Some("o-exampleorgid".into()),
+        ou_path: vec!["o-exampleorgid/r-ab12/ou-ab12-11111111/".into()],
+        principal_tags: BTreeMap::from([("team".to_owned(), "dev".to_owned())]),
+    };
+    vec![
+        p(
+            "AKIAIOSFODNN7EXAMPLE",
+            "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+            ADMIN_ROLE,
+        ),
+        p(
+            "AKIAI44QH8DHBEXAMPLE",
+            "je7MtGbClwBF/2Zp9Utk/h3yCo8nvbEXAMPLEKEY",
+            READONLY_ROLE,
+        ),
+    ]
+}
+
+/// The TLS material of the development listener.
+pub struct DevTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Creates a CA and a server certificate for localhost / 127.0.0.1 in `state_dir/tls`
+/// unless they exist.
+pub fn ensure_tls(state_dir: &Path) -> Result<DevTls, String> {
+    use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair};
+    let dir = state_dir.join("tls");
+    let tls = DevTls {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("server.pem"),
+        key: dir.join("server-key.pem"),
+    };
+    if tls.ca.exists() && tls.cert.exists() && tls.key.exists() {
+        return Ok(tls);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let err = |e: rcgen::Error| format!("certificate generation: {e}");
+    let ca_key = KeyPair::generate().map_err(err)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "amqp-iam-gateway development CA");
+    ca.distinguished_name = dn;
+    let ca_cert = ca.self_signed(&ca_key).map_err(err)?;
+    let key = KeyPair::generate().map_err(err)?;
+    let params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .map_err(err)?;
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let cert = params.signed_by(&key, &issuer).map_err(err)?;
+    write_private(&tls.key, key.serialize_pem().as_bytes())?;
+    std::fs::write(&tls.cert, cert.pem()).map_err(|e| format!("{}: {e}", tls.cert.display()))?;
+    std::fs::write(&tls.ca, ca_cert.pem()).map_err(|e| format!("{}: {e}", tls.ca.display()))?;
+    Ok(tls)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(bytes)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The issuer URL for an issuer bound at `addr`.
+pub fn issuer_url(addr: SocketAddr) -> String {
+    format!("http://{addr}")
+}
+
+/// The gateway config of the development mode, as TOML (also written next to the state
+/// so it can be copied and edited).
+pub fn config_toml(s: &DevSettings, tls: &DevTls) -> String {
+    let plain = s
+        .plain_addr
+        .map(|a| format!("plain_address = \"{a}\"\n"))
+        .unwrap_or_default();
+    format!(
+        r#"# Generated by `amqp-iam-gateway` (development mode). A starting point for a real config:
+# see proxy-config/gateway.example.toml for every key.
+[listener]
+address = "{tls_addr}"
+tls_cert = "{cert}"
+tls_key = "{key}"
+{plain}
+[backend]
+nodes = ["{backend}"]
+username = "{user}"
+password = "{password}"
+management_url = "http://127.0.0.1:15672"
+
+[oauth2]
+resource_server_id = "rabbitmq"
+scope_prefix = "rabbitmq/"
+issuer = "{issuer}"
+# The role ARN in `sub`, and a `scope` request tag inside the STS namespace object.
+additional_scopes_key = 'sub https://sts\.amazonaws\.com/.request_tags.scope'
+
+[oauth2.scope_aliases]
+"{ADMIN_ROLE}" = "rabbitmq/tag:administrator rabbitmq/read:*/* rabbitmq/write:*/* rabbitmq/configure:*/*"
+"{READONLY_ROLE}" = "rabbitmq/read:*/*"
+"#,
+        tls_addr = s.tls_addr,
+        cert = tls.cert.display(),
+        key = tls.key.display(),
+        backend = s.backend,
+        user = s.backend_user,
+        password = s.backend_password,
+        issuer = issuer_url(s.issuer_addr),
+    )
+}
+
+/// Opens the issuer with the development principals.
+pub fn open_issuer(state_dir: &Path, issuer_url: &str) -> Result<Issuer, String> {
+    Issuer::open(IssuerConfig {
+        issuer_url: issuer_url.to_owned(),
+        state_dir: state_dir.to_owned(),
+        principals: dev_principals(),
+        region: sts::DEFAULT_REGION.to_owned(),
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// Runs the issuer and the gateway until `shutdown` completes. Returns the gateway config
+/// it used.
+pub async fn run(
+    s: DevSettings,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    std::fs::create_dir_all(&s.state_dir).map_err(|e| format!("{}: {e}", s.state_dir.display()))?;
+    let tls = ensure_tls(&s.state_dir)?;
+    let listener = tokio::net::TcpListener::bind(s.issuer_addr)
+        .await
+        .map_err(|e| format!("STS issuer on {}: {e}", s.issuer_addr))?;
+    let url = issuer_url(listener.local_addr().map_err(|e| e.to_string())?);
+    let issuer = Arc::new(open_issuer(&s.state_dir, &url)?);
+    tokio::spawn(sts::serve(issuer, listener));
+    let settings = DevSettings {
+        issuer_addr: url
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap_or(s.issuer_addr),
+        ..s
+    };
+    let toml = config_toml(&settings, &tls);
+    let config_path = settings.state_dir.join("gateway.toml");
+    std::fs::write(&config_path, &toml).map_err(|e| format!("{}: {e}", config_path.display()))?;
+    let cfg: Config = config::parse(&toml, &settings.state_dir).map_err(|e| e.to_string())?;
+    let gateway = Gateway::new(cfg).await?;
+    let bound = gateway
+        .start()
+        .await
+        .map_err(|e| format!("binding listeners: {e}"))?;
+    print_banner(&settings, &tls, &config_path, &url, bound);
+    shutdown.await;
+    Ok(())
+}
+
+fn print_banner(
+    s: &DevSettings,
+    tls: &DevTls,
+    config: &Path,
+    issuer: &str,
+    bound: crate::proxy::BoundAddrs,
+) {
+    let tls_addr = bound.tls.map_or_else(|| "-".to_owned(), |a| a.to_string());
+    let port = bound.tls.map_or(5671, |a| a.port());
+    println!(
+        r#"amqp-iam-gateway (development mode)
+  AMQPS listener   {tls_addr}  (plain AMQP: {plain})
+  backend          amqp://{user}@{backend}
+  STS issuer       {issuer}  (discovery: {issuer}/.well-known/openid-configuration)
+  CA certificate   {ca}
+  server cert/key  {cert}  {key}
+  gateway config   {config}
+  state            {state}
+
+Mint a token (role ARN in `sub`, full access through a scope alias):
+  TOKEN=$(amqp-iam-gateway token --role-arn {ADMIN_ROLE})
+or read-only:       amqp-iam-gateway token --role-arn {READONLY_ROLE}
+or with boto3:      boto3.client("sts", endpoint_url="{issuer}", region_name="us-east-1",
+                      aws_access_key_id="AKIAIOSFODNN7EXAMPLE",
+                      aws_secret_access_key="wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")
+                    .get_web_identity_token(Audience=["rabbitmq"], SigningAlgorithm="ES384")
+
+Connect with an empty username and the token as password, trusting the CA above:
+  amqps://:$TOKEN@localhost:{port}/%2f
+"#,
+        plain = s
+            .plain_addr
+            .map_or_else(|| "off".to_owned(), |a| a.to_string()),
+        user = s.backend_user,
+        backend = s.backend,
+        ca = tls.ca.display(),
+        cert = tls.cert.display(),
+        key = tls.key.display(),
+        config = config.display(),
+        state = s.state_dir.display(),
+    );
+}
+
+/// What `token` mints.
+#[derive(Clone, Debug)]
+pub struct TokenArgs {
+    pub role_arn: String,
+    pub tags: Vec<(String, String)>,
+    pub audiences: Vec<String>,
+    pub duration_seconds: i64,
+    pub algorithm: String,
+    pub state_dir: PathBuf,
+    pub issuer_url: String,
+}
+
+/// Mints a token with the development issuer's keys, for any role ARN.
+pub fn mint(args: &TokenArgs, now: i64) -> Result<String, String> {
+    let issuer = open_issuer(&args.state_dir, &args.issuer_url)?;
+    let algorithm = SigningAlgorithm::parse(&args.algorithm)
+        .ok_or_else(|| format!("--alg {:?}: expected RS256 or ES384", args.algorithm))?;
+    let caller = dev_principals()
+        .into_iter()
+        .find(|p| p.role_arn == args.role_arn)
+        .unwrap_or_else(|| Principal {
+            access_key_id: "AKIADEVTOKENCOMMAND".into(),
+            secret_access_key: String::new(),
+            role_arn: args.role_arn.clone(),
+            account: args
+                .role_arn
+                .split(':')
+                .nth(4)
+                .filter(|a| !a.is_empty())
+                .unwrap_or(DEV_ACCOUNT)
+                .into(),
+            org_id: None,
+            ou_path: Vec::new(),
+            principal_tags: BTreeMap::new(),
+        });
+    let mut req = TokenRequest::new("rabbitmq", algorithm);
+    if !args.audiences.is_empty() {
+        req.audiences = args.audiences.clone();
+    }
+    req.duration_seconds = args.duration_seconds;
+    req.tags = args.tags.iter().cloned().collect();
+    issuer
+        .mint(&caller, &req, now)
+        .map(|m| m.token)
+        .map_err(|e| e.to_string())
+}
