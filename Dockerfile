@@ -28,9 +28,12 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin gateway
+    && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin gateway \
+    && mkdir -p /var/lib/amqp-iam-gateway && chown 10001:10001 /var/lib/amqp-iam-gateway
+# Development mode keeps its CA, certificate and STS keys here (a volume in docker-compose.yml).
+ENV AMQP_IAM_GATEWAY_STATE=/var/lib/amqp-iam-gateway
 COPY --from=builder /usr/local/bin/amqp-iam-gateway /usr/local/bin/amqp-iam-gateway
 USER 10001:10001
-EXPOSE 5671
+EXPOSE 5671 8479
 ENTRYPOINT ["amqp-iam-gateway"]
 CMD ["serve", "--config", "/etc/amqp-iam-gateway/gateway.toml"]

@@ -54,6 +54,54 @@ impl Default for DevSettings {
     }
 }
 
+impl DevSettings {
+    /// The defaults, overridden by environment variables (for containers):
+    /// `AMQP_IAM_GATEWAY_LISTEN` (AMQPS address), `AMQP_IAM_GATEWAY_PLAIN_LISTEN` (plain
+    /// address, `off` to disable), `AMQP_IAM_GATEWAY_ISSUER_LISTEN`,
+    /// `AMQP_IAM_GATEWAY_BACKEND` (`host:port`), `AMQP_IAM_GATEWAY_BACKEND_USER`,
+    /// `AMQP_IAM_GATEWAY_BACKEND_PASSWORD`; the state directory as in [`default_state_dir`].
+    pub fn from_env() -> Result<DevSettings, String> {
+        let mut s = DevSettings::default();
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let addr = |k: &str, v: String| {
+            v.parse::<SocketAddr>()
+                .map_err(|e| format!("{k}={v:?}: {e}"))
+        };
+        if let Some(v) = var("AMQP_IAM_GATEWAY_LISTEN") {
+            s.tls_addr = addr("AMQP_IAM_GATEWAY_LISTEN", v)?;
+        }
+        if let Some(v) = var("AMQP_IAM_GATEWAY_PLAIN_LISTEN") {
+            s.plain_addr = if v == "off" {
+                None
+            } else {
+                Some(addr("AMQP_IAM_GATEWAY_PLAIN_LISTEN", v)?)
+            };
+        }
+        if let Some(v) = var("AMQP_IAM_GATEWAY_ISSUER_LISTEN") {
+            s.issuer_addr = addr("AMQP_IAM_GATEWAY_ISSUER_LISTEN", v)?;
+        }
+        if let Some(v) = var("AMQP_IAM_GATEWAY_BACKEND") {
+            s.backend = v;
+        }
+        if let Some(v) = var("AMQP_IAM_GATEWAY_BACKEND_USER") {
+            s.backend_user = v;
+        }
+        if let Some(v) = var("AMQP_IAM_GATEWAY_BACKEND_PASSWORD") {
+            s.backend_password = v;
+        }
+        Ok(s)
+    }
+
+    /// The management API of the backend node (for exchange types).
+    fn management_url(&self) -> String {
+        let host = self
+            .backend
+            .rsplit_once(':')
+            .map_or(self.backend.as_str(), |(h, _)| h);
+        format!("http://{host}:15672")
+    }
+}
+
 fn parse_addr(s: &str) -> SocketAddr {
     s.parse()
         .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -179,7 +227,7 @@ tls_key = "{key}"
 nodes = ["{backend}"]
 username = "{user}"
 password = "{password}"
-management_url = "http://127.0.0.1:15672"
+management_url = "{management}"
 
 [oauth2]
 resource_server_id = "rabbitmq"
@@ -199,6 +247,7 @@ additional_scopes_key = 'sub https://sts\.amazonaws\.com/.request_tags.scope'
         user = s.backend_user,
         password = s.backend_password,
         issuer = issuer_url(s.issuer_addr),
+        management = s.management_url(),
     )
 }
 
@@ -224,7 +273,15 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(s.issuer_addr)
         .await
         .map_err(|e| format!("STS issuer on {}: {e}", s.issuer_addr))?;
-    let url = issuer_url(listener.local_addr().map_err(|e| e.to_string())?);
+    // The issuer is reached over loopback by the gateway in the same process, whatever
+    // address it listens on, so `iss` names a loopback URL.
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    let loopback = if bound.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], bound.port()))
+    } else {
+        bound
+    };
+    let url = issuer_url(loopback);
     let issuer = Arc::new(open_issuer(&s.state_dir, &url)?);
     tokio::spawn(sts::serve(issuer, listener));
     let settings = DevSettings {

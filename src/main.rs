@@ -270,7 +270,14 @@ fn dev_mode() -> ExitCode {
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    match rt.block_on(devmode::run(devmode::DevSettings::default(), shutdown)) {
+    let settings = match devmode::DevSettings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(devmode::run(settings, shutdown)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

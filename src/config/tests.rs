@@ -524,7 +524,7 @@ fn algorithm_names_round_trip() {
 #[test]
 fn the_example_files_are_valid() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy-config");
-    for name in ["gateway.example.toml", "amazon-mq-iam.toml"] {
+    for name in ["gateway.example.toml", "amazon-mq-iam.toml", "docker.toml"] {
         let path = dir.join(name);
         if let Err(e) = load_with(&path, CheckFiles::No) {
             panic!("{}:\n{e}", path.display());
