@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Prepares a Debian machine (as root) for the test suite. Idempotent and fast when
 # everything is already there:
-#   - Debian packages: rabbitmq-server, openssl, python3 with venv (apt-get update once,
-#     only when something is missing);
+#   - Debian packages: rabbitmq-server, openssl, curl, prometheus (for promtool), python3
+#     with venv (apt-get update once, only when something is missing);
 #   - a running RabbitMQ node on 127.0.0.1:5672 with the default `guest` user, which the
 #     test gateway uses as its backend service user, and the management plugin on
 #     127.0.0.1:15672 (the gateway looks exchange types up there);
@@ -22,6 +22,8 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install o
 missing=()
 installed rabbitmq-server || missing+=(rabbitmq-server)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+# promtool checks the gateway's /metrics output in the tests.
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v openssl >/dev/null 2>&1 || installed openssl || missing+=(openssl)
 if ! command -v python3 >/dev/null 2>&1; then
     missing+=(python3 python3-venv)

@@ -25,12 +25,14 @@
 //!   `rabbitmq.conf` importer.
 //! - [`cli`]: the operator commands `explain` and `import-rabbitmq-conf`.
 //! - [`devmode`]: zero-config development mode (embedded issuer + gateway) and `token`.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`; the metrics and the audit log.
 //! - [`proxy`]: sockets only: listeners, TLS, the per-connection session and the relay.
 //! - [`sts`]: the embedded AWS STS issuer for development and tests: `GetWebIdentityToken`
 //!   over the STS Query API (SigV4 verified), tokens with the AWS shape, persisted keys with
 //!   rotation, OIDC discovery and JWKS.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod amqp;
 pub mod auth;
 pub mod authz;

@@ -168,10 +168,7 @@ fn main() -> ExitCode {
             region,
             issuer_url,
         } => {
-            init_logging(&config::LogConfig {
-                level: "info".into(),
-                format: config::LogFormat::Text,
-            });
+            init_logging("info", config::LogFormat::Text);
             match sts_emulator(listen, state_dir, &principals, region, issuer_url) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -188,7 +185,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            init_logging(&cfg.log);
+            init_logging(&cfg.log.level, cfg.log.format);
             match serve(cfg) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -253,10 +250,7 @@ fn parse_tag(s: &str) -> Result<(String, String), String> {
 }
 
 fn dev_mode() -> ExitCode {
-    init_logging(&config::LogConfig {
-        level: "info".into(),
-        format: config::LogFormat::Text,
-    });
+    init_logging("info", config::LogFormat::Text);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -286,13 +280,13 @@ fn dev_mode() -> ExitCode {
     }
 }
 
-fn init_logging(log: &config::LogConfig) {
+fn init_logging(level: &str, format: config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match log.format {
+    match format {
         config::LogFormat::Json => builder.json().init(),
         config::LogFormat::Text => builder.init(),
     }

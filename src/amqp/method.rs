@@ -58,6 +58,28 @@ pub mod id {
     pub const BASIC_GET: (u16, u16) = (60, 70);
 }
 
+/// `class.method` for the methods the gateway refuses or reports, e.g. `queue.declare`.
+pub fn name(ids: (u16, u16)) -> &'static str {
+    match ids {
+        id::EXCHANGE_DECLARE => "exchange.declare",
+        id::EXCHANGE_DELETE => "exchange.delete",
+        id::EXCHANGE_BIND => "exchange.bind",
+        id::EXCHANGE_UNBIND => "exchange.unbind",
+        id::QUEUE_DECLARE => "queue.declare",
+        id::QUEUE_BIND => "queue.bind",
+        id::QUEUE_PURGE => "queue.purge",
+        id::QUEUE_DELETE => "queue.delete",
+        id::QUEUE_UNBIND => "queue.unbind",
+        id::BASIC_CONSUME => "basic.consume",
+        id::BASIC_PUBLISH => "basic.publish",
+        id::BASIC_GET => "basic.get",
+        id::CONNECTION_OPEN => "connection.open",
+        id::CONNECTION_START_OK => "connection.start-ok",
+        id::CONNECTION_UPDATE_SECRET => "connection.update-secret",
+        _ => "other",
+    }
+}
+
 /// A method payload that could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("malformed {0} method payload")]

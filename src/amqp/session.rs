@@ -178,6 +178,8 @@ pub struct Session {
     close_acknowledged: bool,
     probe_seed: u64,
     denials: Vec<Denial>,
+    /// Frames seen from the client and from the backend since the last `take_frame_counts`.
+    frames: (u64, u64),
 }
 
 /// Exchanges every vhost has, with their types.
@@ -226,6 +228,7 @@ impl Session {
             close_acknowledged: false,
             probe_seed,
             denials: Vec::new(),
+            frames: (0, 0),
         }
     }
 
@@ -273,6 +276,11 @@ impl Session {
         Action::Lookup(name.to_owned())
     }
 
+    /// Frames seen (from the client, from the backend) since the last call.
+    pub fn take_frame_counts(&mut self) -> (u64, u64) {
+        std::mem::take(&mut self.frames)
+    }
+
     /// Denials since the last call, for the caller to log and count.
     pub fn take_denials(&mut self) -> Vec<Denial> {
         std::mem::take(&mut self.denials)
@@ -314,6 +322,7 @@ impl Session {
                 break Err(self.client_frame_error(e, to_client));
             }
             if h.frame_type == frame::BODY {
+                self.frames.0 += 1;
                 let forward = self.client_body_forwarded(h.channel);
                 span = begin_stream(
                     input,
@@ -334,6 +343,7 @@ impl Session {
                     self.client_frame_error(FrameError::BadFrameEnd(input[end - 1]), to_client)
                 );
             }
+            self.frames.0 += 1;
             match self.client_frame(&h, &input[span..end], to_backend, to_client) {
                 Action::Forward => span = end,
                 action => {
@@ -343,6 +353,7 @@ impl Session {
                         Action::Hold => self.hold_publish(h.channel, f),
                         Action::Release => self.release_publish(h.channel, f, to_backend),
                         Action::Pause | Action::Lookup(_) => {
+                            self.frames.0 -= 1; // counted again when processed
                             // Put it back: it is processed again once unblocked.
                             let mut back = BytesMut::from(&f[..]);
                             back.extend_from_slice(input);
@@ -390,6 +401,7 @@ impl Session {
                 break Err(SessionError::BackendFrame(e));
             }
             if h.frame_type == frame::BODY {
+                self.frames.1 += 1;
                 let forward = self.backend_frames_forwarded(h.channel);
                 span = begin_stream(
                     input,
@@ -410,6 +422,7 @@ impl Session {
                     input[end - 1],
                 )));
             }
+            self.frames.1 += 1;
             if self.backend_frame(&h, &input[span..end], to_backend) {
                 span = end;
             } else {

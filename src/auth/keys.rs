@@ -43,6 +43,7 @@ pub struct FetchStatus {
     pub last_success: Option<SystemTime>,
     pub last_error: Option<String>,
     pub fetches: u64,
+    pub failures: u64,
     pub keys: usize,
 }
 
@@ -204,6 +205,7 @@ impl Remote {
             Err(e) => {
                 tracing::warn!(error = %e, "JWKS fetch failed; keeping the last good key set");
                 status.last_error = Some(e.clone());
+                status.failures += 1;
                 Err(e)
             }
         }

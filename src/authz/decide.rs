@@ -139,6 +139,9 @@ pub struct Denial {
     /// The permission that was missing; `None` for the any-of check of passive declares
     /// and for the `user_id` precondition.
     pub permission: Option<Perm>,
+    /// What was refused, for audit records: `queue 'q'`, `topic 'a.b' in exchange 'x'`,
+    /// `user_id 'bob'`.
+    pub resource: String,
 }
 
 /// `rabbit_binary_generator:amqp_exception_explanation/2`: `CONSTANT - explanation`, and
@@ -171,7 +174,14 @@ struct Check<'a> {
 }
 
 impl Check<'_> {
-    fn deny(&self, code: u16, constant: &str, text: String, perm: Option<Perm>) -> Denial {
+    fn deny(
+        &self,
+        code: u16,
+        constant: &str,
+        text: String,
+        perm: Option<Perm>,
+        resource: String,
+    ) -> Denial {
         let (class_id, method_id) = self.class_method;
         Denial {
             reply_code: code,
@@ -179,6 +189,7 @@ impl Check<'_> {
             class_id,
             method_id,
             permission: perm,
+            resource,
         }
     }
 
@@ -192,7 +203,8 @@ impl Check<'_> {
             "{perm} access to {kind_word} '{name}' in vhost '{}' refused for user '{}'",
             self.ctx.vhost, self.ctx.username
         );
-        Err(self.deny(ACCESS_REFUSED, "ACCESS_REFUSED", text, Some(perm)))
+        let resource = format!("{kind_word} '{name}'");
+        Err(self.deny(ACCESS_REFUSED, "ACCESS_REFUSED", text, Some(perm), resource))
     }
 
     /// Passive declares (4.2.7+): any of read, write or configure. The refusal text has no
@@ -208,7 +220,8 @@ impl Check<'_> {
             "access to {kind_word} '{name}' in vhost '{vhost}' refused for user '{}'",
             self.ctx.username
         );
-        Err(self.deny(ACCESS_REFUSED, "ACCESS_REFUSED", text, None))
+        let resource = format!("{kind_word} '{name}'");
+        Err(self.deny(ACCESS_REFUSED, "ACCESS_REFUSED", text, None, resource))
     }
 
     /// `check_topic_authorisation`: only for topic exchanges (or unknown ones, fail
@@ -224,7 +237,8 @@ impl Check<'_> {
             "{perm} access to topic '{rk}' in exchange '{x}' in vhost '{}' refused for user '{}'",
             self.ctx.vhost, self.ctx.username
         );
-        Err(self.deny(ACCESS_REFUSED, "ACCESS_REFUSED", text, Some(perm)))
+        let resource = format!("topic '{rk}' in exchange '{x}'");
+        Err(self.deny(ACCESS_REFUSED, "ACCESS_REFUSED", text, Some(perm), resource))
     }
 
     /// §6.3: a `user_id` other than the authenticated user needs the `impersonator` tag.
@@ -235,7 +249,14 @@ impl Check<'_> {
                     "user_id property set to '{id}' but authenticated user was '{}'",
                     self.ctx.username
                 );
-                Err(self.deny(PRECONDITION_FAILED, "PRECONDITION_FAILED", text, None))
+                let resource = format!("user_id '{id}'");
+                Err(self.deny(
+                    PRECONDITION_FAILED,
+                    "PRECONDITION_FAILED",
+                    text,
+                    None,
+                    resource,
+                ))
             }
             _ => Ok(()),
         }

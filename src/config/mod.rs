@@ -252,6 +252,16 @@ pub struct LogConfig {
     /// A level (`info`) or an `EnvFilter` directive list (`info,amqp_iam_gateway=debug`).
     pub level: String,
     pub format: LogFormat,
+    /// Where audit records (one JSON line per authentication decision and per refused
+    /// operation) go; `None`: no audit log.
+    pub audit: Option<AuditSink>,
+}
+
+/// `log.audit`: `"stdout"` or a file path (appended to).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditSink {
+    Stdout,
+    File(PathBuf),
 }
 
 /// `log.format`.

@@ -128,4 +128,5 @@ pub(super) struct RawAdmin {
 pub(super) struct RawLog {
     pub level: Option<String>,
     pub format: Option<String>,
+    pub audit: Option<String>,
 }

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use super::raw::{RawAdmin, RawAliasValue, RawBackend, RawConfig, RawListener, RawLog, RawOAuth2};
 use super::{
-    AdminConfig, BackendConfig, BackendNode, CheckFiles, Config, ConfigError, ConfigErrors,
-    DEFAULT_ADMIN_ADDRESS, DEFAULT_ALGORITHMS, DEFAULT_AUTH_FAILURE_DELAY_MS,
+    AdminConfig, AuditSink, BackendConfig, BackendNode, CheckFiles, Config, ConfigError,
+    ConfigErrors, DEFAULT_ADMIN_ADDRESS, DEFAULT_ALGORITHMS, DEFAULT_AUTH_FAILURE_DELAY_MS,
     DEFAULT_BACKEND_CONNECT_TIMEOUT_MS, DEFAULT_BACKEND_NODE, DEFAULT_CHANNEL_MAX,
     DEFAULT_CHECK_IAT, DEFAULT_CHECK_NBF, DEFAULT_FRAME_MAX, DEFAULT_HANDSHAKE_TIMEOUT_MS,
     DEFAULT_HEARTBEAT_SECS, DEFAULT_HTTP_TIMEOUT_MS, DEFAULT_JWKS_MIN_REFETCH_INTERVAL_MS,
@@ -311,7 +311,15 @@ impl Checker<'_> {
                 DEFAULT_LOG_FORMAT
             }
         };
-        LogConfig { level, format }
+        let audit = raw.audit.map(|a| match a.as_str() {
+            "stdout" | "-" => AuditSink::Stdout,
+            path => AuditSink::File(self.base_dir.join(path)),
+        });
+        LogConfig {
+            level,
+            format,
+            audit,
+        }
     }
 
     /// Two listeners on one address would fail at bind time, after part of the gateway started.

@@ -9,6 +9,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::admin::metrics::Metrics;
 use crate::amqp::frame::{self, PROTOCOL_HEADER};
 use crate::amqp::handshake::Tuning;
 use crate::amqp::method;
@@ -50,18 +51,27 @@ pub async fn open(
     vhost: &str,
     client: Tuning,
     client_properties: FieldTable,
+    metrics: &Metrics,
 ) -> Result<Backend, BackendError> {
     let mut errors = Vec::new();
+    let failed = |addr: &str| {
+        metrics
+            .backend_connect_failures
+            .with_label_values(&[addr])
+            .inc()
+    };
     for node in &cfg.nodes {
         let addr = node.to_string();
         let stream =
             match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&addr)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
+                    failed(&addr);
                     errors.push(format!("{addr}: {e}"));
                     continue;
                 }
                 Err(_) => {
+                    failed(&addr);
                     errors.push(format!("{addr}: connect timed out"));
                     continue;
                 }

@@ -12,10 +12,12 @@ use tokio::time::Instant;
 use super::Shared;
 use super::backend::{self, BackendError};
 use super::relay::{self, ExchangeLookup, RelayEnd, SecretVerifier};
+use crate::admin::audit::AuditEvent;
 use crate::amqp::handshake::{self, ClientHandshake, Credentials, Step};
 use crate::amqp::method::reply;
 use crate::amqp::session::Session;
 use crate::auth::{Identity, token_id};
+use crate::authz::Denial;
 
 /// How long a refused client may take to answer our `connection.close`.
 const CLOSE_OK_WAIT: Duration = Duration::from_secs(3);
@@ -46,12 +48,19 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let deadline = Instant::now() + shared.cfg.listener.handshake_timeout;
+    let closed = |cause: &str| {
+        shared
+            .metrics
+            .connections_closed
+            .with_label_values(&[cause])
+            .inc()
+    };
     let est = match tokio::time::timeout_at(deadline, handshake(&mut stream, peer, &shared)).await {
-        Ok(Some(est)) => est,
-        Ok(None) => return,
+        Ok(Ok(est)) => est,
+        Ok(Err(cause)) => return closed(cause),
         Err(_) => {
             tracing::info!(%peer, "handshake timed out");
-            return;
+            return closed("handshake_timeout");
         }
     };
     let Established {
@@ -66,6 +75,7 @@ where
         jti = identity.jti.as_deref().unwrap_or("-"), token = %identity.token_id,
         "connection opened"
     );
+    let on_denial = denial_reporter(&shared, peer, &identity, &vhost);
     let seed = rand::random::<u64>();
     let mut session = Session::new(
         identity.username.clone(),
@@ -95,9 +105,17 @@ where
         relay::Hooks {
             verifier,
             lookup: exchange_lookup(&shared, &vhost),
+            on_denial,
+            traffic: Some(relay::Traffic::new(&shared.metrics)),
         },
     )
     .await;
+    closed(match &end {
+        RelayEnd::ClientClosed => "client_closed",
+        RelayEnd::BackendClosed => "backend_closed",
+        RelayEnd::Expired => "expired",
+        RelayEnd::Error(_) => "error",
+    });
     match end {
         RelayEnd::Expired => {
             tracing::info!(%peer, user = %identity.username, "credential expired; connection closed")
@@ -112,7 +130,11 @@ where
 }
 
 /// Runs the client handshake. `None` when the connection is over (refused or closed).
-async fn handshake<S>(stream: &mut S, peer: SocketAddr, shared: &Shared) -> Option<Established>
+async fn handshake<S>(
+    stream: &mut S,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Result<Established, &'static str>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -125,7 +147,7 @@ where
         let step = hs.receive(&mut input, &mut out);
         if !out.is_empty() {
             if stream.write_all(&out).await.is_err() {
-                return None;
+                return Err("client_closed");
             }
             out.clear();
         }
@@ -133,19 +155,22 @@ where
             Err(e) => {
                 tracing::info!(%peer, error = %e, "handshake failed");
                 let _ = stream.shutdown().await;
-                return None;
+                return Err("handshake_failed");
             }
-            Ok(Step::Closed) => return None,
+            Ok(Step::Closed) => return Err("client_closed"),
             Ok(Step::NeedMore) => {
                 // The frame check bounds `input` to one pre-auth frame plus one read.
                 input.reserve(4096);
                 match stream.read_buf(&mut input).await {
-                    Ok(0) | Err(_) => return None,
+                    Ok(0) | Err(_) => return Err("client_closed"),
                     Ok(_) => {}
                 }
             }
             Ok(Step::Authenticate(creds)) => {
-                match shared.auth.authenticate(&creds.token, now_secs()).await {
+                let timer = shared.metrics.phase("verify").start_timer();
+                let verified = shared.auth.authenticate(&creds.token, now_secs()).await;
+                timer.observe_duration();
+                match verified {
                     Ok(id) => {
                         tracing::debug!(%peer, user = %id.username, token = %id.token_id, "token accepted");
                         hs.accept(&mut out);
@@ -153,17 +178,32 @@ where
                         identity = Some(id);
                     }
                     Err(e) => {
+                        let token = token_id(&creds.token);
                         tracing::info!(
-                            %peer, reason = e.reason(), error = %e, token = %token_id(&creds.token),
+                            %peer, reason = e.reason(), error = %e, token = %token,
                             mechanism = creds.mechanism.as_str(), "login refused"
                         );
+                        shared
+                            .metrics
+                            .authentications
+                            .with_label_values(&["refused", e.reason()])
+                            .inc();
+                        shared.audit.record(&AuditEvent {
+                            event: "authentication",
+                            decision: "deny",
+                            reason: e.reason(),
+                            client: Some(peer),
+                            token: Some(&token),
+                            method: Some("connection.start-ok"),
+                            ..Default::default()
+                        });
                         refuse(stream, &mut hs, &creds, shared).await;
-                        return None;
+                        return Err("refused");
                     }
                 }
             }
             Ok(Step::Open { vhost }) => {
-                let id = identity.take()?;
+                let id = identity.take().ok_or("handshake_failed")?;
                 let props = creds_props.take().unwrap_or_default();
                 return open_vhost(stream, &mut hs, peer, shared, id, vhost, props, input).await;
             }
@@ -230,7 +270,7 @@ async fn open_vhost<S>(
     vhost: String,
     client_props: amq_protocol::types::FieldTable,
     leftover: BytesMut,
-) -> Option<Established>
+) -> Result<Established, &'static str>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -238,6 +278,12 @@ where
     let cancel_notify = handshake::capability(&client_props, "consumer_cancel_notify");
     if !identity.permissions.vhost_access(&vhost) {
         tracing::info!(%peer, user = %identity.username, %vhost, reason = "vhost", "vhost access refused");
+        shared
+            .metrics
+            .authentications
+            .with_label_values(&["refused", "vhost"])
+            .inc();
+        audit_identity(shared, peer, &identity, &vhost, "deny", "vhost");
         let text = format!(
             "NOT_ALLOWED - access to vhost '{vhost}' refused for user '{}'",
             identity.username
@@ -245,19 +291,28 @@ where
         hs.vhost_refused(&mut out, &text);
         let _ = stream.write_all(&out).await;
         wait_close_ok(stream, hs, CLOSE_OK_WAIT).await;
-        return None;
+        return Err("vhost_refused");
     }
-    let tuning = hs.tuning()?;
+    let tuning = hs.tuning().ok_or("handshake_failed")?;
     let name = format!(
         "{} via amqp-iam-gateway from {peer} (token {})",
         identity.username, identity.token_id
     );
     let props = backend::backend_properties(&client_props, &name);
-    match backend::open(&shared.cfg.backend, &vhost, tuning, props).await {
+    let timer = shared.metrics.phase("backend_connect").start_timer();
+    let opened = backend::open(&shared.cfg.backend, &vhost, tuning, props, &shared.metrics).await;
+    timer.observe_duration();
+    match opened {
         Ok(backend) => {
             hs.opened(&mut out);
-            stream.write_all(&out).await.ok()?;
-            Some(Established {
+            stream.write_all(&out).await.map_err(|_| "client_closed")?;
+            shared
+                .metrics
+                .authentications
+                .with_label_values(&["accepted", "ok"])
+                .inc();
+            audit_identity(shared, peer, &identity, &vhost, "allow", "ok");
+            Ok(Established {
                 identity,
                 vhost,
                 backend,
@@ -284,9 +339,34 @@ where
             hs.close(&mut out, code, &text, (class_id, method_id));
             let _ = stream.write_all(&out).await;
             wait_close_ok(stream, hs, CLOSE_OK_WAIT).await;
-            None
+            Err("backend_unavailable")
         }
     }
+}
+
+/// An audit record about an authenticated client.
+fn audit_identity(
+    shared: &Shared,
+    peer: SocketAddr,
+    id: &Identity,
+    vhost: &str,
+    decision: &str,
+    reason: &str,
+) {
+    shared.audit.record(&AuditEvent {
+        event: "authentication",
+        decision,
+        reason,
+        client: Some(peer),
+        username: Some(&id.username),
+        sub: id.sub.as_deref(),
+        jti: id.jti.as_deref(),
+        issuer: id.iss.as_deref(),
+        token: Some(&id.token_id),
+        vhost: Some(vhost),
+        method: Some("connection.open"),
+        ..Default::default()
+    });
 }
 
 /// Verifies update-secret tokens for this connection: fully (signature, claims, `exp`),
@@ -330,4 +410,49 @@ fn exchange_lookup(shared: &Arc<Shared>, vhost: &str) -> Option<ExchangeLookup> 
         let vhost = vhost.clone();
         Box::pin(async move { types.lookup(&vhost, &name).await })
     }))
+}
+
+/// Logs, counts and audits each refused operation (the session decides; this reports).
+fn denial_reporter(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+    id: &Identity,
+    vhost: &str,
+) -> relay::DenialReporter {
+    let shared = shared.clone();
+    let (username, sub, jti, iss, token, vhost) = (
+        id.username.clone(),
+        id.sub.clone(),
+        id.jti.clone(),
+        id.iss.clone(),
+        id.token_id.clone(),
+        vhost.to_owned(),
+    );
+    Box::new(move |d: &Denial| {
+        let method = crate::amqp::method::name((d.class_id, d.method_id));
+        let permission = d.permission.map_or("any", |p| p.as_str());
+        tracing::info!(
+            %peer, user = %username, %vhost, method, code = d.reply_code, text = %d.reply_text,
+            "operation refused"
+        );
+        shared
+            .metrics
+            .denials
+            .with_label_values(&[method, permission])
+            .inc();
+        shared.audit.record(&AuditEvent {
+            event: "authorization",
+            decision: "deny",
+            reason: &d.reply_text,
+            client: Some(peer),
+            username: Some(&username),
+            sub: sub.as_deref(),
+            jti: jti.as_deref(),
+            issuer: iss.as_deref(),
+            token: Some(&token),
+            vhost: Some(&vhost),
+            method: Some(method),
+            resource: Some(&d.resource),
+        });
+    })
 }

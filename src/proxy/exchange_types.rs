@@ -12,6 +12,9 @@ use std::time::Duration;
 use moka::future::Cache;
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 
+use std::sync::Arc;
+
+use crate::admin::metrics::Metrics;
 use crate::authz::ExchangeKind;
 
 /// How long a looked-up type is trusted, here and in each session.
@@ -26,6 +29,7 @@ pub struct ExchangeTypes {
     username: String,
     password: String,
     cache: Cache<(String, String), ExchangeKind>,
+    metrics: Arc<Metrics>,
 }
 
 impl ExchangeTypes {
@@ -34,6 +38,7 @@ impl ExchangeTypes {
         username: &str,
         password: &str,
         timeout: Duration,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
         let http = reqwest::Client::builder()
             .timeout(timeout)
@@ -49,6 +54,7 @@ impl ExchangeTypes {
                 .max_capacity(MAX_CACHED)
                 .time_to_live(TYPE_TTL)
                 .build(),
+            metrics,
         })
     }
 
@@ -57,9 +63,16 @@ impl ExchangeTypes {
         let key = (vhost.to_owned(), name.to_owned());
         // Failures are not cached (`optionally_get_with`), so a broker that comes back is
         // asked again at once.
-        self.cache
+        let kind = self
+            .cache
             .optionally_get_with(key, self.fetch(vhost, name))
-            .await
+            .await;
+        let result = if kind.is_some() { "ok" } else { "unknown" };
+        self.metrics
+            .exchange_lookups
+            .with_label_values(&[result])
+            .inc();
+        kind
     }
 
     async fn fetch(&self, vhost: &str, name: &str) -> Option<ExchangeKind> {

@@ -24,6 +24,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
+use crate::admin::Readiness;
+use crate::admin::audit::Audit;
+use crate::admin::metrics::Metrics;
 use crate::amqp::handshake::HandshakeSettings;
 use crate::auth::Authenticator;
 use crate::config::Config;
@@ -35,6 +38,8 @@ pub(crate) struct Shared {
     pub auth: Authenticator,
     pub handshake: HandshakeSettings,
     pub exchange_types: Option<Arc<ExchangeTypes>>,
+    pub metrics: Arc<Metrics>,
+    pub audit: Audit,
 }
 
 /// A configured gateway, ready to bind.
@@ -48,6 +53,7 @@ pub struct Gateway {
 pub struct BoundAddrs {
     pub tls: Option<SocketAddr>,
     pub plain: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
 }
 
 impl Gateway {
@@ -75,21 +81,26 @@ impl Gateway {
             product: "amqp-iam-gateway".into(),
             version: env!("CARGO_PKG_VERSION").into(),
         };
+        let metrics = Arc::new(Metrics::new());
         let exchange_types = match &cfg.backend.management_url {
             Some(url) => Some(Arc::new(ExchangeTypes::new(
                 url,
                 &cfg.backend.username,
                 &cfg.backend.password,
                 cfg.backend.connect_timeout,
+                metrics.clone(),
             )?)),
             None => None,
         };
+        let audit = Audit::open(cfg.log.audit.as_ref()).map_err(|e| format!("log.audit: {e}"))?;
         Ok(Gateway {
             shared: Arc::new(Shared {
                 cfg,
                 auth,
                 handshake,
                 exchange_types,
+                metrics,
+                audit,
             }),
             tls,
         })
@@ -102,7 +113,24 @@ impl Gateway {
         let mut bound = BoundAddrs {
             tls: None,
             plain: None,
+            admin: None,
         };
+        let admin = TcpListener::bind(self.shared.cfg.admin.address).await?;
+        bound.admin = Some(admin.local_addr()?);
+        tracing::info!(address = %admin.local_addr()?, "admin listener (/metrics, /healthz, /readyz)");
+        let readiness = Arc::new(Readiness {
+            metrics: self.shared.metrics.clone(),
+            keys: self.shared.auth.keys.clone(),
+            backend_nodes: self
+                .shared
+                .cfg
+                .backend
+                .nodes
+                .iter()
+                .map(|n| n.to_string())
+                .collect(),
+        });
+        tokio::spawn(crate::admin::serve(admin, readiness));
         if let (Some(t), Some(acceptor)) = (&l.tls, &self.tls) {
             let listener = TcpListener::bind(t.address).await?;
             bound.tls = Some(listener.local_addr()?);
@@ -112,13 +140,20 @@ impl Gateway {
                 Some(acceptor.clone()),
                 self.shared.clone(),
                 limit.clone(),
+                "tls",
             ));
         }
         if let Some(addr) = l.plain_address {
             let listener = TcpListener::bind(addr).await?;
             bound.plain = Some(listener.local_addr()?);
             tracing::warn!(address = %listener.local_addr()?, "plain AMQP listener (development only: tokens travel unencrypted)");
-            tokio::spawn(accept_loop(listener, None, self.shared.clone(), limit));
+            tokio::spawn(accept_loop(
+                listener,
+                None,
+                self.shared.clone(),
+                limit,
+                "plain",
+            ));
         }
         Ok(bound)
     }
@@ -129,7 +164,12 @@ async fn accept_loop(
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     limit: Arc<Semaphore>,
+    name: &'static str,
 ) {
+    let accepted = shared
+        .metrics
+        .connections_accepted
+        .with_label_values(&[name]);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -140,15 +180,23 @@ async fn accept_loop(
                 continue;
             }
         };
+        accepted.inc();
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "connection limit reached; closing");
+            shared
+                .metrics
+                .connections_closed
+                .with_label_values(&["limit"])
+                .inc();
             drop(stream);
             continue;
         };
         let shared = shared.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            serve_socket(stream, peer, tls, shared).await;
+            shared.metrics.connections_open.inc();
+            serve_socket(stream, peer, tls, shared.clone()).await;
+            shared.metrics.connections_open.dec();
             drop(permit);
         });
     }
@@ -165,10 +213,30 @@ async fn serve_socket(
         None => conn::serve(stream, peer, shared).await,
         Some(acceptor) => {
             let deadline = shared.cfg.listener.handshake_timeout;
+            let timer = shared.metrics.phase("tls").start_timer();
             match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-                Ok(Ok(tls_stream)) => conn::serve(tls_stream, peer, shared).await,
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                Ok(Ok(tls_stream)) => {
+                    timer.observe_duration();
+                    conn::serve(tls_stream, peer, shared).await
+                }
+                Ok(Err(e)) => {
+                    timer.stop_and_discard();
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    shared
+                        .metrics
+                        .connections_closed
+                        .with_label_values(&["tls_failed"])
+                        .inc();
+                }
+                Err(_) => {
+                    timer.stop_and_discard();
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    shared
+                        .metrics
+                        .connections_closed
+                        .with_label_values(&["handshake_timeout"])
+                        .inc();
+                }
             }
         }
     }

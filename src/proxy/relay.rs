@@ -21,7 +21,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
 use crate::amqp::session::{ClientEvent, Outbox, Session, SessionError};
-use crate::authz::{ExchangeKind, Permissions};
+use prometheus::IntCounter;
+
+use crate::admin::metrics::Metrics;
+use crate::authz::{Denial, ExchangeKind, Permissions};
 use crate::proxy::exchange_types::TYPE_TTL;
 
 /// Stop reading a side while this much is queued for its peer.
@@ -45,10 +48,35 @@ pub type ExchangeLookup =
 
 type PendingLookup = Pin<Box<dyn Future<Output = Option<ExchangeKind>> + Send>>;
 
+/// Reports a refused operation (log, metrics, audit).
+pub type DenialReporter = Box<dyn Fn(&Denial) + Send + Sync>;
+
 /// What the relay calls out to, outside the session.
 pub struct Hooks {
     pub verifier: SecretVerifier,
     pub lookup: Option<ExchangeLookup>,
+    pub on_denial: DenialReporter,
+    pub traffic: Option<Traffic>,
+}
+
+/// Byte and frame counters of both directions, resolved once per connection so the relay
+/// touches only atomics, once per read.
+pub struct Traffic {
+    bytes_in: IntCounter,
+    bytes_out: IntCounter,
+    frames_in: IntCounter,
+    frames_out: IntCounter,
+}
+
+impl Traffic {
+    pub fn new(m: &Metrics) -> Traffic {
+        Traffic {
+            bytes_in: m.relayed_bytes.with_label_values(&["client_to_broker"]),
+            bytes_out: m.relayed_bytes.with_label_values(&["broker_to_client"]),
+            frames_in: m.relayed_frames.with_label_values(&["client_to_broker"]),
+            frames_out: m.relayed_frames.with_label_values(&["broker_to_client"]),
+        }
+    }
 }
 
 /// How the relay ended.
@@ -247,6 +275,11 @@ where
                     Poll::Pending => {}
                 }
             }
+            if let Some(t) = &self.hooks.traffic {
+                let (c, b) = self.session.take_frame_counts();
+                t.frames_in.inc_by(c);
+                t.frames_out.inc_by(b);
+            }
             if let Some(end) = self.finished(cx) {
                 return Poll::Ready(end);
             }
@@ -287,12 +320,13 @@ where
                 }
             }
             for d in self.session.take_denials() {
-                tracing::info!(
-                    user = self.session.username(), code = d.reply_code, class = d.class_id,
-                    method = d.method_id, text = %d.reply_text, "operation refused"
-                );
+                (self.hooks.on_denial)(&d);
             }
             progress |= self.client.input.len() != before;
+            if let Some(t) = &self.hooks.traffic {
+                t.bytes_in
+                    .inc_by(before.saturating_sub(self.client.input.len()) as u64);
+            }
         }
         Ok(progress)
     }
@@ -325,6 +359,10 @@ where
                 return Ok(true);
             }
             progress |= self.backend.input.len() != before;
+            if let Some(t) = &self.hooks.traffic {
+                t.bytes_out
+                    .inc_by(before.saturating_sub(self.backend.input.len()) as u64);
+            }
         }
         if self.backend.eof && self.session.backend_lost(&mut self.client.out) {
             progress = true;

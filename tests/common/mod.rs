@@ -146,6 +146,9 @@ additional_scopes_key = 'sub https://sts\.amazonaws\.com/.request_tags.scope'
 {extra_oauth2}
 {key_source}
 
+[admin]
+address = "127.0.0.1:0"
+
 [oauth2.scope_aliases]
 "{ADMIN_ROLE}" = "rabbitmq/tag:administrator rabbitmq/read:*/* rabbitmq/write:*/* rabbitmq/configure:*/*"
 "{READONLY_ROLE}" = "rabbitmq/read:*/*"

@@ -1,0 +1,172 @@
+//! Prometheus metrics, registered once in the gateway's own registry.
+//!
+//! Names follow Prometheus conventions (`_total` counters, `_seconds` durations, base
+//! units). Nothing here is touched per frame: the relay adds bytes and frames in batches,
+//! once per read.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric of the gateway.
+pub struct Metrics {
+    registry: Registry,
+    pub connections_open: IntGauge,
+    pub connections_accepted: IntCounterVec,
+    pub connections_closed: IntCounterVec,
+    pub authentications: IntCounterVec,
+    pub denials: IntCounterVec,
+    pub handshake_duration: HistogramVec,
+    pub jwks_fetches: IntCounterVec,
+    pub jwks_keys: IntGauge,
+    pub jwks_last_success: Gauge,
+    pub relayed_bytes: IntCounterVec,
+    pub relayed_frames: IntCounterVec,
+    pub backend_connect_failures: IntCounterVec,
+    pub exchange_lookups: IntCounterVec,
+}
+
+const NS: &str = "amqp_iam_gateway";
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help).namespace(NS), labels).expect("valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let build = IntGauge::with_opts(
+            Opts::new("build_info", "Build information; always 1.")
+                .namespace(NS)
+                .const_label("version", env!("CARGO_PKG_VERSION")),
+        )
+        .expect("valid metric");
+        build.set(1);
+        registry.register(Box::new(build)).expect("unique metric");
+        let connections_open = IntGauge::with_opts(
+            Opts::new("connections_open", "Client connections open now.").namespace(NS),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(connections_open.clone()))
+            .expect("unique metric");
+        let jwks_keys = IntGauge::with_opts(
+            Opts::new("jwks_keys", "Verification keys currently usable.").namespace(NS),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(jwks_keys.clone()))
+            .expect("unique metric");
+        let jwks_last_success = Gauge::with_opts(
+            Opts::new(
+                "jwks_last_success_timestamp_seconds",
+                "Unix time of the last successful JWKS fetch.",
+            )
+            .namespace(NS),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(jwks_last_success.clone()))
+            .expect("unique metric");
+        let handshake_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "handshake_duration_seconds",
+                "Time spent in each phase of opening a connection.",
+            )
+            .namespace(NS)
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["phase"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(handshake_duration.clone()))
+            .expect("unique metric");
+        Metrics {
+            connections_accepted: counter(
+                &registry,
+                "connections_accepted_total",
+                "Client connections accepted, by listener.",
+                &["listener"],
+            ),
+            connections_closed: counter(
+                &registry,
+                "connections_closed_total",
+                "Client connections closed, by cause.",
+                &["cause"],
+            ),
+            authentications: counter(
+                &registry,
+                "authentications_total",
+                "Authentication decisions, by outcome and reason.",
+                &["outcome", "reason"],
+            ),
+            denials: counter(
+                &registry,
+                "authorization_denials_total",
+                "Operations refused, by AMQP method and missing permission.",
+                &["method", "permission"],
+            ),
+            jwks_fetches: counter(
+                &registry,
+                "jwks_fetches_total",
+                "JWKS fetches, by result.",
+                &["result"],
+            ),
+            relayed_bytes: counter(
+                &registry,
+                "relayed_bytes_total",
+                "Bytes relayed, by direction.",
+                &["direction"],
+            ),
+            relayed_frames: counter(
+                &registry,
+                "relayed_frames_total",
+                "AMQP frames relayed, by direction.",
+                &["direction"],
+            ),
+            backend_connect_failures: counter(
+                &registry,
+                "backend_connect_failures_total",
+                "Failed backend connection attempts, by node.",
+                &["node"],
+            ),
+            exchange_lookups: counter(
+                &registry,
+                "exchange_type_lookups_total",
+                "Exchange type lookups in the management API, by result.",
+                &["result"],
+            ),
+            connections_open,
+            handshake_duration,
+            jwks_keys,
+            jwks_last_success,
+            registry,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for I/O reasons.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Records how long a phase took.
+    pub fn phase(&self, phase: &str) -> Histogram {
+        self.handshake_duration.with_label_values(&[phase])
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

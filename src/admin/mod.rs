@@ -1,0 +1,129 @@
+//! The admin HTTP listener: `/metrics` (Prometheus text), `/healthz` (the process is
+//! alive) and `/readyz` (keys loaded, a backend node reachable, TLS material loaded), with
+//! a short body that says why when not ready. Also the metrics and the audit log.
+
+pub mod audit;
+pub mod metrics;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::auth::keys::KeyStore;
+use metrics::Metrics;
+
+/// Bound on reading a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on the backend reachability probe of `/readyz`.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Serves the admin endpoints on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let readiness = readiness.clone();
+                async move { Ok::<_, Infallible>(route(&readiness, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+        });
+    }
+}
+
+async fn route(r: &Readiness, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/metrics" => {
+            r.refresh_gauges();
+            text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                r.metrics.render(),
+            )
+        }
+        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" => match ready(r).await {
+            Ok(()) => text(StatusCode::OK, "text/plain", "ready\n".into()),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {why}\n"),
+            ),
+        },
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+/// Why the gateway cannot serve clients, if it cannot.
+async fn ready(r: &Readiness) -> Result<(), String> {
+    if r.keys.key_count() == 0 {
+        let detail = r
+            .keys
+            .status()
+            .and_then(|s| s.last_error)
+            .unwrap_or_else(|| "no signing keys configured".into());
+        return Err(format!("no verification keys loaded ({detail})"));
+    }
+    let mut errors = Vec::new();
+    for node in &r.backend_nodes {
+        match tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect(node)).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => errors.push(format!("{node}: {e}")),
+            Err(_) => errors.push(format!("{node}: timed out")),
+        }
+    }
+    Err(format!("no backend node reachable ({})", errors.join("; ")))
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// What the admin endpoints look at.
+pub struct Readiness {
+    pub metrics: Arc<Metrics>,
+    pub keys: Arc<KeyStore>,
+    pub backend_nodes: Vec<String>,
+}
+
+impl Readiness {
+    /// Brings the gauges and counters owned by other modules up to date before a scrape.
+    fn refresh_gauges(&self) {
+        let m = &self.metrics;
+        m.jwks_keys.set(self.keys.key_count() as i64);
+        if let Some(s) = self.keys.status() {
+            if let Some(t) = s
+                .last_success
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            {
+                m.jwks_last_success.set(t.as_secs_f64());
+            }
+            // The key store counts its fetches; catch the counters up.
+            let ok = s.fetches - s.failures;
+            for (label, total) in [("ok", ok), ("error", s.failures)] {
+                let c = m.jwks_fetches.with_label_values(&[label]);
+                c.inc_by(total.saturating_sub(c.get()));
+            }
+        }
+    }
+}
