@@ -243,6 +243,16 @@ fn explain(config: &std::path::Path, token: Option<String>, json: bool) -> ExitC
     }
 }
 
+/// Waits for SIGTERM or SIGINT (Ctrl-C) and says which.
+async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => Ok("SIGTERM"),
+        r = tokio::signal::ctrl_c() => r.map(|()| "SIGINT").context("waiting for a signal"),
+    }
+}
+
 fn parse_tag(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -301,11 +311,17 @@ fn serve(cfg: config::Config) -> anyhow::Result<()> {
             .await
             .map_err(anyhow::Error::msg)
             .context("starting the gateway")?;
+        let drainer = gateway.drainer();
         gateway.start().await.context("binding listeners")?;
-        tokio::signal::ctrl_c()
-            .await
-            .context("waiting for a signal")?;
-        tracing::info!("shutting down");
+        let signal = shutdown_signal().await?;
+        tracing::info!(signal, "shutting down gracefully");
+        let cut = drainer.drain().await;
+        if cut > 0 {
+            tracing::warn!(
+                connections = cut,
+                "drain deadline reached; closing the rest"
+            );
+        }
         Ok(())
     })
 }

@@ -866,22 +866,27 @@ impl Session {
     /// Closes the client connection because the token expired (RabbitMQ 4.2.6+), and the
     /// backend connection with it. Nothing the client sends afterwards is relayed.
     pub fn expire(&mut self, to_client: &mut Outbox, to_backend: &mut Outbox) {
+        self.force_close(
+            "CONNECTION_FORCED - credential expired",
+            to_client,
+            to_backend,
+        );
+    }
+
+    /// Closes the client with `320 CONNECTION_FORCED` and `text`, and the backend with it;
+    /// nothing the client sends afterwards is relayed.
+    pub fn force_close(&mut self, text: &str, to_client: &mut Outbox, to_backend: &mut Outbox) {
+        if self.closing {
+            return;
+        }
         self.closing = true;
         self.connection_closing = true;
-        to_client.frame(|b| {
-            method::connection_close(
-                b,
-                reply::CONNECTION_FORCED,
-                "CONNECTION_FORCED - credential expired",
-                0,
-                0,
-            )
-        });
+        to_client.frame(|b| method::connection_close(b, reply::CONNECTION_FORCED, text, 0, 0));
         to_backend.frame(|b| {
             method::connection_close(
                 b,
                 reply::REPLY_SUCCESS,
-                "gateway: client credential expired",
+                "gateway: client connection closed",
                 0,
                 0,
             )

@@ -51,6 +51,13 @@ pub const MAX_MAX_PREAUTH_FRAME: u32 = 1_048_576;
 /// the client lacks the `authentication_failure_close` capability; the gateway does the same,
 /// which also slows down password guessing.
 pub const DEFAULT_AUTH_FAILURE_DELAY_MS: u64 = 3_000;
+/// `listener.drain_period_ms`: after SIGTERM, clients keep working this long (while a load
+/// balancer stops sending new ones) before they are sent `connection.close 320`.
+pub const DEFAULT_DRAIN_PERIOD_MS: u64 = 5_000;
+/// `listener.drain_deadline_ms`: after SIGTERM, connections still open this long are cut.
+pub const DEFAULT_DRAIN_DEADLINE_MS: u64 = 30_000;
+/// Upper bound of the drain settings.
+pub const MAX_DRAIN_MS: u64 = 3_600_000;
 /// Upper bound of `listener.auth_failure_delay_ms`: each delayed socket holds a connection slot.
 pub const MAX_AUTH_FAILURE_DELAY_MS: u64 = 60_000;
 /// `listener.channel_max`: RabbitMQ's default `channel_max`.
@@ -141,6 +148,11 @@ pub struct ListenerConfig {
     /// Bytes: the largest frame accepted before authentication.
     pub max_preauth_frame: u32,
     pub auth_failure_delay: Duration,
+    /// After SIGTERM: how long established clients may go on before they are sent
+    /// `connection.close 320`.
+    pub drain_period: Duration,
+    /// After SIGTERM: when the remaining connections are cut and the process exits.
+    pub drain_deadline: Duration,
     /// Offered in `connection.tune`; never 0 (which would mean "no limit").
     pub channel_max: u16,
     /// Bytes, offered in `connection.tune`.

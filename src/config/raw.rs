@@ -35,6 +35,8 @@ pub(super) struct RawListener {
     pub handshake_timeout_ms: Option<u64>,
     pub max_preauth_frame: Option<u64>,
     pub auth_failure_delay_ms: Option<u64>,
+    pub drain_period_ms: Option<u64>,
+    pub drain_deadline_ms: Option<u64>,
     pub channel_max: Option<u64>,
     pub frame_max: Option<u64>,
     pub heartbeat: Option<u64>,

@@ -107,6 +107,7 @@ where
             lookup: exchange_lookup(&shared, &vhost),
             on_denial,
             traffic: Some(relay::Traffic::new(&shared.metrics)),
+            shutdown: Some(shutdown_signal(&shared)),
         },
     )
     .await;
@@ -454,5 +455,15 @@ fn denial_reporter(
             method: Some(method),
             resource: Some(&d.resource),
         });
+    })
+}
+
+/// Completes when the gateway starts closing connections for a shutdown.
+fn shutdown_signal(
+    shared: &Shared,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    let mut rx = shared.drain.clone();
+    Box::pin(async move {
+        let _ = rx.wait_for(|s| *s == super::DrainState::Closing).await;
     })
 }

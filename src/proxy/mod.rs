@@ -21,7 +21,7 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin::Readiness;
@@ -40,12 +40,55 @@ pub(crate) struct Shared {
     pub exchange_types: Option<Arc<ExchangeTypes>>,
     pub metrics: Arc<Metrics>,
     pub audit: Audit,
+    pub drain: watch::Receiver<DrainState>,
+}
+
+/// Where a graceful shutdown is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainState {
+    Running,
+    /// No new connections; established ones go on.
+    Stopping,
+    /// Established connections are sent `connection.close 320`.
+    Closing,
+}
+
+/// Drives a graceful shutdown: stop accepting, let clients go on for the drain period,
+/// send them `320`, cut what is left at the deadline.
+pub struct Drainer {
+    tx: watch::Sender<DrainState>,
+    metrics: Arc<Metrics>,
+    period: std::time::Duration,
+    deadline: std::time::Duration,
+}
+
+impl Drainer {
+    /// Returns the number of connections still open at the deadline (cut when the
+    /// process exits).
+    pub async fn drain(self) -> i64 {
+        let start = tokio::time::Instant::now();
+        let open = || self.metrics.connections_open.get();
+        let _ = self.tx.send(DrainState::Stopping);
+        tracing::info!(open = open(), "draining: no new connections");
+        wait_until(|| open() == 0, start + self.period).await;
+        let _ = self.tx.send(DrainState::Closing);
+        tracing::info!(open = open(), "draining: closing client connections");
+        wait_until(|| open() == 0, start + self.deadline.max(self.period)).await;
+        open()
+    }
+}
+
+async fn wait_until(done: impl Fn() -> bool, deadline: tokio::time::Instant) {
+    while !done() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 /// A configured gateway, ready to bind.
 pub struct Gateway {
     shared: Arc<Shared>,
     tls: Option<TlsAcceptor>,
+    drain: watch::Sender<DrainState>,
 }
 
 /// The addresses actually bound (useful with port 0).
@@ -93,6 +136,7 @@ impl Gateway {
             None => None,
         };
         let audit = Audit::open(cfg.log.audit.as_ref()).map_err(|e| format!("log.audit: {e}"))?;
+        let (drain_tx, drain) = watch::channel(DrainState::Running);
         Ok(Gateway {
             shared: Arc::new(Shared {
                 cfg,
@@ -101,9 +145,21 @@ impl Gateway {
                 exchange_types,
                 metrics,
                 audit,
+                drain,
             }),
             tls,
+            drain: drain_tx,
         })
+    }
+
+    /// The handle for a graceful shutdown (take it before `start`).
+    pub fn drainer(&self) -> Drainer {
+        Drainer {
+            tx: self.drain.clone(),
+            metrics: self.shared.metrics.clone(),
+            period: self.shared.cfg.listener.drain_period,
+            deadline: self.shared.cfg.listener.drain_deadline,
+        }
     }
 
     /// Binds the listeners and serves connections in the background.
@@ -170,8 +226,16 @@ async fn accept_loop(
         .metrics
         .connections_accepted
         .with_label_values(&[name]);
+    let mut drain = shared.drain.clone();
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accept = tokio::select! {
+            a = listener.accept() => a,
+            _ = drain.wait_for(|s| *s != DrainState::Running) => {
+                tracing::info!(listener = name, "listener closed for the shutdown");
+                return;
+            }
+        };
+        let (stream, peer) = match accept {
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.

@@ -57,6 +57,8 @@ pub struct Hooks {
     pub lookup: Option<ExchangeLookup>,
     pub on_denial: DenialReporter,
     pub traffic: Option<Traffic>,
+    /// Completes when the gateway shuts down: the client is sent `320` and the relay ends.
+    pub shutdown: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 /// Byte and frame counters of both directions, resolved once per connection so the relay
@@ -221,6 +223,17 @@ where
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
         loop {
             let mut progress = false;
+            if let Some(s) = &mut self.hooks.shutdown
+                && s.as_mut().poll(cx).is_ready()
+            {
+                self.hooks.shutdown = None;
+                // RabbitMQ's own text when a node shuts down.
+                let text =
+                    "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'";
+                self.session
+                    .force_close(text, &mut self.client.out, &mut self.backend.out);
+                progress = true;
+            }
             if let Some(t) = &mut self.expiry
                 && t.as_mut().poll(cx).is_ready()
             {
