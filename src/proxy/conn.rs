@@ -464,6 +464,6 @@ fn shutdown_signal(
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     let mut rx = shared.drain.clone();
     Box::pin(async move {
-        let _ = rx.wait_for(|s| *s == super::DrainState::Closing).await;
+        super::wait_state(&mut rx, super::DrainState::Closing).await;
     })
 }

@@ -78,6 +78,19 @@ impl Drainer {
     }
 }
 
+/// Completes once the drain state reaches `at_least`; never, if nobody can drain (the
+/// `Drainer` was not taken).
+pub(crate) async fn wait_state(rx: &mut watch::Receiver<DrainState>, at_least: DrainState) {
+    let reached = |s: &DrainState| match at_least {
+        DrainState::Running => true,
+        DrainState::Stopping => *s != DrainState::Running,
+        DrainState::Closing => *s == DrainState::Closing,
+    };
+    if rx.wait_for(reached).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 async fn wait_until(done: impl Fn() -> bool, deadline: tokio::time::Instant) {
     while !done() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -230,7 +243,7 @@ async fn accept_loop(
     loop {
         let accept = tokio::select! {
             a = listener.accept() => a,
-            _ = drain.wait_for(|s| *s != DrainState::Running) => {
+            _ = wait_state(&mut drain, DrainState::Stopping) => {
                 tracing::info!(listener = name, "listener closed for the shutdown");
                 return;
             }
