@@ -153,6 +153,10 @@ pub struct ListenerConfig {
     pub drain_period: Duration,
     /// After SIGTERM: when the remaining connections are cut and the process exits.
     pub drain_deadline: Duration,
+    /// Expect a PROXY protocol v1/v2 header before TLS on every listener (behind an AWS
+    /// NLB or HAProxy `send-proxy`); its source address is the client's in logs, metrics and
+    /// the audit log.
+    pub proxy_protocol: bool,
     /// Offered in `connection.tune`; never 0 (which would mean "no limit").
     pub channel_max: u16,
     /// Bytes, offered in `connection.tune`.

@@ -36,6 +36,7 @@ pub(super) struct RawListener {
     pub max_preauth_frame: Option<u64>,
     pub auth_failure_delay_ms: Option<u64>,
     pub drain_period_ms: Option<u64>,
+    pub proxy_protocol: Option<bool>,
     pub drain_deadline_ms: Option<u64>,
     pub channel_max: Option<u64>,
     pub frame_max: Option<u64>,

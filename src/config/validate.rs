@@ -126,6 +126,7 @@ impl Checker<'_> {
                 0,
                 MAX_AUTH_FAILURE_DELAY_MS,
             ),
+            proxy_protocol: raw.proxy_protocol.unwrap_or(false),
             drain_period: self.millis(
                 "listener.drain_period_ms",
                 raw.drain_period_ms,

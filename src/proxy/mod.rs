@@ -13,6 +13,7 @@
 pub mod backend;
 mod conn;
 pub mod exchange_types;
+pub mod proxy_protocol;
 pub mod relay;
 
 use std::net::SocketAddr;
@@ -286,6 +287,34 @@ async fn serve_socket(
     shared: Arc<Shared>,
 ) {
     let _ = stream.set_nodelay(true);
+    let mut stream = stream;
+    let peer = if shared.cfg.listener.proxy_protocol {
+        let deadline = shared.cfg.listener.handshake_timeout;
+        match tokio::time::timeout(deadline, proxy_protocol::read_header(&mut stream)).await {
+            Ok(Ok(Some(client))) => client,
+            Ok(Ok(None)) => peer,
+            Ok(Err(e)) => {
+                tracing::info!(%peer, error = %e, "PROXY protocol header refused");
+                shared
+                    .metrics
+                    .connections_closed
+                    .with_label_values(&["proxy_header"])
+                    .inc();
+                return;
+            }
+            Err(_) => {
+                tracing::info!(%peer, "no PROXY protocol header in time");
+                shared
+                    .metrics
+                    .connections_closed
+                    .with_label_values(&["handshake_timeout"])
+                    .inc();
+                return;
+            }
+        }
+    } else {
+        peer
+    };
     match tls {
         None => conn::serve(stream, peer, shared).await,
         Some(acceptor) => {

@@ -94,7 +94,25 @@ test-ec384 = "{ec}"
         rsa = f.join("rsa-public.pem").display(),
         ec = f.join("ec384-public.pem").display(),
     );
-    build_gateway(extra_oauth2, &key_source, backend_node, extra_backend).await
+    build_gateway(extra_oauth2, &key_source, backend_node, extra_backend, "").await
+}
+
+/// The standard gateway with `extra_listener` lines in `[listener]` and `extra_backend`
+/// lines in `[backend]`.
+pub async fn start_gateway_listener(extra_listener: &str, extra_backend: &str) -> TestGateway {
+    let f = fixtures();
+    let key_source = format!(
+        "issuer = \"{ISSUER}\"\n\n[oauth2.signing_keys]\ntest-rsa = \"{}\"\n",
+        f.join("rsa-public.pem").display()
+    );
+    build_gateway(
+        "",
+        &key_source,
+        "127.0.0.1:5672",
+        extra_backend,
+        extra_listener,
+    )
+    .await
 }
 
 /// Starts a gateway with the standard test config plus `extra_oauth2` lines, taking its keys
@@ -102,7 +120,7 @@ test-ec384 = "{ec}"
 /// by an `[oauth2.signing_keys]` table (it is placed last in `[oauth2]`, before the scope
 /// aliases).
 pub async fn start_gateway_with_keys(extra_oauth2: &str, key_source: &str) -> TestGateway {
-    build_gateway(extra_oauth2, key_source, "127.0.0.1:5672", "").await
+    build_gateway(extra_oauth2, key_source, "127.0.0.1:5672", "", "").await
 }
 
 /// Starts a gateway whose keys come only from `issuer`'s OIDC discovery document (no
@@ -116,6 +134,7 @@ async fn build_gateway(
     key_source: &str,
     backend_node: &str,
     extra_backend: &str,
+    extra_listener: &str,
 ) -> TestGateway {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -131,6 +150,7 @@ tls_cert = "server.pem"
 tls_key = "server-key.pem"
 plain_address = "127.0.0.1:0"
 auth_failure_delay_ms = 200
+{extra_listener}
 
 [backend]
 nodes = ["{backend_node}"]
