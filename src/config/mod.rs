@@ -144,6 +144,13 @@ pub struct ListenerConfig {
     /// The plain AMQP listener, for development and tests only.
     pub plain_address: Option<SocketAddr>,
     pub max_connections: usize,
+    /// Connections open at once from one client IP address; 0: no limit.
+    pub max_connections_per_source: u32,
+    /// Connections open at once for one identity (the token's `sub`); 0: no limit.
+    pub max_connections_per_identity: u32,
+    /// New connections per second from one client IP address (a token bucket with a burst
+    /// of the same size); 0: no limit.
+    pub handshakes_per_second_per_source: u32,
     pub handshake_timeout: Duration,
     /// Bytes: the largest frame accepted before authentication.
     pub max_preauth_frame: u32,

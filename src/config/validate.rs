@@ -105,6 +105,27 @@ impl Checker<'_> {
                 1,
                 u32::MAX.into(),
             ),
+            max_connections_per_source: self.bounded(
+                "listener.max_connections_per_source",
+                raw.max_connections_per_source,
+                0,
+                0,
+                u32::MAX.into(),
+            ),
+            max_connections_per_identity: self.bounded(
+                "listener.max_connections_per_identity",
+                raw.max_connections_per_identity,
+                0,
+                0,
+                u32::MAX.into(),
+            ),
+            handshakes_per_second_per_source: self.bounded(
+                "listener.handshakes_per_second_per_source",
+                raw.handshakes_per_second_per_source,
+                0,
+                0,
+                1_000_000,
+            ),
             handshake_timeout: self.millis(
                 "listener.handshake_timeout_ms",
                 raw.handshake_timeout_ms,

@@ -40,6 +40,8 @@ struct Established {
     client_leftover: BytesMut,
     /// The client understands `basic.cancel` from the server.
     cancel_notify: bool,
+    /// The identity's connection slot, held for the life of the connection.
+    _identity_slot: Option<super::limits::Slot<String>>,
 }
 
 /// Serves one connection to the end.
@@ -69,6 +71,7 @@ where
         backend,
         client_leftover,
         cancel_notify,
+        _identity_slot,
     } = est;
     tracing::info!(
         %peer, user = %identity.username, vhost = %vhost, node = %backend.node,
@@ -294,6 +297,30 @@ where
         wait_close_ok(stream, hs, CLOSE_OK_WAIT).await;
         return Err("vhost_refused");
     }
+    let who = identity
+        .sub
+        .clone()
+        .unwrap_or_else(|| identity.username.clone());
+    let identity_slot = match shared.limits.admit_identity(&who) {
+        Ok(slot) => slot,
+        Err(limit) => {
+            tracing::info!(%peer, user = %identity.username, %vhost, limit, "identity connection limit reached");
+            shared
+                .metrics
+                .authentications
+                .with_label_values(&["refused", "identity_limit"])
+                .inc();
+            audit_identity(shared, peer, &identity, &vhost, "deny", "identity_limit");
+            let text = format!(
+                "NOT_ALLOWED - access to vhost '{vhost}' refused for user '{}': connection limit ({limit}) is reached",
+                identity.username
+            );
+            hs.vhost_refused(&mut out, &text);
+            let _ = stream.write_all(&out).await;
+            wait_close_ok(stream, hs, CLOSE_OK_WAIT).await;
+            return Err("identity_limit");
+        }
+    };
     let tuning = hs.tuning().ok_or("handshake_failed")?;
     let name = format!(
         "{} via amqp-iam-gateway from {peer} (token {})",
@@ -319,6 +346,7 @@ where
                 backend,
                 client_leftover: leftover,
                 cancel_notify,
+                _identity_slot: identity_slot,
             })
         }
         Err(e) => {

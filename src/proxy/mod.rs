@@ -13,6 +13,7 @@
 pub mod backend;
 mod conn;
 pub mod exchange_types;
+pub mod limits;
 pub mod proxy_protocol;
 pub mod relay;
 
@@ -42,6 +43,7 @@ pub(crate) struct Shared {
     pub metrics: Arc<Metrics>,
     pub audit: Audit,
     pub drain: watch::Receiver<DrainState>,
+    pub limits: Arc<limits::Limits>,
 }
 
 /// Where a graceful shutdown is.
@@ -151,6 +153,12 @@ impl Gateway {
         };
         let audit = Audit::open(cfg.log.audit.as_ref()).map_err(|e| format!("log.audit: {e}"))?;
         let (drain_tx, drain) = watch::channel(DrainState::Running);
+        let l = &cfg.listener;
+        let limits = Arc::new(limits::Limits::new(
+            l.max_connections_per_source,
+            l.max_connections_per_identity,
+            l.handshakes_per_second_per_source,
+        ));
         Ok(Gateway {
             shared: Arc::new(Shared {
                 cfg,
@@ -160,6 +168,7 @@ impl Gateway {
                 metrics,
                 audit,
                 drain,
+                limits,
             }),
             tls,
             drain: drain_tx,
@@ -314,6 +323,28 @@ async fn serve_socket(
         }
     } else {
         peer
+    };
+    let _source_slot = match shared
+        .limits
+        .admit_source(peer.ip(), std::time::Instant::now())
+    {
+        Ok(slot) => slot,
+        Err(reason) => {
+            tracing::info!(%peer, reason, "connection refused by a source limit");
+            shared
+                .metrics
+                .connections_closed
+                .with_label_values(&[reason])
+                .inc();
+            shared.audit.record(&crate::admin::audit::AuditEvent {
+                event: "limit",
+                decision: "deny",
+                reason,
+                client: Some(peer),
+                ..Default::default()
+            });
+            return;
+        }
     };
     match tls {
         None => conn::serve(stream, peer, shared).await,
