@@ -125,3 +125,55 @@ async fn unreachable_broker_is_a_320_at_open() {
         Some((320, "CONNECTION_FORCED - broker unavailable".to_owned()))
     );
 }
+
+async fn metric(gw: &TestGateway, sample: &str) -> f64 {
+    let url = format!("http://{}/metrics", gw.addrs.admin.unwrap());
+    let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn failed_nodes_are_skipped_and_healthy_ones_share_the_load() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    // Two names for the running node, and a node nobody listens on.
+    let nodes = format!(r#"{dead}", "127.0.0.1:5672", "localhost:5672"#);
+    let gw = start_gateway_with("", &nodes).await;
+    let token = sign(&claims(ADMIN_ROLE));
+    let mut conns = Vec::new();
+    for _ in 0..6 {
+        conns.push(
+            gw.connect(&token, "/")
+                .await
+                .expect("a healthy node is chosen"),
+        );
+    }
+    let failures = metric(
+        &gw,
+        &format!(r#"amqp_iam_gateway_backend_connect_failures_total{{node="{dead}"}}"#),
+    )
+    .await;
+    assert_eq!(
+        failures, 1.0,
+        "the dead node is tried once, then skipped during its back-off"
+    );
+    let a = metric(
+        &gw,
+        r#"amqp_iam_gateway_backend_connections_total{node="127.0.0.1:5672"}"#,
+    )
+    .await;
+    let b = metric(
+        &gw,
+        r#"amqp_iam_gateway_backend_connections_total{node="localhost:5672"}"#,
+    )
+    .await;
+    assert_eq!(a + b, 6.0);
+    assert!(
+        a >= 2.0 && b >= 2.0,
+        "round robin over the healthy nodes: {a} / {b}"
+    );
+}

@@ -24,6 +24,7 @@ pub struct Metrics {
     pub relayed_bytes: IntCounterVec,
     pub relayed_frames: IntCounterVec,
     pub backend_connect_failures: IntCounterVec,
+    pub backend_connections: IntCounterVec,
     pub exchange_lookups: IntCounterVec,
 }
 
@@ -135,6 +136,12 @@ impl Metrics {
                 &registry,
                 "backend_connect_failures_total",
                 "Failed backend connection attempts, by node.",
+                &["node"],
+            ),
+            backend_connections: counter(
+                &registry,
+                "backend_connections_total",
+                "Backend connections opened, by node.",
                 &["node"],
             ),
             exchange_lookups: counter(

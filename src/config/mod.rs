@@ -194,6 +194,8 @@ pub struct BackendConfig {
     /// of exchanges the gateway has not seen declared (topic checks apply to topic
     /// exchanges only). `None`: such exchanges are treated as topic exchanges.
     pub management_url: Option<String>,
+    /// How a node is chosen for each connection among the healthy ones.
+    pub balance: crate::proxy::balancer::Policy,
 }
 
 /// Written by hand so the service user's password never reaches a log line.

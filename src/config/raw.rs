@@ -54,6 +54,7 @@ pub(super) struct RawBackend {
     pub password: Option<String>,
     pub connect_timeout_ms: Option<u64>,
     pub management_url: Option<String>,
+    pub balance: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -209,6 +209,17 @@ impl Checker<'_> {
         // RabbitMQ's internal backend refuses blank passwords, so an empty one is a mistake.
         let username = self.required_text("backend.username", raw.username);
         let password = self.required_text("backend.password", raw.password);
+        let balance = match raw.balance.as_deref() {
+            None | Some("round_robin") => crate::proxy::balancer::Policy::RoundRobin,
+            Some("least_connections") => crate::proxy::balancer::Policy::LeastConnections,
+            Some(other) => {
+                self.error(
+                    "backend.balance",
+                    format!("{other:?} is not \"round_robin\" or \"least_connections\""),
+                );
+                crate::proxy::balancer::Policy::RoundRobin
+            }
+        };
         let management_url = raw.management_url.inspect(|url| {
             if !(url.starts_with("http://") || url.starts_with("https://"))
                 || url.contains(char::is_whitespace)
@@ -231,6 +242,7 @@ impl Checker<'_> {
                 MAX_BACKEND_CONNECT_TIMEOUT_MS,
             ),
             management_url,
+            balance,
         }
     }
 

@@ -9,6 +9,10 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::balancer::{Balancer, Lease};
 use crate::admin::metrics::Metrics;
 use crate::amqp::frame::{self, PROTOCOL_HEADER};
 use crate::amqp::handshake::Tuning;
@@ -39,6 +43,8 @@ pub enum BackendError {
 /// An open backend connection.
 pub struct Backend {
     pub stream: TcpStream,
+    /// Counts this connection against its node until dropped.
+    pub lease: Lease,
     /// Bytes read after `open-ok`, to be relayed.
     pub leftover: BytesMut,
     pub node: String,
@@ -48,47 +54,61 @@ pub struct Backend {
 /// Connects to the first reachable node and opens `vhost` on it.
 pub async fn open(
     cfg: &BackendConfig,
+    balancer: &Arc<Balancer>,
     vhost: &str,
     client: Tuning,
     client_properties: FieldTable,
     metrics: &Metrics,
 ) -> Result<Backend, BackendError> {
     let mut errors = Vec::new();
-    let failed = |addr: &str| {
-        metrics
-            .backend_connect_failures
-            .with_label_values(&[addr])
-            .inc()
-    };
-    for node in &cfg.nodes {
-        let addr = node.to_string();
-        let stream =
-            match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&addr)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    failed(&addr);
-                    errors.push(format!("{addr}: {e}"));
-                    continue;
-                }
-                Err(_) => {
-                    failed(&addr);
-                    errors.push(format!("{addr}: connect timed out"));
-                    continue;
-                }
-            };
+    for i in balancer.order(Instant::now()) {
+        let addr = balancer.addr(i).to_owned();
+        let connected = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&addr)).await;
+        let stream = match connected {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                errors.push(format!("{addr}: {e}"));
+                metrics
+                    .backend_connect_failures
+                    .with_label_values(&[&addr])
+                    .inc();
+                balancer.failure(i, Instant::now());
+                continue;
+            }
+            Err(_) => {
+                errors.push(format!("{addr}: connect timed out"));
+                metrics
+                    .backend_connect_failures
+                    .with_label_values(&[&addr])
+                    .inc();
+                balancer.failure(i, Instant::now());
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let handshake = handshake(stream, cfg, vhost, client, client_properties.clone());
         return match tokio::time::timeout(cfg.connect_timeout, handshake).await {
-            Ok(Ok((stream, leftover, tuning))) => Ok(Backend {
-                stream,
-                leftover,
-                node: addr,
-                tuning,
-            }),
+            Ok(Ok((stream, leftover, tuning))) => {
+                metrics
+                    .backend_connections
+                    .with_label_values(&[&addr])
+                    .inc();
+                Ok(Backend {
+                    stream,
+                    leftover,
+                    lease: balancer.success(i),
+                    node: addr,
+                    tuning,
+                })
+            }
+            // A refusal (e.g. an unknown vhost) is the answer, not a node failure.
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(BackendError::Protocol(format!(
-                "{addr}: handshake timed out"
-            ))),
+            Err(_) => {
+                balancer.failure(i, Instant::now());
+                Err(BackendError::Protocol(format!(
+                    "{addr}: handshake timed out"
+                )))
+            }
         };
     }
     Err(BackendError::Unreachable(errors.join("; ")))
@@ -221,8 +241,18 @@ async fn expect(
 
 /// The client's properties, passed on so the broker knows its capabilities, with the
 /// authenticated identity in `connection_name` (shown by `rabbitmqctl list_connections`).
-pub fn backend_properties(client: &FieldTable, identity: &str) -> FieldTable {
+pub fn backend_properties(
+    client: &FieldTable,
+    identity: &str,
+    peer: std::net::SocketAddr,
+) -> FieldTable {
     let mut props = client.clone();
+    // The client's address (the PROXY header's, behind a load balancer), as the broker
+    // would otherwise only see the gateway's.
+    props.insert(
+        "client_address".into(),
+        AMQPValue::LongString(method::long(&peer.to_string())),
+    );
     let name = match client
         .inner()
         .get("connection_name")

@@ -326,9 +326,17 @@ where
         "{} via amqp-iam-gateway from {peer} (token {})",
         identity.username, identity.token_id
     );
-    let props = backend::backend_properties(&client_props, &name);
+    let props = backend::backend_properties(&client_props, &name, peer);
     let timer = shared.metrics.phase("backend_connect").start_timer();
-    let opened = backend::open(&shared.cfg.backend, &vhost, tuning, props, &shared.metrics).await;
+    let opened = backend::open(
+        &shared.cfg.backend,
+        &shared.balancer,
+        &vhost,
+        tuning,
+        props,
+        &shared.metrics,
+    )
+    .await;
     timer.observe_duration();
     match opened {
         Ok(backend) => {

@@ -11,6 +11,7 @@
 //! authentication has a deadline, and every pre-auth buffer a size bound.
 
 pub mod backend;
+pub mod balancer;
 mod conn;
 pub mod exchange_types;
 pub mod limits;
@@ -44,6 +45,7 @@ pub(crate) struct Shared {
     pub audit: Audit,
     pub drain: watch::Receiver<DrainState>,
     pub limits: Arc<limits::Limits>,
+    pub balancer: Arc<balancer::Balancer>,
 }
 
 /// Where a graceful shutdown is.
@@ -153,6 +155,10 @@ impl Gateway {
         };
         let audit = Audit::open(cfg.log.audit.as_ref()).map_err(|e| format!("log.audit: {e}"))?;
         let (drain_tx, drain) = watch::channel(DrainState::Running);
+        let balancer = Arc::new(balancer::Balancer::new(
+            cfg.backend.nodes.iter().map(|n| n.to_string()).collect(),
+            cfg.backend.balance,
+        ));
         let l = &cfg.listener;
         let limits = Arc::new(limits::Limits::new(
             l.max_connections_per_source,
@@ -169,6 +175,7 @@ impl Gateway {
                 audit,
                 drain,
                 limits,
+                balancer,
             }),
             tls,
             drain: drain_tx,
