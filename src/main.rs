@@ -186,7 +186,7 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(&cfg.log.level, cfg.log.format);
-            match serve(cfg) {
+            match serve(cfg, config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -302,7 +302,7 @@ fn init_logging(level: &str, format: config::LogFormat) {
     }
 }
 
-fn serve(cfg: config::Config) -> anyhow::Result<()> {
+fn serve(cfg: config::Config, path: PathBuf) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -311,8 +311,21 @@ fn serve(cfg: config::Config) -> anyhow::Result<()> {
             .await
             .map_err(anyhow::Error::msg)
             .context("starting the gateway")?;
+        let gateway = gateway.with_config_path(path);
         let drainer = gateway.drainer();
+        let live = gateway.live();
         gateway.start().await.context("binding listeners")?;
+        // SIGHUP: reload the config file; an invalid one is reported and the current one
+        // keeps serving.
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("installing the SIGHUP handler")?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                if let Err(e) = live.reload_from_file().await {
+                    tracing::error!("{e}");
+                }
+            }
+        });
         let signal = shutdown_signal().await?;
         tracing::info!(signal, "shutting down gracefully");
         let cut = drainer.drain().await;

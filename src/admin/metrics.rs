@@ -26,6 +26,7 @@ pub struct Metrics {
     pub backend_connect_failures: IntCounterVec,
     pub backend_connections: IntCounterVec,
     pub exchange_lookups: IntCounterVec,
+    pub config_reloads: IntCounterVec,
 }
 
 const NS: &str = "amqp_iam_gateway";
@@ -143,6 +144,12 @@ impl Metrics {
                 "backend_connections_total",
                 "Backend connections opened, by node.",
                 &["node"],
+            ),
+            config_reloads: counter(
+                &registry,
+                "config_reloads_total",
+                "Configuration reloads, by result.",
+                &["result"],
             ),
             exchange_lookups: counter(
                 &registry,

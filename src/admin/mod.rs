@@ -17,8 +17,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::auth::keys::KeyStore;
-use metrics::Metrics;
+use crate::proxy::Live;
 
 /// Bound on reading a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -26,7 +25,7 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves the admin endpoints on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>) {
+pub async fn serve(listener: TcpListener, readiness: Arc<Live>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -47,14 +46,35 @@ pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>) {
     }
 }
 
-async fn route(r: &Readiness, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(r: &Live, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/reload" {
+        if req.method() != hyper::Method::POST {
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "POST /reload\n".into(),
+            );
+        }
+        return match r.reload_from_file().await {
+            Ok(()) => text(StatusCode::OK, "text/plain", "reloaded\n".into()),
+            Err(e) => {
+                tracing::error!("{e}");
+                text(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "text/plain",
+                    format!("{e}\n"),
+                )
+            }
+        };
+    }
     match req.uri().path() {
         "/metrics" => {
-            r.refresh_gauges();
+            let (shared, _) = r.snapshot();
+            refresh_gauges(&shared.metrics, &shared.auth.keys);
             text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                r.metrics.render(),
+                shared.metrics.render(),
             )
         }
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
@@ -71,18 +91,19 @@ async fn route(r: &Readiness, req: Request<Incoming>) -> Response<Full<Bytes>> {
 }
 
 /// Why the gateway cannot serve clients, if it cannot.
-async fn ready(r: &Readiness) -> Result<(), String> {
-    if r.keys.key_count() == 0 {
-        let detail = r
-            .keys
+async fn ready(r: &Live) -> Result<(), String> {
+    let (shared, _) = r.snapshot();
+    let keys = &shared.auth.keys;
+    if keys.key_count() == 0 {
+        let detail = keys
             .status()
             .and_then(|s| s.last_error)
             .unwrap_or_else(|| "no signing keys configured".into());
         return Err(format!("no verification keys loaded ({detail})"));
     }
     let mut errors = Vec::new();
-    for node in &r.backend_nodes {
-        match tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect(node)).await {
+    for node in shared.cfg.backend.nodes.iter().map(|n| n.to_string()) {
+        match tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect(&node)).await {
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(e)) => errors.push(format!("{node}: {e}")),
             Err(_) => errors.push(format!("{node}: timed out")),
@@ -99,19 +120,11 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
     resp
 }
 
-/// What the admin endpoints look at.
-pub struct Readiness {
-    pub metrics: Arc<Metrics>,
-    pub keys: Arc<KeyStore>,
-    pub backend_nodes: Vec<String>,
-}
-
-impl Readiness {
-    /// Brings the gauges and counters owned by other modules up to date before a scrape.
-    fn refresh_gauges(&self) {
-        let m = &self.metrics;
-        m.jwks_keys.set(self.keys.key_count() as i64);
-        if let Some(s) = self.keys.status() {
+/// Brings the gauges and counters owned by other modules up to date before a scrape.
+fn refresh_gauges(m: &metrics::Metrics, keys: &crate::auth::keys::KeyStore) {
+    {
+        m.jwks_keys.set(keys.key_count() as i64);
+        if let Some(s) = keys.status() {
             if let Some(t) = s
                 .last_success
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -14,9 +15,9 @@ const MAX_RATE_ENTRIES: usize = 65_536;
 
 /// Limits shared by every connection.
 pub struct Limits {
-    per_source: u32,
-    per_identity: u32,
-    rate: u32,
+    per_source: AtomicU32,
+    per_identity: AtomicU32,
+    rate: AtomicU32,
     sources: Mutex<HashMap<IpAddr, u32>>,
     identities: Mutex<HashMap<String, u32>>,
     buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
@@ -38,13 +39,20 @@ impl<K: std::hash::Hash + Eq + Clone> Drop for Slot<K> {
 impl Limits {
     pub fn new(per_source: u32, per_identity: u32, rate: u32) -> Limits {
         Limits {
-            per_source,
-            per_identity,
-            rate,
+            per_source: AtomicU32::new(per_source),
+            per_identity: AtomicU32::new(per_identity),
+            rate: AtomicU32::new(rate),
             sources: Mutex::default(),
             identities: Mutex::default(),
             buckets: Mutex::default(),
         }
+    }
+
+    /// Changes the limits (a reload); connections already counted stay counted.
+    pub fn set(&self, per_source: u32, per_identity: u32, rate: u32) {
+        self.per_source.store(per_source, Ordering::Relaxed);
+        self.per_identity.store(per_identity, Ordering::Relaxed);
+        self.rate.store(rate, Ordering::Relaxed);
     }
 
     /// A new connection from `ip`: `Err` with the reason when it must be closed.
@@ -53,15 +61,17 @@ impl Limits {
         ip: IpAddr,
         now: Instant,
     ) -> Result<Option<Slot<IpAddr>>, &'static str> {
-        if self.rate > 0 && !self.take_token(ip, now) {
+        let rate = self.rate.load(Ordering::Relaxed);
+        if rate > 0 && !self.take_token(ip, rate, now) {
             return Err("handshake_rate");
         }
-        if self.per_source == 0 {
+        let limit = self.per_source.load(Ordering::Relaxed);
+        if limit == 0 {
             return Ok(None);
         }
         let mut m = self.sources.lock().unwrap_or_else(|e| e.into_inner());
         let n = m.entry(ip).or_insert(0);
-        if *n >= self.per_source {
+        if *n >= limit {
             return Err("source_limit");
         }
         *n += 1;
@@ -74,13 +84,14 @@ impl Limits {
 
     /// An authenticated connection for `sub`: `Err(limit)` when it has too many.
     pub fn admit_identity(self: &Arc<Self>, sub: &str) -> Result<Option<Slot<String>>, u32> {
-        if self.per_identity == 0 {
+        let limit = self.per_identity.load(Ordering::Relaxed);
+        if limit == 0 {
             return Ok(None);
         }
         let mut m = self.identities.lock().unwrap_or_else(|e| e.into_inner());
         let n = m.entry(sub.to_owned()).or_insert(0);
-        if *n >= self.per_identity {
-            return Err(self.per_identity);
+        if *n >= limit {
+            return Err(limit);
         }
         *n += 1;
         Ok(Some(Slot {
@@ -90,8 +101,8 @@ impl Limits {
         }))
     }
 
-    fn take_token(&self, ip: IpAddr, now: Instant) -> bool {
-        let rate = f64::from(self.rate);
+    fn take_token(&self, ip: IpAddr, rate: u32, now: Instant) -> bool {
+        let rate = f64::from(rate);
         let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         if b.len() >= MAX_RATE_ENTRIES {
             // Entries that have refilled completely carry no information.

@@ -27,7 +27,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::admin::Readiness;
 use crate::admin::audit::Audit;
 use crate::admin::metrics::Metrics;
 use crate::amqp::handshake::HandshakeSettings;
@@ -104,8 +103,7 @@ async fn wait_until(done: impl Fn() -> bool, deadline: tokio::time::Instant) {
 
 /// A configured gateway, ready to bind.
 pub struct Gateway {
-    shared: Arc<Shared>,
-    tls: Option<TlsAcceptor>,
+    live: Arc<Live>,
     drain: watch::Sender<DrainState>,
 }
 
@@ -117,114 +115,209 @@ pub struct BoundAddrs {
     pub admin: Option<SocketAddr>,
 }
 
+/// The configuration in force and everything built from it. A reload builds a new one and
+/// swaps it in: new connections use it, established ones keep the one they started with.
+pub struct Live {
+    current: std::sync::RwLock<(Arc<Shared>, Option<TlsAcceptor>)>,
+    config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+impl Live {
+    pub(crate) fn snapshot(&self) -> (Arc<Shared>, Option<TlsAcceptor>) {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the configuration. On error nothing changes and the old one keeps serving.
+    pub async fn reload(&self, cfg: Config) -> Result<(), String> {
+        let _one = self.reloading.lock().await;
+        let (old, _) = self.snapshot();
+        let l = &old.cfg.listener;
+        if cfg.listener.tls.as_ref().map(|t| t.address) != l.tls.as_ref().map(|t| t.address)
+            || cfg.listener.plain_address != l.plain_address
+            || cfg.admin.address != old.cfg.admin.address
+        {
+            tracing::warn!("listener addresses changed: they take effect at the next restart");
+        }
+        let result = build(cfg, Some(&old), old.drain.clone()).await;
+        let label = if result.is_ok() { "ok" } else { "error" };
+        old.metrics.config_reloads.with_label_values(&[label]).inc();
+        let (shared, tls) = result?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = (Arc::new(shared), tls);
+        tracing::info!("configuration reloaded");
+        Ok(())
+    }
+
+    /// Reloads the config file the gateway was started with (SIGHUP, `POST /reload`).
+    /// Every error of an invalid file is reported at once.
+    pub async fn reload_from_file(&self) -> Result<(), String> {
+        let path = self
+            .config_path
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(path) = path else {
+            return Err("no config file to reload (the gateway was not started from one)".into());
+        };
+        match crate::config::load(&path) {
+            Ok(cfg) => self.reload(cfg).await,
+            Err(errors) => {
+                let (old, _) = self.snapshot();
+                old.metrics
+                    .config_reloads
+                    .with_label_values(&["error"])
+                    .inc();
+                Err(format!(
+                    "{}: invalid configuration, keeping the current one:\n{errors}",
+                    path.display()
+                ))
+            }
+        }
+    }
+}
+
+/// Builds the state for `cfg`, reusing what must survive a reload from `prev` (metrics,
+/// connection counts, node health when the nodes are unchanged).
+async fn build(
+    cfg: Config,
+    prev: Option<&Shared>,
+    drain: watch::Receiver<DrainState>,
+) -> Result<(Shared, Option<TlsAcceptor>), String> {
+    let tls = match &cfg.listener.tls {
+        Some(t) => Some(tls_acceptor(&t.cert, &t.key)?),
+        None => None,
+    };
+    let auth = Authenticator::from_config(&cfg.oauth2)?;
+    let keys = &auth.keys;
+    if keys.has_remote() {
+        if let Err(e) = keys.refresh().await {
+            tracing::error!(error = %e, "initial JWKS fetch failed; retrying in the background");
+        }
+        keys.spawn_refresh();
+    }
+    let l = &cfg.listener;
+    let handshake = HandshakeSettings {
+        max_preauth_frame: l.max_preauth_frame as usize,
+        channel_max: l.channel_max,
+        frame_max: l.frame_max,
+        heartbeat: l.heartbeat,
+        product: "amqp-iam-gateway".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let metrics = prev.map_or_else(|| Arc::new(Metrics::new()), |p| p.metrics.clone());
+    let exchange_types = match &cfg.backend.management_url {
+        Some(url) => Some(Arc::new(ExchangeTypes::new(
+            url,
+            &cfg.backend.username,
+            &cfg.backend.password,
+            cfg.backend.connect_timeout,
+            metrics.clone(),
+        )?)),
+        None => None,
+    };
+    let audit = Audit::open(cfg.log.audit.as_ref()).map_err(|e| format!("log.audit: {e}"))?;
+    let nodes: Vec<String> = cfg.backend.nodes.iter().map(|n| n.to_string()).collect();
+    let balancer = match prev {
+        Some(p)
+            if p.cfg.backend.nodes == cfg.backend.nodes
+                && p.cfg.backend.balance == cfg.backend.balance =>
+        {
+            p.balancer.clone()
+        }
+        _ => Arc::new(balancer::Balancer::new(nodes, cfg.backend.balance)),
+    };
+    let limits = match prev {
+        Some(p) => p.limits.clone(),
+        None => Arc::new(limits::Limits::new(0, 0, 0)),
+    };
+    limits.set(
+        l.max_connections_per_source,
+        l.max_connections_per_identity,
+        l.handshakes_per_second_per_source,
+    );
+    let shared = Shared {
+        cfg,
+        auth,
+        handshake,
+        exchange_types,
+        metrics,
+        audit,
+        drain,
+        limits,
+        balancer,
+    };
+    Ok((shared, tls))
+}
+
 impl Gateway {
     /// Loads TLS material and keys, and fetches the JWKS once (a failure is logged; the
     /// background refresh keeps trying and unknown kids fail closed meanwhile).
     pub async fn new(cfg: Config) -> Result<Gateway, String> {
-        let tls = match &cfg.listener.tls {
-            Some(t) => Some(tls_acceptor(&t.cert, &t.key)?),
-            None => None,
-        };
-        let auth = Authenticator::from_config(&cfg.oauth2)?;
-        let keys = &auth.keys;
-        if keys.has_remote() {
-            if let Err(e) = keys.refresh().await {
-                tracing::error!(error = %e, "initial JWKS fetch failed; retrying in the background");
-            }
-            keys.spawn_refresh();
-        }
-        let l = &cfg.listener;
-        let handshake = HandshakeSettings {
-            max_preauth_frame: l.max_preauth_frame as usize,
-            channel_max: l.channel_max,
-            frame_max: l.frame_max,
-            heartbeat: l.heartbeat,
-            product: "amqp-iam-gateway".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-        };
-        let metrics = Arc::new(Metrics::new());
-        let exchange_types = match &cfg.backend.management_url {
-            Some(url) => Some(Arc::new(ExchangeTypes::new(
-                url,
-                &cfg.backend.username,
-                &cfg.backend.password,
-                cfg.backend.connect_timeout,
-                metrics.clone(),
-            )?)),
-            None => None,
-        };
-        let audit = Audit::open(cfg.log.audit.as_ref()).map_err(|e| format!("log.audit: {e}"))?;
         let (drain_tx, drain) = watch::channel(DrainState::Running);
-        let balancer = Arc::new(balancer::Balancer::new(
-            cfg.backend.nodes.iter().map(|n| n.to_string()).collect(),
-            cfg.backend.balance,
-        ));
-        let l = &cfg.listener;
-        let limits = Arc::new(limits::Limits::new(
-            l.max_connections_per_source,
-            l.max_connections_per_identity,
-            l.handshakes_per_second_per_source,
-        ));
+        let (shared, tls) = build(cfg, None, drain).await?;
+        let live = Arc::new(Live {
+            current: std::sync::RwLock::new((Arc::new(shared), tls)),
+            config_path: std::sync::Mutex::new(None),
+            reloading: tokio::sync::Mutex::new(()),
+        });
         Ok(Gateway {
-            shared: Arc::new(Shared {
-                cfg,
-                auth,
-                handshake,
-                exchange_types,
-                metrics,
-                audit,
-                drain,
-                limits,
-                balancer,
-            }),
-            tls,
+            live,
             drain: drain_tx,
         })
     }
 
+    /// Remembers the config file, for reloads on SIGHUP and `POST /reload`.
+    pub fn with_config_path(self, path: std::path::PathBuf) -> Self {
+        *self
+            .live
+            .config_path
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(path);
+        self
+    }
+
+    /// The handle for reloads (SIGHUP).
+    pub fn live(&self) -> Arc<Live> {
+        self.live.clone()
+    }
+
     /// The handle for a graceful shutdown (take it before `start`).
     pub fn drainer(&self) -> Drainer {
+        let (shared, _) = self.live.snapshot();
         Drainer {
             tx: self.drain.clone(),
-            metrics: self.shared.metrics.clone(),
-            period: self.shared.cfg.listener.drain_period,
-            deadline: self.shared.cfg.listener.drain_deadline,
+            metrics: shared.metrics.clone(),
+            period: shared.cfg.listener.drain_period,
+            deadline: shared.cfg.listener.drain_deadline,
         }
     }
 
     /// Binds the listeners and serves connections in the background.
     pub async fn start(self) -> std::io::Result<BoundAddrs> {
-        let l = &self.shared.cfg.listener;
+        let (shared, _) = self.live.snapshot();
+        let l = &shared.cfg.listener;
         let limit = Arc::new(Semaphore::new(l.max_connections));
         let mut bound = BoundAddrs {
             tls: None,
             plain: None,
             admin: None,
         };
-        let admin = TcpListener::bind(self.shared.cfg.admin.address).await?;
+        let admin = TcpListener::bind(shared.cfg.admin.address).await?;
         bound.admin = Some(admin.local_addr()?);
-        tracing::info!(address = %admin.local_addr()?, "admin listener (/metrics, /healthz, /readyz)");
-        let readiness = Arc::new(Readiness {
-            metrics: self.shared.metrics.clone(),
-            keys: self.shared.auth.keys.clone(),
-            backend_nodes: self
-                .shared
-                .cfg
-                .backend
-                .nodes
-                .iter()
-                .map(|n| n.to_string())
-                .collect(),
-        });
-        tokio::spawn(crate::admin::serve(admin, readiness));
-        if let (Some(t), Some(acceptor)) = (&l.tls, &self.tls) {
+        tracing::info!(address = %admin.local_addr()?, "admin listener (/metrics, /healthz, /readyz, POST /reload)");
+        tokio::spawn(crate::admin::serve(admin, self.live.clone()));
+        if let Some(t) = &l.tls {
             let listener = TcpListener::bind(t.address).await?;
             bound.tls = Some(listener.local_addr()?);
             tracing::info!(address = %listener.local_addr()?, "AMQPS listener");
             tokio::spawn(accept_loop(
                 listener,
-                Some(acceptor.clone()),
-                self.shared.clone(),
+                true,
+                self.live.clone(),
                 limit.clone(),
                 "tls",
             ));
@@ -235,8 +328,8 @@ impl Gateway {
             tracing::warn!(address = %listener.local_addr()?, "plain AMQP listener (development only: tokens travel unencrypted)");
             tokio::spawn(accept_loop(
                 listener,
-                None,
-                self.shared.clone(),
+                false,
+                self.live.clone(),
                 limit,
                 "plain",
             ));
@@ -247,16 +340,18 @@ impl Gateway {
 
 async fn accept_loop(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    shared: Arc<Shared>,
+    is_tls: bool,
+    live: Arc<Live>,
     limit: Arc<Semaphore>,
     name: &'static str,
 ) {
-    let accepted = shared
+    let (first, _) = live.snapshot();
+    let accepted = first
         .metrics
         .connections_accepted
         .with_label_values(&[name]);
-    let mut drain = shared.drain.clone();
+    let mut drain = first.drain.clone();
+    drop(first);
     loop {
         let accept = tokio::select! {
             a = listener.accept() => a,
@@ -275,6 +370,16 @@ async fn accept_loop(
             }
         };
         accepted.inc();
+        // The configuration in force now (a reload does not touch established connections).
+        let (shared, tls) = live.snapshot();
+        let tls = if is_tls {
+            match tls {
+                Some(t) => Some(t),
+                None => continue, // TLS was removed by a reload; the listener stays until restart
+            }
+        } else {
+            None
+        };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "connection limit reached; closing");
             shared
@@ -285,8 +390,6 @@ async fn accept_loop(
             drop(stream);
             continue;
         };
-        let shared = shared.clone();
-        let tls = tls.clone();
         tokio::spawn(async move {
             shared.metrics.connections_open.inc();
             serve_socket(stream, peer, tls, shared.clone()).await;

@@ -1,0 +1,101 @@
+"""Hot reload on SIGHUP (and POST /reload): a changed alias applies to new connections while
+an established one keeps its permissions; an invalid config is rejected with all its errors
+and the old one keeps serving."""
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pika
+import pytest
+
+from conftest import READ_ONLY_ROLE, _free_port, _write_config, _write_tls, gateway_binary, mint, unique
+
+
+def _metric(admin_port: int, sample: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _wait_metric(admin_port: int, sample: str, value: float) -> None:
+    deadline = time.monotonic() + 10
+    while _metric(admin_port, sample) < value:
+        assert time.monotonic() < deadline, f"{sample} never reached {value}"
+        time.sleep(0.1)
+
+
+def test_sighup_reloads_aliases_for_new_connections_only(tmp_path):
+    ca = _write_tls(tmp_path)
+    port, admin = _free_port(), _free_port()
+    cfg = _write_config(tmp_path, port, admin)
+    original = cfg.read_text()
+    log = open(tmp_path / "gateway.log", "wb")
+    proc = subprocess.Popen([str(gateway_binary()), "serve", "--config", str(cfg)],
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        ctx = ssl.create_default_context(cafile=str(ca))
+
+        def connect():
+            params = pika.ConnectionParameters(
+                "127.0.0.1", port, "/", pika.PlainCredentials("", mint(READ_ONLY_ROLE)),
+                ssl_options=pika.SSLOptions(ctx, "localhost"), connection_attempts=1,
+            )
+            return pika.BlockingConnection(params)
+
+        def can_declare(conn) -> bool:
+            ch = conn.channel()
+            try:
+                ch.queue_declare(unique("reload"), exclusive=True)
+                return True
+            except pika.exceptions.ChannelClosedByBroker as e:
+                assert e.reply_code == 403
+                return False
+
+        before = connect()
+        assert not can_declare(before), "the read-only alias cannot configure"
+
+        # The alias now grants configure too.
+        cfg.write_text(original.replace('"rabbitmq/read:*/*"', '"rabbitmq/read:*/* rabbitmq/configure:*/*"'))
+        proc.send_signal(signal.SIGHUP)
+        _wait_metric(admin, 'amqp_iam_gateway_config_reloads_total{result="ok"}', 1)
+        assert not can_declare(before), "an established connection keeps its permissions"
+        assert before.is_open
+        after = connect()
+        assert can_declare(after), "a new connection gets the reloaded alias"
+
+        # An invalid config is rejected with every error, and the last good one serves on.
+        cfg.write_text(original.replace("[listener]", "[listener]\nbogus_key = 1\nmax_connections = 0"))
+        proc.send_signal(signal.SIGHUP)
+        _wait_metric(admin, 'amqp_iam_gateway_config_reloads_total{result="error"}', 1)
+        text = (tmp_path / "gateway.log").read_text()
+        assert "bogus_key" in text and "keeping the current one" in text, text[-2000:]
+        assert can_declare(connect()), "still the last good configuration"
+
+        # The admin endpoint does the same and says why.
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{admin}/reload", method="POST"), timeout=10)
+        assert e.value.code == 422 and "bogus_key" in e.value.read().decode()
+        cfg.write_text(original)
+        ok = urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{admin}/reload", method="POST"), timeout=10)
+        assert ok.status == 200
+        assert not can_declare(connect()), "back to the original alias"
+        for c in (before, after):
+            c.close()
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
