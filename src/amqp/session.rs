@@ -88,6 +88,8 @@ pub enum SessionError {
     BackendFrame(FrameError),
     #[error("client sent method {0:?} that must be checked but cannot be decoded")]
     Undecodable((u16, u16)),
+    #[error("client sent a frame other than the content header after basic.publish on channel {0}")]
+    ExpectedContentHeader(u16),
 }
 
 /// Something the relay must act on.
@@ -322,6 +324,9 @@ impl Session {
                 break Err(self.client_frame_error(e, to_client));
             }
             if h.frame_type == frame::BODY {
+                if self.awaits_content_header(h.channel) {
+                    break Err(self.expected_content_header(h.channel, to_client, to_backend));
+                }
                 self.frames.0 += 1;
                 let forward = self.client_body_forwarded(h.channel);
                 span = begin_stream(
@@ -365,6 +370,11 @@ impl Session {
                         Action::UpdateSecret(token) => break Ok(ClientEvent::UpdateSecret(token)),
                         Action::Undecodable(ids) => {
                             break Err(self.undecodable(ids, to_client, to_backend));
+                        }
+                        Action::ExpectedContentHeader => {
+                            break Err(
+                                self.expected_content_header(h.channel, to_client, to_backend)
+                            );
                         }
                         Action::Drop | Action::Forward => {}
                     }
@@ -449,6 +459,35 @@ impl Session {
         SessionError::Undecodable(ids)
     }
 
+    /// Whether a `basic.publish` on `ch` is held for its content header.
+    fn awaits_content_header(&self, ch: u16) -> bool {
+        !self.closing
+            && self
+                .channels
+                .get(&ch)
+                .is_some_and(|c| c.held_publish.is_some())
+    }
+
+    /// Anything but the content header after a `basic.publish` is a connection error at
+    /// the broker (505, with RabbitMQ's text). The gateway must say so itself: the publish
+    /// is held here, so forwarding the frame would show the broker another sequence
+    /// (a body before its method, or a second publish replacing the first).
+    fn expected_content_header(
+        &mut self,
+        ch: u16,
+        to_client: &mut Outbox,
+        to_backend: &mut Outbox,
+    ) -> SessionError {
+        self.close_both_with(
+            reply::UNEXPECTED_FRAME,
+            "UNEXPECTED_FRAME - expected content header for class 60, got non content header frame instead",
+            id::BASIC_PUBLISH,
+            to_client,
+            to_backend,
+        );
+        SessionError::ExpectedContentHeader(ch)
+    }
+
     fn client_frame_error(&mut self, e: FrameError, to_client: &mut Outbox) -> SessionError {
         let text = format!("FRAME_ERROR - {e}");
         to_client.frame(|b| method::connection_close(b, reply::FRAME_ERROR, &text, 0, 0));
@@ -497,7 +536,12 @@ impl Session {
             };
         }
         if h.frame_type != frame::METHOD {
-            return Action::Forward; // heartbeats
+            // Heartbeats; one on a data channel is the broker's 505 to give, before any
+            // content check (as RabbitMQ orders them).
+            return Action::Forward;
+        }
+        if self.awaits_content_header(h.channel) {
+            return Action::ExpectedContentHeader;
         }
         let Some(ids) = method::ids(payload) else {
             return Action::Forward;
@@ -1022,6 +1066,8 @@ enum Action {
     Lookup(String),
     /// A method the gateway must check but cannot decode: the connection is closed.
     Undecodable((u16, u16)),
+    /// Not the content header a held `basic.publish` waits for: the connection is closed.
+    ExpectedContentHeader,
     UpdateSecret(String),
 }
 

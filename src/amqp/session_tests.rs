@@ -3,7 +3,7 @@
 
 use super::*;
 use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, gen_frame};
-use amq_protocol::protocol::{basic, channel};
+use amq_protocol::protocol::{basic, channel, connection};
 use amq_protocol::types::{FieldTable, ShortString};
 
 fn perms(scopes: &[&str]) -> Permissions {
@@ -359,4 +359,58 @@ fn undecodable_checked_methods_close_the_connection_instead_of_passing() {
     frame::write_frame(&mut frame, frame::METHOD, 1, &[0, 50, 0, 10, 0, 0, 5, b'a']);
     let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
     assert!(s.on_client_input(&mut frame, &mut to_b, &mut to_c).is_err());
+}
+
+#[test]
+fn only_the_content_header_may_follow_a_publish() {
+    // Regression: the held publish let a body frame, or another method, overtake it to the
+    // backend (which then saw a body without its method), and a second publish silently
+    // replaced the first. RabbitMQ answers all of these with the same 505.
+    let p = basic::Publish {
+        exchange: "".into(),
+        routing_key: "q".into(),
+        mandatory: false,
+        immediate: false,
+    };
+    let publish_method = method(1, AMQPClass::Basic(basic::AMQPMethod::Publish(p)));
+    let body = bytes(AMQPFrame::Body(1, b"x".to_vec()));
+    for (name, next) in [
+        ("body", body),
+        ("publish", publish_method.clone()),
+        ("queue.declare", queue_declare(1, "q")),
+    ] {
+        let mut s = session(&["write:*/*", "configure:*/*"]);
+        client(&mut s, &channel_open(1), 1 << 20);
+        let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
+        let mut buf = BytesMut::from(&[publish_method.clone(), next].concat()[..]);
+        let err = s
+            .on_client_input(&mut buf, &mut to_b, &mut to_c)
+            .unwrap_err();
+        assert!(
+            matches!(err, SessionError::ExpectedContentHeader(1)),
+            "{name}"
+        );
+        let c = methods(&drain(&mut to_c));
+        let [(0, AMQPClass::Connection(connection::AMQPMethod::Close(close)))] = c.as_slice()
+        else {
+            panic!("{name}: {c:?}")
+        };
+        assert_eq!(
+            (close.reply_code, close.class_id, close.method_id),
+            (505, 60, 40),
+            "{name}"
+        );
+        assert_eq!(
+            close.reply_text.as_str(),
+            "UNEXPECTED_FRAME - expected content header for class 60, got non content header frame instead"
+        );
+        let b = methods(&drain(&mut to_b));
+        assert!(
+            matches!(
+                b.as_slice(),
+                [(0, AMQPClass::Connection(connection::AMQPMethod::Close(_)))]
+            ),
+            "{name}: the backend gets only the gateway's close: {b:?}"
+        );
+    }
 }

@@ -4,6 +4,11 @@
 //! binding the key to the token's `alg` (no algorithm confusion, never `none`, never
 //! HMAC), and the claim rules with RabbitMQ 4.2's semantics for `exp` and `aud`, plus the
 //! gateway's deliberate additions (`iss` pinned, `nbf` / `iat` with a leeway).
+//! Two header and JSON rules jsonwebtoken does not apply are applied here too: a `crit`
+//! header is refused (RFC 7515 §4.1.11: the gateway understands no extension), and so is
+//! a header or payload with a duplicate member name at any depth (RFC 7515 §5.2 allows
+//! refusing; serde_json would silently keep the last value, and two parsers reading one
+//! token differently is how claims get smuggled).
 //!
 //! **Invariant:** no IO and no clock: `now` is passed in.
 
@@ -16,6 +21,8 @@ use serde_json::Value;
 pub enum AuthError {
     #[error("token is not a well-formed JWS compact serialisation: {0}")]
     Malformed(String),
+    #[error("token header marks extensions {0:?} as critical; none is understood")]
+    CriticalExtension(Vec<String>),
     #[error("token algorithm {0} is not accepted")]
     AlgorithmNotAllowed(String),
     #[error("token has no kid and no default_key is configured")]
@@ -57,6 +64,7 @@ impl AuthError {
     pub fn reason(&self) -> &'static str {
         match self {
             AuthError::Malformed(_) => "malformed",
+            AuthError::CriticalExtension(_) => "crit",
             AuthError::AlgorithmNotAllowed(_) => "algorithm",
             AuthError::NoKid => "no_kid",
             AuthError::UnknownKid(_) => "unknown_kid",
@@ -144,9 +152,17 @@ pub fn read_header(token: &str, allowed: &[Algorithm]) -> Result<TokenHeader, Au
             "expected three dot-separated segments".into(),
         ));
     }
+    // Segments are JSON with unique member names, checked before anything reads them.
+    for (what, segment) in ["header", "payload"].into_iter().zip(token.split('.')) {
+        unique_members(what, segment)?;
+    }
     // `alg: none` and unknown algorithms fail to parse here: jsonwebtoken has no `none`.
     let header = jsonwebtoken::decode_header(token)
         .map_err(|e| AuthError::Malformed(format!("header: {e}")))?;
+    if let Some(crit) = header.crit {
+        // jsonwebtoken parses `crit` but does not act on it.
+        return Err(AuthError::CriticalExtension(crit));
+    }
     if !allowed.contains(&header.alg) {
         return Err(AuthError::AlgorithmNotAllowed(format!("{:?}", header.alg)));
     }
@@ -154,6 +170,75 @@ pub fn read_header(token: &str, allowed: &[Algorithm]) -> Result<TokenHeader, Au
         alg: header.alg,
         kid: header.kid,
     })
+}
+
+/// Refuses a base64url JSON segment that repeats a member name in any object. Nesting is
+/// bounded by serde_json's recursion limit (128), so hostile depth is an error, not a
+/// stack overflow.
+fn unique_members(what: &str, segment: &str) -> Result<(), AuthError> {
+    use base64::Engine;
+    use serde::Deserialize;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(segment)
+        .map_err(|e| AuthError::Malformed(format!("{what}: {e}")))?;
+    let mut de = serde_json::Deserializer::from_slice(&json);
+    UniqueMembers::deserialize(&mut de)
+        .and_then(|_| de.end())
+        .map_err(|e| AuthError::Malformed(format!("{what}: {e}")))
+}
+
+/// A JSON value read only to check that no object repeats a member name.
+struct UniqueMembers;
+
+impl<'de> serde::Deserialize<'de> for UniqueMembers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueMembers)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for UniqueMembers {
+    type Value = UniqueMembers;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(self)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<UniqueMembers>()?.is_some() {}
+        Ok(self)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                return Err(serde::de::Error::custom(format!(
+                    "duplicate member name {key:?}"
+                )));
+            }
+            map.next_value::<UniqueMembers>()?;
+        }
+        Ok(self)
+    }
 }
 
 /// Checks the signature with `key` and returns the claims. Claim rules are applied
@@ -416,6 +501,83 @@ mod tests {
                 .unwrap_err()
                 .reason(),
             "malformed"
+        );
+    }
+
+    fn b64(v: &str) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v)
+    }
+
+    fn header_reason(header: &str, payload: &str) -> Result<(), &'static str> {
+        let token = format!("{}.{}.c2ln", b64(header), b64(payload));
+        read_header(&token, &[Algorithm::RS256])
+            .map(|_| ())
+            .map_err(|e| e.reason())
+    }
+
+    #[test]
+    fn crit_is_refused() {
+        // Regression: jsonwebtoken parses `crit` and ignores it (RFC 7515 §4.1.11).
+        assert_eq!(
+            header_reason(r#"{"alg":"RS256","crit":["exp"],"exp":1}"#, "{}"),
+            Err("crit")
+        );
+        assert_eq!(
+            header_reason(r#"{"alg":"RS256","crit":[]}"#, "{}"),
+            Err("crit")
+        );
+        assert_eq!(
+            header_reason(r#"{"alg":"RS256","crit":"b64"}"#, "{}"),
+            Err("malformed")
+        );
+        assert_eq!(
+            header_reason(r#"{"alg":"RS256","kid":"k"}"#, r#"{"a":[1,{"b":2}]}"#),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn duplicate_member_names_are_refused() {
+        // Regression: serde_json keeps the last of two equal keys without a word.
+        let cases = [
+            (r#"{"alg":"RS256","kid":"a","kid":"b"}"#, "{}"),
+            (r#"{"alg":"RS256","alg":"RS256"}"#, "{}"),
+            (r#"{"alg":"RS256"}"#, r#"{"sub":"a","sub":"b"}"#),
+            (r#"{"alg":"RS256"}"#, r#"{"sub":"a","s\u0075b":"b"}"#),
+            (r#"{"alg":"RS256"}"#, r#"{"x":{"scope":"a","scope":"b"}}"#),
+            (r#"{"alg":"RS256"}"#, r#"{"x":[{"k":1,"k":2}]}"#),
+        ];
+        for (h, p) in cases {
+            assert_eq!(header_reason(h, p), Err("malformed"), "{h} {p}");
+        }
+        // Equal names in different objects are fine.
+        assert_eq!(
+            header_reason(r#"{"alg":"RS256"}"#, r#"{"k":{"k":{"k":1}}}"#),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn hostile_json_is_malformed_not_a_crash() {
+        let deep = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+        let deep_obj = format!("{}1{}", r#"{"a":"#.repeat(10_000), "}".repeat(10_000));
+        for p in [
+            deep.as_str(),
+            deep_obj.as_str(),
+            "not json",
+            "{} {}",
+            "{\"a\":1",
+        ] {
+            assert_eq!(header_reason(r#"{"alg":"RS256"}"#, p), Err("malformed"));
+        }
+        let token = format!("{}.{}=.c2ln", b64(r#"{"alg":"RS256"}"#), b64("{}"));
+        assert_eq!(
+            read_header(&token, &[Algorithm::RS256])
+                .unwrap_err()
+                .reason(),
+            "malformed",
+            "padding is not base64url"
         );
     }
 }

@@ -83,8 +83,33 @@ pub async fn start_gateway_full(
     backend_node: &str,
     extra_backend: &str,
 ) -> TestGateway {
+    build_gateway(
+        extra_oauth2,
+        &static_keys(),
+        backend_node,
+        extra_backend,
+        "",
+    )
+    .await
+}
+
+/// The standard gateway with `extra_listener` lines in `[listener]` and `extra_backend`
+/// lines in `[backend]`.
+pub async fn start_gateway_listener(extra_listener: &str, extra_backend: &str) -> TestGateway {
+    build_gateway(
+        "",
+        &static_keys(),
+        "127.0.0.1:5672",
+        extra_backend,
+        extra_listener,
+    )
+    .await
+}
+
+/// `issuer` pinned to [`ISSUER`] and the fixture keys `test-rsa` and `test-ec384`.
+fn static_keys() -> String {
     let f = fixtures();
-    let key_source = format!(
+    format!(
         r#"issuer = "{ISSUER}"
 
 [oauth2.signing_keys]
@@ -93,26 +118,7 @@ test-ec384 = "{ec}"
 "#,
         rsa = f.join("rsa-public.pem").display(),
         ec = f.join("ec384-public.pem").display(),
-    );
-    build_gateway(extra_oauth2, &key_source, backend_node, extra_backend, "").await
-}
-
-/// The standard gateway with `extra_listener` lines in `[listener]` and `extra_backend`
-/// lines in `[backend]`.
-pub async fn start_gateway_listener(extra_listener: &str, extra_backend: &str) -> TestGateway {
-    let f = fixtures();
-    let key_source = format!(
-        "issuer = \"{ISSUER}\"\n\n[oauth2.signing_keys]\ntest-rsa = \"{}\"\n",
-        f.join("rsa-public.pem").display()
-    );
-    build_gateway(
-        "",
-        &key_source,
-        "127.0.0.1:5672",
-        extra_backend,
-        extra_listener,
     )
-    .await
 }
 
 /// Starts a gateway with the standard test config plus `extra_oauth2` lines, taking its keys
@@ -140,6 +146,38 @@ async fn build_gateway(
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
+    let (cfg, ca_pem, dir) = test_config(
+        extra_oauth2,
+        key_source,
+        backend_node,
+        extra_backend,
+        extra_listener,
+    );
+    let gateway = Gateway::new(cfg).await.expect("gateway");
+    let addrs = gateway.start().await.expect("bind");
+    TestGateway {
+        addrs,
+        ca_pem,
+        _dir: dir,
+    }
+}
+
+/// The [`Authenticator`] of a gateway started with [`start_gateway`]`(extra_oauth2)`, for
+/// tests of the reason a token is refused.
+pub fn authenticator(extra_oauth2: &str) -> amqp_iam_gateway::auth::Authenticator {
+    let (cfg, _, _dir) = test_config(extra_oauth2, &static_keys(), "127.0.0.1:5672", "", "");
+    amqp_iam_gateway::auth::Authenticator::from_config(&cfg.oauth2).expect("authenticator")
+}
+
+/// The standard test config (TLS material written to a new temporary directory); returns
+/// it with the CA PEM and the directory.
+fn test_config(
+    extra_oauth2: &str,
+    key_source: &str,
+    backend_node: &str,
+    extra_backend: &str,
+    extra_listener: &str,
+) -> (config::Config, String, tempdir::Dir) {
     let dir = tempdir::Dir::new();
     let ca_pem = write_tls(dir.path());
     let toml = format!(
@@ -176,13 +214,7 @@ address = "127.0.0.1:0"
 "#
     );
     let cfg = config::parse(&toml, dir.path()).unwrap_or_else(|e| panic!("test config: {e}"));
-    let gateway = Gateway::new(cfg).await.expect("gateway");
-    let addrs = gateway.start().await.expect("bind");
-    TestGateway {
-        addrs,
-        ca_pem,
-        _dir: dir,
-    }
+    (cfg, ca_pem, dir)
 }
 
 /// Writes a CA and a server certificate for localhost / 127.0.0.1; returns the CA PEM.
