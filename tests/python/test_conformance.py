@@ -141,8 +141,9 @@ class Op:
 
     @property
     def label(self) -> str:
-        shown = [(a or "''") if isinstance(a, str) else "<token>" for a in self.args]
-        extra = [k if v is True else f"{k}={json.dumps(v, separators=(',', ':'))}"
+        shown = [(a or "''") if isinstance(a, str) else "<new token>" for a in self.args]
+        extra = [k if v is True else f"({v})" if k == "what" else
+                 f"{k}={json.dumps(v, separators=(',', ':'))}"
                  for k, v in self.kw if v not in (None, False)]
         return " ".join([self.kind, *shown, *extra])
 
@@ -429,6 +430,7 @@ def method_cases() -> list[Case]:
         C("m-publish-default-exchange-queue-scope", s("write:%2F/{P}-q"), [op("publish", "", q)]),
         C("m-publish-direct", s("write:%2F/{P}-xd"), [op("publish", xd, "rk")]),
         C("m-publish-direct-read-only", s("read:%2F/*"), [op("publish", xd, "rk")]),
+        C("m-publish-direct-3-part-rk-ignored", s("write:%2F/{P}-xd/zzz"), [op("publish", xd, "rk")]),
         C("m-publish-fanout-2-part", s("write:%2F/{P}-xf"), [op("publish", xf, "a.b")]),
         C("m-publish-topic-2-part", s("write:%2F/{P}-xt"), [op("publish", xt, "a.b")]),
         C("m-publish-topic-3-part", s("write:%2F/{P}-xt/a.*"),
@@ -460,9 +462,16 @@ def method_cases() -> list[Case]:
         C("m-consume-exclusive-elsewhere", s("read:%2F/*"), [op("consume", excl)]),
         C("m-consume-reply-to-no-perm", s("read:%2F/unrelated"),
           [op("consume", "amq.rabbitmq.reply-to", no_ack=True)]),
+        C("m-consume-reply-to-with-ack", s("read:%2F/*"),
+          [op("consume", "amq.rabbitmq.reply-to", no_ack=False)]),
         C("m-get-read", s("read:%2F/{P}-q"), [op("get", q)]),
         C("m-get-configure-only", s("configure:%2F/*"), [op("get", q)]),
         C("m-get-exclusive-elsewhere", s("read:%2F/*"), [op("get", excl)]),
+        # scope patterns: URL-decoding of each part
+        C("m-scope-plus-is-space", s("configure:%2F/{P}+sp"),
+          [op("qdeclare", n("{P} sp"), exclusive=True), op("qdeclare", n("{P}+sp"), exclusive=True)]),
+        C("m-scope-encoded-slash", s("configure:%2F/{P}%2Fsl"),
+          [op("qdeclare", n("{P}/sl"), exclusive=True)]),
         # vhost access
         C("m-vhost-tag-only", s("tag:administrator"), []),
         C("m-vhost-3-part-scope", s("write:%2F/x/y"), []),
@@ -472,18 +481,21 @@ def method_cases() -> list[Case]:
         C("t-rs384-same-key", lambda: mint(alg="RS384"), []),
         C("t-iat-future", lambda: mint(extra={"iat": int(time.time()) + 3600}), []),
         C("t-exp-now", lambda: mint(exp_in=0), []),
+        C("t-exp-float-past", lambda: mint(exp_in=None, extra={"exp": time.time() - 60.5}), []),
+        C("t-exp-float-future", lambda: mint(exp_in=None, extra={"exp": time.time() + 300.5}), []),
+        C("t-exp-string", lambda: mint(exp_in=None, extra={"exp": str(int(time.time()) + 300)}), []),
         C("t-large-token", lambda: mint(extra={"pad": "x" * 5000}), [op("qdeclare", Q39)]),
         C("t-2049-scopes", lambda: mint(many_scopes(2049)), []),
         C("u-same-user", lambda: mint(sub="alice"),
-          [op("update_secret", lambda: mint("rabbitmq.read:*/*", sub="alice")),
+          [op("update_secret", lambda: mint("rabbitmq.read:*/*", sub="alice"), what="same user, read only"),
            op("qdeclare", Q39), op("get", Q39)]),
         C("u-other-user", lambda: mint(sub="alice"),
-          [op("update_secret", lambda: mint(sub="mallory")), op("get", Q39)]),
-        C("u-garbage", lambda: mint(sub="alice"), [op("update_secret", lambda: "not-a-jwt")]),
+          [op("update_secret", lambda: mint(sub="mallory"), what="other user"), op("get", Q39)]),
+        C("u-garbage", lambda: mint(sub="alice"), [op("update_secret", lambda: "not-a-jwt", what="garbage")]),
         C("u-expired", lambda: mint(sub="alice"),
-          [op("update_secret", lambda: mint(sub="alice", exp_in=-60)), op("get", Q39)]),
+          [op("update_secret", lambda: mint(sub="alice", exp_in=-60), what="expired"), op("get", Q39)]),
         C("u-2049-scopes", lambda: mint(sub="alice"),
-          [op("update_secret", lambda: mint(many_scopes(2049), sub="alice")), op("get", Q39)]),
+          [op("update_secret", lambda: mint(many_scopes(2049), sub="alice"), what="2049 scopes"), op("get", Q39)]),
     ]
 
 
@@ -601,7 +613,8 @@ def gateway_config(dir_: Path, port: int, profile: str) -> Path:
 
 # The gateways' backend service user, as the README prescribes it: full permissions on `/`
 # and the `impersonator` tag, so that `user_id` values the gateway has validated pass the
-# broker's own check (the shared test setup's `guest` lacks that tag). Created through the
+# broker's own check, plus `management` for the exchange-type lookups (management_url);
+# the shared test setup's `guest` lacks `impersonator`. Created through the
 # management API for the run and deleted after it.
 SERVICE_USER = f"conformance-gw-{RUN}"
 SERVICE_PASSWORD = uuid.uuid4().hex
@@ -621,7 +634,7 @@ def management(method: str, path: str, body: dict | None = None) -> None:
 @contextlib.contextmanager
 def service_user():
     management("PUT", f"/api/users/{SERVICE_USER}",
-               {"password": SERVICE_PASSWORD, "tags": "impersonator"})
+               {"password": SERVICE_PASSWORD, "tags": "impersonator,management"})
     try:
         management("PUT", f"/api/permissions/%2F/{SERVICE_USER}",
                    {"configure": ".*", "write": ".*", "read": ".*"})
