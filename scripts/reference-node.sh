@@ -87,6 +87,8 @@ node_env() {
     export RABBITMQ_LOG_BASE="$STATE/log"
     export RABBITMQ_PID_FILE="$PIDFILE"
     export ERL_CRASH_DUMP="$STATE/erl_crash.dump"
+    # Erlang distribution on loopback only (RABBITMQ_NODE_IP_ADDRESS covers AMQP only).
+    export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
 }
 
 # rabbitmqctl against the node, bounded by CTL_TIMEOUT seconds.
