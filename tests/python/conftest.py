@@ -57,6 +57,10 @@ START_TIMEOUT_S = 20.0
 # Set by the gateway fixture; read by the report hook to attach the gateway's stderr.
 _GATEWAY_LOG: Path | None = None
 
+# (title, text) blocks that tests want shown at the end of the run whatever the outcome
+# (the conformance harness's table); printed by pytest_terminal_summary.
+TERMINAL_REPORTS: list[tuple[str, str]] = []
+
 
 # --------------------------------------------------------------------------------------
 # tokens
@@ -409,6 +413,13 @@ def pytest_runtest_makereport(item, call):
         except OSError:
             return
         rep.sections.append(("gateway stderr (tail)", _tail(text)))
+
+
+def pytest_terminal_summary(terminalreporter):
+    for title, text in TERMINAL_REPORTS:
+        terminalreporter.section(title)
+        for line in text.splitlines():
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture
