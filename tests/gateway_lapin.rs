@@ -595,7 +595,10 @@ async fn compat_scenario_bind_confirm_consume_refuse_update_secret() {
     .expect("update-secret-ok");
     let again = unique("compat.lapin.q");
     let err = declare(&conn, &again).await.unwrap_err();
-    assert_eq!(close_reason(&err), Some((403, refused("configure", &again))));
+    assert_eq!(
+        close_reason(&err),
+        Some((403, refused("configure", &again)))
+    );
     assert!(conn.status().connected());
     conn.close(200, "bye".into()).await.unwrap();
 }

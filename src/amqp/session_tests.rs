@@ -291,7 +291,10 @@ fn client_body_frames_of_frame_max_payload_are_forwarded() {
     }
     // The first body frame: type 3, channel 1, size 4096 (0x1000), 4104 bytes in all.
     let first_body = input.len() - (4096 + 8) * 2 - (10 + 8);
-    assert_eq!(&input[first_body..first_body + 7], &[3, 0, 1, 0, 0, 0x10, 0]);
+    assert_eq!(
+        &input[first_body..first_body + 7],
+        &[3, 0, 1, 0, 0, 0x10, 0]
+    );
     for step in [1, 100, 4104, 1 << 20] {
         let mut s = Session::new("alice".into(), "/".into(), perms(&["write:*/*"]), 4096, 1);
         let (to_b, to_c) = client(&mut s, &input, step);
