@@ -6,7 +6,9 @@
 #   - a running RabbitMQ node on 127.0.0.1:5672 with the default `guest` user, which the
 #     test gateway uses as its backend service user, and the management plugin on
 #     127.0.0.1:15672 (the gateway looks exchange types up there);
-#   - .venv with tests/python/requirements.txt installed.
+#   - .venv with tests/python/requirements.txt installed;
+#   - amqp-tools (librabbitmq's CLI), Node.js and npm, and tests/node/node_modules from
+#     its lockfile (npm ci) for the client compatibility suite.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -25,6 +27,10 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 # promtool checks the gateway's /metrics output in the tests.
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v openssl >/dev/null 2>&1 || installed openssl || missing+=(openssl)
+# The client compatibility suite: librabbitmq's CLI tools, Node.js and npm.
+command -v amqp-publish >/dev/null 2>&1 || missing+=(amqp-tools)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if ! command -v python3 >/dev/null 2>&1; then
     missing+=(python3 python3-venv)
 elif ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
@@ -73,6 +79,11 @@ if ! rabbitmqctl -q list_users | awk '{print $1}' | grep -qx guest; then
     rabbitmqctl -q set_user_tags guest administrator
 fi
 rabbitmqctl -q set_permissions -p / guest '.*' '.*' '.*' >/dev/null
+# As the gateway's service user, guest needs `impersonator` so that the user_id properties the
+# gateway has validated pass the broker's own check (the README's advice for real deployments).
+if ! rabbitmqctl -q list_users | grep -E '^guest\s' | grep -q impersonator; then
+    rabbitmqctl -q set_user_tags guest administrator impersonator
+fi
 
 # The management API answers the gateway's exchange-type lookups (backend.management_url).
 if ! curl -sf -o /dev/null -u guest:guest http://127.0.0.1:15672/api/overview; then
@@ -97,12 +108,25 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     python3 -m venv "$VENV"
 fi
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]] \
-    && "$VENV/bin/python" -c 'import pika, jwt, cryptography, pytest' >/dev/null 2>&1; then
+    && "$VENV/bin/python" -c 'import pika, jwt, cryptography, pytest, aio_pika, kombu, amqp' >/dev/null 2>&1; then
     log "Python requirements already installed"
 else
     log "installing Python requirements"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$REQ"
     echo "$want" >"$STAMP"
+fi
+
+# --- Node.js clients (tests/node) -------------------------------------------------------
+
+NODE_DIR="$ROOT/tests/node"
+NODE_STAMP="$NODE_DIR/node_modules/.package-lock.sha256"
+want="$(sha256sum "$NODE_DIR/package-lock.json" | cut -d' ' -f1)"
+if [[ -f "$NODE_STAMP" && "$(cat "$NODE_STAMP")" == "$want" ]]; then
+    log "Node requirements already installed"
+else
+    log "installing Node requirements (npm ci in tests/node)"
+    (cd "$NODE_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+    echo "$want" >"$NODE_STAMP"
 fi
 
 log "done"

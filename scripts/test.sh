@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The one test command: setup, build, the Rust tests, then the Python (pika) integration
-# tests against the freshly built gateway. Works from any directory.
+# The one test command: setup, build, the Rust tests, then the integration tests in
+# tests/python against the freshly built gateway: pika, aio-pika, kombu/py-amqp, the
+# amqp-tools CLI, boto3, and the Node.js clients (tests/node, run by
+# tests/python/test_clients_node.py with `node --test`). Works from any directory.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -32,7 +34,7 @@ TARGET_DIR="$(cargo metadata --format-version 1 --no-deps \
     | "$ROOT/.venv/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
 export GATEWAY_BIN="$TARGET_DIR/debug/amqp-iam-gateway"
 
-step "python integration tests (pytest tests/python)"
+step "integration tests (pytest tests/python: Python clients, amqp-tools, Node clients via node --test)"
 "$ROOT/.venv/bin/python" -m pytest tests/python -q -p no:cacheprovider
 
 STEP="done"

@@ -486,3 +486,145 @@ async fn update_secret_replaces_permissions_and_refuses_another_user() {
         ))
     );
 }
+
+/// The client compatibility scenario (as in tests/python/test_clients_*.py and tests/node)
+/// for lapin: URL form with an empty username, a direct exchange, a bound queue, confirmed
+/// publishes, consume and ack, a 403 on one channel while another keeps working, and
+/// update-secret to a read-only token of the same user.
+#[tokio::test]
+async fn compat_scenario_bind_confirm_consume_refuse_update_secret() {
+    let gw = start_gateway("").await;
+    let sub = unique("compat-lapin");
+    let token = |scope: &str| {
+        let mut c = claims(&sub);
+        c["scope"] = json!(scope);
+        sign(&c)
+    };
+    let full = token(
+        "rabbitmq/configure:%2F/compat.* rabbitmq/write:%2F/compat.* rabbitmq/read:%2F/compat.*",
+    );
+    let conn = gw.connect(&full, "%2f").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let (ex, q) = (unique("compat.lapin.x"), unique("compat.lapin.q"));
+    ch.exchange_declare(
+        ex.as_str().into(),
+        lapin::ExchangeKind::Direct,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        q.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        q.as_str().into(),
+        ex.as_str().into(),
+        "rk".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for i in 0..20 {
+        let confirm = ch
+            .basic_publish(
+                ex.as_str().into(),
+                "rk".into(),
+                BasicPublishOptions::default(),
+                format!("m{i}").as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+    }
+    let mut consumer = ch
+        .basic_consume(
+            q.as_str().into(),
+            "c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for i in 0..20 {
+        let d = tokio::time::timeout(std::time::Duration::from_secs(10), consumer.next())
+            .await
+            .expect("delivery in time")
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.data, format!("m{i}").into_bytes());
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+
+    let refused = |kind: &str, name: &str| {
+        format!(
+            "ACCESS_REFUSED - {kind} access to queue '{name}' in vhost '/' refused for user '{sub}'"
+        )
+    };
+    let forbidden = unique("forbidden.lapin");
+    let err = declare(&conn, &forbidden).await.unwrap_err();
+    assert_eq!(
+        close_reason(&err),
+        Some((403, refused("configure", &forbidden)))
+    );
+    assert!(conn.status().connected());
+    let ch2 = conn.create_channel().await.unwrap();
+    ch2.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    ch2.exchange_delete(ex.as_str().into(), ExchangeDeleteOptions::default())
+        .await
+        .unwrap();
+
+    conn.update_secret(
+        token("rabbitmq/read:%2F/compat.*").as_str().into(),
+        "refresh".into(),
+    )
+    .await
+    .expect("update-secret-ok");
+    let again = unique("compat.lapin.q");
+    let err = declare(&conn, &again).await.unwrap_err();
+    assert_eq!(
+        close_reason(&err),
+        Some((403, refused("configure", &again)))
+    );
+    assert!(conn.status().connected());
+    conn.close(200, "bye".into()).await.unwrap();
+}
+
+#[tokio::test]
+async fn user_id_equal_to_the_username_passes_to_the_broker() {
+    // The broker checks user_id against the service user unless it has the `impersonator`
+    // tag (scripts/setup.sh gives it to guest, as the README advises for the service user).
+    let gw = start_gateway("").await;
+    let conn = gw.connect(&admin_token(), "/").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let props = BasicProperties::default().with_user_id(ShortString::from(ADMIN_ROLE));
+    let confirm = ch
+        .basic_publish(
+            "amq.direct".into(),
+            "nowhere".into(),
+            BasicPublishOptions::default(),
+            b"x",
+            props,
+        )
+        .await
+        .unwrap()
+        .await
+        .expect("the broker accepts the validated user_id");
+    assert!(confirm.is_ack());
+}

@@ -80,6 +80,24 @@ pub fn check_header(h: &FrameHeader, frame_max: usize) -> Result<(), FrameError>
     Ok(())
 }
 
+/// RabbitMQ's `?FRAME_SIZE_FUDGE` (`rabbit_reader`): the broker accepts frames from a
+/// client up to `frame_max + 8` bytes on the wire, because many clients take `frame_max` as
+/// the largest *payload* (rabbitmq-client, for one, cuts bodies into `frame_max`-byte
+/// payloads). The gateway accepts the same from its clients; what it forwards is then still
+/// accepted by RabbitMQ, which negotiated the same `frame_max`.
+pub const CLIENT_FRAME_SIZE_FUDGE: usize = 8;
+
+/// [`check_header`] for a frame from a client: `frame_max` plus RabbitMQ's fudge (a payload
+/// of at most `frame_max` bytes). 0 stays "no limit".
+pub fn check_client_header(h: &FrameHeader, frame_max: usize) -> Result<(), FrameError> {
+    let limit = if frame_max == 0 {
+        0
+    } else {
+        frame_max.saturating_add(CLIENT_FRAME_SIZE_FUDGE)
+    };
+    check_header(h, limit)
+}
+
 /// Checks whether a whole frame is buffered at the start of `buf`.
 /// `Ok(None)`: more bytes are needed. `Ok(Some(header))`: `header.wire_len()` bytes hold
 /// a complete frame with a valid frame-end octet.
@@ -151,6 +169,28 @@ mod tests {
         assert_eq!(f.len(), 4096);
         assert!(check(&f, 4096).unwrap().is_some());
         assert!(check(&f, 4095).is_err());
+    }
+
+    #[test]
+    fn client_frames_get_rabbitmqs_fudge() {
+        // A payload of frame_max bytes (frame_max + 8 on the wire) passes, one more fails.
+        let ok = peek_header(&frame(BODY, 1, &[0u8; 4096])).unwrap();
+        assert_eq!(check_client_header(&ok, 4096), Ok(()));
+        assert!(check_header(&ok, 4096).is_err());
+        let over = peek_header(&frame(BODY, 1, &[0u8; 4097])).unwrap();
+        assert_eq!(
+            check_client_header(&over, 4096),
+            Err(FrameError::TooLarge {
+                size: 4105,
+                max: 4104
+            })
+        );
+        let huge = FrameHeader {
+            frame_type: BODY,
+            channel: 1,
+            size: u32::MAX - 8,
+        };
+        assert_eq!(check_client_header(&huge, 0), Ok(()));
     }
 
     #[test]

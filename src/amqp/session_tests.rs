@@ -263,6 +263,58 @@ fn oversized_client_frame_is_a_frame_error() {
     assert_eq!(c.reply_code, 501);
 }
 
+/// Regression (rabbitmq-client 5.0.8, frameMax 8192): body frames with a payload of exactly
+/// frame_max bytes, frame_max + 8 on the wire, which RabbitMQ accepts (?FRAME_SIZE_FUDGE).
+/// The gateway closed the connection with "frame of 8200 bytes exceeds the negotiated
+/// frame_max of 8192"; they must be forwarded byte for byte.
+#[test]
+fn client_body_frames_of_frame_max_payload_are_forwarded() {
+    let p = basic::Publish {
+        exchange: "".into(),
+        routing_key: "q".into(),
+        mandatory: false,
+        immediate: false,
+    };
+    let body = vec![7u8; 2 * 4096 + 10];
+    let mut input = channel_open(1);
+    input.extend(method(1, AMQPClass::Basic(basic::AMQPMethod::Publish(p))));
+    input.extend(bytes(AMQPFrame::Header(
+        1,
+        AMQPContentHeader {
+            class_id: 60,
+            body_size: body.len() as u64,
+            properties: basic::AMQPProperties::default(),
+        },
+    )));
+    for chunk in body.chunks(4096) {
+        input.extend(bytes(AMQPFrame::Body(1, chunk.to_vec())));
+    }
+    // The first body frame: type 3, channel 1, size 4096 (0x1000), 4104 bytes in all.
+    let first_body = input.len() - (4096 + 8) * 2 - (10 + 8);
+    assert_eq!(
+        &input[first_body..first_body + 7],
+        &[3, 0, 1, 0, 0, 0x10, 0]
+    );
+    for step in [1, 100, 4104, 1 << 20] {
+        let mut s = Session::new("alice".into(), "/".into(), perms(&["write:*/*"]), 4096, 1);
+        let (to_b, to_c) = client(&mut s, &input, step);
+        assert_eq!(to_b, input, "step {step}");
+        assert!(to_c.is_empty());
+    }
+    // One byte more than RabbitMQ accepts: 501 FRAME_ERROR, as before.
+    let mut s = Session::new("alice".into(), "/".into(), perms(&[]), 4096, 1);
+    let mut buf = BytesMut::from(&bytes(AMQPFrame::Body(1, vec![0u8; 4097]))[..]);
+    let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
+    assert!(s.on_client_input(&mut buf, &mut to_b, &mut to_c).is_err());
+    let sent = methods(&drain(&mut to_c));
+    let AMQPClass::Connection(amq_protocol::protocol::connection::AMQPMethod::Close(c)) =
+        &sent[0].1
+    else {
+        panic!()
+    };
+    assert_eq!(c.reply_code, 501);
+}
+
 #[test]
 fn expiry_closes_with_320_and_stops_relaying() {
     let mut s = session(&["write:*/*"]);

@@ -136,6 +136,37 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4()}"
 
 
+# The client compatibility tests (test_clients_*.py): a token with full access to the
+# `compat.*` resources (and to amq.direct, for the CLI tools, which cannot declare
+# exchanges), and a read-only one for the same user to refresh to with update-secret.
+COMPAT_FULL_SCOPE = (
+    "rabbitmq/configure:%2F/compat.* rabbitmq/write:%2F/compat.* rabbitmq/read:%2F/compat.* "
+    "rabbitmq/write:%2F/amq.direct rabbitmq/read:%2F/amq.direct"
+)
+COMPAT_READ_SCOPE = "rabbitmq/read:%2F/compat.*"
+
+
+@dataclass
+class CompatUser:
+    sub: str
+    full: str  # token: configure/write/read on compat.*
+    read_only: str  # token, same sub: read on compat.* only
+
+    def refused(self, kind: str, resource: str, name: str) -> str:
+        """RabbitMQ 4.x's channel.close text for a refused operation of this user."""
+        return (
+            f"ACCESS_REFUSED - {kind} access to {resource} '{name}' in vhost '/' "
+            f"refused for user '{self.sub}'"
+        )
+
+
+def compat_user(client: str) -> CompatUser:
+    sub = unique(f"compat-{client}")
+    return CompatUser(
+        sub, mint(sub, scope=COMPAT_FULL_SCOPE), mint(sub, scope=COMPAT_READ_SCOPE)
+    )
+
+
 # --------------------------------------------------------------------------------------
 # certificates and config
 
@@ -294,6 +325,10 @@ class Gateway:
             stack_timeout=20,
             blocked_connection_timeout=30,
         )
+
+    def url(self, token: str, vhost: str = "%2f") -> str:
+        """The URL form clients take: empty username, the token as password."""
+        return f"amqps://:{token}@localhost:{self.port}/{vhost}"
 
     def connect(self, token: str, vhost: str = "/") -> pika.BlockingConnection:
         return pika.BlockingConnection(self.params(token, vhost))

@@ -294,3 +294,66 @@ def test_nested_request_tag_alias(gateway, admin):
             conn.close()
     assert not queue_exists(admin, refused)
     assert not queue_exists(admin, allowed)
+
+
+# --------------------------------------------------------------------------------------
+# client compatibility: the URL form, bind, confirms, refusal, update-secret
+
+
+def test_pika_url_bind_confirms_refusal_and_update_secret(gateway):
+    """pika with `URLParameters("amqps://:TOKEN@localhost:PORT/%2f")`: the empty username
+    is kept (PlainCredentials("", token)); the TLS context cannot go in the URL, so it is
+    set on the parsed parameters. `BlockingConnection.update_secret` sends
+    connection.update-secret and waits for update-secret-ok."""
+    from conftest import compat_user
+
+    user = compat_user("pika")
+    params = pika.URLParameters(gateway.url(user.full))
+    assert params.credentials.username == ""
+    params.ssl_options = pika.SSLOptions(gateway.ssl_context(), "localhost")
+    conn = pika.BlockingConnection(params)
+    try:
+        ch = conn.channel()
+        ex, queue = unique("compat.pika.x"), unique("compat.pika.q")
+        ch.exchange_declare(ex, "direct")
+        ch.queue_declare(queue)
+        ch.queue_bind(queue, ex, "rk")
+        ch.confirm_delivery()
+        for i in range(20):
+            ch.basic_publish(ex, "rk", f"m{i}".encode(), mandatory=True)  # raises on nack
+        got = []
+        for method, _props, body in ch.consume(queue, inactivity_timeout=10):
+            assert method is not None, f"timed out after {len(got)} messages"
+            got.append(body)
+            ch.basic_ack(method.delivery_tag)
+            if len(got) == 20:
+                break
+        ch.cancel()
+        assert got == [f"m{i}".encode() for i in range(20)]
+
+        bad = conn.channel()
+        forbidden = unique("forbidden.pika")
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+            bad.queue_declare(forbidden)
+        assert (e.value.reply_code, e.value.reply_text) == (
+            403, user.refused("configure", "queue", forbidden)
+        )
+        assert conn.is_open and ch.is_open
+        ch2 = conn.channel()
+        ch.basic_publish(ex, "rk", b"after", mandatory=True)
+        method, _props, body = ch2.basic_get(queue, auto_ack=False)
+        assert body == b"after"
+        ch2.basic_ack(method.delivery_tag)
+        ch2.queue_delete(queue)
+        ch2.exchange_delete(ex)
+
+        conn.update_secret(user.read_only, "refresh")
+        ch3 = conn.channel()
+        again = unique("compat.pika.q")
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+            ch3.queue_declare(again)
+        assert e.value.reply_text == user.refused("configure", "queue", again)
+        assert conn.is_open
+    finally:
+        if conn.is_open:
+            conn.close()
