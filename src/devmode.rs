@@ -394,3 +394,50 @@ pub fn mint(args: &TokenArgs, now: i64) -> Result<String, String> {
         .map(|m| m.token)
         .map_err(|e| e.to_string())
 }
+
+/// Asks a running issuer (development mode or `sts-emulator`) to rotate its signing keys:
+/// a SigV4-signed `POST /_emulator/rotate-keys` with the first development principal.
+/// Returns the issuer's answer (the new signing kids and the published ones).
+pub async fn rotate_keys(issuer_url: &str, now: i64) -> Result<String, String> {
+    use crate::sts::server::{ROTATE_PATH, SERVICE};
+    use crate::sts::sigv4::{SignedRequest, authorization_header};
+    let base = issuer_url.trim_end_matches('/');
+    let host = base.split_once("://").map_or(base, |(_, h)| h).to_owned();
+    let p = &dev_principals()[0];
+    let date = sts::time::amz_date(now);
+    let headers = vec![
+        ("host".to_owned(), host),
+        ("x-amz-date".to_owned(), date.clone()),
+    ];
+    let req = SignedRequest {
+        method: "POST",
+        path: ROTATE_PATH,
+        query: "",
+        headers: &headers,
+        body: b"",
+    };
+    let signed = ["host".to_owned(), "x-amz-date".to_owned()];
+    let auth = authorization_header(
+        &p.access_key_id,
+        &p.secret_access_key,
+        &req,
+        &signed,
+        &date,
+        sts::DEFAULT_REGION,
+        SERVICE,
+    );
+    let resp = reqwest::Client::new()
+        .post(format!("{base}{ROTATE_PATH}"))
+        .header("x-amz-date", date)
+        .header("authorization", auth)
+        .send()
+        .await
+        .map_err(|e| format!("{base}: {e}"))?;
+    let status = resp.status();
+    let body = resp.text().await.map_err(|e| e.to_string())?;
+    if status.is_success() {
+        Ok(body)
+    } else {
+        Err(format!("{base}: HTTP {status}: {body}"))
+    }
+}

@@ -70,6 +70,13 @@ enum Command {
         #[arg(long)]
         issuer_url: Option<String>,
     },
+    /// Ask the running development issuer to rotate its signing keys (new kids are published
+    /// beside the old ones; new tokens are signed with them).
+    RotateKeys {
+        /// The issuer URL.
+        #[arg(long)]
+        issuer_url: Option<String>,
+    },
     /// Convert the auth_oauth2.* lines of a rabbitmq.conf into gateway TOML (standard
     /// output); lines that are not converted are reported on standard error.
     ImportRabbitmqConf {
@@ -136,6 +143,33 @@ fn main() -> ExitCode {
             match devmode::mint(&args, now) {
                 Ok(token) => {
                     println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::RotateKeys { issuer_url } => {
+            let url =
+                issuer_url.unwrap_or_else(|| format!("http://{}", devmode::DEFAULT_ISSUER_ADDR));
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(devmode::rotate_keys(&url, now)) {
+                Ok(answer) => {
+                    println!("{answer}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

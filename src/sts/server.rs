@@ -89,7 +89,26 @@ pub fn respond(issuer: &Issuer, req: &SignedRequest<'_>, now: i64) -> Reply {
             Reply::text(405, "method not allowed")
         }
         ("POST" | "GET", "/") => sts(issuer, req, now),
+        ("POST", ROTATE_PATH) => rotate(issuer, req, now),
         _ => Reply::text(404, "not found"),
+    }
+}
+
+/// Emulator extension (not an AWS API): `POST /_emulator/rotate-keys`, signed with SigV4 by
+/// any configured principal, generates the next RSA and EC keys; the JWKS then publishes
+/// them beside the previous ones and new tokens are signed with them.
+pub const ROTATE_PATH: &str = "/_emulator/rotate-keys";
+
+fn rotate(issuer: &Issuer, req: &SignedRequest<'_>, now: i64) -> Reply {
+    let request_id = uuid_v4();
+    if let Err(e) = sigv4::verify(req, |k| issuer.principal(k), issuer.region(), SERVICE, now) {
+        return Reply::sts_error(&e, request_id);
+    }
+    match issuer.rotate() {
+        Ok(kids) => Reply::json(
+            &serde_json::json!({ "signing_kids": kids, "published_kids": issuer.published_kids() }),
+        ),
+        Err(e) => Reply::sts_error(&e.to_api(), request_id),
     }
 }
 

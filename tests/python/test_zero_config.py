@@ -153,3 +153,28 @@ def test_imported_tutorial_conf_authorises_the_same_way(dev_gateway, tmp_path):
         ch.basic_publish("", q, b"imported")
         assert ch.basic_get(q, auto_ack=True)[2] == b"imported"
         conn.close()
+
+
+def test_rotation_on_demand_keeps_old_tokens_and_serves_new_ones(dev_gateway):
+    import json
+    import urllib.request
+
+    state, env, _, _ = dev_gateway
+    old = _token(env)
+    r = subprocess.run([str(gateway_binary()), "rotate-keys"], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    answer = json.loads(r.stdout)
+    jwks = json.load(urllib.request.urlopen(f"{ISSUER}/.well-known/jwks.json", timeout=5))
+    kids = {k["kid"] for k in jwks["keys"]}
+    assert set(answer["signing_kids"]) <= kids and len(kids) == 4, kids
+    new = _token(env)
+    import base64
+
+    header = json.loads(base64.urlsafe_b64decode(new.split(".")[0] + "=="))
+    assert header["kid"] in answer["signing_kids"], "new tokens use the new key"
+    # The gateway refetches the JWKS for the unknown kid (at most once a second).
+    time.sleep(1.1)
+    for token in (old, new):
+        conn = _connect(state, token)
+        assert conn.is_open
+        conn.close()
