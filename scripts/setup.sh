@@ -129,4 +129,12 @@ else
     echo "$want" >"$NODE_STAMP"
 fi
 
+# The AWS CLI (v1, from PyPI) in a venv of its own: it pins a botocore other than boto3's.
+AWSCLI_VENV="$ROOT/.venv-awscli"
+if [[ ! -x "$AWSCLI_VENV/bin/aws" ]]; then
+    log "installing the AWS CLI into $AWSCLI_VENV"
+    python3 -m venv "$AWSCLI_VENV"
+    "$AWSCLI_VENV/bin/python" -m pip install -q --disable-pip-version-check "awscli==1.46.3"
+fi
+
 log "done"

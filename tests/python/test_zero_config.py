@@ -178,3 +178,29 @@ def test_rotation_on_demand_keeps_old_tokens_and_serves_new_ones(dev_gateway):
         conn = _connect(state, token)
         assert conn.is_open
         conn.close()
+
+
+def test_aws_cli_works_unchanged_with_an_endpoint_override(dev_gateway):
+    """`aws sts get-web-identity-token --endpoint-url ...` (AWS CLI v1, installed by
+    scripts/setup.sh into .venv-awscli), then the token opens a connection."""
+    import json
+    from conftest import REPO_ROOT
+
+    state, env, _, _ = dev_gateway
+    aws = REPO_ROOT / ".venv-awscli" / "bin" / "aws"
+    assert aws.exists(), "run scripts/setup.sh (it installs the AWS CLI)"
+    cli_env = {**env, "AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",
+               "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+               "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
+    args = [str(aws), "sts", "get-web-identity-token", "--audience", "rabbitmq",
+            "--signing-algorithm", "ES384", "--tags", "Key=scope,Value=team-a",
+            "--endpoint-url", ISSUER, "--region", "us-east-1", "--output", "json"]
+    r = subprocess.run(args, env=cli_env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    token = json.loads(r.stdout)["WebIdentityToken"]
+    time.sleep(1.1)  # a previous test may have rotated the keys: let the refetch limit pass
+    conn = _connect(state, token)
+    assert conn.is_open
+    conn.close()
+    bad = subprocess.run(args, env={**cli_env, "AWS_SECRET_ACCESS_KEY": "wrong"}, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "SignatureDoesNotMatch" in bad.stderr
