@@ -83,8 +83,8 @@ enum Command {
         /// The rabbitmq.conf file.
         file: PathBuf,
     },
-    /// Development: run the embedded STS issuer alone and print its URL on stdout.
-    #[command(hide = true)]
+    /// Run the STS emulator alone (the Query API, discovery and JWKS) and print its URL on
+    /// the first line of standard output; HTTPS with --tls-cert and --tls-key.
     StsEmulator {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
@@ -96,9 +96,15 @@ enum Command {
         principals: PathBuf,
         #[arg(long, default_value = amqp_iam_gateway::sts::DEFAULT_REGION)]
         region: String,
-        /// The issuer URL; default `http://<bound address>`.
+        /// The issuer URL; default `http://<bound address>` (`https://` with --tls-cert).
         #[arg(long)]
         issuer_url: Option<String>,
+        /// Serve HTTPS with this PEM certificate chain (and --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key for --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
 }
 
@@ -201,9 +207,12 @@ fn main() -> ExitCode {
             principals,
             region,
             issuer_url,
+            tls_cert,
+            tls_key,
         } => {
             init_logging("info", config::LogFormat::Text);
-            match sts_emulator(listen, state_dir, &principals, region, issuer_url) {
+            let tls = tls_cert.zip(tls_key);
+            match sts_emulator(listen, state_dir, &principals, region, issuer_url, tls) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -379,6 +388,7 @@ fn sts_emulator(
     principals: &std::path::Path,
     region: String,
     issuer_url: Option<String>,
+    tls: Option<(PathBuf, PathBuf)>,
 ) -> anyhow::Result<()> {
     use std::io::Write;
     use std::sync::Arc;
@@ -394,7 +404,14 @@ fn sts_emulator(
             .await
             .with_context(|| format!("binding {listen}"))?;
         let bound = listener.local_addr()?;
-        let issuer_url = issuer_url.unwrap_or_else(|| format!("http://{bound}"));
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let issuer_url = issuer_url.unwrap_or_else(|| format!("{scheme}://{bound}"));
+        let acceptor = match &tls {
+            Some((cert, key)) => {
+                Some(amqp_iam_gateway::proxy::tls_acceptor(cert, key).map_err(anyhow::Error::msg)?)
+            }
+            None => None,
+        };
         let issuer = sts::Issuer::open(sts::IssuerConfig {
             issuer_url,
             state_dir,
@@ -405,8 +422,15 @@ fn sts_emulator(
         println!("{}", issuer.issuer_url());
         std::io::stdout().flush()?;
         tracing::info!(issuer = issuer.issuer_url(), %bound, "STS emulator listening");
+        let issuer = Arc::new(issuer);
+        let served = async move {
+            match acceptor {
+                Some(a) => sts::server::serve_tls(issuer, listener, a).await,
+                None => sts::serve(issuer, listener).await,
+            }
+        };
         tokio::select! {
-            r = sts::serve(Arc::new(issuer), listener) => r.context("serving"),
+            r = served => r.context("serving"),
             r = tokio::signal::ctrl_c() => {
                 tracing::info!("shutting down");
                 r.context("waiting for a signal")
