@@ -35,6 +35,7 @@
 #   base     additional_scopes_key = https://sts.amazonaws.com/ (a top-level claim in 3.10.8)
 #   aliases  the scope aliases of the conformance cases, no additional_scopes_key
 #   plain    neither
+#   backend  internal users instead of OAuth 2.0 (a plain second node for failover tests)
 # The harness switches profiles at run time with `ctl eval` (application:set_env), which the
 # 3.10.8 plugin reads on every login; the profile here is only the boot-time one.
 #
@@ -43,7 +44,7 @@
 #   REFERENCE_NODE_NAME       node name                     [rabbit_conformance@localhost]
 #   REFERENCE_NODE_PORT       AMQP port (127.0.0.1)         [5691]
 #   REFERENCE_NODE_DIST_PORT  distribution port             [25691]
-#   REFERENCE_NODE_PROFILE    base | aliases | plain        [base]
+#   REFERENCE_NODE_PROFILE    base | aliases | plain | backend  [base]
 #   REFERENCE_NODE_TIMEOUT    seconds to wait for start/stop [60]
 #   RABBITMQ_SBIN             the real (non-wrapper) scripts [/usr/lib/rabbitmq/bin]
 set -euo pipefail
@@ -115,6 +116,10 @@ log.console = false
 EOF
     [[ "$PROFILE" == base ]] &&
         echo "auth_oauth2.additional_scopes_key = https://sts.amazonaws.com/" >>"$new/rabbitmq.conf"
+    # `backend`: an ordinary node with internal users (guest from loopback), used as a second
+    # backend node of the gateway in the failover test.
+    [[ "$PROFILE" == backend ]] &&
+        sed -i 's/^auth_backends.1 = rabbit_auth_backend_oauth2$/auth_backends.1 = internal/' "$new/rabbitmq.conf"
 
     local pem aliases=""
     [[ -r "$KEY" ]] || die "$KEY is not readable"
