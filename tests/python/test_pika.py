@@ -357,3 +357,20 @@ def test_pika_url_bind_confirms_refusal_and_update_secret(gateway):
     finally:
         if conn.is_open:
             conn.close()
+
+
+@pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
+def test_tls_1_2_and_1_3(gateway, version):
+    """The AMQPS listener speaks TLS 1.2 and 1.3."""
+    import ssl
+
+    ctx = gateway.ssl_context()
+    ctx.minimum_version = getattr(ssl.TLSVersion, version)
+    ctx.maximum_version = getattr(ssl.TLSVersion, version)
+    params = pika.ConnectionParameters(
+        gateway.host, gateway.port, "/", pika.PlainCredentials("", mint(ADMIN_ROLE)),
+        ssl_options=pika.SSLOptions(ctx, "localhost"), connection_attempts=1,
+    )
+    conn = pika.BlockingConnection(params)
+    assert conn.is_open
+    conn.close()
