@@ -196,6 +196,20 @@ pub struct BackendConfig {
     pub management_url: Option<String>,
     /// How a node is chosen for each connection among the healthy ones.
     pub balance: crate::proxy::balancer::Policy,
+    /// TLS to the nodes (`backend.tls = true`); `None`: plain AMQP.
+    pub tls: Option<BackendTlsConfig>,
+}
+
+/// `backend.tls_*`: TLS from the gateway to the RabbitMQ nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendTlsConfig {
+    /// PEM file of the CA certificate(s) the nodes' certificates must chain to.
+    pub ca: PathBuf,
+    /// PEM certificate chain and private key presented to the nodes (mutual TLS).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// The name checked against the nodes' certificates (and sent as SNI); `None`: each
+    /// node's own host. Checked to be a valid DNS name or IP address.
+    pub server_name: Option<String>,
 }
 
 /// Written by hand so the service user's password never reaches a log line.
@@ -207,6 +221,8 @@ impl fmt::Debug for BackendConfig {
             .field("password", &"<redacted>")
             .field("connect_timeout", &self.connect_timeout)
             .field("management_url", &self.management_url)
+            .field("balance", &self.balance)
+            .field("tls", &self.tls)
             .finish()
     }
 }

@@ -55,6 +55,11 @@ pub(super) struct RawBackend {
     pub connect_timeout_ms: Option<u64>,
     pub management_url: Option<String>,
     pub balance: Option<String>,
+    pub tls: Option<bool>,
+    pub tls_ca: Option<String>,
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    pub tls_server_name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

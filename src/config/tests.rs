@@ -565,3 +565,83 @@ fn the_example_files_are_valid() {
         );
     }
 }
+
+#[test]
+fn backend_tls_is_off_by_default_and_checked_when_on() {
+    let (c, _) = parse_ok(MINIMAL);
+    assert_eq!(c.backend.tls, None);
+
+    let (c, dir) = parse_ok(&minimal_with(
+        "backend",
+        r#"tls = true
+tls_ca = "certs/server.pem"
+tls_cert = "certs/server.pem"
+tls_key = "certs/server-key.pem"
+tls_server_name = "rabbit.internal""#,
+    ));
+    assert_eq!(
+        c.backend.tls,
+        Some(BackendTlsConfig {
+            ca: dir.join("certs/server.pem"),
+            client_cert: Some((
+                dir.join("certs/server.pem"),
+                dir.join("certs/server-key.pem")
+            )),
+            server_name: Some("rabbit.internal".into()),
+        })
+    );
+    let (c, _) = parse_ok(&minimal_with(
+        "backend",
+        "tls = true\ntls_ca = \"certs/server.pem\"",
+    ));
+    let tls = c.backend.tls.unwrap();
+    assert_eq!((tls.client_cert, tls.server_name), (None, None));
+
+    // Every problem at once: no CA, half a client certificate, a bad name.
+    let errors = parse_err(&minimal_with(
+        "backend",
+        "tls = true\ntls_cert = \"certs/server.pem\"\ntls_server_name = \"not a name\"",
+    ));
+    assert_eq!(
+        keys(&errors),
+        [
+            "backend.tls_ca",
+            "backend.tls_key",
+            "backend.tls_server_name"
+        ],
+        "\n{errors}"
+    );
+    let errors = parse_err(&minimal_with(
+        "backend",
+        "tls = true\ntls_ca = \"certs/missing.pem\"\ntls_key = \"certs/server-key.pem\"",
+    ));
+    assert_eq!(
+        keys(&errors),
+        ["backend.tls_ca", "backend.tls_cert"],
+        "\n{errors}"
+    );
+
+    // TLS keys without `tls = true` would silently do nothing.
+    let errors = parse_err(&minimal_with(
+        "backend",
+        "tls_ca = \"certs/server.pem\"\ntls_server_name = \"rabbit.internal\"",
+    ));
+    assert_eq!(
+        keys(&errors),
+        ["backend.tls_ca", "backend.tls_server_name"],
+        "\n{errors}"
+    );
+    let errors = parse_err(&minimal_with(
+        "backend",
+        "tls = false\ntls_cert = \"certs/server.pem\"\ntls_key = \"certs/server-key.pem\"",
+    ));
+    assert_eq!(
+        keys(&errors),
+        ["backend.tls_cert", "backend.tls_key"],
+        "\n{errors}"
+    );
+
+    // A misspelt key is an error, not a silent default.
+    let errors = parse_err(&minimal_with("backend", "tls = true\ntls_ca_file = \"x\""));
+    assert!(errors.to_string().contains("tls_ca_file"), "{errors}");
+}

@@ -12,19 +12,20 @@ use std::time::Duration;
 
 use super::raw::{RawAdmin, RawAliasValue, RawBackend, RawConfig, RawListener, RawLog, RawOAuth2};
 use super::{
-    AdminConfig, AuditSink, BackendConfig, BackendNode, CheckFiles, Config, ConfigError,
-    ConfigErrors, DEFAULT_ADMIN_ADDRESS, DEFAULT_ALGORITHMS, DEFAULT_AUTH_FAILURE_DELAY_MS,
-    DEFAULT_BACKEND_CONNECT_TIMEOUT_MS, DEFAULT_BACKEND_NODE, DEFAULT_CHANNEL_MAX,
-    DEFAULT_CHECK_IAT, DEFAULT_CHECK_NBF, DEFAULT_DRAIN_DEADLINE_MS, DEFAULT_DRAIN_PERIOD_MS,
-    DEFAULT_FRAME_MAX, DEFAULT_HANDSHAKE_TIMEOUT_MS, DEFAULT_HEARTBEAT_SECS,
-    DEFAULT_HTTP_TIMEOUT_MS, DEFAULT_JWKS_MIN_REFETCH_INTERVAL_MS, DEFAULT_JWKS_REFRESH_SECONDS,
-    DEFAULT_LEEWAY_SECONDS, DEFAULT_LISTENER_ADDRESS, DEFAULT_LOG_FORMAT, DEFAULT_LOG_LEVEL,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PREAUTH_FRAME, DEFAULT_PREFERRED_USERNAME_CLAIMS,
-    DEFAULT_REQUIRE_EXP, DEFAULT_VERIFY_AUD, JwtAlgorithm, ListenerConfig, LogConfig, LogFormat,
-    MAX_AUTH_FAILURE_DELAY_MS, MAX_BACKEND_CONNECT_TIMEOUT_MS, MAX_DRAIN_MS, MAX_FRAME_MAX,
-    MAX_HANDSHAKE_TIMEOUT_MS, MAX_HTTP_TIMEOUT_MS, MAX_JWKS_MIN_REFETCH_INTERVAL_MS,
-    MAX_JWKS_REFRESH_SECONDS, MAX_LEEWAY_SECONDS, MAX_MAX_PREAUTH_FRAME, MIN_FRAME_MAX,
-    MIN_MAX_PREAUTH_FRAME, OAuth2Config, TlsListenerConfig,
+    AdminConfig, AuditSink, BackendConfig, BackendNode, BackendTlsConfig, CheckFiles, Config,
+    ConfigError, ConfigErrors, DEFAULT_ADMIN_ADDRESS, DEFAULT_ALGORITHMS,
+    DEFAULT_AUTH_FAILURE_DELAY_MS, DEFAULT_BACKEND_CONNECT_TIMEOUT_MS, DEFAULT_BACKEND_NODE,
+    DEFAULT_CHANNEL_MAX, DEFAULT_CHECK_IAT, DEFAULT_CHECK_NBF, DEFAULT_DRAIN_DEADLINE_MS,
+    DEFAULT_DRAIN_PERIOD_MS, DEFAULT_FRAME_MAX, DEFAULT_HANDSHAKE_TIMEOUT_MS,
+    DEFAULT_HEARTBEAT_SECS, DEFAULT_HTTP_TIMEOUT_MS, DEFAULT_JWKS_MIN_REFETCH_INTERVAL_MS,
+    DEFAULT_JWKS_REFRESH_SECONDS, DEFAULT_LEEWAY_SECONDS, DEFAULT_LISTENER_ADDRESS,
+    DEFAULT_LOG_FORMAT, DEFAULT_LOG_LEVEL, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PREAUTH_FRAME,
+    DEFAULT_PREFERRED_USERNAME_CLAIMS, DEFAULT_REQUIRE_EXP, DEFAULT_VERIFY_AUD, JwtAlgorithm,
+    ListenerConfig, LogConfig, LogFormat, MAX_AUTH_FAILURE_DELAY_MS,
+    MAX_BACKEND_CONNECT_TIMEOUT_MS, MAX_DRAIN_MS, MAX_FRAME_MAX, MAX_HANDSHAKE_TIMEOUT_MS,
+    MAX_HTTP_TIMEOUT_MS, MAX_JWKS_MIN_REFETCH_INTERVAL_MS, MAX_JWKS_REFRESH_SECONDS,
+    MAX_LEEWAY_SECONDS, MAX_MAX_PREAUTH_FRAME, MIN_FRAME_MAX, MIN_MAX_PREAUTH_FRAME, OAuth2Config,
+    TlsListenerConfig,
 };
 
 pub(super) fn validate(
@@ -188,6 +189,7 @@ impl Checker<'_> {
     }
 
     fn backend(&mut self, raw: RawBackend) -> BackendConfig {
+        let raw_tls = raw_tls(&raw);
         let nodes = match raw.nodes {
             None => parse_node(DEFAULT_BACKEND_NODE).into_iter().collect(),
             Some(nodes) => {
@@ -230,6 +232,7 @@ impl Checker<'_> {
                 );
             }
         });
+        let tls = self.backend_tls(&raw_tls, &nodes);
         BackendConfig {
             nodes,
             username,
@@ -243,7 +246,90 @@ impl Checker<'_> {
             ),
             management_url,
             balance,
+            tls,
         }
+    }
+
+    /// `backend.tls*`: the other keys only with `tls = true`, which needs `tls_ca`;
+    /// `tls_cert` and `tls_key` together or not at all.
+    fn backend_tls(
+        &mut self,
+        raw: &RawBackendTls,
+        nodes: &[BackendNode],
+    ) -> Option<BackendTlsConfig> {
+        if !raw.enabled {
+            for (key, set) in [
+                ("backend.tls_ca", raw.ca.is_some()),
+                ("backend.tls_cert", raw.cert.is_some()),
+                ("backend.tls_key", raw.key.is_some()),
+                ("backend.tls_server_name", raw.server_name.is_some()),
+            ] {
+                if set {
+                    self.error(key, "has no effect unless backend.tls = true");
+                }
+            }
+            return None;
+        }
+        let ca = match &raw.ca {
+            Some(ca) => self.file("backend.tls_ca", ca),
+            None => {
+                self.error(
+                    "backend.tls_ca",
+                    "is required with backend.tls = true (the PEM CA certificate(s) that signed the nodes' certificates)",
+                );
+                PathBuf::new()
+            }
+        };
+        let client_cert = match (&raw.cert, &raw.key) {
+            (Some(cert), Some(key)) => Some((
+                self.file("backend.tls_cert", cert),
+                self.file("backend.tls_key", key),
+            )),
+            (None, None) => None,
+            (Some(_), None) => {
+                self.error(
+                    "backend.tls_key",
+                    "is required when backend.tls_cert is set",
+                );
+                None
+            }
+            (None, Some(_)) => {
+                self.error(
+                    "backend.tls_cert",
+                    "is required when backend.tls_key is set",
+                );
+                None
+            }
+        };
+        let server_name = raw.server_name.clone();
+        match &server_name {
+            Some(name) => {
+                if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                    self.error(
+                        "backend.tls_server_name",
+                        format!("{name:?} is not a valid DNS name or IP address"),
+                    );
+                }
+            }
+            None => {
+                for (i, node) in nodes.iter().enumerate() {
+                    if rustls::pki_types::ServerName::try_from(node.host.as_str()).is_err() {
+                        self.error(
+                            format!("backend.nodes[{i}]"),
+                            format!(
+                                "{:?} cannot be checked against a TLS certificate; set backend.tls_server_name",
+                                node.host
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        Some(BackendTlsConfig {
+            ca,
+            client_cert,
+            server_name,
+        })
     }
 
     fn oauth2(&mut self, raw: RawOAuth2) -> OAuth2Config {
@@ -635,6 +721,25 @@ impl Checker<'_> {
         max: u64,
     ) -> Duration {
         Duration::from_millis(self.bounded(key, value, default, min, max))
+    }
+}
+
+/// The `backend.tls*` keys, taken out of [`RawBackend`].
+struct RawBackendTls {
+    enabled: bool,
+    ca: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    server_name: Option<String>,
+}
+
+fn raw_tls(raw: &RawBackend) -> RawBackendTls {
+    RawBackendTls {
+        enabled: raw.tls.unwrap_or(false),
+        ca: raw.tls_ca.clone(),
+        cert: raw.tls_cert.clone(),
+        key: raw.tls_key.clone(),
+        server_name: raw.tls_server_name.clone(),
     }
 }
 

@@ -1,15 +1,22 @@
-//! Opens the backend connection for an authenticated client: TCP to a RabbitMQ node,
-//! then the AMQP handshake as a client with the service user, the client's vhost, and
+//! Opens the backend connection for an authenticated client: TCP to a RabbitMQ node (and
+//! TLS when `backend.tls` is on), then the AMQP handshake as a client with the service user, the client's vhost, and
 //! the client's identity in `connection_name`. Every step is bounded by the connect
 //! timeout.
 
 use amq_protocol::protocol::{AMQPClass, connection};
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
+use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use super::balancer::{Balancer, Lease};
@@ -17,7 +24,7 @@ use crate::admin::metrics::Metrics;
 use crate::amqp::frame::{self, PROTOCOL_HEADER};
 use crate::amqp::handshake::Tuning;
 use crate::amqp::method;
-use crate::config::BackendConfig;
+use crate::config::{BackendConfig, BackendTlsConfig};
 
 /// Largest frame accepted from the backend before tune.
 const MAX_HANDSHAKE_FRAME: usize = 128 * 1024;
@@ -40,9 +47,132 @@ pub enum BackendError {
     },
 }
 
+/// A connection to a node: plain TCP or TLS over TCP.
+pub enum BackendStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for BackendStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for BackendStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            BackendStream::Plain(s) => s.is_write_vectored(),
+            BackendStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The TLS client for the nodes, built once per configuration: TLS 1.2 and 1.3 with the
+/// aws-lc-rs provider, trusting only the CA(s) in `tls_ca`, with the client certificate
+/// when one is configured.
+pub fn tls_connector(t: &BackendTlsConfig) -> Result<TlsConnector, String> {
+    let read_certs = |path: &std::path::Path| {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("{}: no certificate found", path.display()));
+        }
+        Ok(certs)
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in read_certs(&t.ca)? {
+        roots
+            .add(ca)
+            .map_err(|e| format!("backend.tls_ca {}: {e}", t.ca.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let config = match &t.client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let certs = read_certs(cert)?;
+            let key =
+                PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| format!("backend TLS client certificate/key: {e}"))?
+        }
+    };
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// TCP to `addr`, then TLS when `tls` is set, checking the certificate against
+/// `server_name`.
+async fn connect(
+    addr: &str,
+    tls: Option<&TlsConnector>,
+    server_name: &str,
+) -> Result<BackendStream, String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let Some(connector) = tls else {
+        return Ok(BackendStream::Plain(stream));
+    };
+    let name = ServerName::try_from(server_name.to_owned())
+        .map_err(|e| format!("TLS server name {server_name:?}: {e}"))?;
+    let tls = connector
+        .connect(name, stream)
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    Ok(BackendStream::Tls(Box::new(tls)))
+}
+
 /// An open backend connection.
 pub struct Backend {
-    pub stream: TcpStream,
+    pub stream: BackendStream,
     /// Counts this connection against its node until dropped.
     pub lease: Lease,
     /// Bytes read after `open-ok`, to be relayed.
@@ -51,9 +181,11 @@ pub struct Backend {
     pub tuning: Tuning,
 }
 
-/// Connects to the first reachable node and opens `vhost` on it.
+/// Connects to the first reachable node and opens `vhost` on it. `tls` is the connector
+/// built from `cfg.tls` ([`tls_connector`]), `None` for plain AMQP.
 pub async fn open(
     cfg: &BackendConfig,
+    tls: Option<&TlsConnector>,
     balancer: &Arc<Balancer>,
     vhost: &str,
     client: Tuning,
@@ -63,7 +195,16 @@ pub async fn open(
     let mut errors = Vec::new();
     for i in balancer.order(Instant::now()) {
         let addr = balancer.addr(i).to_owned();
-        let connected = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&addr)).await;
+        // The node's host, unless the certificate name is configured; the balancer's nodes
+        // are `cfg.nodes` in order.
+        let host = cfg.nodes.get(i).map_or("", |n| n.host.as_str());
+        let server_name = cfg
+            .tls
+            .as_ref()
+            .and_then(|t| t.server_name.as_deref())
+            .unwrap_or(host);
+        let connected =
+            tokio::time::timeout(cfg.connect_timeout, connect(&addr, tls, server_name)).await;
         let stream = match connected {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -85,7 +226,6 @@ pub async fn open(
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
         let handshake = handshake(stream, cfg, vhost, client, client_properties.clone());
         return match tokio::time::timeout(cfg.connect_timeout, handshake).await {
             Ok(Ok((stream, leftover, tuning))) => {
@@ -115,12 +255,12 @@ pub async fn open(
 }
 
 async fn handshake(
-    mut s: TcpStream,
+    mut s: BackendStream,
     cfg: &BackendConfig,
     vhost: &str,
     client: Tuning,
     client_properties: FieldTable,
-) -> Result<(TcpStream, BytesMut, Tuning), BackendError> {
+) -> Result<(BackendStream, BytesMut, Tuning), BackendError> {
     let io = |e: std::io::Error| BackendError::Protocol(e.to_string());
     let mut buf = BytesMut::with_capacity(4096);
     s.write_all(PROTOCOL_HEADER).await.map_err(io)?;
@@ -188,7 +328,7 @@ fn min_nonzero(a: u32, b: u32) -> u32 {
 /// Reads the next method on channel 0 and checks it is `class.method`; a
 /// `connection.close` becomes [`BackendError::Refused`].
 async fn expect(
-    s: &mut TcpStream,
+    s: &mut BackendStream,
     buf: &mut BytesMut,
     class: u16,
     meth: u16,

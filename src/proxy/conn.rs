@@ -330,6 +330,7 @@ where
     let timer = shared.metrics.phase("backend_connect").start_timer();
     let opened = backend::open(
         &shared.cfg.backend,
+        shared.backend_tls.as_ref(),
         &shared.balancer,
         &vhost,
         tuning,

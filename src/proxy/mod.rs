@@ -45,6 +45,8 @@ pub(crate) struct Shared {
     pub drain: watch::Receiver<DrainState>,
     pub limits: Arc<limits::Limits>,
     pub balancer: Arc<balancer::Balancer>,
+    /// The TLS client for the backend nodes, when `backend.tls` is on.
+    pub backend_tls: Option<tokio_rustls::TlsConnector>,
 }
 
 /// Where a graceful shutdown is.
@@ -191,6 +193,10 @@ async fn build(
         Some(t) => Some(tls_acceptor(&t.cert, &t.key)?),
         None => None,
     };
+    let backend_tls = match &cfg.backend.tls {
+        Some(t) => Some(backend::tls_connector(t)?),
+        None => None,
+    };
     let auth = Authenticator::from_config(&cfg.oauth2)?;
     let keys = &auth.keys;
     if keys.has_remote() {
@@ -249,6 +255,7 @@ async fn build(
         drain,
         limits,
         balancer,
+        backend_tls,
     };
     Ok((shared, tls))
 }
