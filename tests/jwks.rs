@@ -254,10 +254,10 @@ fn key_settings(idp: &Idp, min_refetch_ms: u64, http_timeout_ms: u64) -> KeySett
 async fn authenticator(settings: KeySettings) -> Arc<Authenticator> {
     let keys = Arc::new(KeyStore::new(settings).expect("key store"));
     keys.refresh().await.expect("initial JWKS fetch");
-    Arc::new(Authenticator {
-        algorithms: vec![Algorithm::RS256, Algorithm::ES384],
+    Arc::new(Authenticator::new(
+        vec![Algorithm::RS256, Algorithm::ES384],
         keys,
-        claims: ClaimRules {
+        ClaimRules {
             resource_server_id: "rabbitmq".into(),
             verify_aud: true,
             require_exp: true,
@@ -266,12 +266,14 @@ async fn authenticator(settings: KeySettings) -> Arc<Authenticator> {
             check_iat: true,
             leeway_seconds: 60,
         },
-        scopes: ScopeRules::with_defaults("rabbitmq"),
-    })
+        ScopeRules::with_defaults("rabbitmq"),
+    ))
 }
 
 async fn verify(auth: &Authenticator, token: &str) -> Result<String, AuthError> {
-    auth.authenticate(token, now()).await.map(|i| i.username)
+    auth.authenticate(token, now(), None)
+        .await
+        .map(|i| i.username)
 }
 
 fn unknown_kid(kid: &str) -> Result<String, AuthError> {
@@ -613,4 +615,94 @@ async fn gateway_picks_up_a_rotated_key_with_one_fetch_for_50_connections() {
         3,
         "exactly one fetch for 50 connections"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stale grace.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn fetched_keys_stop_verifying_after_the_stale_grace() {
+    let idp = Idp::start(&jwks(&[rsa_0()])).await;
+    let settings = KeySettings {
+        stale_grace: Some(Duration::from_secs(1)),
+        ..key_settings(&idp, 0, 2_000)
+    };
+    let auth = authenticator(settings).await;
+    let cached = rs256("RSA_0", "rsa-private.pem");
+    assert_eq!(verify(&auth, &cached).await, Ok(ADMIN_ROLE.to_owned()));
+
+    // The issuer fails from now on: known keys keep working within the grace.
+    idp.with(|s| s.status = 500);
+    let failed_at = Instant::now();
+    auth.keys.refresh().await.unwrap_err();
+    assert_eq!(verify(&auth, &cached).await, Ok(ADMIN_ROLE.to_owned()));
+    assert!(auth.keys.stale().is_none());
+
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    // Past the grace, a failed fetch since: the kid stops verifying, cached or not.
+    auth.keys.refresh().await.unwrap_err();
+    let refused = |r: Result<String, AuthError>| match r {
+        Err(AuthError::KeysUnavailable(why)) => assert!(why.contains("stale"), "{why}"),
+        other => panic!("expected keys_unavailable, got {other:?}"),
+    };
+    refused(verify(&auth, &cached).await);
+    refused(verify(&auth, &rs256("RSA_0", "rsa-private.pem")).await);
+    assert!(auth.keys.stale().is_some());
+    assert_eq!(auth.keys.key_count(), 0);
+    assert!(failed_at.elapsed() >= Duration::from_secs(1));
+
+    // The issuer is back: so are its keys.
+    idp.publish(&jwks(&[rsa_0()]));
+    auth.keys.refresh().await.expect("fetch");
+    assert_eq!(verify(&auth, &cached).await, Ok(ADMIN_ROLE.to_owned()));
+}
+
+#[tokio::test]
+async fn without_a_failed_fetch_keys_are_not_stale() {
+    let idp = Idp::start(&jwks(&[rsa_0()])).await;
+    let settings = KeySettings {
+        stale_grace: Some(Duration::from_secs(1)),
+        ..key_settings(&idp, 0, 2_000)
+    };
+    let auth = authenticator(settings).await;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert!(auth.keys.stale().is_none());
+    assert_eq!(
+        verify(&auth, &rs256("RSA_0", "rsa-private.pem")).await,
+        Ok(ADMIN_ROLE.to_owned())
+    );
+}
+
+#[tokio::test]
+async fn gateway_fails_closed_and_not_ready_after_the_stale_grace() {
+    let idp = Idp::start(&jwks(&[rsa_0()])).await;
+    let gw = start_gateway_with_keys(
+        "jwks_stale_grace_seconds = 1\njwks_refresh_seconds = 1\n",
+        &jwks_source(&idp, 0),
+    )
+    .await;
+    let token = rs256("RSA_0", "rsa-private.pem");
+    use_connection(gw.connect(&token, "/").await.expect("JWKS key")).await;
+    let readyz = || async {
+        let url = format!("http://{}/readyz", gw.addrs.admin.unwrap());
+        let resp = reqwest::get(&url).await.unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    };
+    assert_eq!(readyz().await.0, 200);
+
+    idp.with(|s| s.status = 500);
+    // The background refresh (every 1 s, failing) marks the keys stale after the grace.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = readyz().await;
+        if status == 503 {
+            assert!(body.contains("stale"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never stale: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let err = gw.connect(&token, "/").await.unwrap_err();
+    assert!(refused_login(&err), "stale key refused: {err:?}");
 }

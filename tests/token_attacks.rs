@@ -551,7 +551,7 @@ fn vhost_refusals() -> Vec<(&'static str, String, &'static str, String)> {
 async fn attack_reasons() {
     let auth = authenticator("");
     for (name, token, reason) in login_attacks() {
-        let got = auth.authenticate(&token, now()).await;
+        let got = auth.authenticate(&token, now(), None).await;
         assert_eq!(
             got.map(|_| ()).map_err(|e| e.reason()),
             Err(reason),
@@ -570,7 +570,7 @@ async fn accepted_neighbours_of_the_attacks() {
         "jku": "https://attacker.example/jwks.json", "x5u": "https://attacker.example/cert.pem",
     });
     let id = auth
-        .authenticate(&sign_header(&header, &base), now())
+        .authenticate(&sign_header(&header, &base), now(), None)
         .await
         .expect("jku/x5u/jwk headers are ignored");
     assert_eq!(id.username, ADMIN_ROLE);
@@ -581,7 +581,7 @@ async fn accepted_neighbours_of_the_attacks() {
     let mut c = with(&base, "scope", json!(scopes));
     c["sub"] = json!("arn:aws:iam::111122223333:role/Many");
     assert_eq!(
-        auth.authenticate(&sign(&c), now())
+        auth.authenticate(&sign(&c), now(), None)
             .await
             .unwrap()
             .scopes
@@ -594,18 +594,19 @@ async fn accepted_neighbours_of_the_attacks() {
         "iat",
         json!(now() + 30),
     );
-    auth.authenticate(&sign(&near), now())
+    auth.authenticate(&sign(&near), now(), None)
         .await
         .expect("within leeway");
     auth.authenticate(
         &sign_with(&base, Algorithm::ES384, "test-ec384", "ec384-private.pem"),
         now(),
+        None,
     )
     .await
     .expect("ES384");
     // Tokens for the vhost refusals pass verification; the refusal is the vhost's.
     for (name, token, vhost, _) in vhost_refusals() {
-        let id = auth.authenticate(&token, now()).await.expect(name);
+        let id = auth.authenticate(&token, now(), None).await.expect(name);
         assert!(!id.permissions.vhost_access(vhost), "{name}");
     }
 }

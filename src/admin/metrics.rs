@@ -5,8 +5,8 @@
 //! once per read.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 /// Every metric of the gateway.
@@ -27,6 +27,8 @@ pub struct Metrics {
     pub backend_connections: IntCounterVec,
     pub exchange_lookups: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    pub token_cache: IntCounterVec,
+    pub signature_verifications: IntCounter,
 }
 
 const NS: &str = "amqp_iam_gateway";
@@ -90,7 +92,25 @@ impl Metrics {
         registry
             .register(Box::new(handshake_duration.clone()))
             .expect("unique metric");
+        let signature_verifications = IntCounter::with_opts(
+            Opts::new(
+                "signature_verifications_total",
+                "Token signature checks performed (cache misses and uncached tokens).",
+            )
+            .namespace(NS),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(signature_verifications.clone()))
+            .expect("unique metric");
         Metrics {
+            token_cache: counter(
+                &registry,
+                "token_cache_total",
+                "Verified-token cache lookups, by result (hit, miss).",
+                &["result"],
+            ),
+            signature_verifications,
             connections_accepted: counter(
                 &registry,
                 "connections_accepted_total",

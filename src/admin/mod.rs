@@ -70,7 +70,7 @@ async fn route(r: &Live, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => {
             let (shared, _) = r.snapshot();
-            refresh_gauges(&shared.metrics, &shared.auth.keys);
+            refresh_gauges(&shared.metrics, &shared.auth);
             text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
@@ -94,6 +94,9 @@ async fn route(r: &Live, req: Request<Incoming>) -> Response<Full<Bytes>> {
 async fn ready(r: &Live) -> Result<(), String> {
     let (shared, _) = r.snapshot();
     let keys = &shared.auth.keys;
+    if let Some(why) = keys.stale() {
+        return Err(format!("issuer keys no longer verify ({why})"));
+    }
     if keys.key_count() == 0 {
         let detail = keys
             .status()
@@ -121,8 +124,19 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
 }
 
 /// Brings the gauges and counters owned by other modules up to date before a scrape.
-fn refresh_gauges(m: &metrics::Metrics, keys: &crate::auth::keys::KeyStore) {
+fn refresh_gauges(m: &metrics::Metrics, auth: &crate::auth::Authenticator) {
+    let keys = &auth.keys;
     {
+        // The authenticator counts in atomics (shared across reloads); catch up.
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &auth.stats;
+        let v = s.signature_verifications.load(Relaxed);
+        m.signature_verifications
+            .inc_by(v.saturating_sub(m.signature_verifications.get()));
+        for (label, total) in [("hit", &s.cache_hits), ("miss", &s.cache_misses)] {
+            let c = m.token_cache.with_label_values(&[label]);
+            c.inc_by(total.load(Relaxed).saturating_sub(c.get()));
+        }
         m.jwks_keys.set(keys.key_count() as i64);
         if let Some(s) = keys.status() {
             if let Some(t) = s

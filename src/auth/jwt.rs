@@ -57,6 +57,10 @@ pub enum AuthError {
     TooManyScopes { max: usize },
     #[error("key set unavailable: {0}")]
     KeysUnavailable(String),
+    #[error(
+        "the same token failed verification from this address moments ago ({last}); refused without verifying it again"
+    )]
+    CachedFailure { last: &'static str },
 }
 
 impl AuthError {
@@ -79,6 +83,7 @@ impl AuthError {
             AuthError::WrongIssuer { .. } => "issuer",
             AuthError::TooManyScopes { .. } => "too_many_scopes",
             AuthError::KeysUnavailable(_) => "keys_unavailable",
+            AuthError::CachedFailure { .. } => "cached_failure",
         }
     }
 }

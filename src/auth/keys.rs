@@ -4,10 +4,12 @@
 //! start, refreshed in the background, and refetched when a token names an unknown `kid`
 //! (one fetch at a time, at most one per `min_refetch_interval`). A failed fetch keeps
 //! the last good key set: known keys keep working while the issuer is down, unknown
-//! kids fail closed.
+//! kids fail closed. After `stale_grace` of failures since the last good fetch, the
+//! fetched keys stop verifying too (fail closed); static keys are never stale.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -35,6 +37,8 @@ pub struct KeySettings {
     pub refresh_interval: Duration,
     pub min_refetch_interval: Duration,
     pub http_timeout: Duration,
+    /// How long fetched keys keep verifying while the issuer fails (`None`: forever).
+    pub stale_grace: Option<Duration>,
 }
 
 /// Outcome of the latest JWKS fetch, for logs and readiness.
@@ -56,6 +60,18 @@ struct Remote {
     /// Held while fetching: concurrent misses wait for one fetch instead of each fetching.
     fetch: Mutex<Option<Instant>>,
     status: RwLock<FetchStatus>,
+    /// When the last good key set was stored (monotonic clock, for the stale grace).
+    last_success_at: RwLock<Option<Instant>>,
+    /// Hash of the last good JWKS body; a different body bumps `generation`.
+    body_hash: RwLock<Option<[u8; 32]>>,
+}
+
+/// What a `kid` lookup found.
+enum Found {
+    Key(Arc<VerifyKey>),
+    /// The kid is known, but the issuer has been failing for longer than the grace.
+    Stale(String),
+    Missing,
 }
 
 /// All keys of one issuer.
@@ -63,6 +79,9 @@ pub struct KeyStore {
     static_keys: KeyMap,
     default_key: Option<String>,
     remote: Option<Remote>,
+    /// Bumped whenever the fetched key set changes, so caches of verified tokens know
+    /// that the key that verified a token may be gone.
+    generation: AtomicU64,
 }
 
 impl KeyStore {
@@ -93,6 +112,8 @@ impl KeyStore {
                 keys: RwLock::new(Arc::new(KeyMap::new())),
                 fetch: Mutex::new(None),
                 status: RwLock::new(FetchStatus::default()),
+                last_success_at: RwLock::new(None),
+                body_hash: RwLock::new(None),
             })
         } else {
             None
@@ -101,6 +122,7 @@ impl KeyStore {
             static_keys,
             default_key: settings.default_key,
             remote,
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -114,27 +136,56 @@ impl KeyStore {
         self.remote.as_ref().map(|r| read(&r.status).clone())
     }
 
-    /// Number of keys currently usable.
+    /// Number of keys currently usable (fetched keys past the stale grace are not).
     pub fn key_count(&self) -> usize {
-        self.static_keys.len() + self.remote.as_ref().map_or(0, |r| read(&r.keys).len())
+        let remote = match &self.remote {
+            Some(r) if r.stale().is_none() => read(&r.keys).len(),
+            _ => 0,
+        };
+        self.static_keys.len() + remote
+    }
+
+    /// Why the fetched keys no longer verify, when the issuer has been failing for longer
+    /// than the stale grace since the last good fetch.
+    pub fn stale(&self) -> Option<String> {
+        self.remote.as_ref().and_then(Remote::stale)
+    }
+
+    /// Changes whenever the fetched key set changes (a cache of verified tokens compares it).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The key for `kid` as it is now, without fetching: what a cache of verified tokens
+    /// re-checks on every hit (a key gone or stale must stop a cached token too).
+    pub fn current(&self, kid: &str) -> Result<Arc<VerifyKey>, AuthError> {
+        match self.lookup(kid) {
+            Found::Key(k) => Ok(k),
+            Found::Stale(why) => Err(AuthError::KeysUnavailable(why)),
+            Found::Missing => Err(AuthError::UnknownKid(kid.to_owned())),
+        }
+    }
+
+    /// The kid a token with header `kid` is verified with (the default key when it has none).
+    pub fn resolve_kid<'a>(&'a self, kid: Option<&'a str>) -> Result<&'a str, AuthError> {
+        kid.or(self.default_key.as_deref()).ok_or(AuthError::NoKid)
     }
 
     /// Finds the key for a token's `kid` (or the default key when it has none),
     /// refetching the JWKS once when the kid is unknown.
     pub async fn find(&self, kid: Option<&str>) -> Result<Arc<VerifyKey>, AuthError> {
-        let kid = match kid.or(self.default_key.as_deref()) {
-            Some(k) => k,
-            None => return Err(AuthError::NoKid),
-        };
-        if let Some(k) = self.lookup(kid) {
-            return Ok(k);
+        let kid = self.resolve_kid(kid)?;
+        match self.lookup(kid) {
+            Found::Key(k) => return Ok(k),
+            Found::Stale(why) => return Err(AuthError::KeysUnavailable(why)),
+            Found::Missing => {}
         }
         let Some(remote) = &self.remote else {
             return Err(AuthError::UnknownKid(kid.to_owned()));
         };
         let mut last = remote.fetch.lock().await;
         // Someone else's fetch may have brought the key while we waited.
-        if let Some(k) = self.lookup(kid) {
+        if let Found::Key(k) = self.lookup(kid) {
             return Ok(k);
         }
         if last.is_some_and(|t| t.elapsed() < remote.settings.min_refetch_interval) {
@@ -142,19 +193,33 @@ impl KeyStore {
         }
         *last = Some(Instant::now());
         // A failed refetch keeps the old set; the kid is then still unknown.
-        let _ = remote.fetch_and_store().await;
+        let _ = self.fetch_and_store(remote).await;
         drop(last);
-        self.lookup(kid)
-            .ok_or_else(|| AuthError::UnknownKid(kid.to_owned()))
+        self.current(kid)
     }
 
-    fn lookup(&self, kid: &str) -> Option<Arc<VerifyKey>> {
+    fn lookup(&self, kid: &str) -> Found {
         if let Some(k) = self.static_keys.get(kid) {
-            return Some(k.clone());
+            return Found::Key(k.clone());
         }
-        self.remote
-            .as_ref()
-            .and_then(|r| read(&r.keys).get(kid).cloned())
+        let Some(r) = &self.remote else {
+            return Found::Missing;
+        };
+        let Some(k) = read(&r.keys).get(kid).cloned() else {
+            return Found::Missing;
+        };
+        match r.stale() {
+            Some(why) => Found::Stale(why),
+            None => Found::Key(k),
+        }
+    }
+
+    async fn fetch_and_store(&self, remote: &Remote) -> Result<usize, String> {
+        let result = remote.fetch_and_store().await;
+        if matches!(result, Ok((_, true))) {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+        }
+        result.map(|(n, _)| n)
     }
 
     /// Fetches the JWKS now (serialised with kid-miss refetches). Errors keep the last
@@ -165,7 +230,7 @@ impl KeyStore {
         };
         let mut last = remote.fetch.lock().await;
         *last = Some(Instant::now());
-        remote.fetch_and_store().await
+        self.fetch_and_store(remote).await
     }
 
     /// Refreshes the JWKS in the background for as long as the store is alive.
@@ -188,19 +253,43 @@ impl KeyStore {
 }
 
 impl Remote {
-    async fn fetch_and_store(&self) -> Result<usize, String> {
+    /// `Some(why)` when the latest fetch failed and the last good one is older than the
+    /// grace. (Without a good fetch there are no fetched keys to be stale.)
+    fn stale(&self) -> Option<String> {
+        let grace = self.settings.stale_grace?;
+        let error = read(&self.status).last_error.clone()?;
+        let since = (*read(&self.last_success_at))?;
+        let age = since.elapsed();
+        (age > grace).then(|| {
+            format!(
+                "JWKS stale: last successful fetch {}s ago, more than the {}s grace; latest error: {error}",
+                age.as_secs(),
+                grace.as_secs()
+            )
+        })
+    }
+
+    /// Fetches and stores the key set; `Ok((keys, changed))`.
+    async fn fetch_and_store(&self) -> Result<(usize, bool), String> {
         let result = self.fetch_keys().await;
         let mut status = self.status.write().unwrap_or_else(|e| e.into_inner());
         status.fetches += 1;
         match result {
-            Ok(keys) => {
+            Ok((keys, hash)) => {
                 let n = keys.len();
                 *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+                let mut last_hash = self.body_hash.write().unwrap_or_else(|e| e.into_inner());
+                let changed = *last_hash != Some(hash);
+                *last_hash = Some(hash);
+                *self
+                    .last_success_at
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
                 status.last_success = Some(SystemTime::now());
                 status.last_error = None;
                 status.keys = n;
                 tracing::info!(keys = n, "JWKS fetched");
-                Ok(n)
+                Ok((n, changed))
             }
             Err(e) => {
                 tracing::warn!(error = %e, "JWKS fetch failed; keeping the last good key set");
@@ -211,7 +300,7 @@ impl Remote {
         }
     }
 
-    async fn fetch_keys(&self) -> Result<KeyMap, String> {
+    async fn fetch_keys(&self) -> Result<(KeyMap, [u8; 32]), String> {
         let uri = match (&self.settings.jwks_uri, &self.settings.issuer) {
             (Some(u), _) => u.clone(),
             (None, Some(issuer)) => self.discover(issuer).await?,
@@ -229,7 +318,8 @@ impl Remote {
         if keys.is_empty() {
             return Err(format!("{uri}: JWKS has no usable signing keys"));
         }
-        Ok(keys)
+        use sha2::Digest;
+        Ok((keys, sha2::Sha256::digest(&body).into()))
     }
 
     async fn discover(&self, issuer: &str) -> Result<String, String> {

@@ -6,16 +6,33 @@
 //! - [`wildcard`]: RabbitMQ's wildcard matcher, pure.
 //!
 //! [`Authenticator`] ties them together. It never logs or stores a raw token: tokens are
-//! identified by a short SHA-256 prefix ([`token_id`]).
+//! identified by a short SHA-256 prefix ([`token_id`]), and its caches are keyed by the
+//! full SHA-256.
+//!
+//! Two caches spare the signature check:
+//! - **verified tokens**: token hash → the verified claims, the kid and the key set
+//!   generation, bounded, each entry expiring at the token's `exp` (at most an hour). On
+//!   every hit the claim rules (`exp`, `nbf`, ...) are applied again with the current time,
+//!   the key must still be usable (not rotated out, not stale) and the [`Identity`] is
+//!   built afresh; concurrent misses for one token verify once.
+//! - **failed tokens**: (token hash, source address) → a back-off (1 s doubling to 60 s)
+//!   after a failure that cost a signature check (a bad signature, or claims refused right
+//!   after verifying, e.g. an expired token), during which the same token from the same
+//!   address is refused as `cached_failure` without verifying again, so garbage tokens
+//!   cannot make the gateway spend RSA at line rate.
 
 pub mod jwt;
 pub mod keys;
 pub mod scopes;
 pub mod wildcard;
 
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use jsonwebtoken::Algorithm;
+use moka::future::Cache;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -41,32 +58,229 @@ pub struct Identity {
     pub token_id: String,
 }
 
+/// Default `oauth2.token_cache_size`.
+pub const DEFAULT_TOKEN_CACHE_SIZE: u64 = 10_000;
+/// Longest a verified token stays cached (tokens without `exp`, or very long-lived ones).
+pub const MAX_VERIFIED_TTL: Duration = Duration::from_secs(3_600);
+/// Entries of the failed-token cache (token hash × source address).
+pub const FAILED_TOKEN_CACHE_SIZE: u64 = 100_000;
+/// First back-off after a failure; it doubles with each new failure, up to the maximum.
+pub const FAILURE_BACKOFF_MIN: Duration = Duration::from_secs(1);
+pub const FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// Counters of the authenticator, shared across reloads; the metrics scrape copies them.
+#[derive(Debug, Default)]
+pub struct AuthStats {
+    /// Signature checks actually performed (RSA / EC / Ed25519 verifications).
+    pub signature_verifications: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    /// Tokens refused from the failed-token cache without verification.
+    pub cached_failures: AtomicU64,
+}
+
+/// A token whose signature was verified.
+struct Verified {
+    claims: Value,
+    /// The kid of the key that verified it.
+    kid: String,
+    /// [`KeyStore::generation`] when it was verified.
+    generation: u64,
+    ttl: Duration,
+}
+
+/// A token that failed verification from one address.
+#[derive(Clone, Copy)]
+struct Failure {
+    failures: u32,
+    until: Instant,
+    reason: &'static str,
+}
+
+/// Expires verified tokens at their `exp`.
+struct AtExp;
+
+impl moka::Expiry<[u8; 32], Arc<Verified>> for AtExp {
+    fn expire_after_create(
+        &self,
+        _: &[u8; 32],
+        v: &Arc<Verified>,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(v.ttl)
+    }
+}
+
+type TokenHash = [u8; 32];
+
 /// Verifies tokens for one issuer / resource server.
 pub struct Authenticator {
     pub algorithms: Vec<Algorithm>,
     pub keys: Arc<KeyStore>,
     pub claims: ClaimRules,
     pub scopes: ScopeRules,
+    pub stats: Arc<AuthStats>,
+    verified: Option<Cache<TokenHash, Arc<Verified>>>,
+    failed: Cache<(TokenHash, IpAddr), Failure>,
 }
 
 impl Authenticator {
-    /// Verifies `token` at time `now` (seconds since the epoch).
-    pub async fn authenticate(&self, token: &str, now: i64) -> Result<Identity, AuthError> {
-        let claims = self.verify_signature(token).await?;
-        self.identity(token, &claims, now)
+    /// An authenticator with a verified-token cache of [`DEFAULT_TOKEN_CACHE_SIZE`].
+    pub fn new(
+        algorithms: Vec<Algorithm>,
+        keys: Arc<KeyStore>,
+        claims: ClaimRules,
+        scopes: ScopeRules,
+    ) -> Authenticator {
+        Authenticator {
+            algorithms,
+            keys,
+            claims,
+            scopes,
+            stats: Arc::default(),
+            verified: None,
+            failed: Cache::builder()
+                .max_capacity(FAILED_TOKEN_CACHE_SIZE)
+                .time_to_live(FAILURE_BACKOFF_MAX * 2)
+                .build(),
+        }
+        .with_token_cache(DEFAULT_TOKEN_CACHE_SIZE)
     }
 
-    /// Checks the header and signature only, returning the claims.
-    pub async fn verify_signature(&self, token: &str) -> Result<Value, AuthError> {
+    /// Sets the verified-token cache size (0 disables it).
+    pub fn with_token_cache(mut self, size: u64) -> Authenticator {
+        self.verified = (size > 0).then(|| {
+            Cache::builder()
+                .max_capacity(size)
+                .expire_after(AtExp)
+                .build()
+        });
+        self
+    }
+
+    /// Verifies `token` at time `now` (seconds since the epoch), presented from `source`
+    /// (`None`: no failed-token back-off, e.g. `explain`).
+    pub async fn authenticate(
+        &self,
+        token: &str,
+        now: i64,
+        source: Option<IpAddr>,
+    ) -> Result<Identity, AuthError> {
+        let hash: TokenHash = Sha256::digest(token.as_bytes()).into();
+        if let Some(ip) = source
+            && let Some(f) = self.failed.get(&(hash, ip)).await
+            && Instant::now() < f.until
+        {
+            self.stats.cached_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(AuthError::CachedFailure { last: f.reason });
+        }
+        // Only failures that cost a signature check are remembered: the cheap ones
+        // (malformed, unknown kid, ...) cost nothing to repeat, and an unknown kid may be a
+        // key about to be published.
+        let (result, spent) = match self.verified_claims(token, hash, now).await {
+            Ok((v, fresh)) => (self.identity_for(&hash, &v.claims, now), fresh),
+            Err(e) => {
+                let spent = e == AuthError::BadSignature;
+                (Err(e), spent)
+            }
+        };
+        if let (Err(e), Some(ip), true) = (&result, source, spent) {
+            let key = (hash, ip);
+            let failures = self
+                .failed
+                .get(&key)
+                .await
+                .map_or(1, |f| f.failures.saturating_add(1));
+            let backoff = FAILURE_BACKOFF_MIN
+                .saturating_mul(1 << (failures - 1).min(16))
+                .min(FAILURE_BACKOFF_MAX);
+            let failure = Failure {
+                failures,
+                until: Instant::now() + backoff,
+                reason: e.reason(),
+            };
+            self.failed.insert(key, failure).await;
+        }
+        result
+    }
+
+    /// The verified claims of `token`, from the cache when it holds them and the key that
+    /// verified them is still usable; `true` when this call checked the signature.
+    async fn verified_claims(
+        &self,
+        token: &str,
+        hash: TokenHash,
+        now: i64,
+    ) -> Result<(Arc<Verified>, bool), AuthError> {
+        let Some(cache) = &self.verified else {
+            return self.verify(token, now).await.map(|v| (Arc::new(v), true));
+        };
+        for _ in 0..2 {
+            let loaded = AtomicBool::new(false);
+            let entry = cache
+                .try_get_with(hash, async {
+                    loaded.store(true, Ordering::Relaxed);
+                    self.verify(token, now).await.map(Arc::new)
+                })
+                .await
+                .map_err(|e| (*e).clone())?;
+            if loaded.load(Ordering::Relaxed) {
+                self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+                return Ok((entry, true));
+            }
+            // A hit: the key must still be the one that verified it, and usable.
+            match self.keys.current(&entry.kid) {
+                Err(e @ AuthError::KeysUnavailable(_)) => return Err(e),
+                Ok(_) if entry.generation == self.keys.generation() => {
+                    self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok((entry, false));
+                }
+                // Rotated keys: verify again.
+                _ => cache.invalidate(&hash).await,
+            }
+        }
+        self.verify(token, now).await.map(|v| (Arc::new(v), true))
+    }
+
+    /// Header, key and signature, without the cache.
+    async fn verify(&self, token: &str, now: i64) -> Result<Verified, AuthError> {
+        let generation = self.keys.generation();
+        let (claims, kid) = self.check_signature(token).await?;
+        let ttl = match claims.get("exp").and_then(Value::as_f64) {
+            Some(exp) if exp.is_finite() => {
+                Duration::from_secs((exp.trunc() as i64).saturating_sub(now).max(0) as u64)
+            }
+            Some(_) => Duration::ZERO,
+            None => MAX_VERIFIED_TTL,
+        };
+        Ok(Verified {
+            claims,
+            kid,
+            generation,
+            ttl: ttl.min(MAX_VERIFIED_TTL),
+        })
+    }
+
+    async fn check_signature(&self, token: &str) -> Result<(Value, String), AuthError> {
         let header = jwt::read_header(token, &self.algorithms)?;
         let key = self.keys.find(header.kid.as_deref()).await?;
-        jwt::verify_signature(token, &header, &key)
+        self.stats
+            .signature_verifications
+            .fetch_add(1, Ordering::Relaxed);
+        let claims = jwt::verify_signature(token, &header, &key)?;
+        Ok((claims, key.kid.clone()))
+    }
+
+    /// Checks the header and signature only, returning the claims (no cache).
+    pub async fn verify_signature(&self, token: &str) -> Result<Value, AuthError> {
+        self.check_signature(token).await.map(|(claims, _)| claims)
     }
 
     /// Builds the authenticator for a validated `[oauth2]` config (keys loaded, nothing
     /// fetched yet: see [`KeyStore::refresh`]).
     pub fn from_config(o: &crate::config::OAuth2Config) -> Result<Authenticator, String> {
         let keys = Arc::new(KeyStore::new(keys::KeySettings {
+            stale_grace: Some(o.jwks_stale_grace),
             signing_keys: o
                 .signing_keys
                 .iter()
@@ -93,10 +307,10 @@ impl Authenticator {
                     .map_err(|e| format!("{a}: {e}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Authenticator {
+        Ok(Authenticator::new(
             algorithms,
             keys,
-            claims: ClaimRules {
+            ClaimRules {
                 resource_server_id: o.resource_server_id.clone(),
                 verify_aud: o.verify_aud,
                 require_exp: o.require_exp,
@@ -105,18 +319,28 @@ impl Authenticator {
                 check_iat: o.check_iat,
                 leeway_seconds: o.leeway.as_secs() as i64,
             },
-            scopes: ScopeRules {
+            ScopeRules {
                 resource_server_id: o.resource_server_id.clone(),
                 scope_prefix: o.scope_prefix.clone(),
                 additional_scopes_key: o.additional_scopes_key.clone(),
                 scope_aliases: o.scope_aliases.clone(),
                 preferred_username_claims: o.preferred_username_claims.clone(),
             },
-        })
+        )
+        .with_token_cache(o.token_cache_size))
     }
 
     /// The claim checks and scope mapping for already verified claims.
     pub fn identity(&self, token: &str, claims: &Value, now: i64) -> Result<Identity, AuthError> {
+        self.identity_for(&Sha256::digest(token.as_bytes()).into(), claims, now)
+    }
+
+    fn identity_for(
+        &self,
+        hash: &TokenHash,
+        claims: &Value,
+        now: i64,
+    ) -> Result<Identity, AuthError> {
         let exp = jwt::check_claims(claims, &self.claims, now)?;
         let normalised =
             scopes::normalise(claims, &self.scopes).map_err(|_| AuthError::TooManyScopes {
@@ -131,7 +355,7 @@ impl Authenticator {
             exp,
             permissions: Permissions::from_scopes(&normalised.scopes),
             scopes: normalised.scopes,
-            token_id: token_id(token),
+            token_id: hex_prefix(hash),
         })
     }
 }
@@ -139,6 +363,9 @@ impl Authenticator {
 /// A short, non-reversible identifier of a token for logs: the first 12 hex digits of
 /// its SHA-256.
 pub fn token_id(token: &str) -> String {
-    let digest = Sha256::digest(token.as_bytes());
-    digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
+    hex_prefix(&Sha256::digest(token.as_bytes()).into())
+}
+
+fn hex_prefix(hash: &TokenHash) -> String {
+    hash.iter().take(6).map(|b| format!("{b:02x}")).collect()
 }

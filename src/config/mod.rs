@@ -112,6 +112,16 @@ pub const MAX_JWKS_MIN_REFETCH_INTERVAL_MS: u64 = 3_600_000;
 pub const DEFAULT_HTTP_TIMEOUT_MS: u64 = 5_000;
 /// Upper bound of `oauth2.http_timeout_ms`: clients wait on this during a key refetch.
 pub const MAX_HTTP_TIMEOUT_MS: u64 = 120_000;
+/// `oauth2.token_cache_size`: verified tokens cached (by SHA-256), so a reconnect storm of
+/// one token costs one signature check; 0 disables the cache.
+pub const DEFAULT_TOKEN_CACHE_SIZE: u64 = crate::auth::DEFAULT_TOKEN_CACHE_SIZE;
+/// Upper bound of `oauth2.token_cache_size` (an entry is a token's claims, about 1 KiB).
+pub const MAX_TOKEN_CACHE_SIZE: u64 = 10_000_000;
+/// `oauth2.jwks_stale_grace_seconds`: how long keys fetched from the issuer keep verifying
+/// while every fetch fails, counted from the last successful fetch.
+pub const DEFAULT_JWKS_STALE_GRACE_SECONDS: u64 = 86_400;
+/// Upper bound of `oauth2.jwks_stale_grace_seconds`: 30 days.
+pub const MAX_JWKS_STALE_GRACE_SECONDS: u64 = 2_592_000;
 
 /// `admin.address`: `/metrics`, `/healthz`, `/readyz`; loopback so metrics are not public.
 pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:15693";
@@ -277,6 +287,11 @@ pub struct OAuth2Config {
     pub jwks_refresh: Duration,
     pub jwks_min_refetch_interval: Duration,
     pub http_timeout: Duration,
+    /// Verified-token cache entries; 0 disables the cache.
+    pub token_cache_size: u64,
+    /// After this long without a successful fetch (and the latest one failed), fetched
+    /// keys stop verifying.
+    pub jwks_stale_grace: Duration,
     /// Alias → full scopes (including the prefix), a string value split on whitespace.
     pub scope_aliases: BTreeMap<String, Vec<String>>,
 }

@@ -84,6 +84,8 @@ pub(super) struct RawOAuth2 {
     pub jwks_refresh_seconds: Option<u64>,
     pub jwks_min_refetch_interval_ms: Option<u64>,
     pub http_timeout_ms: Option<u64>,
+    pub token_cache_size: Option<u64>,
+    pub jwks_stale_grace_seconds: Option<u64>,
     pub scope_aliases: Option<BTreeMap<String, RawAliasValue>>,
 }
 

@@ -27,6 +27,10 @@ use super::{
     MAX_LEEWAY_SECONDS, MAX_MAX_PREAUTH_FRAME, MIN_FRAME_MAX, MIN_MAX_PREAUTH_FRAME, OAuth2Config,
     TlsListenerConfig,
 };
+use super::{
+    DEFAULT_JWKS_STALE_GRACE_SECONDS, DEFAULT_TOKEN_CACHE_SIZE, MAX_JWKS_STALE_GRACE_SECONDS,
+    MAX_TOKEN_CACHE_SIZE,
+};
 
 pub(super) fn validate(
     raw: RawConfig,
@@ -405,6 +409,20 @@ impl Checker<'_> {
                 1,
                 MAX_HTTP_TIMEOUT_MS,
             ),
+            token_cache_size: self.bounded(
+                "oauth2.token_cache_size",
+                raw.token_cache_size,
+                DEFAULT_TOKEN_CACHE_SIZE,
+                0,
+                MAX_TOKEN_CACHE_SIZE,
+            ),
+            jwks_stale_grace: Duration::from_secs(self.bounded(
+                "oauth2.jwks_stale_grace_seconds",
+                raw.jwks_stale_grace_seconds,
+                DEFAULT_JWKS_STALE_GRACE_SECONDS,
+                1,
+                MAX_JWKS_STALE_GRACE_SECONDS,
+            )),
             scope_aliases: self.scope_aliases(raw.scope_aliases.unwrap_or_default()),
         }
     }

@@ -172,7 +172,10 @@ where
             }
             Ok(Step::Authenticate(creds)) => {
                 let timer = shared.metrics.phase("verify").start_timer();
-                let verified = shared.auth.authenticate(&creds.token, now_secs()).await;
+                let verified = shared
+                    .auth
+                    .authenticate(&creds.token, now_secs(), Some(peer.ip()))
+                    .await;
                 timer.observe_duration();
                 match verified {
                     Ok(id) => {
@@ -421,7 +424,11 @@ fn secret_verifier(
         let vhost = vhost.clone();
         Box::pin(async move {
             let refused = "NOT_ALLOWED - New secret was refused by one of the backends".to_owned();
-            match shared.auth.authenticate(&token, now_secs()).await {
+            match shared
+                .auth
+                .authenticate(&token, now_secs(), Some(peer.ip()))
+                .await
+            {
                 Ok(id) if id.username == username => {
                     tracing::info!(%peer, user = %username, %vhost, token = %id.token_id, "secret updated");
                     Ok((id.permissions, expiry_instant(id.exp)))

@@ -197,7 +197,11 @@ async fn build(
         Some(t) => Some(backend::tls_connector(t)?),
         None => None,
     };
-    let auth = Authenticator::from_config(&cfg.oauth2)?;
+    let mut auth = Authenticator::from_config(&cfg.oauth2)?;
+    if let Some(p) = prev {
+        // Counters survive a reload (the caches do not: the keys may have changed).
+        auth.stats = p.auth.stats.clone();
+    }
     let keys = &auth.keys;
     if keys.has_remote() {
         if let Err(e) = keys.refresh().await {
