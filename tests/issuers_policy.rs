@@ -501,3 +501,46 @@ fn close_reason(err: &lapin::Error) -> Option<(u16, String)> {
         _ => None,
     }
 }
+
+#[tokio::test]
+async fn gateway_policy_is_reloaded() {
+    let (cfg, _dir) = config("");
+    let gw = amqp_iam_gateway::proxy::Gateway::new(cfg)
+        .await
+        .expect("gateway");
+    let live = gw.live();
+    let addrs = gw.start().await.expect("bind");
+    let connect = |token: String| async move {
+        lapin::DefaultConnectionBuilder::new()?
+            .with_uri_str(format!(
+                "amqp://:{token}@127.0.0.1:{}/%2f",
+                addrs.plain.unwrap().port()
+            ))
+            .connect()
+            .await
+    };
+    let wrong = || {
+        sign(&with(
+            claims(ADMIN_ROLE),
+            &["https://sts.amazonaws.com/", "aws_account"],
+            Some(json!("444455556666")),
+        ))
+    };
+    let conn = connect(wrong()).await.expect("no policy yet");
+    conn.close(200, "bye".into()).await.unwrap();
+
+    let (with_policy, _dir2) = config(&format!(
+        r#"policy = {{ rules = [ {{ claim = '{ACCOUNT_PATH}', one_of = ["111122223333"] }} ] }}"#
+    ));
+    live.reload(with_policy).await.expect("reload");
+    let err = connect(wrong()).await.expect_err("policy after reload");
+    assert_eq!(
+        close_reason(&err),
+        Some((403, LOGIN_REFUSED.to_owned())),
+        "{err:?}"
+    );
+    let conn = connect(sign(&claims(ADMIN_ROLE)))
+        .await
+        .expect("right account");
+    conn.close(200, "bye".into()).await.unwrap();
+}
