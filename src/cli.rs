@@ -6,8 +6,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
+use crate::auth::jwt::AuthError;
+use crate::auth::policy::Policy;
 use crate::auth::scopes::{self, Origin};
-use crate::auth::{Authenticator, token_id};
+use crate::auth::{Authenticators, token_id};
 use crate::config::{Config, import};
 
 /// What `explain` found: the report and whether the token is accepted.
@@ -18,7 +20,20 @@ pub struct Explained {
 
 /// Verifies `token` against `cfg` as the gateway would, and says why each scope is there.
 pub async fn explain(cfg: &Config, token: &str, as_json: bool) -> Result<Explained, String> {
-    let auth = Authenticator::from_config(&cfg.oauth2)?;
+    let all = Authenticators::from_config(&cfg.oauth2)?;
+    let auth = match all.select(token) {
+        Ok(auth) => auth,
+        Err(e) => {
+            let report = json!({
+                "token": token_id(token),
+                "accepted": false,
+                "reason": e.reason(),
+                "detail": e.to_string(),
+                "decided_by": "issuer selection: the token's iss names no [[oauth2.issuers]] entry",
+            });
+            return finish(report, as_json);
+        }
+    };
     if auth.keys.has_remote() {
         // A failed fetch is reported through the verification error below.
         let _ = auth.keys.refresh().await;
@@ -34,8 +49,10 @@ pub async fn explain(cfg: &Config, token: &str, as_json: bool) -> Result<Explain
         Err(e) => json!({
             "token": token_id(token),
             "accepted": false,
+            "issuer_entry": auth.name,
             "reason": e.reason(),
             "detail": e.to_string(),
+            "decided_by": decided_by(&e),
         }),
         Ok((claims, id)) => {
             let normalised = scopes::normalise(&claims, &auth.scopes).map_err(|e| e.to_string())?;
@@ -56,9 +73,15 @@ pub async fn explain(cfg: &Config, token: &str, as_json: bool) -> Result<Explain
                 "tags": id.permissions.tags(),
                 "scopes": id.scopes,
                 "origins": origins,
+                "issuer_entry": auth.name,
+                "policy": policy_summary(&auth.policy),
             })
         }
     };
+    finish(report, as_json)
+}
+
+fn finish(report: Value, as_json: bool) -> Result<Explained, String> {
     let accepted = report["accepted"].as_bool() == Some(true);
     let text = if as_json {
         serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
@@ -66,6 +89,37 @@ pub async fn explain(cfg: &Config, token: &str, as_json: bool) -> Result<Explain
         render(&report)
     };
     Ok(Explained { text, accepted })
+}
+
+/// The rule that refused a token: the edge policy rule, or the check named by the reason.
+fn decided_by(e: &AuthError) -> String {
+    match e {
+        AuthError::PolicyLifetime(_) => "policy max_lifetime_seconds".to_owned(),
+        AuthError::PolicyRequiredClaim(c) => format!("policy required_claims ({c})"),
+        AuthError::PolicyJti(_) => "policy jti_deny".to_owned(),
+        AuthError::PolicyClaim {
+            rule, description, ..
+        } => format!("policy rules[{rule}] ({description})"),
+        other => format!("{} check", other.reason()),
+    }
+}
+
+/// What the policy an accepted token passed consists of.
+fn policy_summary(p: &Policy) -> Value {
+    let mut checks = Vec::new();
+    if let Some(max) = p.max_lifetime_seconds {
+        checks.push(format!("max_lifetime_seconds = {max}"));
+    }
+    for c in &p.required_claims {
+        checks.push(format!("required claim {c}"));
+    }
+    if !p.jti_deny.is_empty() {
+        checks.push(format!("jti not in jti_deny ({} values)", p.jti_deny.len()));
+    }
+    for (i, r) in p.rules.iter().enumerate() {
+        checks.push(format!("rules[{i}]: {r}"));
+    }
+    json!(checks)
 }
 
 /// "alias 'x' ← claim path 'sub'".
@@ -86,12 +140,22 @@ fn render(r: &Value) -> String {
             r["detail"].as_str().unwrap_or("-"),
             r["reason"].as_str().unwrap_or("-")
         ));
+        if let Some(entry) = r["issuer_entry"].as_str() {
+            out.push_str(&format!("issuer entry: {entry}\n"));
+        }
+        if let Some(rule) = r["decided_by"].as_str() {
+            out.push_str(&format!("decided by: {rule}\n"));
+        }
         return out;
     }
     let text = |k: &str| r[k].as_str().unwrap_or("-").to_owned();
     out.push_str("accepted:  yes\n");
     out.push_str(&format!("username:  {}\n", text("username")));
-    out.push_str(&format!("issuer:    {}\n", text("iss")));
+    out.push_str(&format!(
+        "issuer:    {} (entry {})\n",
+        text("iss"),
+        text("issuer_entry")
+    ));
     out.push_str(&format!("jti:       {}\n", text("jti")));
     if let Some(s) = r["expires_in_seconds"].as_i64() {
         out.push_str(&format!("expires:   in {s} s\n"));
@@ -110,6 +174,18 @@ fn render(r: &Value) -> String {
             tags.join(", ")
         }
     ));
+    let policy: Vec<&str> = r["policy"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if !policy.is_empty() {
+        out.push_str("policy passed:\n");
+        for p in policy {
+            out.push_str(&format!("  {p}\n"));
+        }
+    }
     out.push_str("scopes:\n");
     let origins = r["origins"].as_array().cloned().unwrap_or_default();
     if origins.is_empty() {

@@ -93,16 +93,24 @@ async fn route(r: &Live, req: Request<Incoming>) -> Response<Full<Bytes>> {
 /// Why the gateway cannot serve clients, if it cannot.
 async fn ready(r: &Live) -> Result<(), String> {
     let (shared, _) = r.snapshot();
-    let keys = &shared.auth.keys;
-    if let Some(why) = keys.stale() {
-        return Err(format!("issuer keys no longer verify ({why})"));
-    }
-    if keys.key_count() == 0 {
-        let detail = keys
-            .status()
-            .and_then(|s| s.last_error)
-            .unwrap_or_else(|| "no signing keys configured".into());
-        return Err(format!("no verification keys loaded ({detail})"));
+    let several = shared.auth.all().len() > 1;
+    for a in shared.auth.all() {
+        let keys = &a.keys;
+        let which = if several {
+            format!("issuer {:?}: ", a.name)
+        } else {
+            String::new()
+        };
+        if let Some(why) = keys.stale() {
+            return Err(format!("{which}issuer keys no longer verify ({why})"));
+        }
+        if keys.key_count() == 0 {
+            let detail = keys
+                .status()
+                .and_then(|s| s.last_error)
+                .unwrap_or_else(|| "no signing keys configured".into());
+            return Err(format!("{which}no verification keys loaded ({detail})"));
+        }
     }
     let mut errors = Vec::new();
     for node in shared.cfg.backend.nodes.iter().map(|n| n.to_string()) {
@@ -124,8 +132,7 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
 }
 
 /// Brings the gauges and counters owned by other modules up to date before a scrape.
-fn refresh_gauges(m: &metrics::Metrics, auth: &crate::auth::Authenticator) {
-    let keys = &auth.keys;
+fn refresh_gauges(m: &metrics::Metrics, auth: &crate::auth::Authenticators) {
     {
         // The authenticator counts in atomics (shared across reloads); catch up.
         use std::sync::atomic::Ordering::Relaxed;
@@ -137,17 +144,26 @@ fn refresh_gauges(m: &metrics::Metrics, auth: &crate::auth::Authenticator) {
             let c = m.token_cache.with_label_values(&[label]);
             c.inc_by(total.load(Relaxed).saturating_sub(c.get()));
         }
-        m.jwks_keys.set(keys.key_count() as i64);
-        if let Some(s) = keys.status() {
-            if let Some(t) = s
-                .last_success
+        // Summed over the issuers' key stores.
+        let stores = auth.all().iter().map(|a| &a.keys);
+        m.jwks_keys
+            .set(stores.clone().map(|k| k.key_count()).sum::<usize>() as i64);
+        let statuses: Vec<_> = stores.filter_map(|k| k.status()).collect();
+        if !statuses.is_empty() {
+            // The oldest last success: the issuer most behind.
+            if let Some(t) = statuses
+                .iter()
+                .map(|s| s.last_success)
+                .collect::<Option<Vec<_>>>()
+                .and_then(|v| v.into_iter().min())
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             {
                 m.jwks_last_success.set(t.as_secs_f64());
             }
-            // The key store counts its fetches; catch the counters up.
-            let ok = s.fetches - s.failures;
-            for (label, total) in [("ok", ok), ("error", s.failures)] {
+            // The key stores count their fetches; catch the counters up.
+            let fetches: u64 = statuses.iter().map(|s| s.fetches).sum();
+            let failures: u64 = statuses.iter().map(|s| s.failures).sum();
+            for (label, total) in [("ok", fetches - failures), ("error", failures)] {
                 let c = m.jwks_fetches.with_label_values(&[label]);
                 c.inc_by(total.saturating_sub(c.get()));
             }

@@ -61,6 +61,18 @@ pub enum AuthError {
         "the same token failed verification from this address moments ago ({last}); refused without verifying it again"
     )]
     CachedFailure { last: &'static str },
+    #[error("token refused by policy max_lifetime_seconds: {0}")]
+    PolicyLifetime(String),
+    #[error("token refused by policy required_claims: {0:?} is missing")]
+    PolicyRequiredClaim(String),
+    #[error("token refused by policy jti_deny: jti {0:?} is denied")]
+    PolicyJti(String),
+    #[error("token refused by policy rules[{rule}] ({description}): found {found:?}")]
+    PolicyClaim {
+        rule: usize,
+        description: String,
+        found: Option<String>,
+    },
 }
 
 impl AuthError {
@@ -84,6 +96,10 @@ impl AuthError {
             AuthError::TooManyScopes { .. } => "too_many_scopes",
             AuthError::KeysUnavailable(_) => "keys_unavailable",
             AuthError::CachedFailure { .. } => "cached_failure",
+            AuthError::PolicyLifetime(_) => "policy_lifetime",
+            AuthError::PolicyRequiredClaim(_) => "policy_required_claim",
+            AuthError::PolicyJti(_) => "policy_jti",
+            AuthError::PolicyClaim { .. } => "policy_claim",
         }
     }
 }
@@ -175,6 +191,38 @@ pub fn read_header(token: &str, allowed: &[Algorithm]) -> Result<TokenHeader, Au
         alg: header.alg,
         kid: header.kid,
     })
+}
+
+/// Longest payload segment [`unverified_issuer`] decodes (base64url characters).
+pub const MAX_UNVERIFIED_PAYLOAD: usize = 256 * 1024;
+
+/// The `iss` claim of a token whose signature has not been checked, only to choose which
+/// issuer verifies it: nothing else is read, and the value is trusted only once the chosen
+/// issuer's key has verified the token (which pins `iss` again). Bounded: the payload
+/// segment is at most [`MAX_UNVERIFIED_PAYLOAD`], and JSON nesting is bounded by
+/// serde_json's recursion limit.
+pub fn unverified_issuer(token: &str) -> Result<Option<String>, AuthError> {
+    use base64::Engine;
+    #[derive(serde::Deserialize)]
+    struct Iss {
+        #[serde(default)]
+        iss: Option<String>,
+    }
+    let mut parts = token.splitn(3, '.');
+    let (Some(_), Some(payload), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(AuthError::Malformed(
+            "expected three dot-separated segments".into(),
+        ));
+    };
+    if payload.len() > MAX_UNVERIFIED_PAYLOAD {
+        return Err(AuthError::Malformed("payload too large".into()));
+    }
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|e| AuthError::Malformed(format!("payload: {e}")))?;
+    serde_json::from_slice::<Iss>(&json)
+        .map(|p| p.iss)
+        .map_err(|e| AuthError::Malformed(format!("payload: {e}")))
 }
 
 /// Refuses a base64url JSON segment that repeats a member name in any object. Nesting is

@@ -23,6 +23,7 @@
 
 pub mod jwt;
 pub mod keys;
+pub mod policy;
 pub mod scopes;
 pub mod wildcard;
 
@@ -39,6 +40,7 @@ use sha2::{Digest, Sha256};
 use crate::authz::Permissions;
 use jwt::{AuthError, ClaimRules};
 use keys::KeyStore;
+use policy::Policy;
 use scopes::ScopeRules;
 
 /// Who a verified token says the client is, and what it may do.
@@ -115,10 +117,14 @@ type TokenHash = [u8; 32];
 
 /// Verifies tokens for one issuer / resource server.
 pub struct Authenticator {
+    /// The issuer entry's name (`default` for the root `[oauth2]` keys).
+    pub name: String,
     pub algorithms: Vec<Algorithm>,
     pub keys: Arc<KeyStore>,
     pub claims: ClaimRules,
     pub scopes: ScopeRules,
+    /// The edge token policy, applied after the claim rules.
+    pub policy: Policy,
     pub stats: Arc<AuthStats>,
     verified: Option<Cache<TokenHash, Arc<Verified>>>,
     failed: Cache<(TokenHash, IpAddr), Failure>,
@@ -133,10 +139,12 @@ impl Authenticator {
         scopes: ScopeRules,
     ) -> Authenticator {
         Authenticator {
+            name: "default".into(),
             algorithms,
             keys,
             claims,
             scopes,
+            policy: Policy::default(),
             stats: Arc::default(),
             verified: None,
             failed: Cache::builder()
@@ -276,29 +284,39 @@ impl Authenticator {
         self.check_signature(token).await.map(|(claims, _)| claims)
     }
 
-    /// Builds the authenticator for a validated `[oauth2]` config (keys loaded, nothing
-    /// fetched yet: see [`KeyStore::refresh`]).
+    /// Builds the authenticator of the first issuer of a validated `[oauth2]` config (the
+    /// only one without `[[oauth2.issuers]]`); see [`Authenticators`] for all of them.
     pub fn from_config(o: &crate::config::OAuth2Config) -> Result<Authenticator, String> {
+        let issuers = o.effective_issuers();
+        Authenticator::from_issuer(o, &issuers[0])
+    }
+
+    /// Builds the authenticator for one issuer entry (keys loaded, nothing fetched yet:
+    /// see [`KeyStore::refresh`]); `o` supplies the settings every issuer shares.
+    pub fn from_issuer(
+        o: &crate::config::OAuth2Config,
+        i: &crate::config::IssuerConfig,
+    ) -> Result<Authenticator, String> {
         let keys = Arc::new(KeyStore::new(keys::KeySettings {
             stale_grace: Some(o.jwks_stale_grace),
-            signing_keys: o
+            signing_keys: i
                 .signing_keys
                 .iter()
                 .map(|(k, p)| (k.clone(), p.clone()))
                 .collect(),
-            default_key: o.default_key.clone(),
-            jwks_uri: o.jwks_uri.clone(),
+            default_key: i.default_key.clone(),
+            jwks_uri: i.jwks_uri.clone(),
             // The issuer is pinned in any case; it is used for OIDC discovery only when
             // no other key source is configured (as RabbitMQ does).
-            issuer: o
+            issuer: i
                 .issuer
                 .clone()
-                .filter(|_| o.jwks_uri.is_none() && o.signing_keys.is_empty()),
+                .filter(|_| i.jwks_uri.is_none() && i.signing_keys.is_empty()),
             refresh_interval: o.jwks_refresh,
             min_refetch_interval: o.jwks_min_refetch_interval,
             http_timeout: o.http_timeout,
         })?);
-        let algorithms = o
+        let algorithms = i
             .algorithms
             .iter()
             .map(|a| {
@@ -307,27 +325,30 @@ impl Authenticator {
                     .map_err(|e| format!("{a}: {e}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Authenticator::new(
+        let mut auth = Authenticator::new(
             algorithms,
             keys,
             ClaimRules {
-                resource_server_id: o.resource_server_id.clone(),
+                resource_server_id: i.resource_server_id.clone(),
                 verify_aud: o.verify_aud,
                 require_exp: o.require_exp,
-                issuer: o.issuer.clone(),
+                issuer: i.issuer.clone(),
                 check_nbf: o.check_nbf,
                 check_iat: o.check_iat,
                 leeway_seconds: o.leeway.as_secs() as i64,
             },
             ScopeRules {
-                resource_server_id: o.resource_server_id.clone(),
-                scope_prefix: o.scope_prefix.clone(),
-                additional_scopes_key: o.additional_scopes_key.clone(),
-                scope_aliases: o.scope_aliases.clone(),
+                resource_server_id: i.resource_server_id.clone(),
+                scope_prefix: i.scope_prefix.clone(),
+                additional_scopes_key: i.additional_scopes_key.clone(),
+                scope_aliases: i.scope_aliases.clone(),
                 preferred_username_claims: o.preferred_username_claims.clone(),
             },
         )
-        .with_token_cache(o.token_cache_size))
+        .with_token_cache(o.token_cache_size);
+        auth.name = i.name.clone();
+        auth.policy = i.policy.clone();
+        Ok(auth)
     }
 
     /// The claim checks and scope mapping for already verified claims.
@@ -342,6 +363,7 @@ impl Authenticator {
         now: i64,
     ) -> Result<Identity, AuthError> {
         let exp = jwt::check_claims(claims, &self.claims, now)?;
+        self.policy.check(claims)?;
         let normalised =
             scopes::normalise(claims, &self.scopes).map_err(|_| AuthError::TooManyScopes {
                 max: scopes::MAX_SCOPES,
@@ -357,6 +379,74 @@ impl Authenticator {
             scopes: normalised.scopes,
             token_id: hex_prefix(hash),
         })
+    }
+}
+
+/// One [`Authenticator`] per issuer, and the dispatch between them: with
+/// `[[oauth2.issuers]]`, the token's `iss` (read from the unverified payload, and nothing
+/// else from it) chooses the issuer before any key is tried; a token whose `iss` names no
+/// configured issuer is refused as `issuer`. Without issuers, the one authenticator takes
+/// every token, as before. The chosen authenticator pins `iss` again after verification.
+pub struct Authenticators {
+    list: Vec<Authenticator>,
+    dispatch: bool,
+    pub stats: Arc<AuthStats>,
+}
+
+impl Authenticators {
+    /// The authenticators of a validated `[oauth2]` config, sharing one set of counters.
+    pub fn from_config(o: &crate::config::OAuth2Config) -> Result<Authenticators, String> {
+        let stats = Arc::new(AuthStats::default());
+        let list = o
+            .effective_issuers()
+            .iter()
+            .map(|i| {
+                Authenticator::from_issuer(o, i).map(|mut a| {
+                    a.stats = stats.clone();
+                    a
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Authenticators {
+            list,
+            dispatch: !o.issuers.is_empty(),
+            stats,
+        })
+    }
+
+    /// Shares `stats` (counters that survive a reload) with every authenticator.
+    pub fn set_stats(&mut self, stats: Arc<AuthStats>) {
+        for a in &mut self.list {
+            a.stats = stats.clone();
+        }
+        self.stats = stats;
+    }
+
+    /// Every issuer's authenticator, in the configured order.
+    pub fn all(&self) -> &[Authenticator] {
+        &self.list
+    }
+
+    /// The authenticator of the token's issuer.
+    pub fn select(&self, token: &str) -> Result<&Authenticator, AuthError> {
+        if !self.dispatch {
+            return Ok(&self.list[0]);
+        }
+        let iss = jwt::unverified_issuer(token)?;
+        self.list
+            .iter()
+            .find(|a| a.claims.issuer.is_some() && a.claims.issuer == iss)
+            .ok_or(AuthError::WrongIssuer { found: iss })
+    }
+
+    /// [`Authenticator::authenticate`] by the token's issuer.
+    pub async fn authenticate(
+        &self,
+        token: &str,
+        now: i64,
+        source: Option<IpAddr>,
+    ) -> Result<Identity, AuthError> {
+        self.select(token)?.authenticate(token, now, source).await
     }
 }
 

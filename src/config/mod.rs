@@ -294,6 +294,53 @@ pub struct OAuth2Config {
     pub jwks_stale_grace: Duration,
     /// Alias → full scopes (including the prefix), a string value split on whitespace.
     pub scope_aliases: BTreeMap<String, Vec<String>>,
+    /// `[oauth2.policy]`: the edge token policy (the default for every issuer).
+    pub policy: crate::auth::policy::Policy,
+    /// `[[oauth2.issuers]]`, inheritance resolved. Empty: the root keys are the one issuer
+    /// (see [`OAuth2Config::effective_issuers`]).
+    pub issuers: Vec<IssuerConfig>,
+}
+
+/// One `[[oauth2.issuers]]` entry with every inherited value filled in from `[oauth2]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuerConfig {
+    /// For logs, metrics and `explain`; unique.
+    pub name: String,
+    /// The `iss` that selects this entry; `None` only for the implicit single issuer of a
+    /// config without `[[oauth2.issuers]]` whose `[oauth2]` sets no `issuer`.
+    pub issuer: Option<String>,
+    pub jwks_uri: Option<String>,
+    pub signing_keys: BTreeMap<String, PathBuf>,
+    pub default_key: Option<String>,
+    pub algorithms: Vec<JwtAlgorithm>,
+    pub resource_server_id: String,
+    pub scope_prefix: String,
+    pub additional_scopes_key: Option<String>,
+    pub scope_aliases: BTreeMap<String, Vec<String>>,
+    pub policy: crate::auth::policy::Policy,
+}
+
+impl OAuth2Config {
+    /// The issuers tokens are dispatched to: the `[[oauth2.issuers]]` entries, or the root
+    /// `[oauth2]` keys as the one issuer (named `default`) when there are none.
+    pub fn effective_issuers(&self) -> Vec<IssuerConfig> {
+        if !self.issuers.is_empty() {
+            return self.issuers.clone();
+        }
+        vec![IssuerConfig {
+            name: "default".into(),
+            issuer: self.issuer.clone(),
+            jwks_uri: self.jwks_uri.clone(),
+            signing_keys: self.signing_keys.clone(),
+            default_key: self.default_key.clone(),
+            algorithms: self.algorithms.clone(),
+            resource_server_id: self.resource_server_id.clone(),
+            scope_prefix: self.scope_prefix.clone(),
+            additional_scopes_key: self.additional_scopes_key.clone(),
+            scope_aliases: self.scope_aliases.clone(),
+            policy: self.policy.clone(),
+        }]
+    }
 }
 
 /// `[admin]`: the HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.

@@ -87,6 +87,46 @@ pub(super) struct RawOAuth2 {
     pub token_cache_size: Option<u64>,
     pub jwks_stale_grace_seconds: Option<u64>,
     pub scope_aliases: Option<BTreeMap<String, RawAliasValue>>,
+    pub policy: Option<RawPolicy>,
+    pub issuers: Option<Vec<RawIssuer>>,
+}
+
+/// `[oauth2.policy]` and `[oauth2.issuers.policy]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPolicy {
+    pub max_lifetime_seconds: Option<u64>,
+    pub required_claims: Option<Vec<String>>,
+    pub jti_deny: Option<Vec<String>>,
+    pub rules: Option<Vec<RawRule>>,
+}
+
+/// `[[oauth2.policy.rules]]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRule {
+    pub claim: Option<String>,
+    pub equals: Option<String>,
+    pub one_of: Option<Vec<String>>,
+    pub prefix: Option<String>,
+}
+
+/// `[[oauth2.issuers]]`: one issuer with its keys; unset keys inherit `[oauth2]`'s.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIssuer {
+    pub name: Option<String>,
+    pub issuer: Option<String>,
+    pub jwks_uri: Option<String>,
+    pub jwks_url: Option<String>,
+    pub signing_keys: Option<BTreeMap<String, String>>,
+    pub default_key: Option<String>,
+    pub algorithms: Option<Vec<String>>,
+    pub resource_server_id: Option<String>,
+    pub scope_prefix: Option<String>,
+    pub additional_scopes_key: Option<String>,
+    pub scope_aliases: Option<BTreeMap<String, RawAliasValue>>,
+    pub policy: Option<RawPolicy>,
 }
 
 /// RabbitMQ's `rabbitmq.conf` form is one space-separated string; its `advanced.config` form

@@ -524,7 +524,12 @@ fn algorithm_names_round_trip() {
 #[test]
 fn the_example_files_are_valid() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy-config");
-    for name in ["gateway.example.toml", "amazon-mq-iam.toml", "docker.toml"] {
+    for name in [
+        "gateway.example.toml",
+        "amazon-mq-iam.toml",
+        "docker.toml",
+        "several-issuers.toml",
+    ] {
         let path = dir.join(name);
         if let Err(e) = load_with(&path, CheckFiles::No) {
             panic!("{}:\n{e}", path.display());
@@ -644,4 +649,180 @@ tls_server_name = "rabbit.internal""#,
     // A misspelt key is an error, not a silent default.
     let errors = parse_err(&minimal_with("backend", "tls = true\ntls_ca_file = \"x\""));
     assert!(errors.to_string().contains("tls_ca_file"), "{errors}");
+}
+
+/// `MINIMAL` without its root key source, plus `extra` at the end of the file.
+fn issuers_config(extra: &str) -> String {
+    format!(
+        "{}\n{extra}",
+        MINIMAL.replace(
+            "jwks_uri = \"https://idp.example/.well-known/jwks.json\"\n",
+            ""
+        )
+    )
+}
+
+#[test]
+fn policy_is_parsed() {
+    use crate::auth::policy::{ClaimRule, ClaimTest};
+    let (c, _) = parse_ok(&format!(
+        r#"{MINIMAL}
+[oauth2.policy]
+max_lifetime_seconds = 3600
+required_claims = ["jti", 'https://sts\.amazonaws\.com/.aws_account']
+jti_deny = ["a", "b"]
+
+[[oauth2.policy.rules]]
+claim = 'https://sts\.amazonaws\.com/.aws_account'
+one_of = ["111122223333"]
+
+[[oauth2.policy.rules]]
+claim = "sub"
+prefix = "arn:aws:iam::"
+"#
+    ));
+    let p = &c.oauth2.policy;
+    assert_eq!(p.max_lifetime_seconds, Some(3600));
+    assert_eq!(p.required_claims.len(), 2);
+    assert_eq!(p.jti_deny.len(), 2);
+    assert_eq!(
+        p.rules[1],
+        ClaimRule {
+            claim: "sub".into(),
+            test: ClaimTest::Prefix("arn:aws:iam::".into())
+        }
+    );
+    // The single implicit issuer carries it.
+    assert_eq!(&c.oauth2.effective_issuers()[0].policy, p);
+}
+
+#[test]
+fn policy_errors_are_reported() {
+    let e = parse_err(&format!(
+        r#"{MINIMAL}
+[oauth2.policy]
+max_lifetime_seconds = 0
+required_claims = ["a b"]
+
+[[oauth2.policy.rules]]
+claim = "sub"
+
+[[oauth2.policy.rules]]
+claim = "sub"
+equals = "x"
+prefix = "y"
+
+[[oauth2.policy.rules]]
+equals = "x"
+
+[[oauth2.policy.rules]]
+claim = "org_id"
+one_of = []
+"#
+    ));
+    assert_eq!(
+        keys(&e),
+        [
+            "oauth2.policy.max_lifetime_seconds",
+            "oauth2.policy.required_claims[0]",
+            "oauth2.policy.rules[0]",
+            "oauth2.policy.rules[1]",
+            "oauth2.policy.rules[2].claim",
+            "oauth2.policy.rules[3].one_of",
+        ],
+        "{e}"
+    );
+    let e = parse_err(&format!("{MINIMAL}\n[oauth2.policy]\nmax_lifetime = 5\n"));
+    assert!(e.to_string().contains("max_lifetime"), "{e}");
+}
+
+#[test]
+fn issuers_inherit_the_root_keys() {
+    let (c, _) = parse_ok(&issuers_config(
+        r#"algorithms = ["RS256"]
+additional_scopes_key = "sub"
+
+[oauth2.scope_aliases]
+root = "rabbitmq.read:*/*"
+
+[oauth2.policy]
+jti_deny = ["x"]
+
+[[oauth2.issuers]]
+name = "a"
+issuer = "https://a.example"
+jwks_uri = "https://a.example/jwks"
+
+[[oauth2.issuers]]
+name = "b"
+issuer = "https://b.example"
+signing_keys = { k1 = "keys/k1.pem" }
+algorithms = ["ES384"]
+resource_server_id = "other"
+[oauth2.issuers.scope_aliases]
+b = ["other.read:*/*"]
+[oauth2.issuers.policy]
+max_lifetime_seconds = 60
+"#,
+    ));
+    let o = &c.oauth2;
+    assert_eq!(o.issuers.len(), 2);
+    assert_eq!(o.effective_issuers(), o.issuers);
+    let (a, b) = (&o.issuers[0], &o.issuers[1]);
+    assert_eq!(a.issuer.as_deref(), Some("https://a.example"));
+    assert_eq!(a.algorithms, [JwtAlgorithm::RS256]);
+    assert_eq!(a.resource_server_id, "rabbitmq");
+    assert_eq!(a.scope_prefix, "rabbitmq.");
+    assert_eq!(a.additional_scopes_key.as_deref(), Some("sub"));
+    assert!(a.scope_aliases.contains_key("root"));
+    assert_eq!(a.policy, o.policy);
+    assert_eq!(b.algorithms, [JwtAlgorithm::ES384]);
+    assert_eq!(b.resource_server_id, "other");
+    assert_eq!(b.scope_prefix, "other.");
+    assert_eq!(b.scope_aliases.keys().collect::<Vec<_>>(), ["b"]);
+    assert_eq!(b.policy.max_lifetime_seconds, Some(60));
+    assert!(
+        b.policy.jti_deny.is_empty(),
+        "a per-issuer policy replaces the root one"
+    );
+    assert!(b.jwks_uri.is_none() && b.signing_keys.contains_key("k1"));
+}
+
+#[test]
+fn issuer_errors_are_reported() {
+    let e = parse_err(&format!(
+        r#"{MINIMAL}
+[[oauth2.issuers]]
+name = "a"
+issuer = "https://a.example"
+
+[[oauth2.issuers]]
+name = "a"
+issuer = "https://a.example"
+jwks_uri = "http://remote.example/jwks"
+
+[[oauth2.issuers]]
+name = "c"
+jwks_uri = "https://c.example/jwks"
+
+[[oauth2.issuers]]
+issuer = "https://d.example"
+signing_keys = {{ "" = "keys/k1.pem" }}
+algorithms = ["HS256"]
+"#
+    ));
+    assert_eq!(
+        keys(&e),
+        [
+            "oauth2.jwks_uri",
+            "oauth2.issuers[1].name",
+            "oauth2.issuers[1].issuer",
+            "oauth2.issuers[1].jwks_uri",
+            "oauth2.issuers[2].issuer",
+            "oauth2.issuers[3].name",
+            "oauth2.issuers[3].signing_keys.\"\"",
+            "oauth2.issuers[3].algorithms[0]",
+        ],
+        "{e}"
+    );
 }

@@ -10,7 +10,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{RawAdmin, RawAliasValue, RawBackend, RawConfig, RawListener, RawLog, RawOAuth2};
+use super::IssuerConfig;
+use super::raw::{
+    RawAdmin, RawAliasValue, RawBackend, RawConfig, RawListener, RawLog, RawOAuth2, RawPolicy,
+};
 use super::{
     AdminConfig, AuditSink, BackendConfig, BackendNode, BackendTlsConfig, CheckFiles, Config,
     ConfigError, ConfigErrors, DEFAULT_ADMIN_ADDRESS, DEFAULT_ALGORITHMS,
@@ -31,6 +34,8 @@ use super::{
     DEFAULT_JWKS_STALE_GRACE_SECONDS, DEFAULT_TOKEN_CACHE_SIZE, MAX_JWKS_STALE_GRACE_SECONDS,
     MAX_TOKEN_CACHE_SIZE,
 };
+use crate::auth::policy::{ClaimRule, ClaimTest, Policy};
+use crate::auth::scopes;
 
 pub(super) fn validate(
     raw: RawConfig,
@@ -337,36 +342,116 @@ impl Checker<'_> {
     }
 
     fn oauth2(&mut self, raw: RawOAuth2) -> OAuth2Config {
-        // RabbitMQ 4.1+ rejects every token when the id is empty, and `aud` values are split on
-        // spaces, so an id that is empty or contains whitespace can never match.
         let resource_server_id =
-            self.required_text("oauth2.resource_server_id", raw.resource_server_id);
-        if resource_server_id.contains(char::is_whitespace) {
-            self.error(
-                "oauth2.resource_server_id",
-                "must not contain whitespace: `aud` values are split on spaces",
-            );
-        }
+            self.resource_server_id("oauth2", raw.resource_server_id.clone(), None);
         let scope_prefix = raw
             .scope_prefix
+            .clone()
             .unwrap_or_else(|| format!("{resource_server_id}."));
-        if let Some(key) = &raw.additional_scopes_key
-            && key.trim().is_empty()
-        {
-            self.error(
-                "oauth2.additional_scopes_key",
-                "must name at least one claim path; remove the key to read no extra claim",
-            );
-        }
+        self.additional_scopes_key("oauth2", raw.additional_scopes_key.as_deref());
         let preferred_username_claims = self.username_claims(raw.preferred_username_claims);
-        let algorithms = self.algorithms(raw.algorithms);
-        let keys = self.key_sources(
-            raw.issuer,
-            raw.jwks_uri,
-            raw.jwks_url,
-            raw.signing_keys.unwrap_or_default(),
-            raw.default_key.as_deref(),
-        );
+        let algorithms = self.algorithms("oauth2", raw.algorithms, &DEFAULT_ALGORITHMS);
+        let raw_issuers = raw.issuers.unwrap_or_default();
+        let keys = if raw_issuers.is_empty() {
+            self.key_sources(
+                "oauth2",
+                raw.issuer,
+                raw.jwks_uri,
+                raw.jwks_url,
+                raw.signing_keys.unwrap_or_default(),
+                raw.default_key.as_deref(),
+            )
+        } else {
+            // Tokens are dispatched by `iss`, so keys belong to an issuer entry.
+            for (key, set) in [
+                ("issuer", raw.issuer.is_some()),
+                ("jwks_uri", raw.jwks_uri.is_some()),
+                ("jwks_url", raw.jwks_url.is_some()),
+                ("signing_keys", raw.signing_keys.is_some()),
+                ("default_key", raw.default_key.is_some()),
+            ] {
+                if set {
+                    self.error(
+                        format!("oauth2.{key}"),
+                        "must be set in each [[oauth2.issuers]] entry, not in [oauth2], when issuers are configured",
+                    );
+                }
+            }
+            KeySources {
+                issuer: None,
+                jwks_uri: None,
+                signing_keys: BTreeMap::new(),
+            }
+        };
+        let scope_aliases = self.scope_aliases("oauth2", raw.scope_aliases.unwrap_or_default());
+        let policy = self.policy("oauth2.policy", raw.policy);
+        let mut issuers: Vec<IssuerConfig> = Vec::new();
+        for (i, entry) in raw_issuers.into_iter().enumerate() {
+            let table = format!("oauth2.issuers[{i}]");
+            let name = self.required_text(&format!("{table}.name"), entry.name);
+            if issuers.iter().any(|e| e.name == name) {
+                self.error(
+                    format!("{table}.name"),
+                    format!("{name:?} names another issuer too"),
+                );
+            }
+            let Some(iss) = entry.issuer.clone() else {
+                self.error(
+                    format!("{table}.issuer"),
+                    "is required: a token's `iss` selects its issuer entry",
+                );
+                continue;
+            };
+            if issuers
+                .iter()
+                .any(|e| e.issuer.as_deref() == Some(iss.as_str()))
+            {
+                self.error(
+                    format!("{table}.issuer"),
+                    format!("{iss:?} is the issuer of another entry too"),
+                );
+            }
+            let keys = self.key_sources(
+                &table,
+                entry.issuer,
+                entry.jwks_uri,
+                entry.jwks_url,
+                entry.signing_keys.unwrap_or_default(),
+                entry.default_key.as_deref(),
+            );
+            let rsid = self.resource_server_id(
+                &table,
+                entry.resource_server_id,
+                Some(&resource_server_id),
+            );
+            self.additional_scopes_key(&table, entry.additional_scopes_key.as_deref());
+            issuers.push(IssuerConfig {
+                name,
+                issuer: keys.issuer,
+                jwks_uri: keys.jwks_uri,
+                signing_keys: keys.signing_keys,
+                default_key: entry.default_key,
+                algorithms: self.algorithms(&table, entry.algorithms, &algorithms),
+                // Unset: the root prefix, or `<resource_server_id>.` of this entry when the
+                // root leaves it to its default.
+                scope_prefix: entry
+                    .scope_prefix
+                    .or_else(|| raw.scope_prefix.clone())
+                    .unwrap_or_else(|| format!("{rsid}.")),
+                resource_server_id: rsid,
+                additional_scopes_key: entry
+                    .additional_scopes_key
+                    .or_else(|| raw.additional_scopes_key.clone()),
+                scope_aliases: match entry.scope_aliases {
+                    Some(a) => self.scope_aliases(&table, a),
+                    None => scope_aliases.clone(),
+                },
+                policy: match entry.policy {
+                    Some(p) => self.policy(&format!("{table}.policy"), Some(p)),
+                    None => policy.clone(),
+                },
+            });
+        }
         OAuth2Config {
             resource_server_id,
             scope_prefix,
@@ -423,7 +508,101 @@ impl Checker<'_> {
                 1,
                 MAX_JWKS_STALE_GRACE_SECONDS,
             )),
-            scope_aliases: self.scope_aliases(raw.scope_aliases.unwrap_or_default()),
+            scope_aliases,
+            policy,
+            issuers,
+        }
+    }
+
+    /// RabbitMQ 4.1+ rejects every token when the id is empty, and `aud` values are split
+    /// on spaces, so an id that is empty or contains whitespace can never match.
+    fn resource_server_id(
+        &mut self,
+        table: &str,
+        raw: Option<String>,
+        inherited: Option<&str>,
+    ) -> String {
+        let key = format!("{table}.resource_server_id");
+        let id = match (raw, inherited) {
+            (None, Some(i)) => return i.to_owned(),
+            (raw, _) => self.required_text(&key, raw),
+        };
+        if id.contains(char::is_whitespace) {
+            self.error(
+                key,
+                "must not contain whitespace: `aud` values are split on spaces",
+            );
+        }
+        id
+    }
+
+    fn additional_scopes_key(&mut self, table: &str, key: Option<&str>) {
+        if let Some(key) = key
+            && key.trim().is_empty()
+        {
+            self.error(
+                format!("{table}.additional_scopes_key"),
+                "must name at least one claim path; remove the key to read no extra claim",
+            );
+        }
+    }
+
+    /// `[oauth2.policy]` (or an issuer's): every rule names a claim and exactly one test.
+    fn policy(&mut self, table: &str, raw: Option<RawPolicy>) -> Policy {
+        let Some(raw) = raw else {
+            return Policy::default();
+        };
+        let max_lifetime_seconds = raw.max_lifetime_seconds.map(|s| {
+            if s == 0 || s > i64::MAX as u64 {
+                self.error(
+                    format!("{table}.max_lifetime_seconds"),
+                    "must be at least 1 (remove the key for no limit)",
+                );
+            }
+            s.min(i64::MAX as u64) as i64
+        });
+        let required_claims = raw.required_claims.unwrap_or_default();
+        for (i, c) in required_claims.iter().enumerate() {
+            if scopes::split_paths(c).len() != 1 {
+                self.error(
+                    format!("{table}.required_claims[{i}]"),
+                    format!("{c:?} must be one claim path (no spaces, not empty)"),
+                );
+            }
+        }
+        let mut rules = Vec::new();
+        for (i, r) in raw.rules.unwrap_or_default().into_iter().enumerate() {
+            let key = format!("{table}.rules[{i}]");
+            let claim = self.required_text(&format!("{key}.claim"), r.claim);
+            if !claim.is_empty() && scopes::split_paths(&claim).len() != 1 {
+                self.error(
+                    format!("{key}.claim"),
+                    format!("{claim:?} must be one claim path (no spaces)"),
+                );
+            }
+            let tests: Vec<ClaimTest> = [
+                r.equals.map(ClaimTest::Equals),
+                r.one_of.map(ClaimTest::OneOf),
+                r.prefix.map(ClaimTest::Prefix),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            match <[ClaimTest; 1]>::try_from(tests) {
+                Ok([test]) => {
+                    if test == ClaimTest::OneOf(Vec::new()) {
+                        self.error(format!("{key}.one_of"), "must list at least one value");
+                    }
+                    rules.push(ClaimRule { claim, test });
+                }
+                Err(_) => self.error(key, "must set exactly one of equals, one_of, prefix"),
+            }
+        }
+        Policy {
+            max_lifetime_seconds,
+            required_claims,
+            jti_deny: raw.jti_deny.unwrap_or_default().into_iter().collect(),
+            rules,
         }
     }
 
@@ -502,31 +681,32 @@ impl Checker<'_> {
     /// `default_key` that can be found.
     fn key_sources(
         &mut self,
+        table: &str,
         issuer: Option<String>,
         jwks_uri: Option<String>,
         jwks_url: Option<String>,
         signing_keys: BTreeMap<String, String>,
         default_key: Option<&str>,
     ) -> KeySources {
-        let issuer = self.idp_url("oauth2.issuer", issuer);
+        let issuer = self.idp_url(&format!("{table}.issuer"), issuer);
         let jwks_uri = match (jwks_uri, jwks_url) {
             (Some(uri), Some(_)) => {
                 self.error(
-                    "oauth2.jwks_url",
-                    "is the deprecated name of oauth2.jwks_uri; set only jwks_uri",
+                    format!("{table}.jwks_url"),
+                    format!("is the deprecated name of {table}.jwks_uri; set only jwks_uri"),
                 );
                 // Kept, so the checks below do not report a second, spurious error.
-                self.idp_url("oauth2.jwks_uri", Some(uri))
+                self.idp_url(&format!("{table}.jwks_uri"), Some(uri))
             }
-            (Some(uri), None) => self.idp_url("oauth2.jwks_uri", Some(uri)),
-            (None, Some(url)) => self.idp_url("oauth2.jwks_url", Some(url)),
+            (Some(uri), None) => self.idp_url(&format!("{table}.jwks_uri"), Some(uri)),
+            (None, Some(url)) => self.idp_url(&format!("{table}.jwks_url"), Some(url)),
             (None, None) => None,
         };
-        let signing_keys = self.signing_keys(signing_keys);
+        let signing_keys = self.signing_keys(table, signing_keys);
         let has_jwks = jwks_uri.is_some() || issuer.is_some();
         if !has_jwks && signing_keys.is_empty() {
             self.error(
-                "oauth2",
+                table,
                 "no key source: set jwks_uri, issuer (keys found through OIDC discovery) or signing_keys",
             );
         }
@@ -534,11 +714,11 @@ impl Checker<'_> {
             // RabbitMQ looks an unknown kid up in the JWKS too, so with a JWKS the default key
             // may legitimately live there; without one it must be a configured signing key.
             if kid.is_empty() {
-                self.error("oauth2.default_key", "must not be empty");
+                self.error(format!("{table}.default_key"), "must not be empty");
             } else if !has_jwks && !signing_keys.contains_key(kid) {
                 self.error(
-                    "oauth2.default_key",
-                    format!("{kid:?} is not a key in oauth2.signing_keys and there is no jwks_uri or issuer to find it in"),
+                    format!("{table}.default_key"),
+                    format!("{kid:?} is not a key in {table}.signing_keys and there is no jwks_uri or issuer to find it in"),
                 );
             }
         }
@@ -573,12 +753,20 @@ impl Checker<'_> {
         claims
     }
 
-    fn algorithms(&mut self, raw: Option<Vec<String>>) -> Vec<JwtAlgorithm> {
+    fn algorithms(
+        &mut self,
+        table: &str,
+        raw: Option<Vec<String>>,
+        default: &[JwtAlgorithm],
+    ) -> Vec<JwtAlgorithm> {
         let Some(names) = raw else {
-            return DEFAULT_ALGORITHMS.to_vec();
+            return default.to_vec();
         };
         if names.is_empty() {
-            self.error("oauth2.algorithms", "must list at least one algorithm");
+            self.error(
+                format!("{table}.algorithms"),
+                "must list at least one algorithm",
+            );
         }
         let mut algorithms = Vec::with_capacity(names.len());
         for (i, name) in names.iter().enumerate() {
@@ -586,16 +774,20 @@ impl Checker<'_> {
                 // A repeated name is harmless, so it is dropped rather than reported.
                 Ok(alg) if !algorithms.contains(&alg) => algorithms.push(alg),
                 Ok(_) => {}
-                Err(why) => self.error(format!("oauth2.algorithms[{i}]"), why.to_string()),
+                Err(why) => self.error(format!("{table}.algorithms[{i}]"), why.to_string()),
             }
         }
         algorithms
     }
 
-    fn signing_keys(&mut self, raw: BTreeMap<String, String>) -> BTreeMap<String, PathBuf> {
+    fn signing_keys(
+        &mut self,
+        table: &str,
+        raw: BTreeMap<String, String>,
+    ) -> BTreeMap<String, PathBuf> {
         let mut keys = BTreeMap::new();
         for (kid, path) in raw {
-            let key = table_key("oauth2.signing_keys", &kid);
+            let key = table_key(&format!("{table}.signing_keys"), &kid);
             if kid.is_empty() {
                 self.error(key.clone(), "a key id must not be empty");
             }
@@ -607,11 +799,12 @@ impl Checker<'_> {
 
     fn scope_aliases(
         &mut self,
+        table: &str,
         raw: BTreeMap<String, RawAliasValue>,
     ) -> BTreeMap<String, Vec<String>> {
         let mut aliases = BTreeMap::new();
         for (alias, value) in raw {
-            let key = table_key("oauth2.scope_aliases", &alias);
+            let key = table_key(&format!("{table}.scope_aliases"), &alias);
             if alias.is_empty() {
                 self.error(key.clone(), "an alias must not be empty");
             }

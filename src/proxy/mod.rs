@@ -30,14 +30,14 @@ use tokio_rustls::TlsAcceptor;
 use crate::admin::audit::Audit;
 use crate::admin::metrics::Metrics;
 use crate::amqp::handshake::HandshakeSettings;
-use crate::auth::Authenticator;
+use crate::auth::Authenticators;
 use crate::config::Config;
 use exchange_types::ExchangeTypes;
 
 /// State shared by every connection.
 pub(crate) struct Shared {
     pub cfg: Config,
-    pub auth: Authenticator,
+    pub auth: Authenticators,
     pub handshake: HandshakeSettings,
     pub exchange_types: Option<Arc<ExchangeTypes>>,
     pub metrics: Arc<Metrics>,
@@ -197,17 +197,19 @@ async fn build(
         Some(t) => Some(backend::tls_connector(t)?),
         None => None,
     };
-    let mut auth = Authenticator::from_config(&cfg.oauth2)?;
+    let mut auth = Authenticators::from_config(&cfg.oauth2)?;
     if let Some(p) = prev {
         // Counters survive a reload (the caches do not: the keys may have changed).
-        auth.stats = p.auth.stats.clone();
+        auth.set_stats(p.auth.stats.clone());
     }
-    let keys = &auth.keys;
-    if keys.has_remote() {
-        if let Err(e) = keys.refresh().await {
-            tracing::error!(error = %e, "initial JWKS fetch failed; retrying in the background");
+    for a in auth.all() {
+        let keys = &a.keys;
+        if keys.has_remote() {
+            if let Err(e) = keys.refresh().await {
+                tracing::error!(issuer = %a.name, error = %e, "initial JWKS fetch failed; retrying in the background");
+            }
+            keys.spawn_refresh();
         }
-        keys.spawn_refresh();
     }
     let l = &cfg.listener;
     let handshake = HandshakeSettings {

@@ -169,6 +169,18 @@ pub fn authenticator(extra_oauth2: &str) -> amqp_iam_gateway::auth::Authenticato
     amqp_iam_gateway::auth::Authenticator::from_config(&cfg.oauth2).expect("authenticator")
 }
 
+/// The standard test config with keys from `key_source` (as [`start_gateway_with_keys`]),
+/// and the temporary directory its TLS files live in.
+pub fn config_with_keys(extra_oauth2: &str, key_source: &str) -> (config::Config, tempdir::Dir) {
+    let (cfg, _, dir) = test_config(extra_oauth2, key_source, "127.0.0.1:5672", "", "");
+    (cfg, dir)
+}
+
+/// The standard test config with the fixture keys (as [`start_gateway`]).
+pub fn config(extra_oauth2: &str) -> (config::Config, tempdir::Dir) {
+    config_with_keys(extra_oauth2, &static_keys())
+}
+
 /// The standard test config (TLS material written to a new temporary directory); returns
 /// it with the CA PEM and the directory.
 fn test_config(
