@@ -309,9 +309,9 @@ async fn rs256_and_es384_tokens_verify_with_keys_from_the_jwks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rotated_key_is_fetched_once_for_50_concurrent_verifications() {
+async fn rotated_key_is_fetched_once_for_200_concurrent_verifications() {
     let idp = Idp::start(&jwks(&[rsa_0()])).await;
-    // No rate limit: only the single flight stands between 50 misses and 50 fetches.
+    // No rate limit: only the single flight stands between 200 misses and 200 fetches.
     let auth = authenticator(key_settings(&idp, 0, 5_000)).await;
     let new_token = rs256("RSA_1", "other-rsa-private.pem");
     assert_eq!(verify(&auth, &new_token).await, unknown_kid("RSA_1"));
@@ -322,10 +322,10 @@ async fn rotated_key_is_fetched_once_for_50_concurrent_verifications() {
     );
 
     idp.publish(&jwks(&[rsa_0(), rsa_1()]));
-    // A slow answer makes the 50 misses overlap the one fetch.
+    // A slow answer makes the 200 misses overlap the one fetch.
     idp.with(|s| s.delay = Duration::from_millis(300));
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..50 {
+    for _ in 0..200 {
         let (auth, token) = (auth.clone(), new_token.clone());
         tasks.spawn(async move { verify(&auth, &token).await });
     }
@@ -336,7 +336,7 @@ async fn rotated_key_is_fetched_once_for_50_concurrent_verifications() {
         results.iter().all(|r| r.as_deref() == Ok(ADMIN_ROLE)),
         "{results:?}"
     );
-    assert_eq!(idp.jwks_requests(), 3, "exactly one fetch for 50 misses");
+    assert_eq!(idp.jwks_requests(), 3, "exactly one fetch for 200 misses");
     assert_eq!(
         verify(&auth, &rs256("RSA_0", "rsa-private.pem")).await,
         Ok(ADMIN_ROLE.to_owned()),
@@ -587,7 +587,7 @@ async fn gateway_finds_keys_through_oidc_discovery() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gateway_picks_up_a_rotated_key_with_one_fetch_for_50_connections() {
+async fn gateway_picks_up_a_rotated_key_with_one_fetch_for_200_connections() {
     let idp = Idp::start(&jwks(&[rsa_0()])).await;
     let gw = Arc::new(start_gateway_with_keys("", &jwks_source(&idp, 0)).await);
     let new_token = rs256("RSA_1", "other-rsa-private.pem");
@@ -598,7 +598,7 @@ async fn gateway_picks_up_a_rotated_key_with_one_fetch_for_50_connections() {
     idp.publish(&jwks(&[rsa_0(), rsa_1()]));
     idp.with(|s| s.delay = Duration::from_millis(300));
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..50 {
+    for _ in 0..200 {
         let (gw, token) = (gw.clone(), new_token.clone());
         tasks.spawn(async move {
             let conn = gw.connect(&token, "/").await?;
@@ -613,7 +613,7 @@ async fn gateway_picks_up_a_rotated_key_with_one_fetch_for_50_connections() {
     assert_eq!(
         idp.jwks_requests(),
         3,
-        "exactly one fetch for 50 connections"
+        "exactly one fetch for 200 connections"
     );
 }
 
