@@ -194,7 +194,7 @@ async fn every_confirmed_message_is_consumed_exactly_once() {
         }
         expected.1 += c.1;
     }
-    let seen = consumed.lock().unwrap();
+    let seen = std::mem::take(&mut *consumed.lock().unwrap());
     let total = PRODUCERS * PER_PRODUCER;
     assert_eq!(confirmed_ids.len() as u64, total, "every publish confirmed");
     let missing = confirmed_ids
