@@ -191,6 +191,8 @@ impl KeyStore {
         if last.is_some_and(|t| t.elapsed() < remote.settings.min_refetch_interval) {
             return Err(AuthError::UnknownKid(kid.to_owned()));
         }
+        // Set before too: a fetch cancelled with its caller (handshake timeout) still counts.
+        *last = Some(Instant::now());
         // A failed refetch keeps the old set; the kid is then still unknown.
         let _ = self.fetch_and_store(remote).await;
         // The interval counts from the end of the fetch: when the issuer hangs, the clients
@@ -231,6 +233,7 @@ impl KeyStore {
             return Ok(self.static_keys.len());
         };
         let mut last = remote.fetch.lock().await;
+        *last = Some(Instant::now());
         let result = self.fetch_and_store(remote).await;
         *last = Some(Instant::now());
         result
