@@ -524,6 +524,33 @@ async fn jwks_keys_are_bound_to_their_type_use_and_alg() {
 // Through the gateway, with lapin.
 // ---------------------------------------------------------------------------------------------
 
+/// Regression: the refetch interval counts from the end of the last fetch. It used to count
+/// from its start, so while the issuer hung past `min_refetch_interval`, every client
+/// waiting for the fetch lock with an unknown `kid` started a fetch of its own after the
+/// previous one timed out: n such clients took n × `http_timeout`, the last one waiting
+/// longest (found by `gateway_keeps_serving_known_keys_while_the_jwks_fails`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_behind_a_hanging_refetch_do_not_queue_their_own() {
+    let idp = Idp::start(&jwks(&[rsa_0()])).await;
+    let auth = authenticator(key_settings(&idp, 100, 300)).await;
+    idp.with(|s| s.delay = Duration::from_secs(5));
+    // Past the refetch interval of the initial fetch.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let before = idp.jwks_requests();
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..5 {
+        let auth = auth.clone();
+        tasks.spawn(async move { auth.keys.find(Some("RSA_1")).await.map(|_| ()) });
+    }
+    for r in tasks.join_all().await {
+        assert_eq!(r, Err(AuthError::UnknownKid("RSA_1".into())));
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(900), "5 waiters took {took:?}");
+    assert_eq!(idp.jwks_requests(), before + 1, "one fetch for the five");
+}
+
 /// `[oauth2]` key-source lines: the JWKS at `idp`, `iss` pinned to [`ISSUER`].
 fn jwks_source(idp: &Idp, min_refetch_ms: u64) -> String {
     format!(
@@ -705,4 +732,85 @@ async fn gateway_fails_closed_and_not_ready_after_the_stale_grace() {
     }
     let err = gw.connect(&token, "/").await.unwrap_err();
     assert!(refused_login(&err), "stale key refused: {err:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issuer faults while clients connect (issue 7, point 5).
+// ---------------------------------------------------------------------------------------------
+
+/// While the JWKS endpoint fails (HTTP 500, garbage, a hang past `http_timeout`), clients
+/// with known keys keep connecting through the gateway, and a client with an unknown `kid`
+/// is refused in bounded time: nothing waits on the broken issuer for long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_keeps_serving_known_keys_while_the_jwks_fails() {
+    let idp = Idp::start(&jwks(&[rsa_0(), ec384_0()])).await;
+    // The default refetch interval (1 s); http_timeout_ms = 2000 (jwks_source).
+    let gw = Arc::new(start_gateway_with_keys("", &jwks_source(&idp, 1_000)).await);
+    type Breakage = Box<dyn Fn(&mut State)>;
+    let breakages: Vec<(&str, Breakage)> = vec![
+        (
+            "HTTP 500 with garbage",
+            Box::new(|s| {
+                s.status = 500;
+                s.jwks = "\u{0}\u{1}<html>{{{".into()
+            }),
+        ),
+        (
+            "wrong JSON",
+            Box::new(|s| s.jwks = r#"{"keys":"nope"}"#.into()),
+        ),
+        ("hangs", Box::new(|s| s.delay = Duration::from_secs(30))),
+    ];
+    for (name, breakage) in &breakages {
+        idp.with(|s| breakage(s));
+        // Past the refetch interval, so this breakage is really fetched.
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        let before = idp.jwks_requests();
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..12 {
+            let gw = gw.clone();
+            tasks.spawn(async move {
+                let token = match i % 4 {
+                    0 => rs256("RSA_1", "other-rsa-private.pem"), // unknown: refetch
+                    1 => es384("EC384_0"),
+                    _ => rs256("RSA_0", "rsa-private.pem"),
+                };
+                let t = Instant::now();
+                let r = tokio::time::timeout(Duration::from_secs(10), gw.connect(&token, "/"))
+                    .await
+                    .expect("connect attempt bounded");
+                let ok = match r {
+                    Ok(conn) => {
+                        use_connection(conn).await;
+                        true
+                    }
+                    Err(e) => {
+                        assert!(refused_login(&e), "{e:?}");
+                        false
+                    }
+                };
+                (i, ok, t.elapsed())
+            });
+        }
+        let results = tasks.join_all().await;
+        for (i, ok, took) in &results {
+            assert_eq!(*ok, i % 4 != 0, "{name}: client {i} ({took:?})");
+            // http_timeout 2 s + auth_failure_delay 0.2 s, with slack for a loaded machine.
+            assert!(
+                *took < Duration::from_secs(5),
+                "{name}: client {i} took {took:?}"
+            );
+        }
+        eprintln!(
+            "{name}: 12 clients (3 unknown kid) in {:?}, slowest {:?}",
+            started.elapsed(),
+            results.iter().map(|r| r.2).max().unwrap()
+        );
+        assert!(
+            idp.jwks_requests() > before,
+            "{name}: the broken issuer was asked"
+        );
+        idp.publish(&jwks(&[rsa_0(), ec384_0()]));
+    }
 }

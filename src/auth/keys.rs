@@ -191,9 +191,13 @@ impl KeyStore {
         if last.is_some_and(|t| t.elapsed() < remote.settings.min_refetch_interval) {
             return Err(AuthError::UnknownKid(kid.to_owned()));
         }
+        // Set before too: a fetch cancelled with its caller (handshake timeout) still counts.
         *last = Some(Instant::now());
         // A failed refetch keeps the old set; the kid is then still unknown.
         let _ = self.fetch_and_store(remote).await;
+        // The interval counts from the end of the fetch: when the issuer hangs, the clients
+        // queued behind this fetch must not each start another one.
+        *last = Some(Instant::now());
         drop(last);
         self.current(kid)
     }
@@ -230,7 +234,9 @@ impl KeyStore {
         };
         let mut last = remote.fetch.lock().await;
         *last = Some(Instant::now());
-        self.fetch_and_store(remote).await
+        let result = self.fetch_and_store(remote).await;
+        *last = Some(Instant::now());
+        result
     }
 
     /// Refreshes the JWKS in the background for as long as the store is alive.

@@ -130,6 +130,8 @@ struct Side<S> {
     out: Outbox,
     eof: bool,
     needs_flush: bool,
+    /// A write failed: the socket is gone, and whatever is queued for it is dropped.
+    broken: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Side<S> {
@@ -140,6 +142,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Side<S> {
             out: Outbox::default(),
             eof: false,
             needs_flush: false,
+            broken: false,
         }
     }
 
@@ -165,6 +168,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Side<S> {
     /// Writes queued output until done or the socket would block. Ready(true) if any
     /// progress was made.
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        if self.broken {
+            self.out.consume(self.out.len());
+            return Poll::Pending;
+        }
         let mut progressed = false;
         while !self.out.is_empty() {
             let slices: Vec<IoSlice<'_>> = self
@@ -276,17 +283,29 @@ where
                 Ok(p) => progress |= p,
                 Err(end) => return Poll::Ready(end),
             }
-            for (side, res) in [
-                ("backend", self.backend.poll_write(cx)),
-                ("client", self.client.poll_write(cx)),
-            ] {
-                match res {
-                    Poll::Ready(Ok(p)) => progress |= p,
-                    Poll::Ready(Err(e)) => {
-                        return Poll::Ready(RelayEnd::Error(format!("{side} write: {e}")));
-                    }
-                    Poll::Pending => {}
+            match self.backend.poll_write(cx) {
+                Poll::Ready(Ok(p)) => progress |= p,
+                Poll::Ready(Err(e)) => {
+                    // As for a failed read: a broker that reset the connection may have sent
+                    // its connection.close first (RabbitMQ's 320 on shutdown), and the client
+                    // gets that or the gateway's 320, not a bare disconnect.
+                    tracing::warn!(error = %e, "backend connection failed (write)");
+                    self.backend.broken = true;
+                    self.backend.eof = true;
+                    // Before `finished` looks: the gateway now answers for the broker and
+                    // waits for the client to take the close, rather than closing the
+                    // socket under a client that is still sending (a reset would lose it).
+                    self.session.backend_lost(&mut self.client.out);
+                    progress = true;
                 }
+                Poll::Pending => {}
+            }
+            match self.client.poll_write(cx) {
+                Poll::Ready(Ok(p)) => progress |= p,
+                Poll::Ready(Err(e)) => {
+                    return Poll::Ready(RelayEnd::Error(format!("client write: {e}")));
+                }
+                Poll::Pending => {}
             }
             if let Some(t) = &self.hooks.traffic {
                 let (c, b) = self.session.take_frame_counts();
@@ -420,5 +439,105 @@ where
             None if self.expired => RelayEnd::Expired,
             None => RelayEnd::BackendClosed,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::amqp::method;
+    use crate::authz::Permissions;
+    use tokio::io::{AsyncReadExt, ReadBuf};
+
+    /// A broker that has sent `data` (its connection.close) and reset the connection: reads
+    /// yield `data`, then ECONNRESET; every write fails with ECONNRESET.
+    struct ResetBackend(Option<Vec<u8>>);
+
+    impl AsyncRead for ResetBackend {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            match self.0.take() {
+                Some(d) => {
+                    buf.put_slice(&d);
+                    Poll::Ready(Ok(()))
+                }
+                None => Poll::Ready(Err(io::ErrorKind::ConnectionReset.into())),
+            }
+        }
+    }
+
+    impl AsyncWrite for ResetBackend {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Regression: a failed write to the backend ended the relay at once, so a publishing
+    /// client lost the broker's `320` (read in the same turn) and saw a bare disconnect;
+    /// and then, the client's socket was closed as soon as the 320 was written, under a
+    /// client still publishing, whose kernel dropped the unread 320 on the reset (found by
+    /// tests/python/test_faults.py, broker stopped under load).
+    #[tokio::test]
+    async fn a_backend_write_error_still_delivers_the_brokers_close() {
+        let text = "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'";
+        let mut close = BytesMut::new();
+        method::connection_close(&mut close, 320, text, 0, 0);
+        let (client, mut peer) = tokio::io::duplex(64 * 1024);
+        // A heartbeat from the client is queued for the broker when its write fails.
+        let heartbeat = BytesMut::from(&[8u8, 0, 0, 0, 0, 0, 0, 0xCE][..]);
+        let hooks = Hooks {
+            verifier: Box::new(|_| Box::pin(async { Err("unused".to_owned()) })),
+            lookup: None,
+            on_denial: Box::new(|_| {}),
+            traffic: None,
+            shutdown: None,
+        };
+        let session = Session::new(
+            "u".into(),
+            "/".into(),
+            Permissions::from_scopes(&[]),
+            131_072,
+            0,
+        );
+        let relay = tokio::spawn(run(
+            client,
+            ResetBackend(Some(close.to_vec())),
+            heartbeat,
+            BytesMut::new(),
+            session,
+            None,
+            hooks,
+        ));
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.windows(text.len()).any(|w| w == text.as_bytes()) {
+            let n = tokio::time::timeout(std::time::Duration::from_secs(10), peer.read(&mut buf))
+                .await
+                .expect("the client gets the broker's 320")
+                .unwrap();
+            assert!(n > 0, "closed without the broker's 320: {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(
+            !relay.is_finished(),
+            "the socket stays open until the client has taken the close"
+        );
+        drop(peer); // the client closes
+        let (end, _) = relay.await.unwrap();
+        assert!(matches!(end, RelayEnd::ClientClosed), "{end:?}");
     }
 }
