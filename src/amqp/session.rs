@@ -176,8 +176,11 @@ pub struct Session {
     closing: bool,
     /// A `connection.close` has passed in either direction: the end is orderly.
     connection_closing: bool,
-    /// The client answered the gateway's own `connection.close`.
+    /// The client answered the `connection.close` it was sent (the gateway's or the
+    /// broker's).
     close_acknowledged: bool,
+    /// The broker sent `connection.close`, relayed to the client.
+    broker_closed: bool,
     probe_seed: u64,
     denials: Vec<Denial>,
     /// Frames seen from the client and from the backend since the last `take_frame_counts`.
@@ -228,6 +231,7 @@ impl Session {
             closing: false,
             connection_closing: false,
             close_acknowledged: false,
+            broker_closed: false,
             probe_seed,
             denials: Vec::new(),
             frames: (0, 0),
@@ -517,10 +521,17 @@ impl Session {
         to_backend: &mut Outbox,
         to_client: &mut Outbox,
     ) -> Action {
+        let payload = frame::payload(f, h);
         if self.closing {
+            // The gateway closed the connection: only the client's close-ok matters.
+            if h.channel == 0
+                && h.frame_type == frame::METHOD
+                && method::ids(payload) == Some(id::CONNECTION_CLOSE_OK)
+            {
+                self.close_acknowledged = true;
+            }
             return Action::Drop;
         }
-        let payload = frame::payload(f, h);
         let chan_state = self.channels.get(&h.channel).map(|c| c.client);
         if h.frame_type == frame::HEADER {
             return match (
@@ -553,6 +564,11 @@ impl Session {
         match ids {
             id::CONNECTION_CLOSE if h.channel == 0 => {
                 self.connection_closing = true;
+                Action::Forward
+            }
+            id::CONNECTION_CLOSE_OK if h.channel == 0 => {
+                // The client answered the broker's connection.close.
+                self.close_acknowledged = true;
                 Action::Forward
             }
             id::CONNECTION_UPDATE_SECRET if h.channel == 0 => match method::decode(payload) {
@@ -819,6 +835,13 @@ impl Session {
         } else {
             None
         };
+        if h.channel == 0 && ids == Some(id::CONNECTION_CLOSE) {
+            // The broker ends the connection itself: its close reaches the client, and
+            // the gateway adds no "connection lost" of its own when the socket then closes,
+            // but waits for the client's close-ok like a broker would.
+            self.connection_closing = true;
+            self.broker_closed = true;
+        }
         let Some(c) = self.channels.get_mut(&h.channel) else {
             return true;
         };
@@ -938,10 +961,12 @@ impl Session {
         });
     }
 
-    /// Whether the gateway closed the connection itself (expiry, refused secret, lost
-    /// backend), and whether the client has answered with `close-ok`.
+    /// Whether the client was sent a `connection.close` (by the gateway: expiry, refused
+    /// secret, lost backend; or by the broker), and whether it has answered with `close-ok`.
+    /// The relay keeps the client socket open until then (bounded), so a client still
+    /// sending does not get a reset that loses the close.
     pub fn gateway_closed(&self) -> (bool, bool) {
-        (self.closing, self.close_acknowledged)
+        (self.closing || self.broker_closed, self.close_acknowledged)
     }
 
     /// The backend connection ended without a `connection.close`: the client gets

@@ -466,3 +466,34 @@ fn only_the_content_header_may_follow_a_publish() {
         );
     }
 }
+
+#[test]
+fn close_ok_after_a_gateway_close_is_acknowledged_and_a_broker_close_is_not_doubled() {
+    let mut s = session(&["write:*/*"]);
+    let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
+    s.expire(&mut to_c, &mut to_b);
+    assert_eq!(s.gateway_closed(), (true, false));
+    let mut ok = BytesMut::new();
+    method::connection_close_ok(&mut ok);
+    s.on_client_input(&mut ok, &mut to_b, &mut to_c).unwrap();
+    assert_eq!(s.gateway_closed(), (true, true));
+
+    // The broker closes first: the gateway relays that close and adds none of its own.
+    let mut s = session(&["write:*/*"]);
+    let mut close = BytesMut::new();
+    method::connection_close(
+        &mut close,
+        320,
+        "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'",
+        0,
+        0,
+    );
+    let (forwarded, _) = backend(&mut s, &close);
+    assert_eq!(forwarded, close.to_vec());
+    let mut to_c = Outbox::default();
+    assert!(
+        !s.backend_lost(&mut to_c),
+        "no second close after the broker's own"
+    );
+    assert!(to_c.is_empty());
+}
