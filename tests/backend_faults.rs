@@ -11,13 +11,6 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-fn close_reason(err: &lapin::Error) -> Option<(u16, String)> {
-    match err.kind() {
-        lapin::ErrorKind::ProtocolError(e) => Some((e.get_id(), e.get_message().to_string())),
-        _ => None,
-    }
-}
-
 /// Reads one frame (the protocol header counts as one when `header` is set).
 async fn read_frame(s: &mut TcpStream, buf: &mut BytesMut) {
     loop {

@@ -110,16 +110,6 @@ fn write(dir: &tempdir::Dir, name: &str, contents: &str) -> String {
     path.display().to_string()
 }
 
-fn close_reason(err: &lapin::Error) -> Option<(u16, String)> {
-    match err.kind() {
-        lapin::ErrorKind::ProtocolError(e) => Some((e.get_id(), e.get_message().to_string())),
-        other => {
-            eprintln!("not a protocol error: {other:?}");
-            None
-        }
-    }
-}
-
 async fn connect(gw: &TestGateway) -> lapin::Result<Connection> {
     gw.connect(&sign(&claims(ADMIN_ROLE)), "/").await
 }

@@ -12,13 +12,6 @@ use serde_json::json;
 
 const MANAGEMENT: &str = r#"management_url = "http://127.0.0.1:15672""#;
 
-fn close_reason(err: &lapin::Error) -> Option<(u16, String)> {
-    match err.kind() {
-        lapin::ErrorKind::ProtocolError(e) => Some((e.get_id(), e.get_message().to_string())),
-        _ => None,
-    }
-}
-
 /// Declares a direct and a topic exchange straight on RabbitMQ, outside the gateway.
 async fn declare_outside(direct: &str, topic: &str) {
     let conn =

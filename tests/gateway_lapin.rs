@@ -14,17 +14,6 @@ fn admin_token() -> String {
     sign(&claims(ADMIN_ROLE))
 }
 
-/// The reply code and text of a lapin error caused by a channel or connection close.
-fn close_reason(err: &lapin::Error) -> Option<(u16, String)> {
-    match err.kind() {
-        lapin::ErrorKind::ProtocolError(e) => Some((e.get_id(), e.get_message().to_string())),
-        other => {
-            eprintln!("not a protocol error: {other:?}");
-            None
-        }
-    }
-}
-
 async fn declare(conn: &Connection, name: &str) -> lapin::Result<()> {
     let ch = conn.create_channel().await?;
     ch.queue_declare(

@@ -495,13 +495,6 @@ async fn gateway_each_issuer_grants_its_own_permissions() {
     }
 }
 
-fn close_reason(err: &lapin::Error) -> Option<(u16, String)> {
-    match err.kind() {
-        lapin::ErrorKind::ProtocolError(e) => Some((e.get_id(), e.get_message().to_string())),
-        _ => None,
-    }
-}
-
 #[tokio::test]
 async fn gateway_policy_is_reloaded() {
     let (cfg, _dir) = config("");

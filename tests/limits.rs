@@ -4,13 +4,6 @@ mod common;
 
 use common::*;
 
-fn close_reason(err: &lapin::Error) -> Option<(u16, String)> {
-    match err.kind() {
-        lapin::ErrorKind::ProtocolError(e) => Some((e.get_id(), e.get_message().to_string())),
-        _ => None,
-    }
-}
-
 #[tokio::test]
 async fn identity_limit_refuses_with_530_and_frees_the_slot() {
     let gw = start_gateway_listener("max_connections_per_identity = 1", "").await;

@@ -611,14 +611,6 @@ async fn accepted_neighbours_of_the_attacks() {
     }
 }
 
-/// The reply code and text of a lapin error caused by a connection close.
-fn close_reason(err: &lapin::Error) -> Option<(u16, String)> {
-    match err.kind() {
-        lapin::ErrorKind::ProtocolError(e) => Some((e.get_id(), e.get_message().to_string())),
-        _ => None,
-    }
-}
-
 /// The broker's connection list (client properties carry each backend connection's
 /// token id), or `None` where `rabbitmqctl` cannot be run.
 fn broker_connections() -> Option<String> {

@@ -26,6 +26,17 @@ pub fn now() -> i64 {
         .as_secs() as i64
 }
 
+/// The reply code and text of a lapin error caused by a channel or connection close.
+pub fn close_reason(err: &lapin::Error) -> Option<(u16, String)> {
+    match err.kind() {
+        lapin::ErrorKind::ProtocolError(e) => Some((e.get_id(), e.get_message().to_string())),
+        other => {
+            eprintln!("not a protocol error: {other:?}");
+            None
+        }
+    }
+}
+
 /// A unique suffix for resource names, so tests can run in parallel and repeatedly.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", rand::random::<u64>())
