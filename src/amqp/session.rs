@@ -132,10 +132,10 @@ struct Channel {
     consumers: HashMap<String, String>,
 }
 
+/// The method frame of a publish waiting for its content header. The exchange and routing
+/// key are read again from it then: copying them out would cost two allocations per message.
 struct HeldPublish {
     frame: Bytes,
-    exchange: String,
-    routing_key: String,
 }
 
 /// A body frame being streamed through.
@@ -659,8 +659,8 @@ impl Session {
             return Action::Undecodable(ids);
         };
         let last_queue = self.channels.get(&ch).and_then(|c| c.last_queue.clone());
-        let probe = self.server_name_probe(ch);
-        let Some(op) = OwnedOp::from_class(&class, last_queue, probe) else {
+        let Some(op) = OwnedOp::from_class(&class, last_queue, || self.server_name_probe(ch))
+        else {
             return Action::Forward;
         };
         if let AMQPClass::Exchange(exchange::AMQPMethod::Declare(d)) = &class
@@ -729,8 +729,6 @@ impl Session {
         // the header keeps the order of checks identical.
         let held = HeldPublish {
             frame: Bytes::new(),
-            exchange: p.exchange.to_owned(),
-            routing_key: p.routing_key.to_owned(),
         };
         if let Some(c) = self.channels.get_mut(&ch) {
             c.held_publish = Some(held);
@@ -761,12 +759,17 @@ impl Session {
         let Some(held) = self.channels.get(&ch).and_then(|c| c.held_publish.as_ref()) else {
             return Action::Forward;
         };
+        // Parsed once already when the method arrived; the bytes are the same.
+        let Ok(p) = PublishRef::parse(held.frame.get(frame::HEADER_LEN..).unwrap_or_default())
+        else {
+            return Action::Undecodable(id::BASIC_PUBLISH);
+        };
         let kind = self
-            .exchange_kind(&held.exchange)
+            .exchange_kind(p.exchange)
             .unwrap_or(ExchangeKind::Unknown);
         let op = Operation::BasicPublish {
-            exchange: &held.exchange,
-            routing_key: &held.routing_key,
+            exchange: p.exchange,
+            routing_key: p.routing_key,
             exchange_kind: kind,
             user_id: props.user_id.as_deref(),
             extra_routing_keys: &props.extra_routing_keys,
@@ -1190,7 +1193,12 @@ struct OwnedOp {
 }
 
 impl OwnedOp {
-    fn from_class(class: &AMQPClass, last_queue: Option<String>, probe: String) -> Option<OwnedOp> {
+    /// `probe` is called only for a server-named `queue.declare`.
+    fn from_class(
+        class: &AMQPClass,
+        last_queue: Option<String>,
+        probe: impl FnOnce() -> String,
+    ) -> Option<OwnedOp> {
         let q = |name: &str| -> String {
             if name.is_empty() {
                 last_queue.clone().unwrap_or_default()
@@ -1252,7 +1260,7 @@ impl OwnedOp {
                     ..op(
                         id::QUEUE_DECLARE,
                         if server_named {
-                            probe
+                            probe()
                         } else {
                             d.queue.to_string()
                         },

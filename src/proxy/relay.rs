@@ -174,13 +174,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Side<S> {
         }
         let mut progressed = false;
         while !self.out.is_empty() {
-            let slices: Vec<IoSlice<'_>> = self
-                .out
-                .chunks()
-                .take(MAX_IOVECS)
-                .map(|b| IoSlice::new(b))
-                .collect();
-            match Pin::new(&mut self.io).poll_write_vectored(cx, &slices) {
+            // On the stack: no allocation per write.
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut n = 0;
+            for (slot, chunk) in slices.iter_mut().zip(self.out.chunks()) {
+                *slot = IoSlice::new(chunk);
+                n += 1;
+            }
+            match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n]) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(n)) => {
                     self.out.consume(n);
