@@ -2,7 +2,8 @@
 # The one test command: setup, build, the Rust tests, then the integration tests in
 # tests/python against the freshly built gateway: pika, aio-pika, kombu/py-amqp, the
 # amqp-tools CLI, boto3, and the Node.js clients (tests/node, run by
-# tests/python/test_clients_node.py with `node --test`). Works from any directory.
+# tests/python/test_clients_node.py with `node --test`), and a short run of every fuzz
+# target (scripts/fuzz.sh). Works from any directory.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -37,6 +38,9 @@ export GATEWAY_BIN="$TARGET_DIR/debug/amqp-iam-gateway"
 step "integration tests (pytest tests/python: Python clients, amqp-tools, Node clients via node --test)"
 "$ROOT/.venv/bin/python" -m pytest tests/python -q -p no:cacheprovider
 
+step "fuzz smoke (scripts/fuzz.sh: every cargo-fuzz target, ${FUZZ_SECONDS:-10} s each)"
+bash scripts/fuzz.sh
+
 STEP="done"
 echo
-echo "test.sh: ALL PASSED (setup, cargo build, rust tests, python integration tests)"
+echo "test.sh: ALL PASSED (setup, cargo build, rust tests, python integration tests, fuzz smoke)"
