@@ -16,6 +16,8 @@
 
 mod client;
 mod connections;
+mod consumer;
+mod producer;
 mod throughput;
 
 use std::path::PathBuf;
