@@ -83,6 +83,7 @@ impl Target {
         url: &str,
         cacert: Option<&Path>,
         password_file: Option<&Path>,
+        tls_kx: Option<&str>,
     ) -> std::result::Result<Target, String> {
         let (tls, rest) = if let Some(r) = url.strip_prefix("amqps://") {
             (true, r)
@@ -121,7 +122,7 @@ impl Target {
         let tls = if tls {
             let name = ServerName::try_from(host.clone())
                 .map_err(|e| format!("bad TLS server name {host}: {e}"))?;
-            Some((tls_connector(cacert)?, name))
+            Some((tls_connector(cacert, tls_kx)?, name))
         } else {
             None
         };
@@ -188,7 +189,13 @@ fn bracket_v6(host: &str) -> String {
     }
 }
 
-fn tls_connector(cacert: Option<&Path>) -> std::result::Result<TlsConnector, String> {
+/// `tls_kx`: comma-separated key exchange groups in order of preference, as rustls names
+/// them (`X25519`, `X25519MLKEM768`, `secp256r1`, `secp384r1`); default rustls's own order,
+/// which puts the post-quantum hybrid first.
+fn tls_connector(
+    cacert: Option<&Path>,
+    tls_kx: Option<&str>,
+) -> std::result::Result<TlsConnector, String> {
     let mut roots = rustls::RootCertStore::empty();
     match cacert {
         Some(path) => {
@@ -209,7 +216,24 @@ fn tls_connector(cacert: Option<&Path>) -> std::result::Result<TlsConnector, Str
             roots.add_parsable_certificates(found.certs);
         }
     }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    if let Some(names) = tls_kx {
+        let all = std::mem::take(&mut provider.kx_groups);
+        for name in names.split(',').map(str::trim) {
+            let group = all
+                .iter()
+                .find(|g| format!("{:?}", g.name()).eq_ignore_ascii_case(name))
+                .ok_or_else(|| {
+                    let known: Vec<_> = all.iter().map(|g| format!("{:?}", g.name())).collect();
+                    format!(
+                        "--tls-kx: unknown group {name} (known: {})",
+                        known.join(", ")
+                    )
+                })?;
+            provider.kx_groups.push(*group);
+        }
+    }
+    let provider = Arc::new(provider);
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| e.to_string())?

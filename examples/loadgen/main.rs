@@ -73,6 +73,10 @@ struct Common {
     /// Read the password (e.g. a JWT) from the first line of this file instead of the URL.
     #[arg(long)]
     password_file: Option<PathBuf>,
+    /// TLS key exchange groups, comma-separated, in order of preference (e.g. `X25519`);
+    /// default rustls's order, post-quantum hybrid `X25519MLKEM768` first.
+    #[arg(long)]
+    tls_kx: Option<String>,
     /// Tokio worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -162,6 +166,7 @@ fn main() -> ExitCode {
         &common.url,
         common.cacert.as_deref(),
         common.password_file.as_deref(),
+        common.tls_kx.as_deref(),
     ) {
         Ok(t) => Arc::new(t),
         Err(e) => return fail(&e),
