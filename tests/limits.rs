@@ -42,15 +42,17 @@ async fn source_limit_and_handshake_rate_close_extra_connections() {
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     gw.connect(&token, "/").await.expect("a slot was freed");
 
-    let gw = start_gateway_listener("handshakes_per_second_per_source = 3", "").await;
+    // A burst of 1 and one token a second: the second of three back-to-back handshakes is
+    // refused unless the first took a whole second (a loaded machine does not hide it).
+    let gw = start_gateway_listener("handshakes_per_second_per_source = 1", "").await;
     let mut refused = 0;
-    for _ in 0..5 {
+    for _ in 0..3 {
         if gw.connect(&token, "/").await.is_err() {
             refused += 1;
         }
     }
     assert!(
         refused >= 1,
-        "more than 3 handshakes in a second from one address"
+        "more than 1 handshake in a second from one address"
     );
 }
