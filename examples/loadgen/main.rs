@@ -51,6 +51,14 @@ mod clock {
     }
 }
 
+/// `println!` that ignores a closed stdout (`loadgen ... | head -1`) instead of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     name = "loadgen",
@@ -284,19 +292,26 @@ fn print_throughput(r: &throughput::Report, json: bool) -> ExitCode {
             "p999_us": p999,
             "errors": r.errors,
         });
-        println!("{v}");
+        say!("{v}");
     } else {
-        println!(
+        say!(
             "throughput: {:.0} msgs/s, {:.2} MB/s over {:.2} s ({} messages measured)",
-            r.msgs_per_s, r.mb_per_s, r.seconds, r.measured
+            r.msgs_per_s,
+            r.mb_per_s,
+            r.seconds,
+            r.measured
         );
         match r.latency_us {
-            Some([a, b, c]) => println!("latency: p50 {a:.0} us, p99 {b:.0} us, p99.9 {c:.0} us"),
-            None => println!("latency: not measured"),
+            Some([a, b, c]) => say!("latency: p50 {a:.0} us, p99 {b:.0} us, p99.9 {c:.0} us"),
+            None => say!("latency: not measured"),
         }
-        println!(
+        say!(
             "published {}, confirmed {}, nacked {}, consumed {}, errors {}",
-            r.published, r.confirmed, r.nacked, r.consumed, r.errors
+            r.published,
+            r.confirmed,
+            r.nacked,
+            r.consumed,
+            r.errors
         );
     }
     status(r.consumed, &r.first_error)
@@ -313,14 +328,17 @@ fn print_churn(r: &connections::ChurnReport, json: bool) -> ExitCode {
             "p99_ms": r.p99_ms,
             "errors": r.errors,
         });
-        println!("{v}");
+        say!("{v}");
     } else {
-        println!(
+        say!(
             "churn: {} connections in {:.2} s = {:.1} conns/s, errors {}",
-            r.connections, r.seconds, r.conns_per_s, r.errors
+            r.connections,
+            r.seconds,
+            r.conns_per_s,
+            r.errors
         );
         if let (Some(a), Some(b)) = (r.p50_ms, r.p99_ms) {
-            println!("connect to open-ok: p50 {a:.2} ms, p99 {b:.2} ms");
+            say!("connect to open-ok: p50 {a:.2} ms, p99 {b:.2} ms");
         }
     }
     status(r.connections, &r.first_error)
@@ -335,11 +353,14 @@ fn print_idle(r: &connections::IdleReport, json: bool) -> ExitCode {
             "failed": r.failed,
             "open_seconds": r.open_seconds,
         });
-        println!("{v}");
+        say!("{v}");
     } else {
-        println!(
+        say!(
             "idle: {} of {} opened in {:.2} s, {} failed",
-            r.opened, r.connections, r.open_seconds, r.failed
+            r.opened,
+            r.connections,
+            r.open_seconds,
+            r.failed
         );
     }
     status(r.opened, &r.first_error)
