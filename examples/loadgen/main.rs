@@ -224,7 +224,15 @@ async fn run(mode: Mode, target: Arc<Target>, json: bool) -> ExitCode {
                 queue,
             };
             match throughput::run(target, opts).await {
-                Ok(r) => print_throughput(&r, json),
+                // Publish-only runs (no consumers) succeed when something was published.
+                Ok(r) if consumers == 0 => {
+                    print_throughput(&r, json);
+                    status(r.published, &r.first_error, json)
+                }
+                Ok(r) => {
+                    print_throughput(&r, json);
+                    status(r.consumed, &r.first_error, json)
+                }
                 Err(e) => fail(&e),
             }
         }
@@ -274,7 +282,7 @@ fn status(succeeded: u64, first_error: &Option<String>, json: bool) -> ExitCode 
     }
 }
 
-fn print_throughput(r: &throughput::Report, json: bool) -> ExitCode {
+fn print_throughput(r: &throughput::Report, json: bool) {
     let [p50, p99, p999] = match r.latency_us {
         Some(l) => l.map(Some),
         None => [None; 3],
@@ -318,7 +326,6 @@ fn print_throughput(r: &throughput::Report, json: bool) -> ExitCode {
             r.errors
         );
     }
-    status(r.consumed, &r.first_error, json)
 }
 
 fn print_churn(r: &connections::ChurnReport, json: bool) -> ExitCode {
