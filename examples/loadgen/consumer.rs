@@ -111,8 +111,11 @@ impl Consumer {
     async fn pump(&mut self, r: &mut ConsumerResult) -> Result<(), Error> {
         let far = self.plan.start + Duration::from_secs(365 * 24 * 3600);
         let end = self.plan.end.unwrap_or(far);
-        let mut state = Delivery::Idle;
-        let (mut last_tag, mut unacked) = (0u64, 0u64);
+        let mut cursor = Cursor {
+            state: Delivery::Idle,
+            last_tag: 0,
+            unacked: 0,
+        };
         let mut out = BytesMut::with_capacity(64);
         loop {
             // Every frame of this read was received at the same time.
@@ -121,52 +124,7 @@ impl Consumer {
             let before = r.consumed;
             while let Some(h) = next_frame(&self.conn.rbuf, self.conn.frame_max)? {
                 let p = frame::payload(&self.conn.rbuf, &h);
-                match (h.frame_type, &mut state) {
-                    (frame::METHOD, _) => {
-                        if let Some(tag) = deliver_tag(p) {
-                            last_tag = tag;
-                            state = Delivery::Header;
-                        } else {
-                            other_method(p)?;
-                        }
-                    }
-                    (frame::HEADER, Delivery::Header) => {
-                        let size = p
-                            .get(4..12)
-                            .map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap_or_default()));
-                        state = Delivery::Body {
-                            remaining: size,
-                            first: true,
-                        };
-                    }
-                    (frame::BODY, Delivery::Body { remaining, first }) => {
-                        if *first && measuring && p.len() >= 8 {
-                            let sent = u64::from_be_bytes(p[..8].try_into().unwrap_or_default());
-                            r.hist.saturating_record(now.saturating_sub(sent).max(1));
-                        }
-                        *first = false;
-                        *remaining = remaining.saturating_sub(p.len() as u64);
-                        if measuring {
-                            r.measured_bytes += p.len() as u64;
-                        }
-                    }
-                    (frame::HEARTBEAT, _) => {}
-                    _ => {
-                        return Err(Error::Protocol(format!(
-                            "unexpected frame type {} on channel {}",
-                            h.frame_type, h.channel
-                        )));
-                    }
-                }
-                if let Delivery::Body { remaining: 0, .. } = state {
-                    state = Delivery::Idle;
-                    r.consumed += 1;
-                    unacked += 1;
-                    if measuring {
-                        r.measured += 1;
-                        r.last_ns = now;
-                    }
-                }
+                cursor.on_frame(h.frame_type, h.channel, p, now, measuring, r)?;
                 self.conn.rbuf.advance(h.wire_len());
             }
             if r.consumed > before {
@@ -182,14 +140,14 @@ impl Consumer {
             if self.cancel.is_cancelled() || Instant::now() >= end {
                 return Ok(());
             }
-            if unacked >= self.ack_every {
+            if cursor.unacked >= self.ack_every {
                 out.clear();
-                write_ack(&mut out, last_tag);
+                write_ack(&mut out, cursor.last_tag);
                 tokio::select! {
                     res = self.conn.stream.write_all(&out) => res?,
                     _ = self.cancel.cancelled() => return Err(Error::Protocol("cancelled while writing an ack".into())),
                 }
-                unacked = 0;
+                cursor.unacked = 0;
             }
             tokio::select! {
                 res = self.conn.fill(MIN_READ_ROOM) => res?,
@@ -197,6 +155,75 @@ impl Consumer {
                 _ = tokio::time::sleep_until(end) => return Ok(()),
             }
         }
+    }
+}
+
+/// The consumer's place in the stream of deliveries.
+struct Cursor {
+    state: Delivery,
+    /// The tag of the last delivery, and how many are not acknowledged yet.
+    last_tag: u64,
+    unacked: u64,
+}
+
+impl Cursor {
+    /// One frame received at `now`; `measuring`: inside the measurement window.
+    fn on_frame(
+        &mut self,
+        frame_type: u8,
+        channel: u16,
+        p: &[u8],
+        now: u64,
+        measuring: bool,
+        r: &mut ConsumerResult,
+    ) -> Result<(), Error> {
+        match (frame_type, &mut self.state) {
+            (frame::METHOD, _) => {
+                if let Some(tag) = deliver_tag(p) {
+                    self.last_tag = tag;
+                    self.state = Delivery::Header;
+                } else {
+                    other_method(p)?;
+                }
+            }
+            (frame::HEADER, Delivery::Header) => {
+                let size = p
+                    .get(4..12)
+                    .map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap_or_default()));
+                self.state = Delivery::Body {
+                    remaining: size,
+                    first: true,
+                };
+            }
+            (frame::BODY, Delivery::Body { remaining, first }) => {
+                if *first && measuring && p.len() >= 8 {
+                    let sent = u64::from_be_bytes(p[..8].try_into().unwrap_or_default());
+                    r.hist.saturating_record(now.saturating_sub(sent).max(1));
+                }
+                *first = false;
+                *remaining = remaining.saturating_sub(p.len() as u64);
+                if measuring {
+                    r.measured_bytes += p.len() as u64;
+                }
+            }
+            (frame::HEARTBEAT, _) => {}
+            _ => {
+                return Err(Error::Protocol(format!(
+                    "unexpected frame type {frame_type} on channel {channel}"
+                )));
+            }
+        }
+        // A body of 0 bytes is complete with its header.
+        if let Delivery::Body { remaining: 0, .. } = self.state {
+            self.state = Delivery::Idle;
+            r.consumed += 1;
+            self.unacked += 1;
+            if measuring {
+                r.measured += 1;
+                r.last_ns = now;
+            }
+        }
+        Ok(())
     }
 }
 

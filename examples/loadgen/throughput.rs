@@ -31,6 +31,8 @@ pub(crate) const MIN_READ_ROOM: usize = 64 * 1024;
 const GRACE: Duration = Duration::from_secs(10);
 /// How long producers may still wait for confirms once the consumers are done.
 const CONFIRM_GRACE: Duration = Duration::from_secs(5);
+/// How long deleting the queue and closing the setup connection may take at the end.
+const CLEANUP: Duration = Duration::from_secs(4);
 /// With `--count`, the run ends when nothing was consumed for this long.
 const STALL: Duration = Duration::from_secs(10);
 /// Consumers on channel 1 of their own connections; so are producers.
@@ -115,27 +117,32 @@ pub async fn run(target: Arc<Target>, o: Opts) -> Result<Report, String> {
 
     let result = run_clients(&target, &o, &qname).await;
 
-    if generated {
-        let delete = queue::Delete {
-            queue: short(&qname),
-            if_unused: false,
-            if_empty: false,
-            nowait: false,
-        };
-        let deleted = tokio::time::timeout(
-            Duration::from_secs(5),
-            setup.call(
-                CH,
-                AMQPClass::Queue(queue::AMQPMethod::Delete(delete)),
-                |c| matches!(c, AMQPClass::Queue(queue::AMQPMethod::DeleteOk(_))).then_some(()),
-            ),
-        )
-        .await;
-        if !matches!(deleted, Ok(Ok(()))) {
-            eprintln!("loadgen: could not delete queue {qname}");
+    // Bounded as a whole: when the broker or proxy has stopped answering, the run still
+    // ends by itself.
+    let cleanup = async {
+        if generated {
+            let delete = queue::Delete {
+                queue: short(&qname),
+                if_unused: false,
+                if_empty: false,
+                nowait: false,
+            };
+            let deleted = setup
+                .call(
+                    CH,
+                    AMQPClass::Queue(queue::AMQPMethod::Delete(delete)),
+                    |c| matches!(c, AMQPClass::Queue(queue::AMQPMethod::DeleteOk(_))).then_some(()),
+                )
+                .await;
+            if deleted.is_err() {
+                eprintln!("loadgen: could not delete queue {qname}");
+            }
         }
+        let _ = setup.close().await;
+    };
+    if tokio::time::timeout(CLEANUP, cleanup).await.is_err() {
+        eprintln!("loadgen: no answer to queue.delete / connection.close, giving up");
     }
-    let _ = setup.close().await;
     result
 }
 
@@ -219,7 +226,7 @@ async fn run_clients(target: &Arc<Target>, o: &Opts, qname: &str) -> Result<Repo
         })
         .collect();
 
-    watchdog(
+    let cut_short = watchdog(
         &shared,
         plan,
         o.count.is_some(),
@@ -270,12 +277,18 @@ async fn run_clients(target: &Arc<Target>, o: &Opts, qname: &str) -> Result<Repo
         note(r.error, &mut report);
         closing.extend(r.conn);
     }
-    let closes: Vec<_> = closing
-        .into_iter()
-        .map(|c| tokio::spawn(c.close()))
-        .collect();
-    for c in closes {
-        let _ = c.await;
+    match cut_short {
+        // The peer has stopped answering: the close handshakes would only time out.
+        Some(reason) => note(Some(reason), &mut report),
+        None => {
+            let closes: Vec<_> = closing
+                .into_iter()
+                .map(|c| tokio::spawn(c.close()))
+                .collect();
+            for c in closes {
+                let _ = c.await;
+            }
+        }
     }
 
     report.seconds = match (o.duration, o.count) {
@@ -295,7 +308,7 @@ async fn run_clients(target: &Arc<Target>, o: &Opts, qname: &str) -> Result<Repo
 
 /// Waits for the clients to finish. Everything is cancelled at the hard deadline, when
 /// the producers still wait for confirms 5 s after the consumers are done, or, with
-/// `--count`, when nothing was consumed for [`STALL`].
+/// `--count`, when nothing was consumed for [`STALL`]; then the reason is returned.
 async fn watchdog(
     shared: &Shared,
     plan: Plan,
@@ -303,35 +316,37 @@ async fn watchdog(
     cancel: &CancellationToken,
     consumers: &[JoinHandle<ConsumerResult>],
     producers: &[JoinHandle<ProducerResult>],
-) {
+) -> Option<String> {
     let mut progress = (0, Instant::now());
     let mut consumers_done: Option<Instant> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let now = Instant::now();
         if finished(consumers) && finished(producers) {
-            return;
+            return None;
         }
-        if plan.hard_end.is_some_and(|h| now >= h) {
-            eprintln!("loadgen: hard deadline reached, stopping");
-            break;
-        }
-        if finished(consumers) && now - *consumers_done.get_or_insert(now) >= CONFIRM_GRACE {
-            eprintln!("loadgen: producers still busy after the consumers ended, stopping");
-            break;
-        }
-        let consumed = shared.consumed.load(Ordering::Relaxed);
-        if consumed != progress.0 {
-            progress = (consumed, now);
-        } else if count_mode && now - progress.1 >= STALL {
-            eprintln!(
-                "loadgen: nothing consumed for {} s, stopping",
-                STALL.as_secs()
-            );
-            break;
+        let reason = if plan.hard_end.is_some_and(|h| now >= h) {
+            Some("cut short: hard deadline reached".to_string())
+        } else if finished(consumers)
+            // With no consumers at all, the grace starts at the planned end.
+            && (!consumers.is_empty() || plan.end.is_some_and(|e| now >= e))
+            && now - *consumers_done.get_or_insert(now) >= CONFIRM_GRACE
+        {
+            Some("cut short: producers still waiting for confirms after the consumers ended".into())
+        } else {
+            let consumed = shared.consumed.load(Ordering::Relaxed);
+            if consumed != progress.0 {
+                progress = (consumed, now);
+            }
+            (count_mode && now - progress.1 >= STALL)
+                .then(|| format!("cut short: nothing consumed for {} s", STALL.as_secs()))
+        };
+        if let Some(reason) = reason {
+            eprintln!("loadgen: {reason}");
+            cancel.cancel();
+            return Some(reason);
         }
     }
-    cancel.cancel();
 }
 
 fn finished<T>(tasks: &[JoinHandle<T>]) -> bool {
