@@ -208,6 +208,12 @@ pub fn issuer_url(addr: SocketAddr) -> String {
     format!("http://{addr}")
 }
 
+/// The development issuer's URL as `token` and `rotate-keys` should assume it: the
+/// address in `AMQP_IAM_GATEWAY_ISSUER_LISTEN` when set, as development mode binds it.
+pub fn default_issuer_url() -> Result<String, String> {
+    DevSettings::from_env().map(|s| issuer_url(s.issuer_addr))
+}
+
 /// The gateway config of the development mode, as TOML (also written next to the state
 /// so it can be copied and edited).
 pub fn config_toml(s: &DevSettings, tls: &DevTls) -> String {

@@ -66,7 +66,8 @@ enum Command {
         /// The development state directory.
         #[arg(long)]
         state_dir: Option<PathBuf>,
-        /// The issuer URL (`iss`).
+        /// The issuer URL (`iss`) [default: the development issuer's, at
+        /// `AMQP_IAM_GATEWAY_ISSUER_LISTEN` or 127.0.0.1:8479].
         #[arg(long)]
         issuer_url: Option<String>,
     },
@@ -133,6 +134,13 @@ fn main() -> ExitCode {
             state_dir,
             issuer_url,
         } => {
+            let issuer_url = match issuer_url.map_or_else(devmode::default_issuer_url, Ok) {
+                Ok(url) => url,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let args = devmode::TokenArgs {
                 role_arn,
                 tags,
@@ -140,8 +148,7 @@ fn main() -> ExitCode {
                 duration_seconds: duration,
                 algorithm: alg,
                 state_dir: state_dir.unwrap_or_else(devmode::default_state_dir),
-                issuer_url: issuer_url
-                    .unwrap_or_else(|| format!("http://{}", devmode::DEFAULT_ISSUER_ADDR)),
+                issuer_url,
             };
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -158,8 +165,13 @@ fn main() -> ExitCode {
             }
         }
         Command::RotateKeys { issuer_url } => {
-            let url =
-                issuer_url.unwrap_or_else(|| format!("http://{}", devmode::DEFAULT_ISSUER_ADDR));
+            let url = match issuer_url.map_or_else(devmode::default_issuer_url, Ok) {
+                Ok(url) => url,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);

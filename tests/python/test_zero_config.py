@@ -204,3 +204,21 @@ def test_aws_cli_works_unchanged_with_an_endpoint_override(dev_gateway):
     conn.close()
     bad = subprocess.run(args, env={**cli_env, "AWS_SECRET_ACCESS_KEY": "wrong"}, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "SignatureDoesNotMatch" in bad.stderr
+
+
+def test_token_follows_the_issuer_address_from_the_environment(tmp_path):
+    """Regression: with AMQP_IAM_GATEWAY_ISSUER_LISTEN moved, `token` still put the default
+    127.0.0.1:8479 in `iss`, which the development gateway then refused."""
+    import base64
+    import json
+
+    port = _free_port()
+    env = {**os.environ, "AMQP_IAM_GATEWAY_STATE": str(tmp_path), "AMQP_IAM_GATEWAY_ISSUER_LISTEN": f"127.0.0.1:{port}"}
+    payload = _token(env).split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert claims["iss"] == f"http://127.0.0.1:{port}"
+    bad = subprocess.run(
+        [str(gateway_binary()), "token"], env={**env, "AMQP_IAM_GATEWAY_ISSUER_LISTEN": "nonsense"},
+        capture_output=True, text=True, timeout=30,
+    )
+    assert bad.returncode != 0 and "AMQP_IAM_GATEWAY_ISSUER_LISTEN" in bad.stderr
