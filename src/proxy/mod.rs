@@ -16,6 +16,7 @@ mod conn;
 pub mod exchange_types;
 pub mod limits;
 pub mod proxy_protocol;
+pub mod readahead;
 pub mod relay;
 
 use std::net::SocketAddr;
@@ -33,6 +34,7 @@ use crate::amqp::handshake::HandshakeSettings;
 use crate::auth::Authenticators;
 use crate::config::Config;
 use exchange_types::ExchangeTypes;
+use readahead::ReadAhead;
 
 /// State shared by every connection.
 pub(crate) struct Shared {
@@ -474,7 +476,7 @@ async fn serve_socket(
         Some(acceptor) => {
             let deadline = shared.cfg.listener.handshake_timeout;
             let timer = shared.metrics.phase("tls").start_timer();
-            match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+            match tokio::time::timeout(deadline, acceptor.accept(ReadAhead::new(stream))).await {
                 Ok(Ok(tls_stream)) => {
                     timer.observe_duration();
                     conn::serve(tls_stream, peer, shared).await

@@ -30,7 +30,7 @@ use crate::proxy::exchange_types::TYPE_TTL;
 /// Stop reading a side while this much is queued for its peer.
 pub const HIGH_WATER: usize = 256 * 1024;
 /// Read buffer growth step.
-pub const READ_CHUNK: usize = 16 * 1024;
+pub const READ_CHUNK: usize = 64 * 1024;
 /// Most chunks handed to one vectored write.
 const MAX_IOVECS: usize = 64;
 /// How long a closing client gets to take its final `connection.close` before the socket
