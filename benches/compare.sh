@@ -19,8 +19,10 @@
 #   --workloads LIST    comma-separated subset of: idle,1KiB,1KiB-confirms,16B,64KiB,latency,churn
 #   --debug             use the debug build instead of the release build
 #   --keep-node         leave the benchmark RabbitMQ node running at the end
-#   --smoke             1 rep, 2 s runs, 0.5 s warm-up, 200 idle connections, debug build
-#                       (CI: test.sh has built it); exit non-zero only if a run failed
+#   --smoke             1 rep, 1 s throughput runs after 0.5 s of warm-up, 2 s of churn,
+#                       200 idle connections held 1 s, debug build (CI: test.sh has built
+#                       it): under a minute with the node start; exit non-zero only if a
+#                       run failed or a cell got no number
 # Environment: LOADGEN=PATH runs that load generator (same CLI) instead of building
 # examples/loadgen.
 #
@@ -59,6 +61,7 @@ WARMUP=1
 IDLE=5000
 IDLE_HOLD=10
 IDLE_RATE=500
+CHURN_DURATION=""
 THREADS="$(nproc)"
 WORKLOADS="idle,1KiB,1KiB-confirms,16B,64KiB,latency,churn"
 PROFILE=release
@@ -95,8 +98,9 @@ while (($#)); do
     shift
 done
 if ((SMOKE)); then
-    REPS=1 DURATION=2 WARMUP=0.5 IDLE=200 IDLE_HOLD=2 PROFILE=debug
+    REPS=1 DURATION=1 WARMUP=0.5 CHURN_DURATION=2 IDLE=200 IDLE_HOLD=1 PROFILE=debug
 fi
+CHURN_DURATION="${CHURN_DURATION:-$DURATION}"
 IFS=, read -ra WORKLOAD_LIST <<<"$WORKLOADS"
 for w in "${WORKLOAD_LIST[@]}"; do
     case "$w" in idle | 1KiB | 1KiB-confirms | 16B | 64KiB | latency | churn) ;;
@@ -345,7 +349,7 @@ workload_args() {
     16B) echo throughput --size 16 "${t[@]}" ;;
     64KiB) echo throughput --size 65536 "${t[@]}" ;;
     latency) echo throughput --size 1024 --rate 2000 "${t[@]}" ;;
-    churn) echo churn --duration "$DURATION" ;;
+    churn) echo churn --duration "$CHURN_DURATION" ;;
     idle) echo idle --connections "$IDLE" --hold "$IDLE_HOLD" --rate "$IDLE_RATE" ;;
     esac
 }
@@ -424,7 +428,7 @@ fi
 nrun="$(wc -l <"$RUNS")"
 log "$nrun runs in $((SECONDS - T0)) s"
 
-BENCH_HAPROXY_VERSION="$(haproxy -v | head -1)"
+BENCH_HAPROXY_VERSION="$(haproxy -v | awk 'NR == 1')"
 BENCH_RABBITMQ_VERSION="$(node ctl -q eval 'rabbit:product_version().' 2>/dev/null | tr -d '"' || true)"
 BENCH_ERLANG_VERSION="$(node ctl -q eval 'erlang:system_info(otp_release).' 2>/dev/null | tr -d '"' || true)"
 BENCH_RUSTC_VERSION="$(rustc -V)"
