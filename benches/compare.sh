@@ -34,7 +34,8 @@
 #      fresh database, and the 65536 open-file soft limit that script sets (the default node
 #      allows 1,024 and cannot hold 5,000 connections);
 #   3. a throwaway CA and a P-256 server certificate for localhost/127.0.0.1 (openssl), used
-#      by both HAProxy and the gateway;
+#      by both HAProxy and the gateway; clients offer only X25519 to both (the same
+#      handshake: OpenSSL 3.0 has no post-quantum hybrid);
 #   4. HAProxy (the Debian package, 2.6 on Debian 12) in the foreground, TCP mode, nbthread
 #      equal to the gateway's worker threads (both default to the number of CPUs, as tokio's
 #      multi-thread runtime does: neither proxy gets more cores than the other);
@@ -329,11 +330,14 @@ mint
 
 # --- 6. workloads ------------------------------------------------------------------------
 
+# The same TLS key exchange for both proxies: HAProxy (OpenSSL 3.0) has no post-quantum
+# hybrid, which rustls offers first and the gateway would otherwise pick.
+KX="--tls-kx X25519"
 target_args() {
     case "$1" in
     direct) echo "--url amqp://guest:guest@127.0.0.1:$NODE_PORT/%2F" ;;
-    haproxy) echo "--url amqps://guest:guest@localhost:$HAPROXY_PORT/%2F --cacert $CA" ;;
-    gateway) echo "--url amqps://localhost:$GATEWAY_PORT/%2F --cacert $CA --password-file $TOKEN" ;;
+    haproxy) echo "--url amqps://guest:guest@localhost:$HAPROXY_PORT/%2F --cacert $CA $KX" ;;
+    gateway) echo "--url amqps://localhost:$GATEWAY_PORT/%2F --cacert $CA $KX --password-file $TOKEN" ;;
     esac
 }
 

@@ -1,0 +1,386 @@
+//! Load generator for any AMQP 0-9-1 URL (issue #6): throughput and latency, connection
+//! churn, many idle connections. Built to cost little CPU, because on the benchmark
+//! machine it shares two cores with the broker and the proxy under test: its client is
+//! written on the crate's own frame codec (`client.rs`), not on lapin.
+//!
+//! ```text
+//! cargo build --release --example loadgen
+//! target/release/examples/loadgen throughput --url amqp://guest:guest@127.0.0.1:5672/%2F --duration 5
+//! target/release/examples/loadgen churn --url amqps://:TOKEN@localhost:5671/%2F --cacert ca.pem
+//! target/release/examples/loadgen idle --url ... --connections 5000 --hold 10 --rate 500
+//! ```
+//!
+//! `client.rs` is the AMQP client, `throughput.rs` the `throughput` mode, and
+//! `connections.rs` the `churn` and `idle` modes. `benches/README.md` describes the modes
+//! and what their numbers mean.
+
+mod client;
+mod connections;
+mod consumer;
+mod producer;
+mod throughput;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use client::Target;
+
+/// The process-wide clock: message timestamps are nanoseconds since one `Instant`.
+mod clock {
+    use std::sync::OnceLock;
+    use std::time::Instant;
+
+    static BASE: OnceLock<Instant> = OnceLock::new();
+
+    fn base() -> Instant {
+        *BASE.get_or_init(Instant::now)
+    }
+
+    /// Nanoseconds since the base.
+    pub fn now_ns() -> u64 {
+        base().elapsed().as_nanos() as u64
+    }
+
+    /// Nanoseconds since the base at `t` (0 before the base).
+    pub fn ns_at(t: tokio::time::Instant) -> u64 {
+        t.into_std().saturating_duration_since(base()).as_nanos() as u64
+    }
+}
+
+/// `println!` that ignores a closed stdout (`loadgen ... | head -1`) instead of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+#[derive(Parser)]
+#[command(
+    name = "loadgen",
+    about = "AMQP 0-9-1 load generator: throughput, churn, idle"
+)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Args)]
+struct Common {
+    /// amqp://user:pass@host:port/vhost or amqps://...; user, password and vhost are
+    /// percent-decoded, the vhost defaults to `/`.
+    #[arg(long)]
+    url: String,
+    /// PEM CA certificate(s) trusted for amqps (default: the system's roots).
+    #[arg(long)]
+    cacert: Option<PathBuf>,
+    /// Read the password (e.g. a JWT) from the first line of this file instead of the URL.
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+    /// TLS key exchange groups, comma-separated, in order of preference (e.g. `X25519`);
+    /// default rustls's order, post-quantum hybrid `X25519MLKEM768` first.
+    #[arg(long)]
+    tls_kx: Option<String>,
+    /// Tokio worker threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Print exactly one JSON object on stdout instead of the summary lines.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Producers publish to one queue, consumers drain it; msgs/s, MB/s and
+    /// publish-to-consume latency, measured by the consumers.
+    Throughput {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 1)]
+        producers: usize,
+        #[arg(long, default_value_t = 1)]
+        consumers: usize,
+        /// Message body size in bytes (latency needs at least 8).
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        /// Publisher confirms with at most this many unconfirmed messages per producer
+        /// (0: no confirms).
+        #[arg(long, default_value_t = 0)]
+        confirm_window: u64,
+        /// basic.qos prefetch count per consumer (0: unlimited).
+        #[arg(long, default_value_t = 1000)]
+        prefetch: u16,
+        /// Measured seconds (after the warm-up). Default 10 without --count.
+        #[arg(long)]
+        duration: Option<f64>,
+        /// Publish this many messages in all and stop when they are consumed.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Aggregate publish rate in msgs/s (0: as fast as possible).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        /// Seconds at the start that are not measured. Default 1, or 0 with --count.
+        #[arg(long)]
+        warmup: Option<f64>,
+        /// Queue to use (declared non-durable, kept); default a fresh `loadgen-<pid>-<n>`,
+        /// deleted at the end.
+        #[arg(long)]
+        queue: Option<String>,
+    },
+    /// Connect, authenticate, open, close, in a loop: connections per second.
+    Churn {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Connections in progress at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+    },
+    /// Open many connections, hold them idle (`ready` on stderr), close them.
+    Idle {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        connections: u64,
+        /// Seconds to hold them all open.
+        #[arg(long, default_value_t = 10.0)]
+        hold: f64,
+        /// Connections opened per second (0: as fast as possible).
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+    },
+}
+
+impl Mode {
+    fn common(&self) -> &Common {
+        match self {
+            Mode::Throughput { common, .. }
+            | Mode::Churn { common, .. }
+            | Mode::Idle { common, .. } => common,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let common = cli.mode.common();
+    raise_nofile_limit();
+    let target = match Target::parse(
+        &common.url,
+        common.cacert.as_deref(),
+        common.password_file.as_deref(),
+        common.tls_kx.as_deref(),
+    ) {
+        Ok(t) => Arc::new(t),
+        Err(e) => return fail(&e),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(common.threads.max(1))
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("tokio runtime: {e}")),
+    };
+    clock::now_ns();
+    let json = common.json;
+    runtime.block_on(run(cli.mode, target, json))
+}
+
+async fn run(mode: Mode, target: Arc<Target>, json: bool) -> ExitCode {
+    match mode {
+        Mode::Throughput {
+            producers,
+            consumers,
+            size,
+            confirm_window,
+            prefetch,
+            duration,
+            count,
+            rate,
+            warmup,
+            queue,
+            ..
+        } => {
+            let duration = match (duration, count) {
+                (None, None) => Some(10.0),
+                (d, _) => d,
+            };
+            let opts = throughput::Opts {
+                producers,
+                consumers,
+                size,
+                confirm_window,
+                prefetch,
+                duration,
+                count,
+                rate,
+                warmup: warmup.unwrap_or(if count.is_some() { 0.0 } else { 1.0 }),
+                queue,
+            };
+            match throughput::run(target, opts).await {
+                Ok(r) => print_throughput(&r, json),
+                Err(e) => fail(&e),
+            }
+        }
+        Mode::Churn {
+            duration,
+            concurrency,
+            ..
+        } => {
+            if let Err(e) = connections::probe(&target).await {
+                return fail(&e);
+            }
+            let r = connections::churn(target, duration, concurrency).await;
+            print_churn(&r, json)
+        }
+        Mode::Idle {
+            connections,
+            hold,
+            rate,
+            ..
+        } => {
+            if let Err(e) = connections::probe(&target).await {
+                return fail(&e);
+            }
+            let r = connections::idle(target, connections, hold, rate).await;
+            print_idle(&r, json)
+        }
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("loadgen: {msg}");
+    ExitCode::FAILURE
+}
+
+/// Exit status of a run that completed: failure when nothing got through.
+fn status(succeeded: u64, first_error: &Option<String>) -> ExitCode {
+    if let Some(e) = first_error {
+        eprintln!("loadgen: first error: {e}");
+    }
+    if succeeded == 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn print_throughput(r: &throughput::Report, json: bool) -> ExitCode {
+    let [p50, p99, p999] = match r.latency_us {
+        Some(l) => l.map(Some),
+        None => [None; 3],
+    };
+    if json {
+        let v = json!({
+            "mode": "throughput",
+            "seconds": r.seconds,
+            "published": r.published,
+            "confirmed": r.confirmed,
+            "nacked": r.nacked,
+            "consumed": r.consumed,
+            "measured": r.measured,
+            "msgs_per_s": r.msgs_per_s,
+            "mb_per_s": r.mb_per_s,
+            "p50_us": p50,
+            "p99_us": p99,
+            "p999_us": p999,
+            "errors": r.errors,
+        });
+        say!("{v}");
+    } else {
+        say!(
+            "throughput: {:.0} msgs/s, {:.2} MB/s over {:.2} s ({} messages measured)",
+            r.msgs_per_s,
+            r.mb_per_s,
+            r.seconds,
+            r.measured
+        );
+        match r.latency_us {
+            Some([a, b, c]) => say!("latency: p50 {a:.0} us, p99 {b:.0} us, p99.9 {c:.0} us"),
+            None => say!("latency: not measured"),
+        }
+        say!(
+            "published {}, confirmed {}, nacked {}, consumed {}, errors {}",
+            r.published,
+            r.confirmed,
+            r.nacked,
+            r.consumed,
+            r.errors
+        );
+    }
+    status(r.consumed, &r.first_error)
+}
+
+fn print_churn(r: &connections::ChurnReport, json: bool) -> ExitCode {
+    if json {
+        let v = json!({
+            "mode": "churn",
+            "seconds": r.seconds,
+            "connections": r.connections,
+            "conns_per_s": r.conns_per_s,
+            "p50_ms": r.p50_ms,
+            "p99_ms": r.p99_ms,
+            "errors": r.errors,
+        });
+        say!("{v}");
+    } else {
+        say!(
+            "churn: {} connections in {:.2} s = {:.1} conns/s, errors {}",
+            r.connections,
+            r.seconds,
+            r.conns_per_s,
+            r.errors
+        );
+        if let (Some(a), Some(b)) = (r.p50_ms, r.p99_ms) {
+            say!("connect to open-ok: p50 {a:.2} ms, p99 {b:.2} ms");
+        }
+    }
+    status(r.connections, &r.first_error)
+}
+
+fn print_idle(r: &connections::IdleReport, json: bool) -> ExitCode {
+    if json {
+        let v = json!({
+            "mode": "idle",
+            "connections": r.connections,
+            "opened": r.opened,
+            "failed": r.failed,
+            "open_seconds": r.open_seconds,
+        });
+        say!("{v}");
+    } else {
+        say!(
+            "idle: {} of {} opened in {:.2} s, {} failed",
+            r.opened,
+            r.connections,
+            r.open_seconds,
+            r.failed
+        );
+    }
+    status(r.opened, &r.first_error)
+}
+
+/// Raises the soft open-files limit to the hard one: 5,000 idle connections need more
+/// than the usual 1,024 descriptors.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer, which
+    // lives on this stack frame for the duration of each call.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                eprintln!("loadgen: could not raise the open-files limit");
+            }
+        }
+    }
+}
