@@ -7,7 +7,7 @@
 # (throughput >= 1.0x HAProxy, >= 0.9x direct at 1 KiB and >= 0.8x at 16 B; latency p50 and
 # p99 <= 1.2x direct; churn >= 1.0x HAProxy; <= 64 KiB of gateway RSS per idle connection).
 #
-#   benches/compare.sh              full run (3 interleaved repetitions, 10 s each: ~15 min)
+#   benches/compare.sh              full run (3 interleaved repetitions, 10 s each: ~12 min)
 #   benches/compare.sh --smoke      seconds: every cell must get a number, ratios not judged
 #
 # Options:
