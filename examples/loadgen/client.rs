@@ -537,4 +537,16 @@ mod tests {
         assert_eq!(split_host_port("[::1]:9", 1).unwrap(), ("::1".into(), 9));
         assert!(split_host_port(":5672", 1).is_err());
     }
+
+    #[test]
+    fn url_parts_are_percent_decoded() {
+        let t = Target::parse("amqp://:tok%2Fen@127.0.0.1:5674/%2F", None, None, None).unwrap();
+        assert_eq!((t.user.as_str(), t.password.as_str()), ("", "tok/en"));
+        assert_eq!((t.addr.as_str(), t.vhost.as_str()), ("127.0.0.1:5674", "/"));
+        let t = Target::parse("amqp://u:p@h/my%20vhost?heartbeat=5", None, None, None).unwrap();
+        assert_eq!((t.addr.as_str(), t.vhost.as_str()), ("h:5672", "my vhost"));
+        let t = Target::parse("amqp://localhost", None, None, None).unwrap();
+        assert_eq!((t.user.as_str(), t.vhost.as_str()), ("guest", "/"));
+        assert!(Target::parse("http://h/", None, None, None).is_err());
+    }
 }

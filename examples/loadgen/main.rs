@@ -224,7 +224,15 @@ async fn run(mode: Mode, target: Arc<Target>, json: bool) -> ExitCode {
                 queue,
             };
             match throughput::run(target, opts).await {
-                Ok(r) => print_throughput(&r, json),
+                // Publish-only runs (no consumers) succeed when something was published.
+                Ok(r) if consumers == 0 => {
+                    print_throughput(&r, json);
+                    status(r.published, &r.first_error, json)
+                }
+                Ok(r) => {
+                    print_throughput(&r, json);
+                    status(r.consumed, &r.first_error, json)
+                }
                 Err(e) => fail(&e),
             }
         }
@@ -260,7 +268,10 @@ fn fail(msg: &str) -> ExitCode {
 }
 
 /// Exit status of a run that completed: failure when nothing got through.
-fn status(succeeded: u64, first_error: &Option<String>) -> ExitCode {
+fn status(succeeded: u64, first_error: &Option<String>, json: bool) -> ExitCode {
+    if !json {
+        say!("loadgen itself: {:.2} s CPU", cpu_seconds());
+    }
     if let Some(e) = first_error {
         eprintln!("loadgen: first error: {e}");
     }
@@ -271,7 +282,7 @@ fn status(succeeded: u64, first_error: &Option<String>) -> ExitCode {
     }
 }
 
-fn print_throughput(r: &throughput::Report, json: bool) -> ExitCode {
+fn print_throughput(r: &throughput::Report, json: bool) {
     let [p50, p99, p999] = match r.latency_us {
         Some(l) => l.map(Some),
         None => [None; 3],
@@ -291,6 +302,7 @@ fn print_throughput(r: &throughput::Report, json: bool) -> ExitCode {
             "p99_us": p99,
             "p999_us": p999,
             "errors": r.errors,
+            "loadgen_cpu_s": cpu_seconds(),
         });
         say!("{v}");
     } else {
@@ -314,7 +326,6 @@ fn print_throughput(r: &throughput::Report, json: bool) -> ExitCode {
             r.errors
         );
     }
-    status(r.consumed, &r.first_error)
 }
 
 fn print_churn(r: &connections::ChurnReport, json: bool) -> ExitCode {
@@ -327,6 +338,7 @@ fn print_churn(r: &connections::ChurnReport, json: bool) -> ExitCode {
             "p50_ms": r.p50_ms,
             "p99_ms": r.p99_ms,
             "errors": r.errors,
+            "loadgen_cpu_s": cpu_seconds(),
         });
         say!("{v}");
     } else {
@@ -341,7 +353,7 @@ fn print_churn(r: &connections::ChurnReport, json: bool) -> ExitCode {
             say!("connect to open-ok: p50 {a:.2} ms, p99 {b:.2} ms");
         }
     }
-    status(r.connections, &r.first_error)
+    status(r.connections, &r.first_error, json)
 }
 
 fn print_idle(r: &connections::IdleReport, json: bool) -> ExitCode {
@@ -352,6 +364,7 @@ fn print_idle(r: &connections::IdleReport, json: bool) -> ExitCode {
             "opened": r.opened,
             "failed": r.failed,
             "open_seconds": r.open_seconds,
+            "loadgen_cpu_s": cpu_seconds(),
         });
         say!("{v}");
     } else {
@@ -363,7 +376,21 @@ fn print_idle(r: &connections::IdleReport, json: bool) -> ExitCode {
             r.failed
         );
     }
-    status(r.opened, &r.first_error)
+    status(r.opened, &r.first_error, json)
+}
+
+/// CPU time (user + system) this process has used so far, in seconds: how much of the
+/// shared machine the generator itself took.
+fn cpu_seconds() -> f64 {
+    // SAFETY: an all-zero `rusage` is a valid value of this plain C struct.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes only into the struct passed by pointer, which outlives the
+    // call.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(u.ru_utime) + secs(u.ru_stime)
 }
 
 /// Raises the soft open-files limit to the hard one: 5,000 idle connections need more

@@ -327,7 +327,11 @@ async fn watchdog(
         }
         let reason = if plan.hard_end.is_some_and(|h| now >= h) {
             Some("cut short: hard deadline reached".to_string())
-        } else if finished(consumers) && now - *consumers_done.get_or_insert(now) >= CONFIRM_GRACE {
+        } else if finished(consumers)
+            // With no consumers at all, the grace starts at the planned end.
+            && (!consumers.is_empty() || plan.end.is_some_and(|e| now >= e))
+            && now - *consumers_done.get_or_insert(now) >= CONFIRM_GRACE
+        {
             Some("cut short: producers still waiting for confirms after the consumers ended".into())
         } else {
             let consumed = shared.consumed.load(Ordering::Relaxed);
