@@ -2,7 +2,7 @@
 # The end-to-end comparison: the same workloads, in one run, against the same RabbitMQ node
 #   (a) direct      amqp://guest:guest@127.0.0.1:5695    plain AMQP, no proxy
 #   (b) haproxy     amqps://guest:guest@localhost:5696   HAProxy terminating TLS, TCP mode
-#   (c) gateway     amqps://localhost:5697 + token       the gateway: TLS, JWT, authorisation
+#   (c) gateway     amqps://@localhost:5697 + token      the gateway: TLS, JWT, authorisation
 # then a table of medians and ratios against the targets of the performance issue
 # (throughput >= 1.0x HAProxy, >= 0.9x direct at 1 KiB and >= 0.8x at 16 B; latency p50 and
 # p99 <= 1.2x direct; churn >= 1.0x HAProxy; <= 64 KiB of gateway RSS per idle connection).
@@ -337,7 +337,7 @@ target_args() {
     case "$1" in
     direct) echo "--url amqp://guest:guest@127.0.0.1:$NODE_PORT/%2F" ;;
     haproxy) echo "--url amqps://guest:guest@localhost:$HAPROXY_PORT/%2F --cacert $CA $KX" ;;
-    gateway) echo "--url amqps://localhost:$GATEWAY_PORT/%2F --cacert $CA $KX --password-file $TOKEN" ;;
+    gateway) echo "--url amqps://@localhost:$GATEWAY_PORT/%2F --cacert $CA $KX --password-file $TOKEN" ;;
     esac
 }
 
