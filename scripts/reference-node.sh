@@ -100,7 +100,7 @@ ctl() {
 # The node answers (not just: a VM with that name exists).
 running() { CTL_TIMEOUT=15 ctl -q await_startup --timeout 5 >/dev/null 2>&1; }
 
-node_pid() { [[ -s "$PIDFILE" ]] && cat "$PIDFILE" || true; }
+node_pid() { if [[ -s "$PIDFILE" ]]; then cat "$PIDFILE"; fi; }
 
 render() {
     mkdir -p "$STATE/log" "$STATE/new"
@@ -166,6 +166,7 @@ config_changed() {
 write_cookie() {
     local cookie="$STATE/.erlang.cookie"
     if [[ ! -s "$cookie" ]]; then
+        # shellcheck disable=SC2019 # ASCII capitals exactly (LC_ALL=C), as Erlang writes them
         (umask 077 && LC_ALL=C tr -dc 'A-Z' </dev/urandom | head -c 20 >"$cookie")
     fi
     chmod 400 "$cookie"

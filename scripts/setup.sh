@@ -2,7 +2,8 @@
 # Prepares a Debian machine (as root) for the test suite. Idempotent and fast when
 # everything is already there:
 #   - Debian packages: rabbitmq-server, openssl, curl, prometheus (for promtool), python3
-#     with venv (apt-get update once, only when something is missing);
+#     with venv, haproxy (benches/compare.sh; apt-get update once, only when something is
+#     missing; its service is not started);
 #   - a running RabbitMQ node on 127.0.0.1:5672 with the default `guest` user, which the
 #     test gateway uses as its backend service user, and the management plugin on
 #     127.0.0.1:15672 (the gateway looks exchange types up there);
@@ -31,6 +32,8 @@ command -v openssl >/dev/null 2>&1 || installed openssl || missing+=(openssl)
 command -v amqp-publish >/dev/null 2>&1 || missing+=(amqp-tools)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+# benches/compare.sh (and its smoke in test.sh) runs HAProxy as the TLS-terminating baseline.
+command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 if ! command -v python3 >/dev/null 2>&1; then
     missing+=(python3 python3-venv)
 elif ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then

@@ -2,15 +2,20 @@
 # The one test command: setup, build, the Rust tests, then the integration tests in
 # tests/python against the freshly built gateway: pika, aio-pika, kombu/py-amqp, the
 # amqp-tools CLI, boto3, and the Node.js clients (tests/node, run by
-# tests/python/test_clients_node.py with `node --test`), and a short run of every fuzz
-# target (scripts/fuzz.sh). Works from any directory.
+# tests/python/test_clients_node.py with `node --test`), a short run of every fuzz target
+# (scripts/fuzz.sh), and last the smoke of the benchmark harness (benches/compare.sh
+# --smoke: every cell gets a number, ratios are not judged). Works from any directory.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$(pwd)"
 
 STEP="setup"
-trap 'rc=$?; if ((rc != 0)); then echo; echo "test.sh: FAILED at step: $STEP (exit $rc)"; fi' EXIT
+on_exit() {
+    local rc=$?
+    if ((rc != 0)); then echo; echo "test.sh: FAILED at step: $STEP (exit $rc)"; fi
+}
+trap on_exit EXIT
 
 step() { STEP="$1"; echo; echo "==> $1"; }
 
@@ -41,6 +46,9 @@ step "integration tests (pytest tests/python: Python clients, amqp-tools, Node c
 step "fuzz smoke (scripts/fuzz.sh: every cargo-fuzz target, ${FUZZ_SECONDS:-10} s each)"
 bash scripts/fuzz.sh
 
+step "benchmark smoke (benches/compare.sh --smoke: direct, HAProxy and gateway, debug build)"
+bash benches/compare.sh --smoke
+
 STEP="done"
 echo
-echo "test.sh: ALL PASSED (setup, cargo build, rust tests, python integration tests, fuzz smoke)"
+echo "test.sh: ALL PASSED (setup, cargo build, rust tests, python integration tests, fuzz smoke, benchmark smoke)"

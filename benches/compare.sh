@@ -1,0 +1,447 @@
+#!/usr/bin/env bash
+# The end-to-end comparison: the same workloads, in one run, against the same RabbitMQ node
+#   (a) direct      amqp://guest:guest@127.0.0.1:5695    plain AMQP, no proxy
+#   (b) haproxy     amqps://guest:guest@localhost:5696   HAProxy terminating TLS, TCP mode
+#   (c) gateway     amqps://@localhost:5697 + token      the gateway: TLS, JWT, authorisation
+# then a table of medians and ratios against the targets of the performance issue
+# (throughput >= 1.0x HAProxy, >= 0.9x direct at 1 KiB and >= 0.8x at 16 B; latency p50 and
+# p99 <= 1.2x direct; churn >= 1.0x HAProxy; <= 64 KiB of gateway RSS per idle connection).
+#
+#   benches/compare.sh              full run (3 interleaved repetitions, 10 s each: ~12 min)
+#   benches/compare.sh --smoke      seconds: every cell must get a number, ratios not judged
+#
+# Options:
+#   --reps N            repetitions of each workload (direct, haproxy, gateway in turn)  [3]
+#   --duration S        seconds per throughput, latency and churn run                    [10]
+#   --warmup S          seconds excluded at the start of each throughput run              [1]
+#   --idle N            connections held open by the idle workload                       [5000]
+#   --threads N         HAProxy nbthread and the gateway's tokio worker threads  [nproc]
+#   --workloads LIST    comma-separated subset of: idle,1KiB,1KiB-confirms,16B,64KiB,latency,churn
+#   --debug             use the debug build instead of the release build
+#   --keep-node         leave the benchmark RabbitMQ node running at the end
+#   --smoke             1 rep, 1 s throughput runs after 0.5 s of warm-up, 2 s of churn,
+#                       200 idle connections held 1 s, debug build (CI: test.sh has built
+#                       it): under a minute with the node start; exit non-zero only if a
+#                       run failed or a cell got no number
+# Environment: LOADGEN=PATH runs that load generator (same CLI) instead of building
+# examples/loadgen.
+#
+# What it does, all on loopback, every process it starts stopped on exit:
+#   1. installs haproxy, openssl, python3 and rabbitmq-server when missing (Debian, as root);
+#      builds the gateway and the load generator (examples/loadgen.rs);
+#   2. starts a RabbitMQ node of its own, rabbit_bench@localhost on 5695, with
+#      scripts/reference-node.sh (profile `backend`: internal users, guest from loopback), a
+#      fresh database, and the 65536 open-file soft limit that script sets (the default node
+#      allows 1,024 and cannot hold 5,000 connections);
+#   3. a throwaway CA and a P-256 server certificate for localhost/127.0.0.1 (openssl), used
+#      by both HAProxy and the gateway; clients offer only X25519 to both (the same
+#      handshake: OpenSSL 3.0 has no post-quantum hybrid);
+#   4. HAProxy (the Debian package, 2.6 on Debian 12) in the foreground, TCP mode, nbthread
+#      equal to the gateway's worker threads (both default to the number of CPUs, as tokio's
+#      multi-thread runtime does: neither proxy gets more cores than the other);
+#   5. the STS emulator (`amqp-iam-gateway sts-emulator`, a process of its own so that the
+#      gateway's RSS is the gateway's) and the gateway with a generated config
+#      (`serve --config`, the production path: TLS, JWKS-verified ES384 token, per-method
+#      authorisation, log level info); a token minted by `amqp-iam-gateway token` with the
+#      emulator's keys, passed to the load generator in a file;
+#   6. the workloads, each repetition running direct, haproxy, gateway back to back; idle
+#      first, while the proxies are fresh (memory per connection = RSS while all are open
+#      minus RSS before, divided by the connections opened; for direct, RabbitMQ's own);
+#   7. benches/compare-report.py: the table on stdout, and target/bench/results-<time>.json
+#      (settings, machine, every run's raw output) and .md (the table and the machine).
+# Every load generator run is bounded by `timeout`. Ports: 5695 (node; distribution 25695),
+# 5696 HAProxy, 5697 gateway, 5698 STS emulator, 5699 gateway admin.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT="$(pwd)"
+
+REPS=3
+DURATION=10
+WARMUP=1
+IDLE=5000
+IDLE_HOLD=10
+IDLE_RATE=500
+CHURN_DURATION=""
+THREADS="$(nproc)"
+WORKLOADS="idle,1KiB,1KiB-confirms,16B,64KiB,latency,churn"
+PROFILE=release
+KEEP_NODE=0
+SMOKE=0
+
+NODE_PORT=5695
+NODE_DIST_PORT=25695
+HAPROXY_PORT=5696
+GATEWAY_PORT=5697
+STS_PORT=5698
+ADMIN_PORT=5699
+
+log() { echo "compare: $*" >&2; }
+die() { echo "compare: error: $*" >&2; exit 1; }
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
+
+positive() { [[ "$2" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "$1 needs a number, got '$2'"; }
+
+while (($#)); do
+    case "$1" in
+    --reps) positive "$1" "${2:-}"; REPS="$2"; shift ;;
+    --duration) positive "$1" "${2:-}"; DURATION="$2"; shift ;;
+    --warmup) positive "$1" "${2:-}"; WARMUP="$2"; shift ;;
+    --idle) positive "$1" "${2:-}"; IDLE="$2"; shift ;;
+    --threads) positive "$1" "${2:-}"; THREADS="$2"; shift ;;
+    --workloads) WORKLOADS="${2:-}"; shift ;;
+    --debug) PROFILE=debug ;;
+    --keep-node) KEEP_NODE=1 ;;
+    --smoke) SMOKE=1 ;;
+    -h | --help) usage ;;
+    *) echo "compare: unknown option $1" >&2; usage ;;
+    esac
+    shift
+done
+if ((SMOKE)); then
+    REPS=1 DURATION=1 WARMUP=0.5 CHURN_DURATION=2 IDLE=200 IDLE_HOLD=1 PROFILE=debug
+fi
+CHURN_DURATION="${CHURN_DURATION:-$DURATION}"
+IFS=, read -ra WORKLOAD_LIST <<<"$WORKLOADS"
+for w in "${WORKLOAD_LIST[@]}"; do
+    case "$w" in idle | 1KiB | 1KiB-confirms | 16B | 64KiB | latency | churn) ;;
+    *) die "unknown workload '$w'" ;; esac
+done
+
+BENCH="$ROOT/target/bench"
+STAMP="$(date -u +%Y-%m-%dT%H%M%SZ)"
+RUN_DIR="$BENCH/run-$STAMP"
+RUNS="$RUN_DIR/runs.jsonl"
+mkdir -p "$RUN_DIR"
+T0=$SECONDS
+
+# --- 1. packages and build ---------------------------------------------------------------
+
+install_missing() {
+    local missing=()
+    command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+    command -v python3 >/dev/null 2>&1 || missing+=(python3)
+    [[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]] || missing+=(rabbitmq-server)
+    ((${#missing[@]})) || return 0
+    [[ $(id -u) -eq 0 ]] || die "missing packages (${missing[*]}) and not root"
+    log "installing ${missing[*]}"
+    (
+        export DEBIAN_FRONTEND=noninteractive
+        # Keep the package scripts from starting haproxy or RabbitMQ as services (this
+        # script runs its own, and containers have no init system).
+        policy=/usr/sbin/policy-rc.d
+        if [[ ! -e $policy ]]; then
+            printf '#!/bin/sh\nexit 101\n' >"$policy"
+            chmod +x "$policy"
+            trap 'rm -f "$policy"' EXIT
+        fi
+        apt-get update -q
+        apt-get install -y -q --no-install-recommends "${missing[@]}"
+    )
+}
+install_missing
+
+command -v cargo >/dev/null 2>&1 || die "cargo not found"
+TARGET_DIR="$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+build=(cargo build -q --bin amqp-iam-gateway)
+[[ -n ${LOADGEN:-} ]] || build+=(--example loadgen)
+[[ $PROFILE == release ]] && build+=(--release)
+log "building (${build[*]})"
+"${build[@]}"
+GW="$TARGET_DIR/$PROFILE/amqp-iam-gateway"
+LOADGEN="${LOADGEN:-$TARGET_DIR/$PROFILE/examples/loadgen}"
+[[ -x $GW && -x $LOADGEN ]] || die "build produced no $GW or $LOADGEN"
+
+# The gateway holds two descriptors per client, the load generator one per connection;
+# HAProxy sets its own limit from maxconn.
+ulimit -Sn "$(ulimit -Hn)"
+
+# --- processes and cleanup ---------------------------------------------------------------
+
+node() {
+    REFERENCE_NODE_PROFILE=backend REFERENCE_NODE_NAME=rabbit_bench@localhost \
+        REFERENCE_NODE_PORT=$NODE_PORT REFERENCE_NODE_DIST_PORT=$NODE_DIST_PORT \
+        REFERENCE_NODE_STATE="$ROOT/target/bench-node" bash "$ROOT/scripts/reference-node.sh" "$@"
+}
+
+PIDS=()
+NODE_STARTED=0
+cleanup() {
+    local rc=$? pid
+    trap - EXIT INT TERM
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+    done
+    if ((NODE_STARTED && !KEEP_NODE)); then
+        node stop >/dev/null 2>&1 || log "could not stop the benchmark node"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() { # PORT PID NAME LOG
+    local deadline=$((SECONDS + 30))
+    until port_open "$1"; do
+        kill -0 "$2" 2>/dev/null || die "$3 exited at start; see $4"
+        ((SECONDS < deadline)) || die "$3 did not listen on $1 within 30 s; see $4"
+        sleep 0.1
+    done
+}
+
+for p in $HAPROXY_PORT $GATEWAY_PORT $STS_PORT $ADMIN_PORT; do
+    port_open "$p" && die "port $p is in use (a previous run still going?)"
+done
+
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+# --- 2. the RabbitMQ node ----------------------------------------------------------------
+
+log "starting the benchmark node (rabbit_bench@localhost, 127.0.0.1:$NODE_PORT)"
+NODE_STARTED=1
+node start
+BEAM_PID="$(cat "$ROOT/target/bench-node/node.pid")"
+nofile="$(awk '/^Max open files/ {print $4}' "/proc/$BEAM_PID/limits")"
+log "beam.smp pid $BEAM_PID, open-file soft limit $nofile"
+[[ $nofile == unlimited ]] || ((nofile > IDLE + 1000)) ||
+    die "the node may open $nofile files: too few for $IDLE idle connections"
+
+# --- 3. certificates ---------------------------------------------------------------------
+
+TLS="$BENCH/tls"
+mkdir -p "$TLS"
+log "certificates in $TLS"
+(
+    cd "$TLS"
+    ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+    openssl req -x509 -new "${ec[@]}" -keyout ca-key.pem -out ca.pem -days 30 \
+        -subj "/CN=amqp-iam-gateway benchmark CA" \
+        -addext "basicConstraints=critical,CA:TRUE" \
+        -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+    openssl req -new "${ec[@]}" -keyout server-key.pem -out server.csr -subj "/CN=localhost" 2>/dev/null
+    printf '%s\n' "subjectAltName=DNS:localhost,IP:127.0.0.1" "basicConstraints=CA:FALSE" \
+        "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" >server.ext
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial \
+        -out server.pem -days 30 -extfile server.ext 2>/dev/null
+    cat server.pem server-key.pem >haproxy.pem
+    chmod 600 ./*-key.pem haproxy.pem
+)
+CA="$TLS/ca.pem"
+
+# --- 4. HAProxy --------------------------------------------------------------------------
+
+MAXCONN=$((IDLE + 2000))
+cat >"$BENCH/haproxy.cfg" <<EOF
+# Generated by benches/compare.sh. TLS termination in TCP mode in front of the benchmark node.
+global
+    nbthread $THREADS
+    maxconn $MAXCONN
+defaults
+    mode tcp
+    maxconn $MAXCONN
+    timeout connect 5s
+    # Idle AMQP connections (heartbeat 60 s) must not be cut during the idle workload.
+    timeout client 30m
+    timeout server 30m
+frontend amqps
+    bind 127.0.0.1:$HAPROXY_PORT ssl crt $TLS/haproxy.pem
+    default_backend rabbit
+backend rabbit
+    server bench 127.0.0.1:$NODE_PORT
+EOF
+haproxy -c -q -f "$BENCH/haproxy.cfg"
+haproxy -f "$BENCH/haproxy.cfg" -db >"$BENCH/haproxy.log" 2>&1 &
+HAPROXY_PID=$!
+PIDS+=("$HAPROXY_PID")
+wait_port $HAPROXY_PORT $HAPROXY_PID haproxy "$BENCH/haproxy.log"
+log "haproxy pid $HAPROXY_PID on 127.0.0.1:$HAPROXY_PORT (nbthread $THREADS)"
+
+# --- 5. STS emulator, token, gateway -----------------------------------------------------
+
+ADMIN_ROLE="arn:aws:iam::111122223333:role/RabbitMqAdminRole"
+STS_URL="http://127.0.0.1:$STS_PORT"
+mkdir -p "$BENCH/sts"
+cat >"$BENCH/sts/principals.toml" <<EOF
+# Generated by benches/compare.sh (AWS's documented example credentials).
+[[principal]]
+access_key_id = "AKIAIOSFODNN7EXAMPLE"
+secret_access_key = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
+role_arn = "$ADMIN_ROLE"
+account = "111122223333"
+EOF
+"$GW" sts-emulator --listen "127.0.0.1:$STS_PORT" --state-dir "$BENCH/sts" \
+    --principals "$BENCH/sts/principals.toml" >"$BENCH/sts.out" 2>"$BENCH/sts.log" &
+PIDS+=($!)
+wait_port $STS_PORT $! sts-emulator "$BENCH/sts.log"
+
+cat >"$BENCH/gateway.toml" <<EOF
+# Generated by benches/compare.sh: the production code path (serve --config), keys from the
+# STS emulator's JWKS, one role alias granting everything on every vhost.
+[listener]
+address = "127.0.0.1:$GATEWAY_PORT"
+tls_cert = "$TLS/server.pem"
+tls_key = "$TLS/server-key.pem"
+max_connections = $MAXCONN
+
+[backend]
+nodes = ["127.0.0.1:$NODE_PORT"]
+username = "guest"
+password = "guest"
+
+[oauth2]
+resource_server_id = "rabbitmq"
+scope_prefix = "rabbitmq/"
+issuer = "$STS_URL"
+additional_scopes_key = "sub"
+
+[oauth2.scope_aliases]
+"$ADMIN_ROLE" = "rabbitmq/read:*/* rabbitmq/write:*/* rabbitmq/configure:*/*"
+
+[admin]
+address = "127.0.0.1:$ADMIN_PORT"
+
+[log]
+level = "info"
+EOF
+"$GW" check-config --config "$BENCH/gateway.toml" >/dev/null
+TOKIO_WORKER_THREADS=$THREADS RUST_LOG=info \
+    "$GW" serve --config "$BENCH/gateway.toml" >"$BENCH/gateway.log" 2>&1 &
+GATEWAY_PID=$!
+PIDS+=("$GATEWAY_PID")
+wait_port $GATEWAY_PORT $GATEWAY_PID gateway "$BENCH/gateway.log"
+log "gateway pid $GATEWAY_PID on 127.0.0.1:$GATEWAY_PORT (${THREADS} tokio worker threads)"
+
+TOKEN="$BENCH/token"
+# A fresh token for each gateway run: the longest a run can take stays far inside its hour.
+mint() {
+    (umask 077 && "$GW" token --state-dir "$BENCH/sts" --issuer-url "$STS_URL" \
+        --role-arn "$ADMIN_ROLE" --duration 3600 >"$TOKEN")
+}
+mint
+
+# --- 6. workloads ------------------------------------------------------------------------
+
+# The same TLS key exchange for both proxies: HAProxy (OpenSSL 3.0) has no post-quantum
+# hybrid, which rustls offers first and the gateway would otherwise pick.
+KX="--tls-kx X25519"
+target_args() {
+    case "$1" in
+    direct) echo "--url amqp://guest:guest@127.0.0.1:$NODE_PORT/%2F" ;;
+    haproxy) echo "--url amqps://guest:guest@localhost:$HAPROXY_PORT/%2F --cacert $CA $KX" ;;
+    gateway) echo "--url amqps://@localhost:$GATEWAY_PORT/%2F --cacert $CA $KX --password-file $TOKEN" ;;
+    esac
+}
+
+target_pid() {
+    case "$1" in direct) echo "$BEAM_PID" ;; haproxy) echo "$HAPROXY_PID" ;; gateway) echo "$GATEWAY_PID" ;; esac
+}
+
+workload_args() {
+    local t=(--duration "$DURATION" --warmup "$WARMUP")
+    case "$1" in
+    1KiB) echo throughput --size 1024 "${t[@]}" ;;
+    1KiB-confirms) echo throughput --size 1024 --confirm-window 100 "${t[@]}" ;;
+    16B) echo throughput --size 16 "${t[@]}" ;;
+    64KiB) echo throughput --size 65536 "${t[@]}" ;;
+    latency) echo throughput --size 1024 --rate 2000 "${t[@]}" ;;
+    churn) echo churn --duration "$CHURN_DURATION" ;;
+    idle) echo idle --connections "$IDLE" --hold "$IDLE_HOLD" --rate "$IDLE_RATE" ;;
+    esac
+}
+
+FAILED=0
+
+# Appends one line to runs.jsonl: the run's identity, exit status, memory readings and the
+# load generator's JSON (null when it printed none).
+record() { # WORKLOAD TARGET REP EXIT SECONDS RSS_BEFORE RSS_DURING OUT
+    local result=null
+    if [[ -s $8 && $(head -c1 "$8") == "{" ]]; then result="$(tr -d '\n' <"$8")"; fi
+    printf '{"workload":"%s","target":"%s","rep":%s,"exit":%s,"seconds":%s,"rss_before_kib":%s,"rss_during_kib":%s,"result":%s}\n' \
+        "$1" "$2" "$3" "$4" "$5" "${6:-null}" "${7:-null}" "$result" >>"$RUNS"
+}
+
+run_one() { # WORKLOAD TARGET REP
+    local w=$1 target=$2 rep=$3 out="$RUN_DIR/$1.$2.$3" rc=0 t0=$SECONDS
+    local -a args
+    read -ra args <<<"$(workload_args "$w") $(target_args "$target") --json"
+    [[ $target == gateway ]] && mint
+    if [[ $w == idle ]]; then
+        run_idle "$target" "$out" "${args[@]}" || rc=$?
+        return 0
+    fi
+    # Bounded: the run's own duration plus a minute for connecting and draining.
+    timeout -k 5 "$(awk "BEGIN {print int($DURATION + $WARMUP + 60)}")" \
+        "$LOADGEN" "${args[@]}" >"$out.json" 2>"$out.err" || rc=$?
+    ((rc == 0)) || { FAILED=1; log "$w $target rep $rep FAILED (exit $rc, see $out.err)"; }
+    record "$w" "$target" "$rep" "$rc" $((SECONDS - t0)) "" "" "$out.json"
+    log "$w $target rep $rep: $(tr -d '\n' <"$out.json" | cut -c1-160)"
+}
+
+# The idle workload: RSS of the process behind the target before the connections, and once
+# the load generator says `ready` (all open) plus a second to settle.
+run_idle() { # TARGET OUT ARGS...
+    local target=$1 out=$2 pid before during="" rc=0 t0=$SECONDS
+    shift 2
+    pid="$(target_pid "$target")"
+    before="$(rss_kib "$pid")"
+    timeout -k 5 $((IDLE / IDLE_RATE + IDLE_HOLD + 90)) \
+        "$LOADGEN" "$@" >"$out.json" 2>"$out.err" &
+    local lg=$!
+    local deadline=$((SECONDS + IDLE / IDLE_RATE + 60))
+    until grep -q '^ready' "$out.err" 2>/dev/null; do
+        kill -0 "$lg" 2>/dev/null || break
+        ((SECONDS < deadline)) || break
+        sleep 0.2
+    done
+    if grep -q '^ready' "$out.err" 2>/dev/null; then
+        sleep 1
+        during="$(rss_kib "$pid")"
+    fi
+    wait "$lg" || rc=$?
+    [[ -n $during ]] || { ((rc != 0)) || rc=1; log "idle $target: never ready"; }
+    ((rc == 0)) || { FAILED=1; log "idle $target FAILED (exit $rc, see $out.err)"; }
+    record idle "$target" 1 "$rc" $((SECONDS - t0)) "$before" "$during" "$out.json"
+    log "idle $target: RSS $before -> ${during:-?} KiB; $(tr -d '\n' <"$out.json" | cut -c1-160)"
+}
+
+TARGETS=(direct haproxy gateway)
+for w in "${WORKLOAD_LIST[@]}"; do
+    reps=$REPS
+    [[ $w == idle ]] && reps=1
+    for rep in $(seq 1 "$reps"); do
+        for target in "${TARGETS[@]}"; do
+            run_one "$w" "$target" "$rep"
+        done
+    done
+done
+
+# --- 7. report ---------------------------------------------------------------------------
+
+if grep -qiE '\b(DEBUG|TRACE)\b' "$BENCH/gateway.log"; then
+    log "warning: the gateway log has debug lines"
+fi
+nrun="$(wc -l <"$RUNS")"
+log "$nrun runs in $((SECONDS - T0)) s"
+
+BENCH_HAPROXY_VERSION="$(haproxy -v | awk 'NR == 1')"
+BENCH_RABBITMQ_VERSION="$(node ctl -q eval 'rabbit:product_version().' 2>/dev/null | tr -d '"' || true)"
+BENCH_ERLANG_VERSION="$(node ctl -q eval 'erlang:system_info(otp_release).' 2>/dev/null | tr -d '"' || true)"
+BENCH_RUSTC_VERSION="$(rustc -V)"
+BENCH_COMMIT="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
+git diff --quiet HEAD 2>/dev/null || BENCH_COMMIT+="-dirty"
+export BENCH_SMOKE=$SMOKE BENCH_REPS=$REPS BENCH_DURATION=$DURATION BENCH_WARMUP=$WARMUP \
+    BENCH_IDLE=$IDLE BENCH_THREADS=$THREADS BENCH_PROFILE=$PROFILE BENCH_WORKLOADS=$WORKLOADS \
+    BENCH_HAPROXY_VERSION BENCH_RABBITMQ_VERSION BENCH_ERLANG_VERSION BENCH_RUSTC_VERSION \
+    BENCH_COMMIT BENCH_ELAPSED=$((SECONDS - T0)) BENCH_STAMP=$STAMP
+report_rc=0
+python3 "$ROOT/benches/compare-report.py" "$RUNS" "$BENCH/results-$STAMP" || report_rc=$?
+((FAILED == 0 && report_rc == 0)) || die "some runs failed or gave no number (see above and $RUN_DIR)"
