@@ -19,24 +19,38 @@
 use std::collections::{HashMap, VecDeque};
 
 use amq_protocol::protocol::{AMQPClass, exchange, queue};
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 
 use super::frame::{self, FrameError, FrameHeader};
 use super::method::{self, PublishRef, id, reply};
 use crate::authz::{self, Context, Denial, ExchangeKind, Operation, Permissions};
 
 /// Frames queued for one socket, written in order with vectored writes.
+///
+/// Chunks cut from the same read buffer that follow each other in memory are joined back
+/// into one (`BytesMut::unsplit`, no copy): a read full of publishes, whose method frames
+/// are cut out while their content header is awaited, is queued as one chunk again and
+/// written with one system call.
 #[derive(Default)]
 pub struct Outbox {
-    chunks: VecDeque<Bytes>,
+    chunks: VecDeque<BytesMut>,
     len: usize,
     scratch: BytesMut,
 }
 
 impl Outbox {
-    pub fn push(&mut self, b: Bytes) {
-        if !b.is_empty() {
-            self.len += b.len();
+    pub fn push(&mut self, b: BytesMut) {
+        if b.is_empty() {
+            return;
+        }
+        self.len += b.len();
+        if let Some(last) = self.chunks.back_mut()
+            && last.as_ptr_range().end == b.as_ptr()
+        {
+            // O(1) when both come from the same allocation (the only way they can be
+            // adjacent but for chance, where `unsplit` copies: still correct).
+            last.unsplit(b);
+        } else {
             self.chunks.push_back(b);
         }
     }
@@ -44,8 +58,13 @@ impl Outbox {
     /// Appends a frame built by `f` (for frames the gateway writes itself).
     pub fn frame(&mut self, f: impl FnOnce(&mut BytesMut)) {
         f(&mut self.scratch);
-        let b = self.scratch.split().freeze();
+        let b = self.scratch.split();
         self.push(b);
+    }
+
+    /// How many chunks are queued.
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
     }
 
     pub fn len(&self) -> usize {
@@ -57,7 +76,7 @@ impl Outbox {
     }
 
     /// The queued chunks, oldest first.
-    pub fn chunks(&self) -> impl Iterator<Item = &Bytes> {
+    pub fn chunks(&self) -> impl Iterator<Item = &BytesMut> {
         self.chunks.iter()
     }
 
@@ -135,7 +154,7 @@ struct Channel {
 /// The method frame of a publish waiting for its content header. The exchange and routing
 /// key are read again from it then: copying them out would cost two allocations per message.
 struct HeldPublish {
-    frame: Bytes,
+    frame: BytesMut,
 }
 
 /// A body frame being streamed through.
@@ -358,7 +377,7 @@ impl Session {
                 Action::Forward => span = end,
                 action => {
                     flush(input, &mut span, to_backend);
-                    let f = input.split_to(h.wire_len()).freeze();
+                    let f = input.split_to(h.wire_len());
                     match action {
                         Action::Hold => self.hold_publish(h.channel, f),
                         Action::Release => self.release_publish(h.channel, f, to_backend),
@@ -728,7 +747,7 @@ impl Session {
         // RabbitMQ decides once the whole message is in; holding the method frame until
         // the header keeps the order of checks identical.
         let held = HeldPublish {
-            frame: Bytes::new(),
+            frame: BytesMut::new(),
         };
         if let Some(c) = self.channels.get_mut(&ch) {
             c.held_publish = Some(held);
@@ -736,7 +755,7 @@ impl Session {
         Action::Hold
     }
 
-    fn hold_publish(&mut self, ch: u16, f: Bytes) {
+    fn hold_publish(&mut self, ch: u16, f: BytesMut) {
         if let Some(held) = self
             .channels
             .get_mut(&ch)
@@ -788,7 +807,7 @@ impl Session {
     }
 
     /// Forwards the held publish method and its content header.
-    fn release_publish(&mut self, ch: u16, header: Bytes, to_backend: &mut Outbox) {
+    fn release_publish(&mut self, ch: u16, header: BytesMut, to_backend: &mut Outbox) {
         if let Some(held) = self
             .channels
             .get_mut(&ch)
@@ -1129,7 +1148,7 @@ fn kind_of(exchange_type: &str) -> ExchangeKind {
 /// Moves the accepted span at the front of `input` to `out`, without copying.
 fn flush(input: &mut BytesMut, span: &mut usize, out: &mut Outbox) {
     if *span > 0 {
-        out.push(input.split_to(*span).freeze());
+        out.push(input.split_to(*span));
         *span = 0;
     }
 }

@@ -497,3 +497,45 @@ fn close_ok_after_a_gateway_close_is_acknowledged_and_a_broker_close_is_not_doub
     );
     assert!(to_c.is_empty());
 }
+
+/// A read full of publishes is forwarded as one chunk (one write), though each publish
+/// method frame is held, cut out of the buffer, until its content header is checked.
+#[test]
+fn a_read_of_many_publishes_is_forwarded_as_one_chunk() {
+    let mut s = session(&["write:*/*", "configure:*/*"]);
+    client(&mut s, &channel_open(1), 1 << 20);
+    let mut input = Vec::new();
+    for i in 0..500u32 {
+        input.extend(publish(1, "", "q", &i.to_be_bytes(), None));
+    }
+    let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
+    let mut buf = BytesMut::from(&input[..]);
+    s.on_client_input(&mut buf, &mut to_b, &mut to_c).unwrap();
+    assert!(buf.is_empty(), "{} left", buf.len());
+    assert!(to_c.is_empty(), "{:?}", methods(&drain(&mut to_c)));
+    assert_eq!(to_b.chunk_count(), 1, "one contiguous chunk");
+    assert_eq!(drain(&mut to_b), input, "byte for byte");
+
+    // A refused publish in the middle splits the forwarded bytes around it.
+    let mut s = session(&["write:*/amq.default", "configure:*/*"]);
+    client(&mut s, &channel_open(1), 1 << 20);
+    client(&mut s, &channel_open(2), 1 << 20);
+    let mut input = publish(1, "", "q", b"a", None);
+    input.extend(publish(2, "amq.direct", "nope", b"b", None));
+    input.extend(publish(1, "", "q", b"c", None));
+    let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
+    let mut buf = BytesMut::from(&input[..]);
+    s.on_client_input(&mut buf, &mut to_b, &mut to_c).unwrap();
+    let forwarded = drain(&mut to_b);
+    assert!(forwarded.starts_with(&publish(1, "", "q", b"a", None)));
+    assert!(
+        forwarded.ends_with(&publish(1, "", "q", b"c", None)),
+        "the refused publish is not forwarded, the next one is"
+    );
+    assert!(!forwarded.windows(4).any(|w| w == b"nope"));
+    assert_eq!(
+        methods(&drain(&mut to_c)).len(),
+        1,
+        "channel.close for channel 2"
+    );
+}

@@ -10,6 +10,7 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -19,41 +20,31 @@ pub const READ_AHEAD: usize = 64 * 1024;
 /// A TCP stream whose reads go through a lazily allocated read-ahead buffer.
 pub struct ReadAhead {
     io: TcpStream,
-    buf: Vec<u8>,
-    /// How much of `buf` has been handed out.
-    pos: usize,
+    buf: BytesMut,
 }
 
 impl ReadAhead {
     pub fn new(io: TcpStream) -> ReadAhead {
         ReadAhead {
             io,
-            buf: Vec::new(),
-            pos: 0,
+            buf: BytesMut::new(),
         }
     }
 
     fn release_if_drained(&mut self) {
-        if self.pos == self.buf.len() {
-            self.buf = Vec::new();
-            self.pos = 0;
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
         }
     }
 
     /// Hands out buffered bytes; false when there are none.
     fn serve(&mut self, dst: &mut ReadBuf<'_>) -> bool {
-        let have = self.buf.len() - self.pos;
-        if have == 0 {
+        let n = self.buf.len().min(dst.remaining());
+        if n == 0 {
             return false;
         }
-        let n = have.min(dst.remaining());
-        dst.put_slice(&self.buf[self.pos..self.pos + n]);
-        self.pos += n;
-        if self.pos == self.buf.len() {
-            // Keep the allocation while data flows; it is freed when the socket idles.
-            self.buf.clear();
-            self.pos = 0;
-        }
+        dst.put_slice(&self.buf[..n]);
+        self.buf.advance(n);
         true
     }
 }
@@ -72,28 +63,30 @@ impl AsyncRead for ReadAhead {
         if dst.remaining() >= READ_AHEAD {
             return Pin::new(&mut this.io).poll_read(cx, dst);
         }
-        loop {
-            match this.io.poll_read_ready(cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {
-                    this.release_if_drained();
-                    return Poll::Pending;
-                }
+        // Readiness first, so a socket with nothing to read costs no buffer.
+        match this.io.poll_read_ready(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {
+                this.release_if_drained();
+                return Poll::Pending;
             }
-            if this.buf.capacity() == 0 {
-                this.buf.reserve_exact(READ_AHEAD);
+        }
+        // Empty here: `reserve` reuses the whole allocation while data flows.
+        this.buf.reserve(READ_AHEAD);
+        // Through the stream's own `poll_read`, which notes a short read as "drained"
+        // and so spares the next call a read that would only say EAGAIN.
+        match tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf) {
+            // End of stream: `dst` stays empty.
+            Poll::Ready(Ok(0)) => Poll::Ready(Ok(())),
+            Poll::Ready(Ok(_)) => {
+                this.serve(dst);
+                Poll::Ready(Ok(()))
             }
-            match this.io.try_read_buf(&mut this.buf) {
-                // End of stream: `dst` stays empty.
-                Ok(0) => return Poll::Ready(Ok(())),
-                Ok(_) => {
-                    this.serve(dst);
-                    return Poll::Ready(Ok(()));
-                }
-                // Readiness was stale; wait again (registers the waker).
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                this.release_if_drained();
+                Poll::Pending
             }
         }
     }

@@ -31,7 +31,8 @@ use crate::proxy::exchange_types::TYPE_TTL;
 pub const HIGH_WATER: usize = 256 * 1024;
 /// Read buffer growth step.
 pub const READ_CHUNK: usize = 64 * 1024;
-/// Most chunks handed to one vectored write.
+/// Most chunks handed to one vectored write. The outbox joins adjacent chunks, so a read
+/// forwarded whole is one chunk; more appear only around frames the gateway drops or writes.
 const MAX_IOVECS: usize = 64;
 /// How long a closing client gets to take its final `connection.close` before the socket
 /// is closed anyway (a client that stops reading must not keep the task alive).
