@@ -18,6 +18,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use rustc_hash::FxHashMap;
+
 use amq_protocol::protocol::{AMQPClass, exchange, queue};
 use bytes::{Buf, BytesMut};
 
@@ -170,7 +172,9 @@ pub struct Session {
     vhost: String,
     permissions: Permissions,
     frame_max: usize,
-    channels: HashMap<u16, Channel>,
+    /// Looked up several times per message: FxHash, not SipHash (the keys are channel
+    /// numbers bounded by `channel_max`, nothing to flood).
+    channels: FxHashMap<u16, Channel>,
     /// Exchange types known for the life of the connection: built-ins, and exchanges this
     /// connection declared (learnt from `declare-ok`).
     exchange_kinds: HashMap<String, ExchangeKind>,
@@ -234,7 +238,7 @@ impl Session {
             vhost,
             permissions,
             frame_max: frame_max as usize,
-            channels: HashMap::new(),
+            channels: FxHashMap::default(),
             exchange_kinds: BUILTIN_EXCHANGES
                 .iter()
                 .map(|(n, k)| (n.to_string(), *k))

@@ -60,6 +60,13 @@ impl Pattern {
         let Some(parts) = self.parts.as_deref() else {
             return false;
         };
+        match parts {
+            // The common scopes first: `*` matches anything, a pattern without `*` only
+            // itself (what the general loop below concludes too, with more steps).
+            [all, tail] if all.is_empty() && tail.is_empty() => return true,
+            [only] => return subject == only.as_slice(),
+            _ => {}
+        }
         // `split` always yields at least one part, but stay total anyway.
         let Some((first, mut rest)) = parts.split_first() else {
             return false;
@@ -100,9 +107,8 @@ impl fmt::Display for Pattern {
 }
 
 /// First occurrence of a non-empty `needle` in `haystack` (`binary:match/3`).
-/// Names and patterns are at most a few hundred bytes, so the naive scan is fine.
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(haystack, needle)
 }
 
 /// `cow_qs:urldecode/1`: `%XX` (either case) → byte, `+` → space, anything else as is.
