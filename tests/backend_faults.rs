@@ -170,3 +170,95 @@ async fn failed_nodes_are_skipped_and_healthy_ones_share_the_load() {
         "round robin over the healthy nodes: {a} / {b}"
     );
 }
+
+/// A node that accepts connections and closes each after `hold` without a word; returns its
+/// address, the connections it accepted and the most it held open at once.
+async fn slow_node(
+    hold: Duration,
+) -> (
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (accepted, open, peak) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let (acc, pk) = (accepted.clone(), peak.clone());
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            accepted.fetch_add(1, Ordering::SeqCst);
+            let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now, Ordering::SeqCst);
+            let open = open.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(hold).await;
+                open.fetch_sub(1, Ordering::SeqCst);
+                drop(s);
+            });
+        }
+    });
+    (addr, acc, pk)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_to_a_node_are_bounded_by_max_connecting() {
+    use std::sync::atomic::Ordering;
+    let (node, accepted, peak) = slow_node(Duration::from_millis(200)).await;
+    let gw = start_gateway_full("", &node, "max_connecting = 2\nconnect_timeout_ms = 5000").await;
+    let gw = std::sync::Arc::new(gw);
+    let token = sign(&claims(ADMIN_ROLE));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let (gw, token) = (gw.clone(), token.clone());
+        tasks.spawn(async move { gw.connect(&token, "/").await.map(|_| ()).unwrap_err() });
+    }
+    for err in tasks.join_all().await {
+        assert_eq!(
+            close_reason(&err),
+            Some((320, "CONNECTION_FORCED - broker unavailable".to_owned()))
+        );
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        6,
+        "every client reached the node"
+    );
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        2,
+        "never more than max_connecting connects at once"
+    );
+}
+
+#[tokio::test]
+async fn a_client_waiting_too_long_for_a_connect_slot_gets_320() {
+    use std::sync::atomic::Ordering;
+    // Every connect holds the only slot for the whole timeout (the node never answers), so
+    // of three clients at once, the third in the queue cannot get the slot in time.
+    let (node, accepted, _) = slow_node(Duration::from_secs(3)).await;
+    let gw = start_gateway_full("", &node, "max_connecting = 1\nconnect_timeout_ms = 500").await;
+    let token = sign(&claims(ADMIN_ROLE));
+    let (a, b, c) = tokio::join!(
+        gw.connect(&token, "/"),
+        gw.connect(&token, "/"),
+        gw.connect(&token, "/")
+    );
+    for r in [a, b, c] {
+        assert_eq!(
+            close_reason(&r.map(|_| ()).unwrap_err()),
+            Some((320, "CONNECTION_FORCED - broker unavailable".to_owned()))
+        );
+    }
+    let reached = accepted.load(Ordering::SeqCst);
+    assert!(
+        (1..3).contains(&reached),
+        "a client that timed out waiting for the slot never reaches the node: {reached} of 3 did"
+    );
+}

@@ -78,6 +78,12 @@ pub const DEFAULT_BACKEND_NODE: &str = "127.0.0.1:5672";
 pub const DEFAULT_BACKEND_CONNECT_TIMEOUT_MS: u64 = 5_000;
 /// Upper bound of `backend.connect_timeout_ms`: an authenticated client waits on it.
 pub const MAX_BACKEND_CONNECT_TIMEOUT_MS: u64 = 300_000;
+/// `backend.max_connecting`: connects in progress to one node at a time. Well under
+/// RabbitMQ's listen backlog (128), so a reconnection storm queues in the gateway instead of
+/// overflowing the node's accept queue (dropped SYNs come back only after 1 s, 3 s, 7 s).
+pub const DEFAULT_BACKEND_MAX_CONNECTING: usize = 32;
+/// Upper bound of `backend.max_connecting`.
+pub const MAX_BACKEND_MAX_CONNECTING: u64 = 10_000;
 
 /// `oauth2.preferred_username_claims`: RabbitMQ 4.1+'s default.
 pub const DEFAULT_PREFERRED_USERNAME_CLAIMS: [&str; 2] = ["sub", "client_id"];
@@ -200,6 +206,9 @@ pub struct BackendConfig {
     pub username: String,
     pub password: String,
     pub connect_timeout: Duration,
+    /// Connects (TCP, TLS and AMQP handshake) in progress to one node at a time; more wait
+    /// for a slot, for at most `connect_timeout`.
+    pub max_connecting: usize,
     /// Base URL of the management HTTP API (`http://host:15672`), used to look up the types
     /// of exchanges the gateway has not seen declared (topic checks apply to topic
     /// exchanges only). `None`: such exchanges are treated as topic exchanges.
@@ -230,6 +239,7 @@ impl fmt::Debug for BackendConfig {
             .field("username", &self.username)
             .field("password", &"<redacted>")
             .field("connect_timeout", &self.connect_timeout)
+            .field("max_connecting", &self.max_connecting)
             .field("management_url", &self.management_url)
             .field("balance", &self.balance)
             .field("tls", &self.tls)

@@ -98,6 +98,7 @@ fn defaults_apply_to_a_minimal_file() {
         }]
     );
     assert_eq!(b.connect_timeout, Duration::from_secs(5));
+    assert_eq!(b.max_connecting, 32);
 
     let o = &c.oauth2;
     assert_eq!(o.scope_prefix, "rabbitmq.");
@@ -142,6 +143,7 @@ nodes = ["rabbit-1.internal:5672", "10.0.0.2:5673", "[::1]:5672"]
 username = "gateway"
 password = "secret"
 connect_timeout_ms = 750
+max_connecting = 8
 management_url = "http://127.0.0.1:15672"
 
 [oauth2]
@@ -198,6 +200,7 @@ format = "json"
     );
     assert_eq!(b.nodes[2].host, "::1");
     assert_eq!(b.connect_timeout, Duration::from_millis(750));
+    assert_eq!(b.max_connecting, 8);
     assert!(
         !format!("{b:?}").contains("secret"),
         "the password must not be printed"
@@ -296,6 +299,7 @@ max_preauth_frame = 4096
 [backend]
 nodes = ["amqp://rabbit:5672", "rabbit"]
 password = ""
+max_connecting = 0
 
 [oauth2]
 algorithms = ["RS256", "none", "HS256", "rs384"]
@@ -319,6 +323,7 @@ format = "yaml"
         "backend.nodes[1]",
         "backend.username",
         "backend.password",
+        "backend.max_connecting",
         "oauth2.resource_server_id",
         "oauth2.algorithms[1]",
         "oauth2.algorithms[2]",

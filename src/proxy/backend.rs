@@ -1,7 +1,8 @@
 //! Opens the backend connection for an authenticated client: TCP to a RabbitMQ node (and
 //! TLS when `backend.tls` is on), then the AMQP handshake as a client with the service user, the client's vhost, and
-//! the client's identity in `connection_name`. Every step is bounded by the connect
-//! timeout.
+//! the client's identity in `connection_name`. At most `backend.max_connecting` connects to a
+//! node are in progress at once; waiting for a slot, connecting and the handshake are each
+//! bounded by the connect timeout.
 
 use amq_protocol::protocol::{AMQPClass, connection};
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
@@ -203,6 +204,17 @@ pub async fn open(
             .as_ref()
             .and_then(|t| t.server_name.as_deref())
             .unwrap_or(host);
+        // Held until the handshake is over, whatever its outcome.
+        let Ok(_slot) = tokio::time::timeout(cfg.connect_timeout, balancer.connect_slot(i)).await
+        else {
+            // The node is busy, not failed: no back-off.
+            errors.push(format!(
+                "{addr}: {} connects already in progress (backend.max_connecting) for {} ms",
+                cfg.max_connecting,
+                cfg.connect_timeout.as_millis()
+            ));
+            continue;
+        };
         let connected =
             tokio::time::timeout(cfg.connect_timeout, connect(&addr, tls, server_name)).await;
         let stream = match connected {

@@ -1,10 +1,14 @@
 //! Choosing a backend node per connection: round robin or least connections over the
 //! healthy nodes, failed nodes skipped with exponential back-off (and tried last rather than
-//! never, so a cluster that is entirely down is still retried).
+//! never, so a cluster that is entirely down is still retried). Connects in progress to a
+//! node are bounded (`backend.max_connecting`): a burst of clients queues here rather than in
+//! the node's accept queue.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 /// First back-off after a failed connect.
 pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
@@ -23,6 +27,8 @@ struct Node {
     active: AtomicUsize,
     /// Consecutive failures and the time before which the node is skipped.
     health: Mutex<(u32, Option<Instant>)>,
+    /// One permit per connect allowed in progress.
+    connecting: Semaphore,
 }
 
 /// The nodes and their state, shared by every connection.
@@ -47,13 +53,15 @@ impl Drop for Lease {
 }
 
 impl Balancer {
-    pub fn new(addrs: Vec<String>, policy: Policy) -> Balancer {
+    /// `max_connecting`: connects in progress per node (at least 1).
+    pub fn new(addrs: Vec<String>, policy: Policy, max_connecting: usize) -> Balancer {
         let nodes = addrs
             .into_iter()
             .map(|addr| Node {
                 addr,
                 active: AtomicUsize::new(0),
                 health: Mutex::new((0, None)),
+                connecting: Semaphore::new(max_connecting.max(1)),
             })
             .collect();
         Balancer {
@@ -88,6 +96,16 @@ impl Balancer {
 
     pub fn addr(&self, i: usize) -> &str {
         &self.nodes[i].addr
+    }
+
+    /// Waits for a connect slot on node `i`; the connect holds it until dropped.
+    pub async fn connect_slot(&self, i: usize) -> SemaphorePermit<'_> {
+        // The semaphore is never closed, so acquiring cannot fail.
+        self.nodes[i]
+            .connecting
+            .acquire()
+            .await
+            .expect("connect semaphore is never closed")
     }
 
     /// A connection to node `i` succeeded: the node is healthy; the lease counts it.
@@ -132,6 +150,7 @@ mod tests {
         Arc::new(Balancer::new(
             vec!["a".into(), "b".into(), "c".into()],
             policy,
+            2,
         ))
     }
 
@@ -182,5 +201,24 @@ mod tests {
         let _l0b = b.success(0);
         let _l2 = b.success(2);
         assert_eq!(b.order(now)[0], 1);
+    }
+
+    #[tokio::test]
+    async fn connect_slots_are_bounded_per_node() {
+        let b = b(Policy::RoundRobin);
+        let first = b.connect_slot(0).await;
+        let _second = b.connect_slot(0).await;
+        let wait = Duration::from_millis(50);
+        assert!(
+            tokio::time::timeout(wait, b.connect_slot(0)).await.is_err(),
+            "a third connect to node 0 waits"
+        );
+        let _other = tokio::time::timeout(wait, b.connect_slot(1))
+            .await
+            .expect("another node has its own slots");
+        drop(first);
+        let _third = tokio::time::timeout(wait, b.connect_slot(0))
+            .await
+            .expect("a released slot is taken");
     }
 }

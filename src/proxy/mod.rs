@@ -238,11 +238,16 @@ async fn build(
     let balancer = match prev {
         Some(p)
             if p.cfg.backend.nodes == cfg.backend.nodes
-                && p.cfg.backend.balance == cfg.backend.balance =>
+                && p.cfg.backend.balance == cfg.backend.balance
+                && p.cfg.backend.max_connecting == cfg.backend.max_connecting =>
         {
             p.balancer.clone()
         }
-        _ => Arc::new(balancer::Balancer::new(nodes, cfg.backend.balance)),
+        _ => Arc::new(balancer::Balancer::new(
+            nodes,
+            cfg.backend.balance,
+            cfg.backend.max_connecting,
+        )),
     };
     let limits = match prev {
         Some(p) => p.limits.clone(),
