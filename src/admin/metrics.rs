@@ -6,7 +6,7 @@
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric of the gateway.
@@ -25,6 +25,10 @@ pub struct Metrics {
     pub relayed_frames: IntCounterVec,
     pub backend_connect_failures: IntCounterVec,
     pub backend_connections: IntCounterVec,
+    /// Clients waiting for a connect slot (`backend.max_connecting`), by node.
+    pub backend_connects_waiting: IntGaugeVec,
+    /// Clients that gave up waiting for a connect slot, by node.
+    pub backend_connect_queue_timeouts: IntCounterVec,
     pub exchange_lookups: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub token_cache: IntCounterVec,
@@ -39,6 +43,31 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
         .register(Box::new(c.clone()))
         .expect("unique metric");
     c
+}
+
+/// Adds one to a gauge for as long as it lives (also when the future holding it is
+/// dropped half-way).
+pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: IntGauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help).namespace(NS), labels).expect("valid metric");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
 }
 
 impl Metrics {
@@ -163,6 +192,18 @@ impl Metrics {
                 &registry,
                 "backend_connections_total",
                 "Backend connections opened, by node.",
+                &["node"],
+            ),
+            backend_connects_waiting: gauge(
+                &registry,
+                "backend_connects_waiting",
+                "Clients waiting for a connect slot on a node (backend.max_connecting).",
+                &["node"],
+            ),
+            backend_connect_queue_timeouts: counter(
+                &registry,
+                "backend_connect_queue_timeouts_total",
+                "Clients that waited connect_timeout_ms for a connect slot on a node and moved on.",
                 &["node"],
             ),
             config_reloads: counter(

@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use super::balancer::{Balancer, Lease};
-use crate::admin::metrics::Metrics;
+use crate::admin::metrics::{GaugeGuard, Metrics};
 use crate::amqp::frame::{self, PROTOCOL_HEADER};
 use crate::amqp::handshake::Tuning;
 use crate::amqp::method;
@@ -205,9 +205,15 @@ pub async fn open(
             .and_then(|t| t.server_name.as_deref())
             .unwrap_or(host);
         // Held until the handshake is over, whatever its outcome.
-        let Ok(_slot) = tokio::time::timeout(cfg.connect_timeout, balancer.connect_slot(i)).await
-        else {
+        let waiting = GaugeGuard::new(metrics.backend_connects_waiting.with_label_values(&[&addr]));
+        let slot = tokio::time::timeout(cfg.connect_timeout, balancer.connect_slot(i)).await;
+        drop(waiting);
+        let Ok(_slot) = slot else {
             // The node is busy, not failed: no back-off.
+            metrics
+                .backend_connect_queue_timeouts
+                .with_label_values(&[&addr])
+                .inc();
             errors.push(format!(
                 "{addr}: {} connects already in progress (backend.max_connecting) for {} ms",
                 cfg.max_connecting,
@@ -215,21 +221,13 @@ pub async fn open(
             ));
             continue;
         };
-        let connected =
-            tokio::time::timeout(cfg.connect_timeout, connect(&addr, tls, server_name)).await;
+        let connected = tokio::time::timeout(cfg.connect_timeout, connect(&addr, tls, server_name))
+            .await
+            .unwrap_or_else(|_| Err("connect timed out".to_owned()));
         let stream = match connected {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
+            Ok(s) => s,
+            Err(e) => {
                 errors.push(format!("{addr}: {e}"));
-                metrics
-                    .backend_connect_failures
-                    .with_label_values(&[&addr])
-                    .inc();
-                balancer.failure(i, Instant::now());
-                continue;
-            }
-            Err(_) => {
-                errors.push(format!("{addr}: connect timed out"));
                 metrics
                     .backend_connect_failures
                     .with_label_values(&[&addr])
