@@ -175,15 +175,8 @@ fn main() -> ExitCode {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(rt) = command_runtime() else {
+                return ExitCode::FAILURE;
             };
             match rt.block_on(devmode::rotate_keys(&url, now)) {
                 Ok(answer) => {
@@ -272,15 +265,8 @@ fn explain(config: &std::path::Path, token: Option<String>, json: bool) -> ExitC
             t.trim().to_owned()
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(rt) = command_runtime() else {
+        return ExitCode::FAILURE;
     };
     match rt.block_on(amqp_iam_gateway::cli::explain(&cfg, &token, json)) {
         Ok(e) => {
@@ -316,10 +302,7 @@ fn parse_tag(s: &str) -> Result<(String, String), String> {
 
 fn dev_mode() -> ExitCode {
     init_logging("info", config::LogFormat::Text);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match server_runtime(None) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: {e}");
@@ -345,6 +328,31 @@ fn dev_mode() -> ExitCode {
     }
 }
 
+/// The runtime of a short client command (`token`, `explain`, `rotate-keys`): one thread.
+/// `None` after printing why it could not be built.
+fn command_runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("error: {e}");
+            None
+        }
+    }
+}
+
+/// The runtime of a server: `workers` threads, or when `None` what `TOKIO_WORKER_THREADS`
+/// says, else one per CPU.
+fn server_runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    builder.enable_all().build()
+}
+
 fn init_logging(level: &str, format: config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
@@ -358,9 +366,7 @@ fn init_logging(level: &str, format: config::LogFormat) {
 }
 
 fn serve(cfg: config::Config, path: PathBuf) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = server_runtime(cfg.runtime.worker_threads)?;
     rt.block_on(async {
         let gateway = Gateway::new(cfg)
             .await
@@ -408,9 +414,7 @@ fn sts_emulator(
     use amqp_iam_gateway::sts;
 
     let principals = sts::load_principals(principals)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = server_runtime(None)?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen)
             .await

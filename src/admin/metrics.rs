@@ -13,6 +13,8 @@ use prometheus::{
 pub struct Metrics {
     registry: Registry,
     pub connections_open: IntGauge,
+    /// Worker threads of the runtime the gateway runs on.
+    pub runtime_worker_threads: IntGauge,
     pub connections_accepted: IntCounterVec,
     pub connections_closed: IntCounterVec,
     pub authentications: IntCounterVec,
@@ -87,6 +89,17 @@ impl Metrics {
         .expect("valid metric");
         registry
             .register(Box::new(connections_open.clone()))
+            .expect("unique metric");
+        let runtime_worker_threads = IntGauge::with_opts(
+            Opts::new(
+                "runtime_worker_threads",
+                "Worker threads of the async runtime (runtime.worker_threads).",
+            )
+            .namespace(NS),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(runtime_worker_threads.clone()))
             .expect("unique metric");
         let jwks_keys = IntGauge::with_opts(
             Opts::new("jwks_keys", "Verification keys currently usable.").namespace(NS),
@@ -219,6 +232,7 @@ impl Metrics {
                 &["result"],
             ),
             connections_open,
+            runtime_worker_threads,
             handshake_duration,
             jwks_keys,
             jwks_last_success,

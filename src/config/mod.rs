@@ -72,6 +72,9 @@ pub const MAX_FRAME_MAX: u32 = 16 * 1_048_576;
 /// `listener.heartbeat`: seconds; RabbitMQ's default. `0` disables heartbeats.
 pub const DEFAULT_HEARTBEAT_SECS: u16 = 60;
 
+/// Upper bound of `runtime.worker_threads`.
+pub const MAX_WORKER_THREADS: u64 = 1_024;
+
 /// `backend.nodes`: a RabbitMQ node on the same host, plain AMQP.
 pub const DEFAULT_BACKEND_NODE: &str = "127.0.0.1:5672";
 /// `backend.connect_timeout_ms`: TCP plus AMQP handshake with a backend node.
@@ -149,6 +152,16 @@ pub struct Config {
     pub oauth2: OAuth2Config,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    pub runtime: RuntimeConfig,
+}
+
+/// `[runtime]`: the process's threads. Read at start only; a reload that changes it is
+/// logged as taking effect at the next restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    /// Worker threads of the async runtime that relays connections. `None`: the
+    /// `TOKIO_WORKER_THREADS` environment variable if set, else one per CPU.
+    pub worker_threads: Option<usize>,
 }
 
 /// `[listener]`: where clients connect and the limits applied to them.

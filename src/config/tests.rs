@@ -831,3 +831,15 @@ algorithms = ["HS256"]
         "{e}"
     );
 }
+
+#[test]
+fn worker_threads_default_to_the_runtime_and_are_bounded() {
+    let (c, _) = parse_ok(MINIMAL);
+    assert_eq!(c.runtime.worker_threads, None);
+    let (c, _) = parse_ok(&minimal_with("runtime", "worker_threads = 3"));
+    assert_eq!(c.runtime.worker_threads, Some(3));
+    for bad in ["worker_threads = 0", "worker_threads = 1025"] {
+        let errors = parse_err(&minimal_with("runtime", bad));
+        assert_eq!(keys(&errors), ["runtime.worker_threads"], "{bad}: {errors}");
+    }
+}

@@ -10,7 +10,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::IssuerConfig;
 use super::raw::{
     RawAdmin, RawAliasValue, RawBackend, RawConfig, RawListener, RawLog, RawOAuth2, RawPolicy,
 };
@@ -34,6 +33,7 @@ use super::{
     DEFAULT_JWKS_STALE_GRACE_SECONDS, DEFAULT_TOKEN_CACHE_SIZE, MAX_JWKS_STALE_GRACE_SECONDS,
     MAX_TOKEN_CACHE_SIZE,
 };
+use super::{IssuerConfig, MAX_WORKER_THREADS, RuntimeConfig};
 use crate::auth::policy::{ClaimRule, ClaimTest, Policy};
 use crate::auth::scopes;
 
@@ -52,6 +52,12 @@ pub(super) fn validate(
     let oauth2 = c.oauth2(raw.oauth2);
     let admin = c.admin(raw.admin);
     let log = c.log(raw.log);
+    let runtime = RuntimeConfig {
+        worker_threads: raw
+            .runtime
+            .worker_threads
+            .map(|n| c.bounded("runtime.worker_threads", Some(n), 1, 1, MAX_WORKER_THREADS)),
+    };
     c.address_conflicts(&listener, &admin);
     if c.errors.is_empty() {
         Ok(Config {
@@ -60,6 +66,7 @@ pub(super) fn validate(
             oauth2,
             admin,
             log,
+            runtime,
         })
     } else {
         Err(ConfigErrors(c.errors))

@@ -147,6 +147,9 @@ impl Live {
         {
             tracing::warn!("listener addresses changed: they take effect at the next restart");
         }
+        if cfg.runtime != old.cfg.runtime {
+            tracing::warn!("runtime.worker_threads changed: it takes effect at the next restart");
+        }
         let result = build(cfg, Some(&old), old.drain.clone()).await;
         let label = if result.is_ok() { "ok" } else { "error" };
         old.metrics.config_reloads.with_label_values(&[label]).inc();
@@ -222,7 +225,15 @@ async fn build(
         product: "amqp-iam-gateway".into(),
         version: env!("CARGO_PKG_VERSION").into(),
     };
-    let metrics = prev.map_or_else(|| Arc::new(Metrics::new()), |p| p.metrics.clone());
+    let metrics = prev.map_or_else(
+        || {
+            let m = Metrics::new();
+            let workers = tokio::runtime::Handle::current().metrics().num_workers();
+            m.runtime_worker_threads.set(workers as i64);
+            Arc::new(m)
+        },
+        |p| p.metrics.clone(),
+    );
     let exchange_types = match &cfg.backend.management_url {
         Some(url) => Some(Arc::new(ExchangeTypes::new(
             url,
