@@ -644,6 +644,51 @@ async fn gateway_picks_up_a_rotated_key_with_one_fetch_for_200_connections() {
     );
 }
 
+/// The value of the metric sample `sample` (name and labels, as written in the text format)
+/// on the gateway's admin listener; 0 when absent.
+async fn jwks_metric(gw: &TestGateway, sample: &str) -> f64 {
+    let url = format!("http://{}/metrics", gw.addrs.admin.unwrap());
+    let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn jwks_metrics_are_kept_per_issuer() {
+    let idp = Idp::start(&jwks(&[rsa_0(), ec384_0()])).await;
+    let gw = start_gateway_with_keys("", &jwks_source(&idp, 0)).await;
+    let m = |name: &str| format!("amqp_iam_gateway_{name}");
+    let keys = m(r#"jwks_keys{issuer="default"}"#);
+    let ok = m(r#"jwks_fetches_total{issuer="default",result="ok"}"#);
+    let error = m(r#"jwks_fetches_total{issuer="default",result="error"}"#);
+    let last = m(r#"jwks_last_success_timestamp_seconds{issuer="default"}"#);
+    assert_eq!(jwks_metric(&gw, &keys).await, 2.0);
+    assert_eq!(jwks_metric(&gw, &ok).await, 1.0, "the fetch at start");
+    assert_eq!(jwks_metric(&gw, &error).await, 0.0);
+    let fetched_at = jwks_metric(&gw, &last).await;
+    assert!(
+        (now() as f64 - fetched_at).abs() < 60.0,
+        "last success {fetched_at} is about now"
+    );
+
+    // The issuer fails; an unknown kid makes the gateway ask it.
+    idp.with(|s| s.status = 500);
+    let err = gw
+        .connect(&rs256("RSA_1", "other-rsa-private.pem"), "/")
+        .await
+        .unwrap_err();
+    assert!(refused_login(&err), "{err:?}");
+    assert_eq!(jwks_metric(&gw, &error).await, 1.0, "the failed refetch");
+    assert_eq!(jwks_metric(&gw, &ok).await, 1.0);
+    assert_eq!(
+        jwks_metric(&gw, &keys).await,
+        2.0,
+        "the known keys are kept"
+    );
+    assert_eq!(jwks_metric(&gw, &last).await, fetched_at);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Stale grace.
 // ---------------------------------------------------------------------------------------------

@@ -5,13 +5,15 @@
 //! once per read.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric of the gateway.
 pub struct Metrics {
     registry: Registry,
+    /// One scrape at a time: a scrape rebuilds the per-issuer series before rendering.
+    scrape: std::sync::Mutex<()>,
     pub connections_open: IntGauge,
     /// Worker threads of the runtime the gateway runs on.
     pub runtime_worker_threads: IntGauge,
@@ -20,9 +22,12 @@ pub struct Metrics {
     pub authentications: IntCounterVec,
     pub denials: IntCounterVec,
     pub handshake_duration: HistogramVec,
+    /// By issuer (the configured name) and result.
     pub jwks_fetches: IntCounterVec,
-    pub jwks_keys: IntGauge,
-    pub jwks_last_success: Gauge,
+    /// By issuer: static keys plus fetched keys still usable.
+    pub jwks_keys: IntGaugeVec,
+    /// By issuer, for issuers with a JWKS that has been fetched.
+    pub jwks_last_success: GaugeVec,
     pub relayed_bytes: IntCounterVec,
     pub relayed_frames: IntCounterVec,
     pub backend_connect_failures: IntCounterVec,
@@ -101,19 +106,13 @@ impl Metrics {
         registry
             .register(Box::new(runtime_worker_threads.clone()))
             .expect("unique metric");
-        let jwks_keys = IntGauge::with_opts(
-            Opts::new("jwks_keys", "Verification keys currently usable.").namespace(NS),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(jwks_keys.clone()))
-            .expect("unique metric");
-        let jwks_last_success = Gauge::with_opts(
+        let jwks_last_success = GaugeVec::new(
             Opts::new(
                 "jwks_last_success_timestamp_seconds",
-                "Unix time of the last successful JWKS fetch.",
+                "Unix time of the last successful JWKS fetch, by issuer.",
             )
             .namespace(NS),
+            &["issuer"],
         )
         .expect("valid metric");
         registry
@@ -180,8 +179,8 @@ impl Metrics {
             jwks_fetches: counter(
                 &registry,
                 "jwks_fetches_total",
-                "JWKS fetches, by result.",
-                &["result"],
+                "JWKS fetches, by issuer and result.",
+                &["issuer", "result"],
             ),
             relayed_bytes: counter(
                 &registry,
@@ -206,6 +205,12 @@ impl Metrics {
                 "backend_connections_total",
                 "Backend connections opened, by node.",
                 &["node"],
+            ),
+            jwks_keys: gauge(
+                &registry,
+                "jwks_keys",
+                "Verification keys currently usable, by issuer.",
+                &["issuer"],
             ),
             backend_connects_waiting: gauge(
                 &registry,
@@ -234,14 +239,22 @@ impl Metrics {
             connections_open,
             runtime_worker_threads,
             handshake_duration,
-            jwks_keys,
             jwks_last_success,
             registry,
+            scrape: std::sync::Mutex::new(()),
         }
     }
 
+    /// `refresh` (which brings gauges owned elsewhere up to date), then [`Metrics::render`],
+    /// with no other scrape in between.
+    pub fn scrape(&self, refresh: impl FnOnce(&Metrics)) -> String {
+        let _one = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        refresh(self);
+        self.render()
+    }
+
     /// The text exposition format.
-    pub fn render(&self) -> String {
+    fn render(&self) -> String {
         let mut buf = Vec::new();
         // Encoding into a Vec cannot fail for I/O reasons.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);

@@ -70,12 +70,8 @@ async fn route(r: &Live, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => {
             let (shared, _) = r.snapshot();
-            refresh_gauges(&shared.metrics, &shared.auth);
-            text(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                shared.metrics.render(),
-            )
+            let body = shared.metrics.scrape(|m| refresh_gauges(m, &shared.auth));
+            text(StatusCode::OK, "text/plain; version=0.0.4", body)
         }
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => match ready(r).await {
@@ -144,27 +140,29 @@ fn refresh_gauges(m: &metrics::Metrics, auth: &crate::auth::Authenticators) {
             let c = m.token_cache.with_label_values(&[label]);
             c.inc_by(total.load(Relaxed).saturating_sub(c.get()));
         }
-        // Summed over the issuers' key stores.
-        let stores = auth.all().iter().map(|a| &a.keys);
-        m.jwks_keys
-            .set(stores.clone().map(|k| k.key_count()).sum::<usize>() as i64);
-        let statuses: Vec<_> = stores.filter_map(|k| k.status()).collect();
-        if !statuses.is_empty() {
-            // The oldest last success: the issuer most behind.
-            if let Some(t) = statuses
-                .iter()
-                .map(|s| s.last_success)
-                .collect::<Option<Vec<_>>>()
-                .and_then(|v| v.into_iter().min())
+        // Per issuer; series of issuers removed by a reload disappear.
+        m.jwks_keys.reset();
+        m.jwks_last_success.reset();
+        for a in auth.all() {
+            let issuer = a.name.as_str();
+            m.jwks_keys
+                .with_label_values(&[issuer])
+                .set(a.keys.key_count() as i64);
+            let Some(status) = a.keys.status() else {
+                continue;
+            };
+            if let Some(t) = status
+                .last_success
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             {
-                m.jwks_last_success.set(t.as_secs_f64());
+                m.jwks_last_success
+                    .with_label_values(&[issuer])
+                    .set(t.as_secs_f64());
             }
-            // The key stores count their fetches; catch the counters up.
-            let fetches: u64 = statuses.iter().map(|s| s.fetches).sum();
-            let failures: u64 = statuses.iter().map(|s| s.failures).sum();
-            for (label, total) in [("ok", fetches - failures), ("error", failures)] {
-                let c = m.jwks_fetches.with_label_values(&[label]);
+            // The key store counts its fetches; catch the counters up.
+            let ok = status.fetches.saturating_sub(status.failures);
+            for (label, total) in [("ok", ok), ("error", status.failures)] {
+                let c = m.jwks_fetches.with_label_values(&[issuer, label]);
                 c.inc_by(total.saturating_sub(c.get()));
             }
         }
