@@ -29,8 +29,52 @@ struct OAuth2 {
     algorithms: BTreeMap<String, String>,
     username_claims: BTreeMap<String, String>,
     signing_keys: BTreeMap<String, String>,
-    aliases_by_name: BTreeMap<String, String>,
-    aliases_indexed: BTreeMap<String, (Option<String>, Option<String>)>,
+    aliases: Aliases,
+    /// `auth_oauth2.oauth_providers.<name>.*` (3.13+).
+    providers: BTreeMap<String, Provider>,
+    /// `auth_oauth2.resource_servers.<name>.*` (3.13+).
+    servers: BTreeMap<String, ResourceServer>,
+    /// `auth_oauth2.default_oauth_provider`: the provider of the resource servers that name
+    /// none.
+    default_provider: Option<String>,
+}
+
+/// Both `scope_aliases` formats of one level (root or a resource server).
+#[derive(Default)]
+struct Aliases {
+    by_name: BTreeMap<String, String>,
+    indexed: BTreeMap<String, (Option<String>, Option<String>)>,
+}
+
+/// An OAuth 2.0 provider: where the keys come from.
+#[derive(Default)]
+struct Provider {
+    issuer: Option<String>,
+    jwks_uri: Option<String>,
+    default_key: Option<String>,
+    signing_keys: BTreeMap<String, String>,
+    algorithms: BTreeMap<String, String>,
+    /// The first line that mentions it, for notes.
+    line: usize,
+}
+
+/// A resource server: the audience, the scope settings and its provider.
+#[derive(Default)]
+struct ResourceServer {
+    id: Option<String>,
+    scope_prefix: Option<String>,
+    additional_scopes_key: Option<String>,
+    provider: Option<String>,
+    aliases: Aliases,
+    line: usize,
+}
+
+/// One `[[oauth2.issuers]]` entry to write.
+struct Entry<'a> {
+    name: String,
+    issuer: &'a str,
+    provider: &'a Provider,
+    server: Option<&'a ResourceServer>,
 }
 
 #[derive(Clone)]
@@ -74,7 +118,7 @@ pub fn import(conf: &str) -> Imported {
             ));
             continue;
         };
-        if let Err(msg) = o.take(k, value) {
+        if let Err(msg) = o.take(k, value, line) {
             notes.push(note(line, key, msg));
         }
     }
@@ -91,7 +135,13 @@ fn note(line: usize, key: &str, message: impl Into<String>) -> ImportNote {
 }
 
 impl OAuth2 {
-    fn take(&mut self, k: &str, value: String) -> Result<(), String> {
+    fn take(&mut self, k: &str, value: String, line: usize) -> Result<(), String> {
+        if let Some(rest) = k.strip_prefix("oauth_providers.") {
+            return self.take_provider(rest, value, line);
+        }
+        if let Some(rest) = k.strip_prefix("resource_servers.") {
+            return self.take_server(rest, value, line);
+        }
         let parts: Vec<&str> = k.splitn(3, '.').collect();
         match parts.as_slice() {
             ["jwks_url"] => {
@@ -99,9 +149,15 @@ impl OAuth2 {
                 Ok(())
             }
             [name] if SCALARS.iter().any(|(n, _, _)| n == name) => {
-                let (_, target, boolean) = SCALARS.iter().find(|(n, _, _)| n == name).copied().unwrap_or_default();
+                let (_, target, boolean) = SCALARS
+                    .iter()
+                    .find(|(n, _, _)| n == name)
+                    .copied()
+                    .unwrap_or_default();
                 let v = if boolean {
-                    Scalar::Bool(parse_bool(&value).ok_or(format!("{value:?} is not true or false"))?)
+                    Scalar::Bool(
+                        parse_bool(&value).ok_or(format!("{value:?} is not true or false"))?,
+                    )
                 } else {
                     Scalar::Text(value)
                 };
@@ -124,33 +180,225 @@ impl OAuth2 {
                 self.signing_keys.insert((*kid).to_owned(), value);
                 Ok(())
             }
-            ["scope_aliases", idx, field @ ("alias" | "scope")] => {
-                let e = self.aliases_indexed.entry((*idx).to_owned()).or_default();
-                if *field == "alias" { e.0 = Some(value) } else { e.1 = Some(value) }
+            ["scope_aliases", ..] => {
+                self.aliases
+                    .take(k.trim_start_matches("scope_aliases."), value);
                 Ok(())
             }
-            ["scope_aliases", rest @ ..] => {
-                self.aliases_by_name.insert(rest.join("."), value);
+            ["default_oauth_provider"] => {
+                self.default_provider = Some(value);
                 Ok(())
             }
-            ["https", ..] => Err(
-                "not imported: the gateway fetches keys with the system's CA roots and always verifies the host name".into(),
-            ),
-            ["resource_servers" | "oauth_providers" | "default_oauth_provider", ..] => Err(
-                "not supported yet: several resource servers or providers (one issuer per gateway config)".into(),
-            ),
-            ["resource_server_type", ..] => Err("not supported: rich authorization requests (RAR)".into()),
-            ["scope_pattern_syntax", ..] => Err("not supported: only the wildcard syntax".into()),
-            [
-                "token_endpoint" | "authorization_endpoint" | "end_session_endpoint" | "discovery_endpoint_path"
-                | "discovery_endpoint_params",
-                ..,
-            ] => Err("not used by the gateway (management UI or token endpoint settings)".into()),
-            _ => Err("unknown auth_oauth2 key".into()),
+            _ => Err(not_imported(&parts).unwrap_or_else(|| "unknown auth_oauth2 key".into())),
         }
     }
 
+    /// `oauth_providers.<name>.<key>`.
+    fn take_provider(&mut self, rest: &str, value: String, line: usize) -> Result<(), String> {
+        let Some((name, key)) = rest.split_once('.') else {
+            return Err("expected oauth_providers.<name>.<key>".into());
+        };
+        let p = self
+            .providers
+            .entry(name.to_owned())
+            .or_insert_with(|| Provider {
+                line,
+                ..Provider::default()
+            });
+        let parts: Vec<&str> = key.splitn(2, '.').collect();
+        match parts.as_slice() {
+            ["issuer"] => p.issuer = Some(value),
+            ["jwks_uri"] => p.jwks_uri = Some(value),
+            ["default_key"] => p.default_key = Some(value),
+            ["signing_keys", kid] => {
+                p.signing_keys.insert((*kid).to_owned(), value);
+            }
+            ["algorithms", n] => {
+                p.algorithms.insert((*n).to_owned(), value);
+            }
+            _ => {
+                return Err(
+                    not_imported(&parts).unwrap_or_else(|| "unknown oauth_providers key".into())
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// `resource_servers.<name>.<key>`.
+    fn take_server(&mut self, rest: &str, value: String, line: usize) -> Result<(), String> {
+        let Some((name, key)) = rest.split_once('.') else {
+            return Err("expected resource_servers.<name>.<key>".into());
+        };
+        let r = self
+            .servers
+            .entry(name.to_owned())
+            .or_insert_with(|| ResourceServer {
+                line,
+                ..ResourceServer::default()
+            });
+        match key {
+            "id" => r.id = Some(value),
+            "scope_prefix" => r.scope_prefix = Some(value),
+            "additional_scopes_key" => r.additional_scopes_key = Some(value),
+            "oauth_provider_id" => r.provider = Some(value),
+            _ if key.starts_with("scope_aliases.") => {
+                r.aliases.take(&key["scope_aliases.".len()..], value);
+            }
+            _ if key == "verify_aud"
+                || key == "require_exp"
+                || key.starts_with("preferred_username_claims") =>
+            {
+                return Err(
+                    "not imported per resource server: the gateway applies the root auth_oauth2 value to every issuer".into(),
+                );
+            }
+            _ => {
+                let parts: Vec<&str> = key.splitn(2, '.').collect();
+                return Err(
+                    not_imported(&parts).unwrap_or_else(|| "unknown resource_servers key".into())
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn text(&self, key: &str) -> Option<&str> {
+        match self.scalars.get(key) {
+            Some(Scalar::Text(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The keys of the root `auth_oauth2.*` level, as a provider.
+    fn root_provider(&self) -> Provider {
+        Provider {
+            issuer: self.text("issuer").map(str::to_owned),
+            jwks_uri: self.text("jwks_uri").map(str::to_owned),
+            default_key: self.text("default_key").map(str::to_owned),
+            signing_keys: self.signing_keys.clone(),
+            // The root algorithms stay at the root, where every entry inherits them.
+            algorithms: BTreeMap::new(),
+            line: 0,
+        }
+    }
+
+    /// With `oauth_providers` or `resource_servers` (RabbitMQ 3.13+): one issuer entry per
+    /// resource server (and one for the root `resource_server_id` when set), carrying its
+    /// provider's keys. The gateway chooses an entry by the token's `iss` where RabbitMQ
+    /// chooses the resource server by `aud`, so each entry needs its own issuer; what cannot
+    /// be carried over is noted.
+    fn entries<'a>(&'a self, root: &'a Provider, notes: &mut Vec<ImportNote>) -> Vec<Entry<'a>> {
+        if self.providers.is_empty() && self.servers.is_empty() {
+            if self.default_provider.is_some() {
+                notes.push(note(
+                    0,
+                    "auth_oauth2.default_oauth_provider",
+                    "no oauth_providers are defined: not imported",
+                ));
+            }
+            return Vec::new();
+        }
+        let root_name = if self.servers.contains_key("default") {
+            "root"
+        } else {
+            "default"
+        };
+        let mut candidates: Vec<(String, Option<&ResourceServer>, usize, String)> = Vec::new();
+        if self.text("resource_server_id").is_some() {
+            candidates.push((
+                root_name.to_owned(),
+                None,
+                0,
+                "auth_oauth2.resource_server_id".to_owned(),
+            ));
+        }
+        for (name, server) in &self.servers {
+            candidates.push((
+                name.clone(),
+                Some(server),
+                server.line,
+                format!("auth_oauth2.resource_servers.{name}"),
+            ));
+        }
+        let mut used: Vec<&str> = Vec::new();
+        let mut entries: Vec<Entry<'a>> = Vec::new();
+        for (name, server, line, key) in candidates {
+            let wanted = server
+                .and_then(|s| s.provider.as_ref())
+                .or(self.default_provider.as_ref());
+            let (provider_key, provider) = match wanted {
+                None => ("auth_oauth2".to_owned(), root),
+                Some(p) => match self.providers.get_key_value(p) {
+                    Some((p, provider)) => {
+                        used.push(p);
+                        (format!("auth_oauth2.oauth_providers.{p}"), provider)
+                    }
+                    None => {
+                        notes.push(note(
+                            line,
+                            &key,
+                            format!("not imported: its oauth provider {p:?} is not defined"),
+                        ));
+                        continue;
+                    }
+                },
+            };
+            let Some(issuer) = provider.issuer.as_deref() else {
+                notes.push(note(
+                    line,
+                    &key,
+                    format!("not imported: the gateway chooses an issuer entry by the token's `iss`, and {provider_key}.issuer is not set"),
+                ));
+                continue;
+            };
+            if let Some(other) = entries.iter().find(|e| e.issuer == issuer) {
+                notes.push(note(
+                    line,
+                    &key,
+                    format!(
+                        "not imported: it shares the issuer {issuer} with `{}`, and the gateway chooses by `iss`, not by `aud`",
+                        other.name
+                    ),
+                ));
+                continue;
+            }
+            entries.push(Entry {
+                name,
+                issuer,
+                provider,
+                server,
+            });
+        }
+        for (name, provider) in &self.providers {
+            if !used.contains(&name.as_str()) {
+                notes.push(note(
+                    provider.line,
+                    &format!("auth_oauth2.oauth_providers.{name}"),
+                    "not imported: no resource server uses it",
+                ));
+            }
+        }
+        entries
+    }
+
     fn render(self, notes: &mut Vec<ImportNote>) -> String {
+        let root = self.root_provider();
+        let entries = self.entries(&root, notes);
+        let root_has_keys = root.issuer.is_some()
+            || root.jwks_uri.is_some()
+            || root.default_key.is_some()
+            || !root.signing_keys.is_empty();
+        if !entries.is_empty()
+            && root_has_keys
+            && !entries.iter().any(|e| std::ptr::eq(e.provider, &root))
+        {
+            notes.push(note(
+                0,
+                "auth_oauth2.{issuer,jwks_uri,jwks_url,signing_keys,default_key}",
+                "not imported: no issuer entry uses the root provider (set auth_oauth2.resource_server_id, or move them into an oauth_providers entry)",
+            ));
+        }
         let mut t = String::new();
         let _ = writeln!(
             t,
@@ -170,6 +418,10 @@ impl OAuth2 {
         );
         let _ = writeln!(t, "[oauth2]");
         for (key, v) in &self.scalars {
+            // With issuer entries, the root provider's keys move into its entry.
+            if !entries.is_empty() && ["issuer", "jwks_uri", "default_key"].contains(key) {
+                continue;
+            }
             match v {
                 Scalar::Text(s) => {
                     let _ = writeln!(t, "{key} = {}", quote(s));
@@ -179,44 +431,149 @@ impl OAuth2 {
                 }
             }
         }
+        if let Some(first) = entries.first()
+            && self.text("resource_server_id").is_none()
+        {
+            let id = first.resource_server_id().unwrap_or_default();
+            let _ = writeln!(
+                t,
+                "# Required at the root; every issuer entry below sets its own.\nresource_server_id = {}",
+                quote(id)
+            );
+        }
         // The scalar form (3.11.6+) and the list form (3.11.10+) may both appear; the list
         // entries are ordered by their index as cuttlefish orders them.
         if !self.username_claims.is_empty() {
             let list: Vec<String> = self.username_claims.values().map(|v| quote(v)).collect();
             let _ = writeln!(t, "preferred_username_claims = [{}]", list.join(", "));
         }
-        if !self.algorithms.is_empty() {
-            let list: Vec<String> = self.algorithms.values().map(|v| quote(v)).collect();
-            let _ = writeln!(t, "algorithms = [{}]", list.join(", "));
+        write_list(&mut t, "algorithms", &self.algorithms);
+        if entries.is_empty() {
+            write_table(&mut t, "oauth2.signing_keys", &self.signing_keys);
         }
-        if !self.signing_keys.is_empty() {
-            let _ = writeln!(t, "\n[oauth2.signing_keys]");
-            for (kid, path) in &self.signing_keys {
-                let _ = writeln!(t, "{} = {}", quote(kid), quote(path));
+        let aliases = self.aliases.merged("auth_oauth2.scope_aliases", notes);
+        write_table(&mut t, "oauth2.scope_aliases", &aliases);
+        for e in &entries {
+            let _ = writeln!(
+                t,
+                "\n[[oauth2.issuers]]\nname = {}\nissuer = {}",
+                quote(&e.name),
+                quote(e.issuer)
+            );
+            let p = e.provider;
+            for (key, v) in [("jwks_uri", &p.jwks_uri), ("default_key", &p.default_key)] {
+                if let Some(v) = v {
+                    let _ = writeln!(t, "{key} = {}", quote(v));
+                }
             }
-        }
-        let aliases = self.aliases(notes);
-        if !aliases.is_empty() {
-            let _ = writeln!(t, "\n[oauth2.scope_aliases]");
-            for (alias, scopes) in &aliases {
-                let _ = writeln!(t, "{} = {}", quote(alias), quote(scopes));
+            write_list(&mut t, "algorithms", &p.algorithms);
+            if let Some(s) = e.server {
+                let fields = [
+                    ("resource_server_id", e.resource_server_id()),
+                    ("scope_prefix", s.scope_prefix.as_deref()),
+                    ("additional_scopes_key", s.additional_scopes_key.as_deref()),
+                ];
+                for (key, v) in fields {
+                    if let Some(v) = v {
+                        let _ = writeln!(t, "{key} = {}", quote(v));
+                    }
+                }
+            }
+            write_table(&mut t, "oauth2.issuers.signing_keys", &p.signing_keys);
+            if let Some(s) = e.server.filter(|s| !s.aliases.is_empty()) {
+                let key = format!("auth_oauth2.resource_servers.{}.scope_aliases", e.name);
+                write_table(
+                    &mut t,
+                    "oauth2.issuers.scope_aliases",
+                    &s.aliases.merged(&key, notes),
+                );
             }
         }
         t
     }
+}
 
-    /// Both alias formats; on a collision the indexed form wins, as in RabbitMQ
-    /// (`maps:merge(Format1, Format2)`).
-    fn aliases(&self, notes: &mut Vec<ImportNote>) -> BTreeMap<String, String> {
-        let mut out = self.aliases_by_name.clone();
-        for (idx, (alias, scope)) in &self.aliases_indexed {
+impl Entry<'_> {
+    /// The resource server's `id`, which defaults to its name as in RabbitMQ; `None` for
+    /// the root entry, which inherits the root `resource_server_id`.
+    fn resource_server_id(&self) -> Option<&str> {
+        self.server
+            .map(|s| s.id.as_deref().unwrap_or(self.name.as_str()))
+    }
+}
+
+/// `key = ["a", "b"]` in index order, when not empty.
+fn write_list(t: &mut String, key: &str, items: &BTreeMap<String, String>) {
+    if !items.is_empty() {
+        let list: Vec<String> = items.values().map(|v| quote(v)).collect();
+        let _ = writeln!(t, "{key} = [{}]", list.join(", "));
+    }
+}
+
+/// `[table]` of `"key" = "value"` lines, when not empty.
+fn write_table(t: &mut String, table: &str, items: &BTreeMap<String, String>) {
+    if !items.is_empty() {
+        let _ = writeln!(t, "\n[{table}]");
+        for (k, v) in items {
+            let _ = writeln!(t, "{} = {}", quote(k), quote(v));
+        }
+    }
+}
+
+/// Why a known key of another purpose is not imported; `None` for an unknown key.
+fn not_imported(parts: &[&str]) -> Option<String> {
+    let why = match *parts.first()? {
+        "https" => {
+            "not imported: the gateway fetches keys with the system's CA roots and always verifies the host name"
+        }
+        "resource_server_type" => "not supported: rich authorization requests (RAR)",
+        "scope_pattern_syntax" => "not supported: only the wildcard syntax",
+        "token_endpoint"
+        | "authorization_endpoint"
+        | "end_session_endpoint"
+        | "discovery_endpoint_path"
+        | "discovery_endpoint_params" => {
+            "not used by the gateway (management UI or token endpoint settings)"
+        }
+        _ => return None,
+    };
+    Some(why.to_owned())
+}
+
+impl Aliases {
+    /// `rest` is what follows `scope_aliases.`: `<alias>` or `<index>.alias|scope`.
+    fn take(&mut self, rest: &str, value: String) {
+        match rest.split_once('.') {
+            Some((idx, field @ ("alias" | "scope"))) => {
+                let e = self.indexed.entry(idx.to_owned()).or_default();
+                if field == "alias" {
+                    e.0 = Some(value);
+                } else {
+                    e.1 = Some(value);
+                }
+            }
+            _ => {
+                self.by_name.insert(rest.to_owned(), value);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_name.is_empty() && self.indexed.is_empty()
+    }
+
+    /// Both formats merged; on a collision the indexed form wins, as in RabbitMQ
+    /// (`maps:merge(Format1, Format2)`). `key` names the level in notes.
+    fn merged(&self, key: &str, notes: &mut Vec<ImportNote>) -> BTreeMap<String, String> {
+        let mut out = self.by_name.clone();
+        for (idx, (alias, scope)) in &self.indexed {
             match (alias, scope) {
                 (Some(a), Some(s)) => {
                     out.insert(a.clone(), s.clone());
                 }
                 _ => notes.push(note(
                     0,
-                    &format!("auth_oauth2.scope_aliases.{idx}"),
+                    &format!("{key}.{idx}"),
                     "skipped: an indexed alias needs both .alias and .scope (RabbitMQ skips it too)",
                 )),
             }
@@ -349,7 +706,188 @@ management.oauth_enabled = true
             .collect();
         assert_eq!(msgs.len(), 3, "{msgs:?}");
         assert!(msgs[0].1.contains("unknown"));
-        assert!(msgs[1].1.contains("not supported"));
-        assert!(msgs[2].1.contains("key = value"));
+        assert!(msgs[1].1.contains("key = value"));
+        assert_eq!(msgs[2].0, "auth_oauth2.resource_servers.a");
+        assert!(
+            msgs[2].1.contains("auth_oauth2.issuer is not set"),
+            "{msgs:?}"
+        );
+    }
+
+    /// Parses the imported TOML as the gateway would (without looking for the files).
+    fn gateway_config(toml: &str) -> crate::config::Config {
+        crate::config::parse_with(
+            toml,
+            std::path::Path::new("/"),
+            crate::config::CheckFiles::No,
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{toml}"))
+    }
+
+    const PROD: &str = "https://11111111-2222-3333-4444-555555555555.tokens.sts.global.api.aws";
+    const STAGING: &str = "https://66666666-7777-8888-9999-000000000000.tokens.sts.global.api.aws";
+
+    #[test]
+    fn providers_and_resource_servers_become_issuer_entries() {
+        let conf = format!(
+            "auth_oauth2.scope_prefix = rabbitmq/\n\
+             auth_oauth2.additional_scopes_key = sub\n\
+             auth_oauth2.default_oauth_provider = prod\n\
+             auth_oauth2.oauth_providers.prod.issuer = {PROD}\n\
+             auth_oauth2.oauth_providers.prod.algorithms.1 = RS256\n\
+             auth_oauth2.oauth_providers.staging.issuer = {STAGING}\n\
+             auth_oauth2.oauth_providers.staging.jwks_uri = {STAGING}/.well-known/jwks.json\n\
+             auth_oauth2.oauth_providers.staging.signing_keys.k1 = /etc/keys/k1.pem\n\
+             auth_oauth2.oauth_providers.staging.default_key = k1\n\
+             auth_oauth2.resource_servers.prod-mq.id = rabbitmq-prod\n\
+             auth_oauth2.resource_servers.prod-mq.scope_aliases.1.alias = arn:aws:iam::111122223333:role/Producer\n\
+             auth_oauth2.resource_servers.prod-mq.scope_aliases.1.scope = rabbitmq/write:prod/*\n\
+             auth_oauth2.resource_servers.staging-mq.oauth_provider_id = staging\n\
+             auth_oauth2.resource_servers.staging-mq.scope_prefix = staging/\n"
+        );
+        let out = import(&conf);
+        assert!(out.notes.is_empty(), "{:?}", out.notes);
+        let cfg = gateway_config(&out.toml);
+        let o = &cfg.oauth2;
+        assert_eq!(o.resource_server_id, "rabbitmq-prod", "the root needs one");
+        let issuers = o.effective_issuers();
+        let names: Vec<&str> = issuers.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["prod-mq", "staging-mq"]);
+        let (prod, staging) = (&issuers[0], &issuers[1]);
+
+        assert_eq!(prod.issuer.as_deref(), Some(PROD));
+        assert_eq!(prod.resource_server_id, "rabbitmq-prod");
+        assert_eq!(prod.scope_prefix, "rabbitmq/", "inherited from the root");
+        assert_eq!(prod.additional_scopes_key.as_deref(), Some("sub"));
+        assert_eq!(prod.algorithms, [crate::config::JwtAlgorithm::RS256]);
+        assert_eq!(
+            prod.scope_aliases["arn:aws:iam::111122223333:role/Producer"],
+            ["rabbitmq/write:prod/*"]
+        );
+        assert_eq!(
+            prod.jwks_uri, None,
+            "keys by OIDC discovery from the issuer"
+        );
+
+        assert_eq!(staging.issuer.as_deref(), Some(STAGING));
+        assert_eq!(
+            staging.resource_server_id, "staging-mq",
+            "the id defaults to the name"
+        );
+        assert_eq!(staging.scope_prefix, "staging/");
+        assert_eq!(
+            staging.jwks_uri.as_deref(),
+            Some(format!("{STAGING}/.well-known/jwks.json").as_str())
+        );
+        assert_eq!(
+            staging.signing_keys["k1"],
+            std::path::PathBuf::from("/etc/keys/k1.pem")
+        );
+        assert_eq!(staging.default_key.as_deref(), Some("k1"));
+    }
+
+    #[test]
+    fn the_root_resource_server_is_an_entry_with_the_root_provider() {
+        let conf = format!(
+            "auth_oauth2.resource_server_id = rabbitmq\n\
+             auth_oauth2.issuer = {PROD}\n\
+             auth_oauth2.jwks_url = {PROD}/.well-known/jwks.json\n\
+             auth_oauth2.oauth_providers.staging.issuer = {STAGING}\n\
+             auth_oauth2.resource_servers.staging-mq.oauth_provider_id = staging\n"
+        );
+        let out = import(&conf);
+        assert!(out.notes.is_empty(), "{:?}", out.notes);
+        let cfg = gateway_config(&out.toml);
+        let issuers = cfg.oauth2.effective_issuers();
+        let got: Vec<(&str, Option<&str>, &str)> = issuers
+            .iter()
+            .map(|i| {
+                (
+                    i.name.as_str(),
+                    i.issuer.as_deref(),
+                    i.resource_server_id.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("default", Some(PROD), "rabbitmq"),
+                ("staging-mq", Some(STAGING), "staging-mq")
+            ]
+        );
+        assert_eq!(
+            issuers[0].jwks_uri.as_deref(),
+            Some(format!("{PROD}/.well-known/jwks.json").as_str())
+        );
+    }
+
+    #[test]
+    fn what_cannot_be_an_issuer_entry_is_noted() {
+        let conf = format!(
+            "auth_oauth2.resource_server_id = rabbitmq\n\
+             auth_oauth2.jwks_url = {PROD}/.well-known/jwks.json\n\
+             auth_oauth2.oauth_providers.prod.issuer = {PROD}\n\
+             auth_oauth2.oauth_providers.keyless.jwks_uri = {STAGING}/jwks\n\
+             auth_oauth2.oauth_providers.spare.issuer = {STAGING}\n\
+             auth_oauth2.oauth_providers.prod.https.verify = true\n\
+             auth_oauth2.resource_servers.a.oauth_provider_id = prod\n\
+             auth_oauth2.resource_servers.b.oauth_provider_id = prod\n\
+             auth_oauth2.resource_servers.c.oauth_provider_id = keyless\n\
+             auth_oauth2.resource_servers.d.oauth_provider_id = missing\n\
+             auth_oauth2.resource_servers.a.verify_aud = false\n\
+             auth_oauth2.resource_servers.a.resource_server_type = rar\n"
+        );
+        let out = import(&conf);
+        let noted: Vec<(&str, &str)> = out
+            .notes
+            .iter()
+            .map(|n| (n.key.as_str(), n.message.as_str()))
+            .collect();
+        let expect = [
+            (
+                "auth_oauth2.oauth_providers.prod.https.verify",
+                "system's CA roots",
+            ),
+            (
+                "auth_oauth2.resource_servers.a.verify_aud",
+                "root auth_oauth2 value",
+            ),
+            ("auth_oauth2.resource_servers.a.resource_server_type", "RAR"),
+            (
+                "auth_oauth2.resource_server_id",
+                "auth_oauth2.issuer is not set",
+            ),
+            ("auth_oauth2.resource_servers.b", "shares the issuer"),
+            (
+                "auth_oauth2.resource_servers.c",
+                "oauth_providers.keyless.issuer is not set",
+            ),
+            (
+                "auth_oauth2.resource_servers.d",
+                "\"missing\" is not defined",
+            ),
+            (
+                "auth_oauth2.oauth_providers.spare",
+                "no resource server uses it",
+            ),
+            (
+                "auth_oauth2.{issuer,jwks_uri,jwks_url,signing_keys,default_key}",
+                "root provider",
+            ),
+        ];
+        assert_eq!(noted.len(), expect.len(), "{noted:#?}");
+        for ((key, msg), (want_key, want_msg)) in noted.iter().zip(expect) {
+            assert_eq!(*key, want_key, "{noted:#?}");
+            assert!(msg.contains(want_msg), "{key}: {msg}");
+        }
+        let cfg = gateway_config(&out.toml);
+        let names: Vec<String> = cfg
+            .oauth2
+            .effective_issuers()
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
+        assert_eq!(names, ["a"]);
     }
 }
