@@ -4,58 +4,32 @@
 mod common;
 
 use common::*;
-use lapin::options::*;
-use lapin::types::FieldTable;
 use serde_json::json;
-
-async fn get(gw: &TestGateway, path: &str) -> (u16, String) {
-    let url = format!("http://{}{path}", gw.addrs.admin.expect("admin listener"));
-    let resp = reqwest::get(&url).await.expect("admin request");
-    let status = resp.status().as_u16();
-    (status, resp.text().await.unwrap())
-}
-
-/// The value of the sample `name{labels}` in the exposition text (0 when absent).
-fn sample(text: &str, name_and_labels: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name_and_labels)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
-}
 
 #[tokio::test]
 async fn metrics_move_with_connections_refusals_and_denials() {
     let gw = start_gateway("").await;
-    assert_eq!(get(&gw, "/healthz").await, (200, "ok\n".to_owned()));
-    assert_eq!(get(&gw, "/readyz").await, (200, "ready\n".to_owned()));
+    assert_eq!(admin_get(&gw, "/healthz").await, (200, "ok\n".to_owned()));
+    assert_eq!(admin_get(&gw, "/readyz").await, (200, "ready\n".to_owned()));
 
     // One accepted connection with a denial, one refused login.
     let mut c = claims("arn:aws:iam::111122223333:role/Metrics");
     c["scope"] = json!("rabbitmq/read:*/*");
     let conn = gw.connect(&sign(&c), "/").await.unwrap();
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        unique("m").as_str().into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap_err();
+    declare_queue(&ch, &unique("m")).await.unwrap_err();
     let mut bad = claims("arn:aws:iam::111122223333:role/Metrics");
     bad["exp"] = json!(now() - 5);
     gw.connect(&sign(&bad), "/").await.unwrap_err();
     conn.close(200, "bye".into()).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
 
-    let (status, text) = get(&gw, "/metrics").await;
+    let (status, text) = admin_get(&gw, "/metrics").await;
     assert_eq!(status, 200);
-    let p = "amqp_iam_gateway_";
     assert_eq!(
         sample(
             &text,
-            &format!(r#"{p}authentications_total{{outcome="accepted",reason="ok"}}"#)
+            r#"authentications_total{outcome="accepted",reason="ok"}"#
         ),
         1.0,
         "{text}"
@@ -63,53 +37,40 @@ async fn metrics_move_with_connections_refusals_and_denials() {
     assert_eq!(
         sample(
             &text,
-            &format!(r#"{p}authentications_total{{outcome="refused",reason="expired"}}"#)
+            r#"authentications_total{outcome="refused",reason="expired"}"#
         ),
         1.0
     );
     assert_eq!(
         sample(
             &text,
-            &format!(
-                r#"{p}authorization_denials_total{{method="queue.declare",permission="configure"}}"#
-            )
+            r#"authorization_denials_total{method="queue.declare",permission="configure"}"#
         ),
         1.0
     );
     assert_eq!(
-        sample(
-            &text,
-            &format!(r#"{p}connections_accepted_total{{listener="tls"}}"#)
-        ),
+        sample(&text, r#"connections_accepted_total{listener="tls"}"#),
         2.0
     );
     assert_eq!(
-        sample(
-            &text,
-            &format!(r#"{p}connections_closed_total{{cause="refused"}}"#)
-        ),
+        sample(&text, r#"connections_closed_total{cause="refused"}"#),
         1.0
     );
     assert!(
         sample(
             &text,
-            &format!(r#"{p}relayed_bytes_total{{direction="client_to_broker"}}"#)
+            r#"relayed_bytes_total{direction="client_to_broker"}"#
         ) > 0.0
     );
     assert!(
         sample(
             &text,
-            &format!(r#"{p}relayed_frames_total{{direction="broker_to_client"}}"#)
+            r#"relayed_frames_total{direction="broker_to_client"}"#
         ) > 0.0
     );
-    assert!(
-        sample(
-            &text,
-            &format!(r#"{p}handshake_duration_seconds_count{{phase="verify"}}"#)
-        ) >= 2.0
-    );
+    assert!(sample(&text, r#"handshake_duration_seconds_count{phase="verify"}"#) >= 2.0);
     assert!(text.contains(&format!(
-        r#"{p}build_info{{version="{}"}} 1"#,
+        r#"amqp_iam_gateway_build_info{{version="{}"}} 1"#,
         env!("CARGO_PKG_VERSION")
     )));
 
@@ -137,13 +98,13 @@ async fn readyz_says_why_when_no_backend_is_reachable() {
         l.local_addr().unwrap().port()
     };
     let gw = start_gateway_with("", &format!("127.0.0.1:{port}")).await;
-    let (status, body) = get(&gw, "/readyz").await;
+    let (status, body) = admin_get(&gw, "/readyz").await;
     assert_eq!(status, 503);
     assert!(
         body.starts_with("not ready: no backend node reachable"),
         "{body}"
     );
-    assert_eq!(get(&gw, "/healthz").await.0, 200);
+    assert_eq!(admin_get(&gw, "/healthz").await.0, 200);
 }
 
 #[tokio::test]
@@ -160,13 +121,7 @@ async fn audit_log_has_a_line_per_decision_and_never_the_token() {
     let conn = gw.connect(&good, "/").await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     let q = unique("audited");
-    ch.queue_declare(
-        q.as_str().into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap_err();
+    declare_queue(&ch, &q).await.unwrap_err();
     let bad = sign_with(
         &c,
         jsonwebtoken::Algorithm::RS256,

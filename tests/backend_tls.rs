@@ -5,13 +5,10 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::*;
-use futures_lite::StreamExt;
-use lapin::options::*;
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection};
+use lapin::Connection;
+use lapin::options::BasicAckOptions;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -114,43 +111,35 @@ async fn connect(gw: &TestGateway) -> lapin::Result<Connection> {
     gw.connect(&sign(&claims(ADMIN_ROLE)), "/").await
 }
 
+/// Starts a gateway whose backend is `node` over TLS, trusting certificates from `ca` and
+/// presenting no client certificate. Returns it with the directory that holds the CA file.
+async fn start_gateway_trusting(node: &str, ca: &Ca) -> (TestGateway, tempdir::Dir) {
+    let dir = tempdir::Dir::new();
+    let backend = format!(
+        "tls = true\ntls_ca = \"{}\"\n",
+        write(&dir, "ca.pem", &ca.pem)
+    );
+    (start_gateway_full("", node, &backend).await, dir)
+}
+
+/// Asserts that a client's connection through a gateway whose backend is `node` over TLS,
+/// trusting only `trusted` and presenting no client certificate, is refused at
+/// connection.open with a 320.
+async fn assert_320_at_open(node: &str, trusted: &Ca) {
+    let (gw, _dir) = start_gateway_trusting(node, trusted).await;
+    assert_broker_unavailable(&connect(&gw).await.unwrap_err());
+}
+
 /// Declares an exclusive queue, publishes to it and consumes the message back.
 async fn round_trip(conn: &Connection) {
     let ch = conn.create_channel().await.unwrap();
     let q = unique("backend-tls");
-    ch.queue_declare(
-        q.as_str().into(),
-        QueueDeclareOptions {
-            exclusive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.basic_publish(
-        "".into(),
-        q.as_str().into(),
-        BasicPublishOptions::default(),
-        b"over TLS to the broker",
-        BasicProperties::default(),
-    )
-    .await
-    .unwrap();
-    let mut consumer = ch
-        .basic_consume(
-            q.as_str().into(),
-            "c".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
+    declare_exclusive(&ch, &q).await.unwrap();
+    publish(&ch, "", &q, b"over TLS to the broker")
         .await
         .unwrap();
-    let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
-        .await
-        .expect("delivery in time")
-        .unwrap()
-        .unwrap();
+    let mut consumer = consume(&ch, &q, "c").await;
+    let delivery = next_delivery(&mut consumer).await;
     assert_eq!(&delivery.data[..], b"over TLS to the broker");
     delivery.ack(BasicAckOptions::default()).await.unwrap();
 }
@@ -159,12 +148,7 @@ async fn round_trip(conn: &Connection) {
 async fn round_trip_over_tls_checking_the_node_address() {
     let ca = Ca::new();
     let node = terminator(&ca, &["127.0.0.1"], None).await;
-    let dir = tempdir::Dir::new();
-    let backend = format!(
-        "tls = true\ntls_ca = \"{}\"\n",
-        write(&dir, "ca.pem", &ca.pem)
-    );
-    let gw = start_gateway_full("", &node, &backend).await;
+    let (gw, _dir) = start_gateway_trusting(&node, &ca).await;
     let conn = connect(&gw).await.expect("connect through the TLS backend");
     round_trip(&conn).await;
     conn.close(200, "bye".into()).await.unwrap();
@@ -194,36 +178,15 @@ async fn round_trip_over_mutual_tls_with_a_configured_server_name() {
 #[tokio::test]
 async fn an_untrusted_backend_certificate_is_a_320_at_open() {
     let ca = Ca::new();
-    let other = Ca::new();
     let node = terminator(&ca, &["127.0.0.1"], None).await;
-    let dir = tempdir::Dir::new();
-    let backend = format!(
-        "tls = true\ntls_ca = \"{}\"\n",
-        write(&dir, "other-ca.pem", &other.pem)
-    );
-    let gw = start_gateway_full("", &node, &backend).await;
-    let err = connect(&gw).await.unwrap_err();
-    assert_eq!(
-        close_reason(&err),
-        Some((320, "CONNECTION_FORCED - broker unavailable".to_owned()))
-    );
+    assert_320_at_open(&node, &Ca::new()).await;
 }
 
 #[tokio::test]
 async fn a_certificate_for_another_name_is_a_320_at_open() {
     let ca = Ca::new();
     let node = terminator(&ca, &["rabbit.internal"], None).await;
-    let dir = tempdir::Dir::new();
-    let backend = format!(
-        "tls = true\ntls_ca = \"{}\"\n",
-        write(&dir, "ca.pem", &ca.pem)
-    );
-    let gw = start_gateway_full("", &node, &backend).await;
-    let err = connect(&gw).await.unwrap_err();
-    assert_eq!(
-        close_reason(&err),
-        Some((320, "CONNECTION_FORCED - broker unavailable".to_owned()))
-    );
+    assert_320_at_open(&node, &ca).await;
 }
 
 #[tokio::test]
@@ -231,15 +194,5 @@ async fn a_missing_client_certificate_is_a_320_at_open() {
     let server_ca = Ca::new();
     let client_ca = Ca::new();
     let node = terminator(&server_ca, &["127.0.0.1"], Some(&client_ca)).await;
-    let dir = tempdir::Dir::new();
-    let backend = format!(
-        "tls = true\ntls_ca = \"{}\"\n",
-        write(&dir, "ca.pem", &server_ca.pem)
-    );
-    let gw = start_gateway_full("", &node, &backend).await;
-    let err = connect(&gw).await.unwrap_err();
-    assert_eq!(
-        close_reason(&err),
-        Some((320, "CONNECTION_FORCED - broker unavailable".to_owned()))
-    );
+    assert_320_at_open(&node, &server_ca).await;
 }

@@ -14,18 +14,10 @@ fn admin_token() -> String {
     sign(&claims(ADMIN_ROLE))
 }
 
+/// Declares the queue `name` with the default options on a new channel of `conn`.
 async fn declare(conn: &Connection, name: &str) -> lapin::Result<()> {
     let ch = conn.create_channel().await?;
-    ch.queue_declare(
-        name.into(),
-        QueueDeclareOptions {
-            auto_delete: false,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
-    Ok(())
+    declare_queue(&ch, name).await
 }
 
 #[tokio::test]
@@ -37,16 +29,7 @@ async fn publish_consume_round_trip_with_confirms() {
         .expect("connect with an empty username and a JWT");
     let ch = conn.create_channel().await.unwrap();
     let q = unique("roundtrip");
-    ch.queue_declare(
-        q.as_str().into(),
-        QueueDeclareOptions {
-            exclusive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    declare_exclusive(&ch, &q).await.unwrap();
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
@@ -57,35 +40,12 @@ async fn publish_consume_round_trip_with_confirms() {
     let mut bodies = bodies;
     bodies.push((0..600_000u32).map(|i| (i % 251) as u8).collect());
     for b in &bodies {
-        let confirm = ch
-            .basic_publish(
-                "".into(),
-                q.as_str().into(),
-                BasicPublishOptions::default(),
-                b,
-                BasicProperties::default(),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        let confirm = publish(&ch, "", &q, b).await.unwrap().await.unwrap();
         assert!(confirm.is_ack(), "publisher confirm");
     }
-    let mut consumer = ch
-        .basic_consume(
-            q.as_str().into(),
-            "c1".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = consume(&ch, &q, "c1").await;
     for expected in &bodies {
-        let delivery = tokio::time::timeout(std::time::Duration::from_secs(10), consumer.next())
-            .await
-            .expect("delivery in time")
-            .unwrap()
-            .unwrap();
+        let delivery = next_delivery(&mut consumer).await;
         assert_eq!(&delivery.data, expected);
         delivery.ack(BasicAckOptions::default()).await.unwrap();
     }
@@ -99,15 +59,7 @@ async fn read_only_token_gets_403_and_connection_stays_usable() {
     let admin = gw.connect(&admin_token(), "/").await.unwrap();
     declare(&admin, &existing).await.unwrap();
     let ach = admin.create_channel().await.unwrap();
-    ach.basic_publish(
-        "".into(),
-        existing.as_str().into(),
-        BasicPublishOptions::default(),
-        b"hello",
-        BasicProperties::default(),
-    )
-    .await
-    .unwrap();
+    publish(&ach, "", &existing, b"hello").await.unwrap();
 
     let conn = gw
         .connect(&sign(&claims(READONLY_ROLE)), "/")
@@ -115,14 +67,7 @@ async fn read_only_token_gets_403_and_connection_stays_usable() {
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
     let q = unique("ro-new");
-    let err = ch
-        .queue_declare(
-            q.as_str().into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap_err();
+    let err = declare_queue(&ch, &q).await.unwrap_err();
     assert_eq!(
         close_reason(&err),
         Some((
@@ -134,17 +79,7 @@ async fn read_only_token_gets_403_and_connection_stays_usable() {
     );
     // Same connection, new channel: reading is allowed.
     let ch2 = conn.create_channel().await.unwrap();
-    let mut got = None;
-    for _ in 0..50 {
-        got = ch2
-            .basic_get(existing.as_str().into(), BasicGetOptions { no_ack: true })
-            .await
-            .unwrap();
-        if got.is_some() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let got = poll_get(&ch2, &existing, std::time::Duration::from_millis(50)).await;
     assert_eq!(got.expect("message").delivery.data, b"hello");
     // And publishing is refused with the exact 4.x text, channel closed, connection alive.
     let ch3 = conn.create_channel().await.unwrap();
@@ -233,16 +168,9 @@ async fn nested_sts_claim_alias_grants_access() {
     let conn = gw.connect(&sign(&c), "/").await.unwrap();
     let ok = unique("team-a.q");
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        ok.as_str().into(),
-        QueueDeclareOptions {
-            exclusive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("alias from the nested STS request tag grants configure on team-a.*");
+    declare_exclusive(&ch, &ok)
+        .await
+        .expect("alias from the nested STS request tag grants configure on team-a.*");
     let other = unique("other");
     let err = declare(&conn, &other).await.unwrap_err();
     assert_eq!(close_reason(&err).map(|r| r.0), Some(403));
@@ -356,14 +284,7 @@ async fn es384_tokens_and_topic_permissions() {
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    let ok = ch
-        .basic_publish(
-            "amq.topic".into(),
-            "orders.eu".into(),
-            BasicPublishOptions::default(),
-            b"x",
-            BasicProperties::default(),
-        )
+    let ok = publish(&ch, "amq.topic", "orders.eu", b"x")
         .await
         .unwrap()
         .await
@@ -503,13 +424,7 @@ async fn compat_scenario_bind_confirm_consume_refuse_update_secret() {
     )
     .await
     .unwrap();
-    ch.queue_declare(
-        q.as_str().into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    declare_queue(&ch, &q).await.unwrap();
     ch.queue_bind(
         q.as_str().into(),
         ex.as_str().into(),
@@ -523,35 +438,16 @@ async fn compat_scenario_bind_confirm_consume_refuse_update_secret() {
         .await
         .unwrap();
     for i in 0..20 {
-        let confirm = ch
-            .basic_publish(
-                ex.as_str().into(),
-                "rk".into(),
-                BasicPublishOptions::default(),
-                format!("m{i}").as_bytes(),
-                BasicProperties::default(),
-            )
+        let confirm = publish(&ch, &ex, "rk", format!("m{i}").as_bytes())
             .await
             .unwrap()
             .await
             .unwrap();
         assert!(confirm.is_ack());
     }
-    let mut consumer = ch
-        .basic_consume(
-            q.as_str().into(),
-            "c".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = consume(&ch, &q, "c").await;
     for i in 0..20 {
-        let d = tokio::time::timeout(std::time::Duration::from_secs(10), consumer.next())
-            .await
-            .expect("delivery in time")
-            .unwrap()
-            .unwrap();
+        let d = next_delivery(&mut consumer).await;
         assert_eq!(d.data, format!("m{i}").into_bytes());
         d.ack(BasicAckOptions::default()).await.unwrap();
     }

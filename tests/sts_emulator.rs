@@ -12,9 +12,9 @@ use amqp_iam_gateway::auth::keys::{KeySettings, KeyStore};
 use amqp_iam_gateway::sts::{self, Issuer, IssuerConfig, Principal, sigv4};
 use common::*;
 use jsonwebtoken::Algorithm;
+use lapin::Connection;
 use lapin::options::*;
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection};
 use serde_json::Value;
 
 const ADMIN_KEY: &str = "AKIAADMIN0000000001";
@@ -268,16 +268,7 @@ async fn bad_requests_get_sts_errors_over_http() {
 
 async fn round_trip(conn: &Connection, queue: &str) {
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            exclusive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    declare_exclusive(&ch, queue).await.unwrap();
     // Through an exchange of our own: the default exchange needs write on `amq.default`,
     // which a `team-a.*` scope does not grant.
     let exchange = format!("{queue}.x");
@@ -301,28 +292,12 @@ async fn round_trip(conn: &Connection, queue: &str) {
     )
     .await
     .unwrap();
-    ch.basic_publish(
-        exchange.as_str().into(),
-        "".into(),
-        BasicPublishOptions::default(),
-        b"hello from an emulated STS token",
-        BasicProperties::default(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
-    let mut got = None;
-    for _ in 0..50 {
-        got = ch
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-            .await
-            .unwrap();
-        if got.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    publish(&ch, &exchange, "", b"hello from an emulated STS token")
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let got = poll_get(&ch, queue, Duration::from_millis(20)).await;
     assert_eq!(
         got.expect("the message comes back").delivery.data,
         b"hello from an emulated STS token"
@@ -348,12 +323,7 @@ async fn lapin_connects_through_the_gateway_with_emulator_tokens() {
     let conn = gw.connect(&token, "/").await.expect("team-a connects");
     round_trip(&conn, &unique("team-a.sts")).await;
     let ch = conn.create_channel().await.unwrap();
-    let err = ch
-        .queue_declare(
-            unique("other").as_str().into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        )
+    let err = declare_queue(&ch, &unique("other"))
         .await
         .expect_err("outside team-a.*");
     match err.kind() {
@@ -369,6 +339,12 @@ async fn lapin_connects_through_the_gateway_with_emulator_tokens() {
         gw.connect(&token, "/").await.is_err(),
         "530 without the tag"
     );
+}
+
+/// GETs `url` with `client` and parses the body as JSON.
+async fn get_json(client: &reqwest::Client, url: &str) -> Value {
+    let resp = client.get(url).send().await.unwrap();
+    resp.json().await.unwrap()
 }
 
 #[tokio::test]
@@ -422,22 +398,8 @@ async fn discovery_over_https() {
         .resolve("localhost", std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
         .build()
         .unwrap();
-    let doc: Value = client
-        .get(format!("{url}/.well-known/openid-configuration"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = get_json(&client, &format!("{url}/.well-known/openid-configuration")).await;
     assert_eq!(doc["issuer"], url.as_str());
-    let jwks: Value = client
-        .get(doc["jwks_uri"].as_str().unwrap())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks = get_json(&client, doc["jwks_uri"].as_str().unwrap()).await;
     assert_eq!(jwks["keys"].as_array().unwrap().len(), 2);
 }

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use common::*;
 use futures_lite::StreamExt;
-use lapin::BasicProperties;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use serde_json::json;
@@ -36,13 +35,7 @@ async fn refresh_without_read_cancels_the_consumer() {
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
     let q = unique("consumed");
-    ch.queue_declare(
-        q.as_str().into(),
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    declare_queue(&ch, &q).await.unwrap();
     let mut consumer = ch
         .basic_consume(
             q.as_str().into(),
@@ -55,15 +48,7 @@ async fn refresh_without_read_cancels_the_consumer() {
         )
         .await
         .unwrap();
-    ch.basic_publish(
-        "".into(),
-        q.as_str().into(),
-        BasicPublishOptions::default(),
-        b"before",
-        BasicProperties::default(),
-    )
-    .await
-    .unwrap();
+    publish(&ch, "", &q, b"before").await.unwrap();
     let d = tokio::time::timeout(Duration::from_secs(5), consumer.next())
         .await
         .unwrap()
@@ -89,15 +74,7 @@ async fn refresh_without_read_cancels_the_consumer() {
         "no more deliveries after the cancel: {end:?}"
     );
     // The broker side is cancelled too: a new message stays in the queue.
-    ch.basic_publish(
-        "".into(),
-        q.as_str().into(),
-        BasicPublishOptions::default(),
-        b"after",
-        BasicProperties::default(),
-    )
-    .await
-    .unwrap();
+    publish(&ch, "", &q, b"after").await.unwrap();
     let ch2 = conn.create_channel().await.unwrap();
     let got = ch2
         .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
@@ -107,17 +84,7 @@ async fn refresh_without_read_cancels_the_consumer() {
     // a consumer the client no longer has.
     let admin = gw.connect(&sign(&claims(ADMIN_ROLE)), "/").await.unwrap();
     let ach = admin.create_channel().await.unwrap();
-    let mut left = None;
-    for _ in 0..50 {
-        left = ach
-            .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
-            .await
-            .unwrap();
-        if left.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let left = poll_get(&ach, &q, Duration::from_millis(20)).await;
     assert_eq!(left.expect("message kept").delivery.data, b"after");
     ach.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
         .await

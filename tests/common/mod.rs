@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use amqp_iam_gateway::config;
 use amqp_iam_gateway::proxy::{BoundAddrs, Gateway};
@@ -40,6 +40,137 @@ pub fn close_reason(err: &lapin::Error) -> Option<(u16, String)> {
 /// A unique suffix for resource names, so tests can run in parallel and repeatedly.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", rand::random::<u64>())
+}
+
+/// Asserts that `err` is the connection close a client gets when the gateway cannot open a
+/// backend connection: 320 "CONNECTION_FORCED - broker unavailable".
+#[track_caller]
+pub fn assert_broker_unavailable(err: &lapin::Error) {
+    assert_eq!(
+        close_reason(err),
+        Some((320, "CONNECTION_FORCED - broker unavailable".to_owned()))
+    );
+}
+
+/// Declares `queue` on `ch` with the default options (not durable, not exclusive, not
+/// auto-delete).
+pub async fn declare_queue(ch: &lapin::Channel, queue: &str) -> lapin::Result<()> {
+    declare_queue_with(ch, queue, lapin::options::QueueDeclareOptions::default()).await
+}
+
+/// Declares `queue` on `ch` as an exclusive queue (deleted when the connection closes).
+pub async fn declare_exclusive(ch: &lapin::Channel, queue: &str) -> lapin::Result<()> {
+    let options = lapin::options::QueueDeclareOptions {
+        exclusive: true,
+        ..Default::default()
+    };
+    declare_queue_with(ch, queue, options).await
+}
+
+/// Declares `queue` on `ch` with `options` and no arguments.
+async fn declare_queue_with(
+    ch: &lapin::Channel,
+    queue: &str,
+    options: lapin::options::QueueDeclareOptions,
+) -> lapin::Result<()> {
+    ch.queue_declare(queue.into(), options, lapin::types::FieldTable::default())
+        .await?;
+    Ok(())
+}
+
+/// Publishes `body` on `ch` to `exchange` with `routing_key`, with the default options and
+/// properties. The returned confirm resolves when the broker confirms the message (on a
+/// channel in confirm mode; at once otherwise).
+pub async fn publish(
+    ch: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+) -> lapin::Result<lapin::PublisherConfirm> {
+    ch.basic_publish(
+        exchange.into(),
+        routing_key.into(),
+        lapin::options::BasicPublishOptions::default(),
+        body,
+        lapin::BasicProperties::default(),
+    )
+    .await
+}
+
+/// Starts a consumer tagged `tag` on `queue`, with the default options (deliveries must be
+/// acked).
+pub async fn consume(ch: &lapin::Channel, queue: &str, tag: &str) -> lapin::Consumer {
+    ch.basic_consume(
+        queue.into(),
+        tag.into(),
+        lapin::options::BasicConsumeOptions::default(),
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap()
+}
+
+/// The next delivery to `consumer`; panics when none comes within 10 s or the stream ends.
+pub async fn next_delivery(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        futures_lite::StreamExt::next(consumer),
+    )
+    .await
+    .expect("delivery in time")
+    .unwrap()
+    .unwrap()
+}
+
+/// Gets a message from `queue` with basic.get (no ack), trying up to 50 times with `pause`
+/// between tries, for a message that may not have reached the queue yet. None when no try
+/// got one.
+pub async fn poll_get(
+    ch: &lapin::Channel,
+    queue: &str,
+    pause: Duration,
+) -> Option<lapin::message::BasicGetMessage> {
+    for _ in 0..50 {
+        let got = ch
+            .basic_get(
+                queue.into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap();
+        if got.is_some() {
+            return got;
+        }
+        tokio::time::sleep(pause).await;
+    }
+    None
+}
+
+/// GETs `path` (such as `/metrics`) from the gateway's admin listener; returns the HTTP
+/// status and the body.
+pub async fn admin_get(gw: &TestGateway, path: &str) -> (u16, String) {
+    let url = format!("http://{}{path}", gw.addrs.admin.expect("admin listener"));
+    let resp = reqwest::get(&url).await.expect("admin request");
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
+}
+
+/// The gateway's `/metrics` text (the Prometheus exposition format).
+pub async fn metrics(gw: &TestGateway) -> String {
+    admin_get(gw, "/metrics").await.1
+}
+
+/// The value of the sample `amqp_iam_gateway_{name_and_labels}` in the exposition text
+/// `text`, where `name_and_labels` is a metric name without the `amqp_iam_gateway_` prefix,
+/// with its labels as they are written there (`name{label="value"}`); 0 when absent.
+pub fn sample(text: &str, name_and_labels: &str) -> f64 {
+    let name_and_labels = format!("amqp_iam_gateway_{name_and_labels}");
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(&name_and_labels)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
 }
 
 pub struct TestGateway {
