@@ -236,20 +236,19 @@ async fn a_client_waiting_too_long_for_a_connect_slot_gets_320() {
         (1..3).contains(&reached),
         "a client that timed out waiting for the slot never reaches the node: {reached} of 3 did"
     );
-    let timeouts = metric(
-        &gw,
-        &format!(r#"amqp_iam_gateway_backend_connect_queue_timeouts_total{{node="{node}"}}"#),
-    )
-    .await;
+    let text = metrics(&gw).await;
+    let timeouts = sample(
+        &text,
+        &format!(r#"backend_connect_queue_timeouts_total{{node="{node}"}}"#),
+    );
     assert_eq!(
         timeouts,
         (3 - reached) as f64,
         "each client that never reached the node"
     );
-    let waiting = metric(
-        &gw,
-        &format!(r#"amqp_iam_gateway_backend_connects_waiting{{node="{node}"}}"#),
-    )
-    .await;
+    let waiting = sample(
+        &text,
+        &format!(r#"backend_connects_waiting{{node="{node}"}}"#),
+    );
     assert_eq!(waiting, 0.0, "nobody waits any more");
 }

@@ -493,6 +493,10 @@ async fn gateway_each_issuer_grants_its_own_permissions() {
             "{err:?}"
         );
     }
+    // Each issuer's keys are counted apart.
+    let text = metrics(&gw).await;
+    assert_eq!(sample(&text, r#"jwks_keys{issuer="a"}"#), 1.0);
+    assert_eq!(sample(&text, r#"jwks_keys{issuer="b"}"#), 2.0);
 }
 
 #[tokio::test]
