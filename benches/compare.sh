@@ -80,6 +80,9 @@ log() { echo "compare: $*" >&2; }
 die() { echo "compare: error: $*" >&2; exit 1; }
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 
+# shellcheck source=SCRIPTDIR/../scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
+
 positive() { [[ "$2" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "$1 needs a number, got '$2'"; }
 
 while (($#)); do
@@ -123,22 +126,7 @@ install_missing() {
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     command -v python3 >/dev/null 2>&1 || missing+=(python3)
     [[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]] || missing+=(rabbitmq-server)
-    ((${#missing[@]})) || return 0
-    [[ $(id -u) -eq 0 ]] || die "missing packages (${missing[*]}) and not root"
-    log "installing ${missing[*]}"
-    (
-        export DEBIAN_FRONTEND=noninteractive
-        # Keep the package scripts from starting haproxy or RabbitMQ as services (this
-        # script runs its own, and containers have no init system).
-        policy=/usr/sbin/policy-rc.d
-        if [[ ! -e $policy ]]; then
-            printf '#!/bin/sh\nexit 101\n' >"$policy"
-            chmod +x "$policy"
-            trap 'rm -f "$policy"' EXIT
-        fi
-        apt-get update -q
-        apt-get install -y -q --no-install-recommends "${missing[@]}"
-    )
+    apt_install "${missing[@]}"
 }
 install_missing
 

@@ -18,6 +18,9 @@ ROOT="$(pwd)"
 log() { echo "setup: $*"; }
 die() { echo "setup: error: $*" >&2; exit 1; }
 
+# shellcheck source=SCRIPTDIR/lib.sh
+source "$ROOT/scripts/lib.sh"
+
 # --- Debian packages -------------------------------------------------------------------
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
@@ -40,22 +43,7 @@ elif ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     missing+=(python3-venv)
 fi
 
-if ((${#missing[@]})); then
-    [[ $(id -u) -eq 0 ]] || die "missing packages (${missing[*]}) and not root"
-    log "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    # Keep the package scripts from starting services (they fail without an init system
-    # in containers); RabbitMQ is started below.
-    policy=/usr/sbin/policy-rc.d
-    if [[ ! -e $policy ]]; then
-        printf '#!/bin/sh\nexit 101\n' >"$policy"
-        chmod +x "$policy"
-        trap 'rm -f "$policy"' EXIT
-    fi
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends "${missing[@]}"
-    if [[ $(trap -p EXIT) ]]; then rm -f "$policy"; trap - EXIT; fi
-fi
+apt_install "${missing[@]}"
 
 # --- RabbitMQ --------------------------------------------------------------------------
 

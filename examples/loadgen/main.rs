@@ -100,36 +100,8 @@ enum Mode {
     Throughput {
         #[command(flatten)]
         common: Common,
-        #[arg(long, default_value_t = 1)]
-        producers: usize,
-        #[arg(long, default_value_t = 1)]
-        consumers: usize,
-        /// Message body size in bytes (latency needs at least 8).
-        #[arg(long, default_value_t = 1024)]
-        size: usize,
-        /// Publisher confirms with at most this many unconfirmed messages per producer
-        /// (0: no confirms).
-        #[arg(long, default_value_t = 0)]
-        confirm_window: u64,
-        /// basic.qos prefetch count per consumer (0: unlimited).
-        #[arg(long, default_value_t = 1000)]
-        prefetch: u16,
-        /// Measured seconds (after the warm-up). Default 10 without --count.
-        #[arg(long)]
-        duration: Option<f64>,
-        /// Publish this many messages in all and stop when they are consumed.
-        #[arg(long)]
-        count: Option<u64>,
-        /// Aggregate publish rate in msgs/s (0: as fast as possible).
-        #[arg(long, default_value_t = 0.0)]
-        rate: f64,
-        /// Seconds at the start that are not measured. Default 1, or 0 with --count.
-        #[arg(long)]
-        warmup: Option<f64>,
-        /// Queue to use (declared non-durable, kept); default a fresh `loadgen-<pid>-<n>`,
-        /// deleted at the end.
-        #[arg(long)]
-        queue: Option<String>,
+        #[command(flatten)]
+        opts: throughput::Opts,
     },
     /// Connect, authenticate, open, close, in a loop: connections per second.
     Churn {
@@ -194,35 +166,8 @@ fn main() -> ExitCode {
 
 async fn run(mode: Mode, target: Arc<Target>, json: bool) -> ExitCode {
     match mode {
-        Mode::Throughput {
-            producers,
-            consumers,
-            size,
-            confirm_window,
-            prefetch,
-            duration,
-            count,
-            rate,
-            warmup,
-            queue,
-            ..
-        } => {
-            let duration = match (duration, count) {
-                (None, None) => Some(10.0),
-                (d, _) => d,
-            };
-            let opts = throughput::Opts {
-                producers,
-                consumers,
-                size,
-                confirm_window,
-                prefetch,
-                duration,
-                count,
-                rate,
-                warmup: warmup.unwrap_or(if count.is_some() { 0.0 } else { 1.0 }),
-                queue,
-            };
+        Mode::Throughput { opts, .. } => {
+            let consumers = opts.consumers;
             match throughput::run(target, opts).await {
                 // Publish-only runs (no consumers) succeed when something was published.
                 Ok(r) if consumers == 0 => {

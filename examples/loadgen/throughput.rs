@@ -13,6 +13,7 @@ use std::time::Duration;
 use amq_protocol::protocol::{AMQPClass, confirm, queue};
 use amq_protocol::types::FieldTable;
 use amqp_iam_gateway::amqp::method::short;
+use clap::Args;
 use hdrhistogram::Histogram;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -38,17 +39,55 @@ const STALL: Duration = Duration::from_secs(10);
 /// Consumers on channel 1 of their own connections; so are producers.
 pub(crate) const CH: u16 = 1;
 
+/// The options of the `throughput` mode, parsed by clap (flattened into `Mode::Throughput`).
+#[derive(Args)]
 pub struct Opts {
+    #[arg(long, default_value_t = 1)]
     pub producers: usize,
+    #[arg(long, default_value_t = 1)]
     pub consumers: usize,
+    /// Message body size in bytes (latency needs at least 8).
+    #[arg(long, default_value_t = 1024)]
     pub size: usize,
+    /// Publisher confirms with at most this many unconfirmed messages per producer
+    /// (0: no confirms).
+    #[arg(long, default_value_t = 0)]
     pub confirm_window: u64,
+    /// basic.qos prefetch count per consumer (0: unlimited).
+    #[arg(long, default_value_t = 1000)]
     pub prefetch: u16,
+    /// Measured seconds (after the warm-up). Default 10 without --count.
+    #[arg(long)]
     pub duration: Option<f64>,
+    /// Publish this many messages in all and stop when they are consumed.
+    #[arg(long)]
     pub count: Option<u64>,
+    /// Aggregate publish rate in msgs/s (0: as fast as possible).
+    #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
-    pub warmup: f64,
+    /// Seconds at the start that are not measured. Default 1, or 0 with --count.
+    #[arg(long)]
+    pub warmup: Option<f64>,
+    /// Queue to use (declared non-durable, kept); default a fresh `loadgen-<pid>-<n>`,
+    /// deleted at the end.
+    #[arg(long)]
     pub queue: Option<String>,
+}
+
+impl Opts {
+    /// The measured seconds: `--duration`, or 10 when neither it nor `--count` is given.
+    fn measured_seconds(&self) -> Option<f64> {
+        match (self.duration, self.count) {
+            (None, None) => Some(10.0),
+            (d, _) => d,
+        }
+    }
+
+    /// The warm-up seconds: `--warmup`, or 1 (0 with `--count`).
+    fn warmup_seconds(&self) -> f64 {
+        self.warmup
+            .unwrap_or(if self.count.is_some() { 0.0 } else { 1.0 })
+    }
 }
 
 pub struct Report {
@@ -179,9 +218,9 @@ async fn run_clients(target: &Arc<Target>, o: &Opts, qname: &str) -> Result<Repo
     }
 
     let start = Instant::now();
-    let warmup = Duration::from_secs_f64(o.warmup);
+    let warmup = Duration::from_secs_f64(o.warmup_seconds());
     let end = o
-        .duration
+        .measured_seconds()
         .map(|d| start + warmup + Duration::from_secs_f64(d));
     let plan = Plan {
         start,
@@ -291,7 +330,7 @@ async fn run_clients(target: &Arc<Target>, o: &Opts, qname: &str) -> Result<Repo
         }
     }
 
-    report.seconds = match (o.duration, o.count) {
+    report.seconds = match (o.measured_seconds(), o.count) {
         (Some(d), None) => d,
         _ => last_ns.saturating_sub(plan.measure_from) as f64 / 1e9,
     };

@@ -373,7 +373,9 @@ def gateway(tmp_path_factory) -> Gateway:
 @contextlib.contextmanager
 def run_gateway(workdir: Path, config: Path, port: int, ca_file: Path):
     """Checks `config`, runs `serve` with it until the block ends, and yields the Gateway
-    once it accepts TCP on `port`."""
+    once it accepts TCP on `port`. The process is `gw.proc` (a test may signal it, e.g.
+    SIGHUP or SIGTERM), its stdout and stderr are `gw.log()`; at the end it is stopped with
+    `stop_process` unless it has exited already."""
     global _GATEWAY_LOG
     binary = gateway_binary()
     check = subprocess.run(

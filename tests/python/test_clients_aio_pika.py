@@ -20,6 +20,15 @@ from conftest import compat_user, unique
 N = 20
 
 
+async def _assert_declare_refused(ch, user, queue: str) -> None:
+    """Declaring `queue` on `ch` is refused with the broker's configure refusal for `user`.
+    aiormq maps the reply code to the class (403 -> ChannelAccessRefused) and keeps the
+    reply text as the only argument."""
+    with pytest.raises(aiormq.exceptions.ChannelAccessRefused) as e:
+        await ch.declare_queue(queue)
+    assert e.value.args == (user.refused("configure", "queue", queue),)
+
+
 async def _scenario(gateway) -> None:
     user = compat_user("aio-pika")
     conn = await aio_pika.connect(
@@ -47,13 +56,7 @@ async def _scenario(gateway) -> None:
         assert got == [f"m{i}".encode() for i in range(N)]
 
         # A forbidden operation: 403 on that channel, the connection stays usable.
-        bad = await conn.channel()
-        forbidden = unique("forbidden.aio")
-        with pytest.raises(aiormq.exceptions.ChannelAccessRefused) as e:
-            await bad.declare_queue(forbidden)
-        # aiormq maps the reply code to the class (403 -> ChannelAccessRefused) and keeps
-        # the reply text as the only argument.
-        assert e.value.args == (user.refused("configure", "queue", forbidden),)
+        await _assert_declare_refused(await conn.channel(), user, unique("forbidden.aio"))
         assert not conn.is_closed
         ch2 = await conn.channel()
         await ex.publish(aio_pika.Message(b"after"), routing_key="rk")  # the first channel
@@ -67,11 +70,7 @@ async def _scenario(gateway) -> None:
 
         # connection.update-secret: refresh to the read-only token of the same user.
         await conn.update_secret(user.read_only, reason="refresh")
-        ch3 = await conn.channel()
-        again = unique("compat.aio.q")
-        with pytest.raises(aiormq.exceptions.ChannelAccessRefused) as e:
-            await ch3.declare_queue(again)
-        assert e.value.args == (user.refused("configure", "queue", again),)
+        await _assert_declare_refused(await conn.channel(), user, unique("compat.aio.q"))
         assert not conn.is_closed
     finally:
         await conn.close()

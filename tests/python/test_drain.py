@@ -2,13 +2,12 @@
 `connection.close 320` after the drain period, and the process exits 0."""
 import signal
 import socket
-import subprocess
 import time
 
 import pika
 import pytest
 
-from conftest import ADMIN_ROLE, _free_port, _write_config, _write_tls, gateway_binary, mint, unique
+from conftest import ADMIN_ROLE, _free_port, _write_config, _write_tls, mint, run_gateway, unique
 
 DRAIN_PERIOD_S = 0.6
 
@@ -22,21 +21,8 @@ def test_sigterm_drains_with_320_and_exits_0(tmp_path):
         f"auth_failure_delay_ms = 300\ndrain_period_ms = {int(DRAIN_PERIOD_S * 1000)}\ndrain_deadline_ms = 8000",
     )
     cfg.write_text(text)
-    log = open(tmp_path / "gateway.log", "wb")
-    proc = subprocess.Popen([str(gateway_binary()), "serve", "--config", str(cfg)],
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, (tmp_path / "gateway.log").read_text()
-                time.sleep(0.1)
-        import ssl
-
-        ctx = ssl.create_default_context(cafile=str(ca))
+    with run_gateway(tmp_path, cfg, port, ca) as gw:
+        ctx = gw.ssl_context()
         params = pika.ConnectionParameters(
             "127.0.0.1", port, "/", pika.PlainCredentials("", mint(ADMIN_ROLE)),
             ssl_options=pika.SSLOptions(ctx, "localhost"), connection_attempts=1,
@@ -46,7 +32,7 @@ def test_sigterm_drains_with_320_and_exits_0(tmp_path):
         ch.queue_declare(unique("drain"), exclusive=True)
 
         sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        gw.proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
         # New connections are not accepted any more.
         with pytest.raises(OSError):
@@ -60,9 +46,4 @@ def test_sigterm_drains_with_320_and_exits_0(tmp_path):
         assert closed.value.reply_code == 320
         assert closed.value.reply_text == "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'"
         assert time.monotonic() - sent >= DRAIN_PERIOD_S - 0.05, "not before the drain period"
-        assert proc.wait(timeout=10) == 0, (tmp_path / "gateway.log").read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
+        assert gw.proc.wait(timeout=10) == 0, gw.log()

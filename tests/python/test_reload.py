@@ -2,9 +2,6 @@
 an established one keeps its permissions; an invalid config is rejected with all its errors
 and the old one keeps serving."""
 import signal
-import socket
-import ssl
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -12,7 +9,7 @@ import urllib.request
 import pika
 import pytest
 
-from conftest import READ_ONLY_ROLE, _free_port, _write_config, _write_tls, gateway_binary, mint, unique
+from conftest import READ_ONLY_ROLE, _free_port, _write_config, _write_tls, mint, run_gateway, unique
 
 
 def _metric(admin_port: int, sample: str) -> float:
@@ -35,26 +32,20 @@ def test_sighup_reloads_aliases_for_new_connections_only(tmp_path):
     port, admin = _free_port(), _free_port()
     cfg = _write_config(tmp_path, port, admin)
     original = cfg.read_text()
-    log = open(tmp_path / "gateway.log", "wb")
-    proc = subprocess.Popen([str(gateway_binary()), "serve", "--config", str(cfg)],
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-        ctx = ssl.create_default_context(cafile=str(ca))
+    with run_gateway(tmp_path, cfg, port, ca) as gw:
+        ctx = gw.ssl_context()
+        # Every connection of the test, closed at the end: the gateway stops with SIGINT
+        # (run_gateway), and open clients would keep it in its drain period.
+        opened = []
 
         def connect():
             params = pika.ConnectionParameters(
                 "127.0.0.1", port, "/", pika.PlainCredentials("", mint(READ_ONLY_ROLE)),
                 ssl_options=pika.SSLOptions(ctx, "localhost"), connection_attempts=1,
             )
-            return pika.BlockingConnection(params)
+            conn = pika.BlockingConnection(params)
+            opened.append(conn)
+            return conn
 
         def can_declare(conn) -> bool:
             ch = conn.channel()
@@ -70,7 +61,7 @@ def test_sighup_reloads_aliases_for_new_connections_only(tmp_path):
 
         # The alias now grants configure too.
         cfg.write_text(original.replace('"rabbitmq/read:*/*"', '"rabbitmq/read:*/* rabbitmq/configure:*/*"'))
-        proc.send_signal(signal.SIGHUP)
+        gw.proc.send_signal(signal.SIGHUP)
         _wait_metric(admin, 'amqp_iam_gateway_config_reloads_total{result="ok"}', 1)
         assert not can_declare(before), "an established connection keeps its permissions"
         assert before.is_open
@@ -79,9 +70,9 @@ def test_sighup_reloads_aliases_for_new_connections_only(tmp_path):
 
         # An invalid config is rejected with every error, and the last good one serves on.
         cfg.write_text(original.replace("[listener]", "[listener]\nbogus_key = 1\nmax_connections = 0"))
-        proc.send_signal(signal.SIGHUP)
+        gw.proc.send_signal(signal.SIGHUP)
         _wait_metric(admin, 'amqp_iam_gateway_config_reloads_total{result="error"}', 1)
-        text = (tmp_path / "gateway.log").read_text()
+        text = gw.log()
         assert "bogus_key" in text and "keeping the current one" in text, text[-2000:]
         assert can_declare(connect()), "still the last good configuration"
 
@@ -93,9 +84,5 @@ def test_sighup_reloads_aliases_for_new_connections_only(tmp_path):
         ok = urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{admin}/reload", method="POST"), timeout=10)
         assert ok.status == 200
         assert not can_declare(connect()), "back to the original alias"
-        for c in (before, after):
+        for c in opened:
             c.close()
-    finally:
-        proc.kill()
-        proc.wait()
-        log.close()
