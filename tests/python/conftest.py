@@ -428,6 +428,20 @@ def run_gateway(workdir: Path, config: Path, port: int, ca_file: Path):
         log.close()
 
 
+def metric(admin_port: int, sample: str) -> float:
+    """The value of `sample` (a metric name with its labels as written in the exposition
+    text, e.g. `amqp_iam_gateway_config_reloads_total{result="ok"}`) on the gateway's admin
+    listener; 0 when absent."""
+    import urllib.request
+
+    url = f"http://127.0.0.1:{admin_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def stop_process(proc: subprocess.Popen) -> None:
     """SIGINT (ctrl-c), which the binary handles; SIGKILL if it does not stop in 5 s."""
     if proc.poll() is None:

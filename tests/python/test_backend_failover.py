@@ -1,17 +1,15 @@
 """Two backend nodes: the running node and a second one this test starts. Connections are
 spread over both; when one stops, new connections go to the other."""
 import os
-import re
 import socket
 import ssl
 import subprocess
 import time
-import urllib.request
 
 import pika
 import pytest
 
-from conftest import ADMIN_ROLE, REPO_ROOT, _free_port, _write_config, _write_tls, gateway_binary, mint, run_gateway
+from conftest import ADMIN_ROLE, REPO_ROOT, _free_port, _write_config, _write_tls, gateway_binary, metric, mint, run_gateway
 
 SECOND = {"REFERENCE_NODE_STATE": str(REPO_ROOT / "target" / "backend-node"),
           "REFERENCE_NODE_NAME": "rabbit_backend2@localhost",
@@ -23,12 +21,6 @@ SCRIPT = str(REPO_ROOT / "scripts" / "reference-node.sh")
 def _node(cmd: str) -> None:
     r = subprocess.run(["bash", SCRIPT, cmd], env={**os.environ, **SECOND}, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-
-
-def _metric(admin: int, sample: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5).read().decode()
-    m = re.search(re.escape(sample) + r" (\S+)", text)
-    return float(m.group(1)) if m else 0.0
 
 
 @pytest.fixture
@@ -49,18 +41,18 @@ def test_new_connections_go_to_the_node_that_is_left(tmp_path, second_node):
     first = 'amqp_iam_gateway_backend_connections_total{node="127.0.0.1:5672"}'
     with run_gateway(tmp_path, cfg, port, ca) as gw:
         conns = [gw.connect(mint(ADMIN_ROLE)) for _ in range(4)]
-        assert _metric(admin, second) >= 1 and _metric(admin, first) >= 1, "both nodes take connections"
+        assert metric(admin, second) >= 1 and metric(admin, first) >= 1, "both nodes take connections"
         for c in conns:
             try:
                 c.close()
             except Exception:
                 pass
         _node("stop")
-        before = _metric(admin, first)
+        before = metric(admin, first)
         for _ in range(4):
             c = gw.connect(mint(ADMIN_ROLE))
             ch = c.channel()
             ch.queue_declare("", exclusive=True)
             c.close()
-        assert _metric(admin, first) == before + 4, "every new connection went to the running node"
-        assert _metric(admin, 'amqp_iam_gateway_backend_connect_failures_total{node="127.0.0.1:5692"}') >= 1
+        assert metric(admin, first) == before + 4, "every new connection went to the running node"
+        assert metric(admin, 'amqp_iam_gateway_backend_connect_failures_total{node="127.0.0.1:5692"}') >= 1

@@ -31,6 +31,7 @@ from conftest import (
     _free_port,
     _write_config,
     _write_tls,
+    metric,
     mint,
     run_gateway,
     unique,
@@ -52,14 +53,6 @@ def teardown_module(_module) -> None:
 def _status_kib(pid: int, field: str) -> int:
     text = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1))
-
-
-def _metric(admin: int, sample: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5).read().decode()
-    for line in text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def _config(tmp_path: Path, listener: str = "", nodes: str | None = None):
@@ -184,7 +177,7 @@ def test_connect_and_tls_floods_are_closed_by_the_handshake_timeout(tmp_path):
         started = time.monotonic()
         raw = _connect_many(port, admin, FLOOD_TCP, deadline=started + 30)
         tcp_open = time.monotonic() - started
-        peak_open = _metric(admin, "amqp_iam_gateway_connections_open")
+        peak_open = metric(admin, "amqp_iam_gateway_connections_open")
 
         # TLS handshakes that never send the AMQP protocol header.
         ctx = ssl.create_default_context(cafile=str(ca))
@@ -206,7 +199,7 @@ def test_connect_and_tls_floods_are_closed_by_the_handshake_timeout(tmp_path):
 
         # The gateway forgets them and still serves a normal client.
         t = time.monotonic()
-        while _metric(admin, "amqp_iam_gateway_connections_open") > 0:
+        while metric(admin, "amqp_iam_gateway_connections_open") > 0:
             assert time.monotonic() - t < 10, "connections_open never went back to 0"
             time.sleep(0.1)
         _use(gw)
@@ -275,7 +268,7 @@ def test_a_client_that_stops_reading_is_back_pressured_and_gets_everything(tmp_p
             samples = []
             for _ in range(6):
                 time.sleep(0.5)
-                samples.append((_metric(admin, out), _status_kib(pid, "VmRSS")))
+                samples.append((metric(admin, out), _status_kib(pid, "VmRSS")))
             hwm_paused = _status_kib(pid, "VmHWM")
             relayed_stalled = samples[-1][0] - samples[-3][0]
             assert relayed_stalled == 0, f"the gateway kept reading the broker: {samples}"
@@ -319,10 +312,10 @@ def test_reload_with_deleted_certificate_files_keeps_the_old_certificate(tmp_pat
         (tmp_path / "server-key.pem").unlink()
         gw.proc.send_signal(signal.SIGHUP)
         t = time.monotonic()
-        while _metric(admin, 'amqp_iam_gateway_config_reloads_total{result="error"}') < 1:
+        while metric(admin, 'amqp_iam_gateway_config_reloads_total{result="error"}') < 1:
             assert time.monotonic() - t < 10, "the reload was not rejected"
             time.sleep(0.1)
-        assert _metric(admin, 'amqp_iam_gateway_config_reloads_total{result="ok"}') == 0
+        assert metric(admin, 'amqp_iam_gateway_config_reloads_total{result="ok"}') == 0
         assert gw.proc.poll() is None
         ctx = ssl.create_default_context(cafile=str(ca))
         with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5),

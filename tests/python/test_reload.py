@@ -9,20 +9,12 @@ import urllib.request
 import pika
 import pytest
 
-from conftest import READ_ONLY_ROLE, _free_port, _write_config, _write_tls, mint, run_gateway, unique
-
-
-def _metric(admin_port: int, sample: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5).read().decode()
-    for line in text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.split()[-1])
-    return 0.0
+from conftest import READ_ONLY_ROLE, _free_port, _write_config, _write_tls, metric, mint, run_gateway, unique
 
 
 def _wait_metric(admin_port: int, sample: str, value: float) -> None:
     deadline = time.monotonic() + 10
-    while _metric(admin_port, sample) < value:
+    while metric(admin_port, sample) < value:
         assert time.monotonic() < deadline, f"{sample} never reached {value}"
         time.sleep(0.1)
 
@@ -31,8 +23,10 @@ def test_sighup_reloads_aliases_for_new_connections_only(tmp_path):
     ca = _write_tls(tmp_path)
     port, admin = _free_port(), _free_port()
     cfg = _write_config(tmp_path, port, admin)
+    cfg.write_text(cfg.read_text() + "\n[runtime]\nworker_threads = 3\n")
     original = cfg.read_text()
     with run_gateway(tmp_path, cfg, port, ca) as gw:
+        assert metric(admin, "amqp_iam_gateway_runtime_worker_threads") == 3
         ctx = gw.ssl_context()
         # Every connection of the test, closed at the end: the gateway stops with SIGINT
         # (run_gateway), and open clients would keep it in its drain period.
@@ -59,10 +53,15 @@ def test_sighup_reloads_aliases_for_new_connections_only(tmp_path):
         before = connect()
         assert not can_declare(before), "the read-only alias cannot configure"
 
-        # The alias now grants configure too.
-        cfg.write_text(original.replace('"rabbitmq/read:*/*"', '"rabbitmq/read:*/* rabbitmq/configure:*/*"'))
+        # The alias now grants configure too; the thread count changes only at a restart.
+        cfg.write_text(
+            original.replace('"rabbitmq/read:*/*"', '"rabbitmq/read:*/* rabbitmq/configure:*/*"')
+            .replace("worker_threads = 3", "worker_threads = 1")
+        )
         gw.proc.send_signal(signal.SIGHUP)
         _wait_metric(admin, 'amqp_iam_gateway_config_reloads_total{result="ok"}', 1)
+        assert metric(admin, "amqp_iam_gateway_runtime_worker_threads") == 3
+        assert "worker_threads changed: it takes effect at the next restart" in gw.log()
         assert not can_declare(before), "an established connection keeps its permissions"
         assert before.is_open
         after = connect()
