@@ -453,6 +453,17 @@ def stop_process(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+@pytest.fixture(autouse=True)
+def _gateway_log_per_test():
+    """A test that runs its own gateway (`run_gateway`) points the failure report at that
+    gateway's log until the test is torn down (after its report), then back at the log of
+    the gateway before it, so later failures show the right log."""
+    global _GATEWAY_LOG
+    saved = _GATEWAY_LOG
+    yield
+    _GATEWAY_LOG = saved
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Attach the tail of the gateway's stderr to every failed test's report."""
