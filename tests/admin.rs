@@ -29,7 +29,7 @@ async fn metrics_move_with_connections_refusals_and_denials() {
     assert_eq!(
         sample(
             &text,
-            r#"authentications_total{outcome="accepted",reason="ok"}"#
+            r#"authentications_total{issuer="default",outcome="accepted",reason="ok"}"#
         ),
         1.0,
         "{text}"
@@ -37,7 +37,7 @@ async fn metrics_move_with_connections_refusals_and_denials() {
     assert_eq!(
         sample(
             &text,
-            r#"authentications_total{outcome="refused",reason="expired"}"#
+            r#"authentications_total{issuer="default",outcome="refused",reason="expired"}"#
         ),
         1.0
     );

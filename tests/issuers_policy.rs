@@ -493,10 +493,25 @@ async fn gateway_each_issuer_grants_its_own_permissions() {
             "{err:?}"
         );
     }
-    // Each issuer's keys are counted apart.
+    // Each issuer's keys and decisions are counted apart; the unknown issuer as `none`.
     let text = metrics(&gw).await;
     assert_eq!(sample(&text, r#"jwks_keys{issuer="a"}"#), 1.0);
     assert_eq!(sample(&text, r#"jwks_keys{issuer="b"}"#), 2.0);
+    let auth = |labels: &str| sample(&text, &format!("authentications_total{{{labels}}}"));
+    assert_eq!(auth(r#"issuer="a",outcome="accepted",reason="ok""#), 1.0);
+    assert_eq!(auth(r#"issuer="b",outcome="accepted",reason="ok""#), 1.0);
+    assert_eq!(
+        auth(r#"issuer="a",outcome="refused",reason="bad_signature""#),
+        1.0
+    );
+    assert_eq!(
+        auth(r#"issuer="a",outcome="refused",reason="unknown_kid""#),
+        1.0
+    );
+    assert_eq!(
+        auth(r#"issuer="none",outcome="refused",reason="issuer""#),
+        1.0
+    );
 }
 
 #[tokio::test]

@@ -190,7 +190,7 @@ async fn gateway_1000_connections_with_one_token_cost_one_signature_check() {
     assert_eq!(
         sample(
             &text,
-            r#"authentications_total{outcome="accepted",reason="ok"}"#
+            r#"authentications_total{issuer="default",outcome="accepted",reason="ok"}"#
         ),
         CONNECTIONS as f64
     );
@@ -218,14 +218,14 @@ async fn gateway_refuses_a_repeated_bad_token_as_cached_failure() {
     assert_eq!(
         sample(
             &text,
-            r#"authentications_total{outcome="refused",reason="bad_signature"}"#
+            r#"authentications_total{issuer="default",outcome="refused",reason="bad_signature"}"#
         ),
         1.0
     );
     assert_eq!(
         sample(
             &text,
-            r#"authentications_total{outcome="refused",reason="cached_failure"}"#
+            r#"authentications_total{issuer="default",outcome="refused",reason="cached_failure"}"#
         ),
         1.0
     );

@@ -167,8 +167,8 @@ impl Metrics {
             authentications: counter(
                 &registry,
                 "authentications_total",
-                "Authentication decisions, by outcome and reason.",
-                &["outcome", "reason"],
+                "Authentication decisions, by issuer (the configured name, none when the token's iss matches none), outcome and reason.",
+                &["issuer", "outcome", "reason"],
             ),
             denials: counter(
                 &registry,

@@ -58,6 +58,9 @@ pub struct Identity {
     pub permissions: Permissions,
     /// A short hash of the token, safe to log.
     pub token_id: String,
+    /// The name of the configured issuer entry that verified the token (`default` for the
+    /// root `[oauth2]` keys).
+    pub issuer_name: String,
 }
 
 /// Default `oauth2.token_cache_size`.
@@ -378,6 +381,7 @@ impl Authenticator {
             permissions: Permissions::from_scopes(&normalised.scopes),
             scopes: normalised.scopes,
             token_id: hex_prefix(hash),
+            issuer_name: self.name.clone(),
         })
     }
 }
@@ -437,6 +441,12 @@ impl Authenticators {
             .iter()
             .find(|a| a.claims.issuer.is_some() && a.claims.issuer == iss)
             .ok_or(AuthError::WrongIssuer { found: iss })
+    }
+
+    /// The name of the issuer entry `token` is dispatched to, for metrics about a refused
+    /// token; `none` when its `iss` names no configured issuer (or cannot be read).
+    pub fn issuer_name(&self, token: &str) -> &str {
+        self.select(token).map_or("none", |a| a.name.as_str())
     }
 
     /// [`Authenticator::authenticate`] by the token's issuer.

@@ -193,7 +193,11 @@ where
                         shared
                             .metrics
                             .authentications
-                            .with_label_values(&["refused", e.reason()])
+                            .with_label_values(&[
+                                shared.auth.issuer_name(&creds.token),
+                                "refused",
+                                e.reason(),
+                            ])
                             .inc();
                         shared.audit.record(&AuditEvent {
                             event: "authentication",
@@ -288,7 +292,7 @@ where
         shared
             .metrics
             .authentications
-            .with_label_values(&["refused", "vhost"])
+            .with_label_values(&[&identity.issuer_name, "refused", "vhost"])
             .inc();
         audit_identity(shared, peer, &identity, &vhost, "deny", "vhost");
         let text = format!(
@@ -311,7 +315,7 @@ where
             shared
                 .metrics
                 .authentications
-                .with_label_values(&["refused", "identity_limit"])
+                .with_label_values(&[&identity.issuer_name, "refused", "identity_limit"])
                 .inc();
             audit_identity(shared, peer, &identity, &vhost, "deny", "identity_limit");
             let text = format!(
@@ -349,7 +353,7 @@ where
             shared
                 .metrics
                 .authentications
-                .with_label_values(&["accepted", "ok"])
+                .with_label_values(&[&identity.issuer_name, "accepted", "ok"])
                 .inc();
             audit_identity(shared, peer, &identity, &vhost, "allow", "ok");
             Ok(Established {
