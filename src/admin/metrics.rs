@@ -4,6 +4,7 @@
 //! units). Nothing here is touched per frame: the relay adds bytes and frames in batches,
 //! once per read.
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -44,12 +45,31 @@ pub struct Metrics {
 
 const NS: &str = "amqp_iam_gateway";
 
-fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help).namespace(NS), labels).expect("valid metric");
+/// `name` in the gateway's namespace, with `help`.
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace(NS)
+}
+
+/// Registers `metric` (as its constructor returned it) in `registry` and returns it.
+fn register<M: Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<M>,
+) -> M {
+    let m = metric.expect("valid metric");
     registry
-        .register(Box::new(c.clone()))
+        .register(Box::new(m.clone()))
         .expect("unique metric");
-    c
+    m
+}
+
+/// A registered counter with `labels`.
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(registry, IntCounterVec::new(opts(name, help), labels))
+}
+
+/// A registered counter without labels.
+fn int_counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    register(registry, IntCounter::with_opts(opts(name, help)))
 }
 
 /// Adds one to a gauge for as long as it lives (also when the future holding it is
@@ -69,81 +89,27 @@ impl Drop for GaugeGuard {
     }
 }
 
+/// A registered gauge with `labels`.
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g = IntGaugeVec::new(Opts::new(name, help).namespace(NS), labels).expect("valid metric");
-    registry
-        .register(Box::new(g.clone()))
-        .expect("unique metric");
-    g
+    register(registry, IntGaugeVec::new(opts(name, help), labels))
+}
+
+/// A registered gauge without labels.
+fn int_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    register(registry, IntGauge::with_opts(opts(name, help)))
 }
 
 impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let build = IntGauge::with_opts(
-            Opts::new("build_info", "Build information; always 1.")
-                .namespace(NS)
-                .const_label("version", env!("CARGO_PKG_VERSION")),
-        )
-        .expect("valid metric");
+        let build = register(
+            &registry,
+            IntGauge::with_opts(
+                opts("build_info", "Build information; always 1.")
+                    .const_label("version", env!("CARGO_PKG_VERSION")),
+            ),
+        );
         build.set(1);
-        registry.register(Box::new(build)).expect("unique metric");
-        let connections_open = IntGauge::with_opts(
-            Opts::new("connections_open", "Client connections open now.").namespace(NS),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(connections_open.clone()))
-            .expect("unique metric");
-        let runtime_worker_threads = IntGauge::with_opts(
-            Opts::new(
-                "runtime_worker_threads",
-                "Worker threads of the async runtime (runtime.worker_threads).",
-            )
-            .namespace(NS),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(runtime_worker_threads.clone()))
-            .expect("unique metric");
-        let jwks_last_success = GaugeVec::new(
-            Opts::new(
-                "jwks_last_success_timestamp_seconds",
-                "Unix time of the last successful JWKS fetch, by issuer.",
-            )
-            .namespace(NS),
-            &["issuer"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(jwks_last_success.clone()))
-            .expect("unique metric");
-        let handshake_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "handshake_duration_seconds",
-                "Time spent in each phase of opening a connection.",
-            )
-            .namespace(NS)
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ]),
-            &["phase"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(handshake_duration.clone()))
-            .expect("unique metric");
-        let signature_verifications = IntCounter::with_opts(
-            Opts::new(
-                "signature_verifications_total",
-                "Token signature checks performed (cache misses and uncached tokens).",
-            )
-            .namespace(NS),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(signature_verifications.clone()))
-            .expect("unique metric");
         Metrics {
             token_cache: counter(
                 &registry,
@@ -151,7 +117,11 @@ impl Metrics {
                 "Verified-token cache lookups, by result (hit, miss).",
                 &["result"],
             ),
-            signature_verifications,
+            signature_verifications: int_counter(
+                &registry,
+                "signature_verifications_total",
+                "Token signature checks performed (cache misses and uncached tokens).",
+            ),
             connections_accepted: counter(
                 &registry,
                 "connections_accepted_total",
@@ -236,10 +206,41 @@ impl Metrics {
                 "Exchange type lookups in the management API, by result.",
                 &["result"],
             ),
-            connections_open,
-            runtime_worker_threads,
-            handshake_duration,
-            jwks_last_success,
+            connections_open: int_gauge(
+                &registry,
+                "connections_open",
+                "Client connections open now.",
+            ),
+            runtime_worker_threads: int_gauge(
+                &registry,
+                "runtime_worker_threads",
+                "Worker threads of the async runtime (runtime.worker_threads).",
+            ),
+            handshake_duration: register(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "handshake_duration_seconds",
+                        "Time spent in each phase of opening a connection.",
+                    )
+                    .namespace(NS)
+                    .buckets(vec![
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0,
+                    ]),
+                    &["phase"],
+                ),
+            ),
+            jwks_last_success: register(
+                &registry,
+                GaugeVec::new(
+                    opts(
+                        "jwks_last_success_timestamp_seconds",
+                        "Unix time of the last successful JWKS fetch, by issuer.",
+                    ),
+                    &["issuer"],
+                ),
+            ),
             registry,
             scrape: std::sync::Mutex::new(()),
         }

@@ -100,6 +100,26 @@ fn client(s: &mut Session, input: &[u8], step: usize) -> (Vec<u8>, Vec<u8>) {
     (drain(&mut to_b), drain(&mut to_c))
 }
 
+/// Feeds client bytes in one piece, which must end the connection: the error, then what
+/// went to the backend and to the client.
+fn client_fails(s: &mut Session, input: &[u8]) -> (SessionError, Vec<u8>, Vec<u8>) {
+    let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
+    let mut buf = BytesMut::from(input);
+    let err = s
+        .on_client_input(&mut buf, &mut to_b, &mut to_c)
+        .expect_err("the input ends the connection");
+    (err, drain(&mut to_b), drain(&mut to_c))
+}
+
+/// The `connection.close` in `buf`, which must be its only method frame.
+fn connection_close(buf: &[u8]) -> connection::Close {
+    let sent = methods(buf);
+    let [(0, AMQPClass::Connection(connection::AMQPMethod::Close(close)))] = sent.as_slice() else {
+        panic!("expected one connection.close: {sent:?}")
+    };
+    close.clone()
+}
+
 fn backend(s: &mut Session, input: &[u8]) -> (Vec<u8>, Vec<u8>) {
     let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
     let mut buf = BytesMut::from(input);
@@ -251,16 +271,8 @@ fn server_named_queue_needs_configure_on_amq_gen() {
 #[test]
 fn oversized_client_frame_is_a_frame_error() {
     let mut s = Session::new("alice".into(), "/".into(), perms(&[]), 4096, 1);
-    let mut buf = BytesMut::from(&[3u8, 0, 1, 0, 0, 0x20, 0][..]);
-    let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
-    assert!(s.on_client_input(&mut buf, &mut to_b, &mut to_c).is_err());
-    let sent = methods(&drain(&mut to_c));
-    let AMQPClass::Connection(amq_protocol::protocol::connection::AMQPMethod::Close(c)) =
-        &sent[0].1
-    else {
-        panic!()
-    };
-    assert_eq!(c.reply_code, 501);
+    let (_, _, to_c) = client_fails(&mut s, &[3u8, 0, 1, 0, 0, 0x20, 0]);
+    assert_eq!(connection_close(&to_c).reply_code, 501);
 }
 
 /// Regression (rabbitmq-client 5.0.8, frameMax 8192): body frames with a payload of exactly
@@ -303,16 +315,8 @@ fn client_body_frames_of_frame_max_payload_are_forwarded() {
     }
     // One byte more than RabbitMQ accepts: 501 FRAME_ERROR, as before.
     let mut s = Session::new("alice".into(), "/".into(), perms(&[]), 4096, 1);
-    let mut buf = BytesMut::from(&bytes(AMQPFrame::Body(1, vec![0u8; 4097]))[..]);
-    let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
-    assert!(s.on_client_input(&mut buf, &mut to_b, &mut to_c).is_err());
-    let sent = methods(&drain(&mut to_c));
-    let AMQPClass::Connection(amq_protocol::protocol::connection::AMQPMethod::Close(c)) =
-        &sent[0].1
-    else {
-        panic!()
-    };
-    assert_eq!(c.reply_code, 501);
+    let (_, _, to_c) = client_fails(&mut s, &bytes(AMQPFrame::Body(1, vec![0u8; 4097])));
+    assert_eq!(connection_close(&to_c).reply_code, 501);
 }
 
 #[test]
@@ -320,12 +324,7 @@ fn expiry_closes_with_320_and_stops_relaying() {
     let mut s = session(&["write:*/*"]);
     let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
     s.expire(&mut to_c, &mut to_b);
-    let c = methods(&drain(&mut to_c));
-    let AMQPClass::Connection(amq_protocol::protocol::connection::AMQPMethod::Close(close)) =
-        &c[0].1
-    else {
-        panic!()
-    };
+    let close = connection_close(&drain(&mut to_c));
     assert_eq!(
         (close.reply_code, close.reply_text.as_str()),
         (320, "CONNECTION_FORCED - credential expired")
@@ -384,23 +383,14 @@ fn undecodable_checked_methods_close_the_connection_instead_of_passing() {
     frame::write_frame(&mut frame, frame::METHOD, 1, &payload);
     let mut s = session(&["read:*/*"]);
     client(&mut s, &channel_open(1), 1 << 20);
-    let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
-    assert!(s.on_client_input(&mut frame, &mut to_b, &mut to_c).is_err());
-    let sent = methods(&drain(&mut to_c));
-    let AMQPClass::Connection(amq_protocol::protocol::connection::AMQPMethod::Close(c)) =
-        &sent[0].1
-    else {
-        panic!()
-    };
+    let (_, to_b, to_c) = client_fails(&mut s, &frame);
+    let c = connection_close(&to_c);
     assert_eq!((c.reply_code, c.class_id, c.method_id), (502, 60, 40));
-    let to_backend = methods(&drain(&mut to_b));
+    let to_backend = methods(&to_b);
     assert!(
         matches!(
             to_backend.as_slice(),
-            [(
-                0,
-                AMQPClass::Connection(amq_protocol::protocol::connection::AMQPMethod::Close(_))
-            )]
+            [(0, AMQPClass::Connection(connection::AMQPMethod::Close(_)))]
         ),
         "nothing of the publish reaches the broker: {to_backend:?}"
     );
@@ -409,8 +399,7 @@ fn undecodable_checked_methods_close_the_connection_instead_of_passing() {
     client(&mut s, &channel_open(1), 1 << 20);
     let mut frame = BytesMut::new();
     frame::write_frame(&mut frame, frame::METHOD, 1, &[0, 50, 0, 10, 0, 0, 5, b'a']);
-    let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
-    assert!(s.on_client_input(&mut frame, &mut to_b, &mut to_c).is_err());
+    client_fails(&mut s, &frame);
 }
 
 #[test]
@@ -433,16 +422,12 @@ fn only_the_content_header_may_follow_a_publish() {
     ] {
         let mut s = session(&["write:*/*", "configure:*/*"]);
         client(&mut s, &channel_open(1), 1 << 20);
-        let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
-        let mut buf = BytesMut::from(&[publish_method.clone(), next].concat()[..]);
-        let err = s
-            .on_client_input(&mut buf, &mut to_b, &mut to_c)
-            .unwrap_err();
+        let (err, to_b, to_c) = client_fails(&mut s, &[publish_method.clone(), next].concat());
         assert!(
             matches!(err, SessionError::ExpectedContentHeader(1)),
             "{name}"
         );
-        let c = methods(&drain(&mut to_c));
+        let c = methods(&to_c);
         let [(0, AMQPClass::Connection(connection::AMQPMethod::Close(close)))] = c.as_slice()
         else {
             panic!("{name}: {c:?}")
@@ -456,7 +441,7 @@ fn only_the_content_header_may_follow_a_publish() {
             close.reply_text.as_str(),
             "UNEXPECTED_FRAME - expected content header for class 60, got non content header frame instead"
         );
-        let b = methods(&drain(&mut to_b));
+        let b = methods(&to_b);
         assert!(
             matches!(
                 b.as_slice(),

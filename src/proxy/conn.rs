@@ -289,19 +289,11 @@ where
     let cancel_notify = handshake::capability(&client_props, "consumer_cancel_notify");
     if !identity.permissions.vhost_access(&vhost) {
         tracing::info!(%peer, user = %identity.username, %vhost, reason = "vhost", "vhost access refused");
-        shared
-            .metrics
-            .authentications
-            .with_label_values(&[&identity.issuer_name, "refused", "vhost"])
-            .inc();
-        audit_identity(shared, peer, &identity, &vhost, "deny", "vhost");
         let text = format!(
             "NOT_ALLOWED - access to vhost '{vhost}' refused for user '{}'",
             identity.username
         );
-        hs.vhost_refused(&mut out, &text);
-        let _ = stream.write_all(&out).await;
-        wait_close_ok(stream, hs, CLOSE_OK_WAIT).await;
+        refuse_open(stream, hs, peer, shared, &identity, &vhost, "vhost", &text).await;
         return Err("vhost_refused");
     }
     let who = identity
@@ -312,19 +304,21 @@ where
         Ok(slot) => slot,
         Err(limit) => {
             tracing::info!(%peer, user = %identity.username, %vhost, limit, "identity connection limit reached");
-            shared
-                .metrics
-                .authentications
-                .with_label_values(&[&identity.issuer_name, "refused", "identity_limit"])
-                .inc();
-            audit_identity(shared, peer, &identity, &vhost, "deny", "identity_limit");
             let text = format!(
                 "NOT_ALLOWED - access to vhost '{vhost}' refused for user '{}': connection limit ({limit}) is reached",
                 identity.username
             );
-            hs.vhost_refused(&mut out, &text);
-            let _ = stream.write_all(&out).await;
-            wait_close_ok(stream, hs, CLOSE_OK_WAIT).await;
+            refuse_open(
+                stream,
+                hs,
+                peer,
+                shared,
+                &identity,
+                &vhost,
+                "identity_limit",
+                &text,
+            )
+            .await;
             return Err("identity_limit");
         }
     };
@@ -387,6 +381,34 @@ where
             Err("backend_unavailable")
         }
     }
+}
+
+/// Refuses `connection.open` to an authenticated client: counts the refusal in
+/// `authentications_total` and writes the audit record, both with `reason`, sends
+/// `connection.close` with `text` and waits (bounded) for the client's `close-ok`.
+#[allow(clippy::too_many_arguments)]
+async fn refuse_open<S>(
+    stream: &mut S,
+    hs: &mut ClientHandshake,
+    peer: SocketAddr,
+    shared: &Shared,
+    identity: &Identity,
+    vhost: &str,
+    reason: &str,
+    text: &str,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    shared
+        .metrics
+        .authentications
+        .with_label_values(&[&identity.issuer_name, "refused", reason])
+        .inc();
+    audit_identity(shared, peer, identity, vhost, "deny", reason);
+    let mut out = BytesMut::new();
+    hs.vhost_refused(&mut out, text);
+    let _ = stream.write_all(&out).await;
+    wait_close_ok(stream, hs, CLOSE_OK_WAIT).await;
 }
 
 /// An audit record about an authenticated client.

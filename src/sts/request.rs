@@ -292,16 +292,15 @@ fn check_audiences(list: &[String], errors: &mut Vec<String>) {
 }
 
 fn check_duration(d: i64, errors: &mut Vec<String>) {
-    if d < MIN_DURATION_SECONDS {
-        errors.push(format!(
-            "Value '{d}' at 'durationSeconds' failed to satisfy constraint: Member must have value greater than or equal to {MIN_DURATION_SECONDS}"
-        ));
-    }
-    if d > MAX_DURATION_SECONDS {
-        errors.push(format!(
-            "Value '{d}' at 'durationSeconds' failed to satisfy constraint: Member must have value less than or equal to {MAX_DURATION_SECONDS}"
-        ));
-    }
+    check_range(
+        &d.to_string(),
+        "durationSeconds",
+        "value",
+        d,
+        MIN_DURATION_SECONDS,
+        MAX_DURATION_SECONDS,
+        errors,
+    );
 }
 
 fn check_tags(tags: &[(Option<String>, Option<String>)], errors: &mut Vec<String>) {
@@ -313,35 +312,46 @@ fn check_tags(tags: &[(Option<String>, Option<String>)], errors: &mut Vec<String
     }
     for (i, (k, v)) in tags.iter().enumerate() {
         let n = i + 1;
-        match k {
-            None => errors.push(null_at(&format!("tags.{n}.member.key"))),
-            Some(k) => {
-                let at = format!("tags.{n}.member.key");
-                check_length(k, &at, 1, MAX_TAG_KEY_CHARS, errors);
-                check_chars(k, &at, '+', errors);
-            }
-        }
-        match v {
-            None => errors.push(null_at(&format!("tags.{n}.member.value"))),
-            Some(v) => {
-                let at = format!("tags.{n}.member.value");
-                check_length(v, &at, 0, MAX_TAG_VALUE_CHARS, errors);
-                check_chars(v, &at, '*', errors);
+        // The key, then the value, each with its length bounds and pattern repetition.
+        for (member, text, min, max, repeat) in [
+            ("key", k, 1, MAX_TAG_KEY_CHARS, '+'),
+            ("value", v, 0, MAX_TAG_VALUE_CHARS, '*'),
+        ] {
+            let at = format!("tags.{n}.member.{member}");
+            match text {
+                None => errors.push(null_at(&at)),
+                Some(text) => {
+                    check_length(text, &at, min, max, errors);
+                    check_chars(text, &at, repeat, errors);
+                }
             }
         }
     }
 }
 
 fn check_length(s: &str, at: &str, min: usize, max: usize, errors: &mut Vec<String>) {
-    let n = s.chars().count();
+    check_range(s, at, "length", s.chars().count(), min, max, errors);
+}
+
+/// Pushes AWS's message when `n`, the `what` (`length` or `value`) of the member at `at`
+/// (quoted as `shown`), is below `min` or above `max`.
+fn check_range<T: PartialOrd + std::fmt::Display>(
+    shown: &str,
+    at: &str,
+    what: &str,
+    n: T,
+    min: T,
+    max: T,
+    errors: &mut Vec<String>,
+) {
     if n < min {
         errors.push(format!(
-            "Value '{s}' at '{at}' failed to satisfy constraint: Member must have length greater than or equal to {min}"
+            "Value '{shown}' at '{at}' failed to satisfy constraint: Member must have {what} greater than or equal to {min}"
         ));
     }
     if n > max {
         errors.push(format!(
-            "Value '{s}' at '{at}' failed to satisfy constraint: Member must have length less than or equal to {max}"
+            "Value '{shown}' at '{at}' failed to satisfy constraint: Member must have {what} less than or equal to {max}"
         ));
     }
 }

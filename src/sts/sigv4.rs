@@ -274,8 +274,8 @@ pub fn signature(
     region: &str,
     service: &str,
 ) -> String {
-    let date = amz_date.get(..8).unwrap_or(amz_date);
-    let scope = format!("{date}/{region}/{service}/aws4_request");
+    let date = scope_date(amz_date);
+    let scope = credential_scope(amz_date, region, service);
     let creq = canonical_request(req, signed_headers);
     let sts = string_to_sign(amz_date, &scope, &creq);
     let key = signing_key(secret, date, region, service);
@@ -293,12 +293,24 @@ pub fn authorization_header(
     region: &str,
     service: &str,
 ) -> String {
-    let date = amz_date.get(..8).unwrap_or(amz_date);
+    let scope = credential_scope(amz_date, region, service);
     let sig = signature(secret, req, signed_headers, amz_date, region, service);
     format!(
-        "{ALGORITHM} Credential={access_key_id}/{date}/{region}/{service}/aws4_request, SignedHeaders={}, Signature={sig}",
+        "{ALGORITHM} Credential={access_key_id}/{scope}, SignedHeaders={}, Signature={sig}",
         signed_headers.join(";")
     )
+}
+
+/// The `YYYYMMDD` of an `X-Amz-Date` (all of it when shorter).
+fn scope_date(amz_date: &str) -> &str {
+    amz_date.get(..8).unwrap_or(amz_date)
+}
+
+/// The credential scope `date/region/service/aws4_request` for a request signed at
+/// `amz_date`.
+fn credential_scope(amz_date: &str, region: &str, service: &str) -> String {
+    let date = scope_date(amz_date);
+    format!("{date}/{region}/{service}/aws4_request")
 }
 
 /// The canonical request (step 1).
@@ -431,17 +443,48 @@ mod tests {
         vec!["host".into(), "x-amz-date".into()]
     }
 
+    /// A request of the test suite: `method` on `/` with `query`, `headers` and no body.
+    fn suite_request<'a>(
+        method: &'a str,
+        query: &'a str,
+        headers: &'a [(String, String)],
+    ) -> SignedRequest<'a> {
+        SignedRequest {
+            method,
+            path: "/",
+            query,
+            headers,
+            body: b"",
+        }
+    }
+
+    /// The signature of the test suite's request `method` on `/` with `query`, in the
+    /// suite's scope (`us-east-1`, `service`).
+    fn suite_signature(method: &str, query: &str) -> String {
+        let headers = suite_headers();
+        let req = suite_request(method, query, &headers);
+        signature(SECRET, &req, &signed(), AMZ_DATE, "us-east-1", "service")
+    }
+
+    /// A `POST /` with `headers` and `body`, as STS clients send.
+    fn post<'a>(headers: &'a [(String, String)], body: &'a [u8]) -> SignedRequest<'a> {
+        SignedRequest {
+            method: "POST",
+            path: "/",
+            query: "",
+            headers,
+            body,
+        }
+    }
+
+    /// The body of the STS requests below.
+    const STS_BODY: &[u8] = b"Action=GetWebIdentityToken&Version=2011-06-15";
+
     /// aws-sig-v4-test-suite `get-vanilla`: every intermediate value.
     #[test]
     fn get_vanilla_vector() {
         let headers = suite_headers();
-        let req = SignedRequest {
-            method: "GET",
-            path: "/",
-            query: "",
-            headers: &headers,
-            body: b"",
-        };
+        let req = suite_request("GET", "", &headers);
         let creq = canonical_request(&req, &signed());
         assert_eq!(
             creq,
@@ -474,16 +517,8 @@ mod tests {
     /// `get-vanilla-query-order-key-case`: the query is sorted by key.
     #[test]
     fn get_vanilla_query_order_vector() {
-        let headers = suite_headers();
-        let req = SignedRequest {
-            method: "GET",
-            path: "/",
-            query: "Param2=value2&Param1=value1",
-            headers: &headers,
-            body: b"",
-        };
         assert_eq!(
-            signature(SECRET, &req, &signed(), AMZ_DATE, "us-east-1", "service"),
+            suite_signature("GET", "Param2=value2&Param1=value1"),
             "b97d918cfa904a5beff61c982a1b6f458b799221646efd99d3219ec94cdf2500"
         );
     }
@@ -491,16 +526,8 @@ mod tests {
     /// `post-vanilla`.
     #[test]
     fn post_vanilla_vector() {
-        let headers = suite_headers();
-        let req = SignedRequest {
-            method: "POST",
-            path: "/",
-            query: "",
-            headers: &headers,
-            body: b"",
-        };
         assert_eq!(
-            signature(SECRET, &req, &signed(), AMZ_DATE, "us-east-1", "service"),
+            suite_signature("POST", ""),
             "5da7c1a2acd57cee7505fc6676e4e544621c30862966e37dddb68e92efbe5d6b"
         );
     }
@@ -527,14 +554,7 @@ mod tests {
     }
 
     fn sts_request(headers: &mut Vec<(String, String)>, secret: &str, region: &str) {
-        let body = b"Action=GetWebIdentityToken&Version=2011-06-15";
-        let req = SignedRequest {
-            method: "POST",
-            path: "/",
-            query: "",
-            headers,
-            body,
-        };
+        let req = post(headers, STS_BODY);
         let signed = vec!["content-type".into(), "host".into(), "x-amz-date".into()];
         let auth = authorization_header(AKID, secret, &req, &signed, AMZ_DATE, region, "sts");
         headers.push(("Authorization".into(), auth));
@@ -542,13 +562,7 @@ mod tests {
 
     fn verify_with(headers: &[(String, String)], now: i64) -> Result<String, ApiError> {
         let p = principal();
-        let req = SignedRequest {
-            method: "POST",
-            path: "/",
-            query: "",
-            headers,
-            body: b"Action=GetWebIdentityToken&Version=2011-06-15",
-        };
+        let req = post(headers, STS_BODY);
         verify(&req, |k| (k == AKID).then_some(&p), "us-east-1", "sts", now)
             .map(|p| p.role_arn.clone())
     }
@@ -595,13 +609,7 @@ mod tests {
         let mut h = base_headers();
         sts_request(&mut h, SECRET, "us-east-1");
         let p = principal();
-        let req = SignedRequest {
-            method: "POST",
-            path: "/",
-            query: "",
-            headers: &h,
-            body: b"Action=GetWebIdentityToken&Version=2011-06-16",
-        };
+        let req = post(&h, b"Action=GetWebIdentityToken&Version=2011-06-16");
         let e = verify(&req, |_| Some(&p), "us-east-1", "sts", AT).unwrap_err();
         assert_eq!((e.status, e.code), (403, "SignatureDoesNotMatch"));
         assert_eq!(e.message, MISMATCH_MESSAGE);
@@ -623,13 +631,7 @@ mod tests {
             (403, "SignatureDoesNotMatch")
         );
         // Unknown access key id.
-        let req = SignedRequest {
-            method: "POST",
-            path: "/",
-            query: "",
-            headers: &h,
-            body: b"",
-        };
+        let req = post(&h, b"");
         let e = verify(&req, |_| None, "us-east-1", "sts", AT).unwrap_err();
         assert_eq!((e.status, e.code), (403, "InvalidClientTokenId"));
         // No X-Amz-Date.

@@ -1,59 +1,12 @@
-//! UTC calendar arithmetic for the two timestamp forms STS uses: `X-Amz-Date`
-//! (`20150830T123600Z`) and ISO 8601 (`2015-08-30T12:36:00Z`). Pure, proleptic Gregorian,
-//! no leap seconds (as Unix time).
+//! The two timestamp forms STS uses: `X-Amz-Date` (`20150830T123600Z`) and ISO 8601
+//! (`2015-08-30T12:36:00Z`), formatted from and parsed to Unix seconds. Pure; the calendar
+//! arithmetic (proleptic Gregorian, no leap seconds, as Unix time) is [`crate::utc`]'s.
 
-/// Days since 1970-01-01 → (year, month 1–12, day 1–31). H. Hinnant's `civil_from_days`.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
-/// (year, month, day) → days since 1970-01-01. H. Hinnant's `days_from_civil`.
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = i64::from(month);
-    let mp = if m > 2 { m - 3 } else { m + 9 };
-    let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-struct Parts {
-    year: i64,
-    month: u32,
-    day: u32,
-    hour: i64,
-    minute: i64,
-    second: i64,
-}
-
-fn parts(unix: i64) -> Parts {
-    let days = unix.div_euclid(86_400);
-    let secs = unix.rem_euclid(86_400);
-    let (year, month, day) = civil_from_days(days);
-    Parts {
-        year,
-        month,
-        day,
-        hour: secs / 3600,
-        minute: secs % 3600 / 60,
-        second: secs % 60,
-    }
-}
+use crate::utc::{DateTime, civil_from_days, days_from_civil};
 
 /// `2015-08-30T12:36:00Z`.
 pub fn iso8601(unix: i64) -> String {
-    let p = parts(unix);
+    let p = DateTime::from_unix(unix);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
         p.year, p.month, p.day, p.hour, p.minute, p.second
@@ -62,7 +15,7 @@ pub fn iso8601(unix: i64) -> String {
 
 /// `20150830T123600Z`.
 pub fn amz_date(unix: i64) -> String {
-    let p = parts(unix);
+    let p = DateTime::from_unix(unix);
     format!(
         "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
         p.year, p.month, p.day, p.hour, p.minute, p.second
