@@ -1,6 +1,10 @@
 //! The `amqp-iam-gateway` command line: parse arguments, load and validate the config,
 //! set up logging, run.
 
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
