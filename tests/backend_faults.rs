@@ -191,7 +191,9 @@ async fn slow_node(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connects_to_a_node_are_bounded_by_max_connecting() {
     use std::sync::atomic::Ordering;
-    let (node, accepted, peak) = slow_node(Duration::from_millis(200)).await;
+    // Each connect lasts 1 s, so clients arriving within a second of each other overlap
+    // even on a loaded machine.
+    let (node, accepted, peak) = slow_node(Duration::from_secs(1)).await;
     let gw = start_gateway_full("", &node, "max_connecting = 2\nconnect_timeout_ms = 5000").await;
     let gw = std::sync::Arc::new(gw);
     let token = sign(&claims(ADMIN_ROLE));
@@ -219,9 +221,10 @@ async fn connects_to_a_node_are_bounded_by_max_connecting() {
 async fn a_client_waiting_too_long_for_a_connect_slot_gets_320() {
     use std::sync::atomic::Ordering;
     // Every connect holds the only slot for the whole timeout (the node never answers), so
-    // of three clients at once, the third in the queue cannot get the slot in time.
-    let (node, accepted, _) = slow_node(Duration::from_secs(3)).await;
-    let gw = start_gateway_full("", &node, "max_connecting = 1\nconnect_timeout_ms = 500").await;
+    // of three clients arriving within 2 s of each other, the third in the queue cannot get
+    // the slot in time.
+    let (node, accepted, _) = slow_node(Duration::from_secs(10)).await;
+    let gw = start_gateway_full("", &node, "max_connecting = 1\nconnect_timeout_ms = 2000").await;
     let token = sign(&claims(ADMIN_ROLE));
     let (a, b, c) = tokio::join!(
         gw.connect(&token, "/"),
