@@ -30,8 +30,6 @@
 //! - [`sts`]: the embedded AWS STS issuer for development and tests: `GetWebIdentityToken`
 //!   over the STS Query API (SigV4 verified), tokens with the AWS shape, persisted keys with
 //!   rotation, OIDC discovery and JWKS.
-//! - [`utc`]: UTC calendar arithmetic on Unix time (pure), for the audit log's timestamps and
-//!   the STS emulator's dates.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -43,4 +41,3 @@ pub mod config;
 pub mod devmode;
 pub mod proxy;
 pub mod sts;
-pub mod utc;

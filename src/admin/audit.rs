@@ -10,7 +10,6 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::config::AuditSink;
-use crate::utc::DateTime;
 
 /// One audit record.
 #[derive(Debug, Default, Serialize)]
@@ -93,18 +92,14 @@ impl Audit {
 
 /// `2026-11-27T06:01:02.345Z`.
 fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let c = DateTime::from_unix(d.as_secs() as i64);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        c.year,
-        c.month,
-        c.day,
-        c.hour,
-        c.minute,
-        c.second,
-        d.subsec_millis()
-    )
+    const RFC3339_MILLIS: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    // Cannot fail: the format has only calendar fields, and a SystemTime of this process is
+    // within the years 1–9999.
+    time::OffsetDateTime::from(t)
+        .format(RFC3339_MILLIS)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -1,52 +1,43 @@
 //! The two timestamp forms STS uses: `X-Amz-Date` (`20150830T123600Z`) and ISO 8601
-//! (`2015-08-30T12:36:00Z`), formatted from and parsed to Unix seconds. Pure; the calendar
-//! arithmetic (proleptic Gregorian, no leap seconds, as Unix time) is [`crate::utc`]'s.
+//! (`2015-08-30T12:36:00Z`), formatted from and parsed to Unix seconds with the `time`
+//! crate. Pure.
 
-use crate::utc::{DateTime, civil_from_days, days_from_civil};
+use time::format_description::BorrowedFormatItem;
+use time::macros::format_description;
+use time::{OffsetDateTime, PrimitiveDateTime};
+
+const ISO8601: &[BorrowedFormatItem<'_>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+const AMZ_DATE: &[BorrowedFormatItem<'_>] =
+    format_description!("[year][month][day]T[hour][minute][second]Z");
+
+/// `unix` formatted with `format`. Times outside the years 1–9999 (never a clock reading)
+/// are formatted as the nearest end of that range.
+fn format(unix: i64, format: &[BorrowedFormatItem<'_>]) -> String {
+    let t = OffsetDateTime::from_unix_timestamp(unix).unwrap_or(if unix < 0 {
+        time::macros::datetime!(0001-01-01 0:00 UTC)
+    } else {
+        time::macros::datetime!(9999-12-31 23:59:59 UTC)
+    });
+    // Cannot fail: the format has only calendar fields, and the year is four digits.
+    t.format(format).unwrap_or_default()
+}
 
 /// `2015-08-30T12:36:00Z`.
 pub fn iso8601(unix: i64) -> String {
-    let p = DateTime::from_unix(unix);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-        p.year, p.month, p.day, p.hour, p.minute, p.second
-    )
+    format(unix, ISO8601)
 }
 
 /// `20150830T123600Z`.
 pub fn amz_date(unix: i64) -> String {
-    let p = DateTime::from_unix(unix);
-    format!(
-        "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
-        p.year, p.month, p.day, p.hour, p.minute, p.second
-    )
+    format(unix, AMZ_DATE)
 }
 
 /// Parses `YYYYMMDDTHHMMSSZ` into Unix seconds; `None` unless exactly that form and a real
 /// date and time.
 pub fn parse_amz_date(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<u32> {
-        let t = s.get(r)?;
-        if !t.bytes().all(|c| c.is_ascii_digit()) {
-            return None;
-        }
-        t.parse().ok()
-    };
-    let (year, month, day) = (num(0..4)?, num(4..6)?, num(6..8)?);
-    let (hour, minute, second) = (num(9..11)?, num(11..13)?, num(13..15)?);
-    if !(1..=12).contains(&month) || day == 0 || hour > 23 || minute > 59 || second > 59 {
-        return None;
-    }
-    let days = days_from_civil(i64::from(year), month, day);
-    // Reject 31 February and friends: the day must survive the round trip.
-    if civil_from_days(days) != (i64::from(year), month, day) {
-        return None;
-    }
-    Some(days * 86_400 + i64::from(hour) * 3600 + i64::from(minute) * 60 + i64::from(second))
+    let t = PrimitiveDateTime::parse(s, AMZ_DATE).ok()?;
+    Some(t.assume_utc().unix_timestamp())
 }
 
 #[cfg(test)]
@@ -68,6 +59,18 @@ mod tests {
         assert_eq!(parse_amz_date("20150830T123600Z"), Some(1_440_938_160));
         for t in [0, 951_782_400, 1_700_000_000, 4_102_444_799] {
             assert_eq!(parse_amz_date(&amz_date(t)), Some(t));
+        }
+        // Every day from 1600 to 2400 (at a time of day that moves), both ways.
+        let (from, to) = (-11_676_096_000_i64, 13_569_465_600_i64);
+        for (i, t) in (from..to).step_by(86_400).enumerate() {
+            let t = t + (i as i64 * 3_607) % 86_400;
+            let text = amz_date(t);
+            assert_eq!(parse_amz_date(&text), Some(t), "{text}");
+            assert_eq!(
+                iso8601(t).replace(['-', ':'], ""),
+                text,
+                "the two forms agree"
+            );
         }
     }
 
