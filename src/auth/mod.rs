@@ -443,10 +443,19 @@ impl Authenticators {
             .ok_or(AuthError::WrongIssuer { found: iss })
     }
 
-    /// The name of the issuer entry `token` is dispatched to, for metrics about a refused
-    /// token; `none` when its `iss` names no configured issuer (or cannot be read).
-    pub fn issuer_name(&self, token: &str) -> &str {
-        self.select(token).map_or("none", |a| a.name.as_str())
+    /// [`Authenticator::authenticate`] by the token's issuer, with the name of the issuer
+    /// entry the token went to (for metrics about a refusal): `none` when its `iss` names
+    /// no configured issuer or cannot be read.
+    pub async fn authenticate_named(
+        &self,
+        token: &str,
+        now: i64,
+        source: Option<IpAddr>,
+    ) -> (&str, Result<Identity, AuthError>) {
+        match self.select(token) {
+            Ok(a) => (&a.name, a.authenticate(token, now, source).await),
+            Err(e) => ("none", Err(e)),
+        }
     }
 
     /// [`Authenticator::authenticate`] by the token's issuer.
@@ -456,7 +465,7 @@ impl Authenticators {
         now: i64,
         source: Option<IpAddr>,
     ) -> Result<Identity, AuthError> {
-        self.select(token)?.authenticate(token, now, source).await
+        self.authenticate_named(token, now, source).await.1
     }
 }
 

@@ -172,9 +172,9 @@ where
             }
             Ok(Step::Authenticate(creds)) => {
                 let timer = shared.metrics.phase("verify").start_timer();
-                let verified = shared
+                let (issuer, verified) = shared
                     .auth
-                    .authenticate(&creds.token, now_secs(), Some(peer.ip()))
+                    .authenticate_named(&creds.token, now_secs(), Some(peer.ip()))
                     .await;
                 timer.observe_duration();
                 match verified {
@@ -193,11 +193,7 @@ where
                         shared
                             .metrics
                             .authentications
-                            .with_label_values(&[
-                                shared.auth.issuer_name(&creds.token),
-                                "refused",
-                                e.reason(),
-                            ])
+                            .with_label_values(&[issuer, "refused", e.reason()])
                             .inc();
                         shared.audit.record(&AuditEvent {
                             event: "authentication",
