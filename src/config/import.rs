@@ -26,9 +26,10 @@ pub struct Imported {
 #[derive(Default)]
 struct OAuth2 {
     scalars: BTreeMap<&'static str, Scalar>,
-    algorithms: BTreeMap<String, String>,
     username_claims: BTreeMap<String, String>,
-    signing_keys: BTreeMap<String, String>,
+    /// The root level's key settings (`auth_oauth2.issuer`, `jwks_uri`, `signing_keys`, …):
+    /// the provider of the root resource server.
+    root: Provider,
     aliases: Aliases,
     /// `auth_oauth2.oauth_providers.<name>.*` (3.13+).
     providers: BTreeMap<String, Provider>,
@@ -46,7 +47,7 @@ struct Aliases {
     indexed: BTreeMap<String, (Option<String>, Option<String>)>,
 }
 
-/// An OAuth 2.0 provider: where the keys come from.
+/// An OAuth 2.0 provider (or the root level): where the keys come from.
 #[derive(Default)]
 struct Provider {
     issuer: Option<String>,
@@ -84,13 +85,10 @@ enum Scalar {
 }
 
 /// Keys of `auth_oauth2.*` that map one to one onto a gateway `[oauth2]` key.
-const SCALARS: [(&str, &str, bool); 8] = [
+const SCALARS: [(&str, &str, bool); 5] = [
     ("resource_server_id", "resource_server_id", false),
     ("scope_prefix", "scope_prefix", false),
     ("additional_scopes_key", "additional_scopes_key", false),
-    ("default_key", "default_key", false),
-    ("issuer", "issuer", false),
-    ("jwks_uri", "jwks_uri", false),
     ("verify_aud", "verify_aud", true),
     ("require_exp", "require_exp", true),
 ];
@@ -142,10 +140,13 @@ impl OAuth2 {
         if let Some(rest) = k.strip_prefix("resource_servers.") {
             return self.take_server(rest, value, line);
         }
+        if self.root.take(k, &value) {
+            return Ok(());
+        }
         let parts: Vec<&str> = k.splitn(3, '.').collect();
         match parts.as_slice() {
             ["jwks_url"] => {
-                self.scalars.insert("jwks_uri", Scalar::Text(value));
+                self.root.jwks_uri = Some(value);
                 Ok(())
             }
             [name] if SCALARS.iter().any(|(n, _, _)| n == name) => {
@@ -172,17 +173,8 @@ impl OAuth2 {
                 self.username_claims.insert((*n).to_owned(), value);
                 Ok(())
             }
-            ["algorithms", n] => {
-                self.algorithms.insert((*n).to_owned(), value);
-                Ok(())
-            }
-            ["signing_keys", kid] => {
-                self.signing_keys.insert((*kid).to_owned(), value);
-                Ok(())
-            }
-            ["scope_aliases", ..] => {
-                self.aliases
-                    .take(k.trim_start_matches("scope_aliases."), value);
+            ["scope_aliases", _, ..] => {
+                self.aliases.take(&k["scope_aliases.".len()..], value);
                 Ok(())
             }
             ["default_oauth_provider"] => {
@@ -195,48 +187,25 @@ impl OAuth2 {
 
     /// `oauth_providers.<name>.<key>`.
     fn take_provider(&mut self, rest: &str, value: String, line: usize) -> Result<(), String> {
-        let Some((name, key)) = rest.split_once('.') else {
-            return Err("expected oauth_providers.<name>.<key>".into());
-        };
-        let p = self
-            .providers
-            .entry(name.to_owned())
-            .or_insert_with(|| Provider {
-                line,
-                ..Provider::default()
-            });
-        let parts: Vec<&str> = key.splitn(2, '.').collect();
-        match parts.as_slice() {
-            ["issuer"] => p.issuer = Some(value),
-            ["jwks_uri"] => p.jwks_uri = Some(value),
-            ["default_key"] => p.default_key = Some(value),
-            ["signing_keys", kid] => {
-                p.signing_keys.insert((*kid).to_owned(), value);
-            }
-            ["algorithms", n] => {
-                p.algorithms.insert((*n).to_owned(), value);
-            }
-            _ => {
-                return Err(
-                    not_imported(&parts).unwrap_or_else(|| "unknown oauth_providers key".into())
-                );
-            }
+        let (p, key) = named(&mut self.providers, rest, "oauth_providers", || Provider {
+            line,
+            ..Provider::default()
+        })?;
+        if p.take(key, &value) {
+            return Ok(());
         }
-        Ok(())
+        let parts: Vec<&str> = key.splitn(2, '.').collect();
+        Err(not_imported(&parts).unwrap_or_else(|| "unknown oauth_providers key".into()))
     }
 
     /// `resource_servers.<name>.<key>`.
     fn take_server(&mut self, rest: &str, value: String, line: usize) -> Result<(), String> {
-        let Some((name, key)) = rest.split_once('.') else {
-            return Err("expected resource_servers.<name>.<key>".into());
-        };
-        let r = self
-            .servers
-            .entry(name.to_owned())
-            .or_insert_with(|| ResourceServer {
+        let (r, key) = named(&mut self.servers, rest, "resource_servers", || {
+            ResourceServer {
                 line,
                 ..ResourceServer::default()
-            });
+            }
+        })?;
         match key {
             "id" => r.id = Some(value),
             "scope_prefix" => r.scope_prefix = Some(value),
@@ -270,25 +239,12 @@ impl OAuth2 {
         }
     }
 
-    /// The keys of the root `auth_oauth2.*` level, as a provider.
-    fn root_provider(&self) -> Provider {
-        Provider {
-            issuer: self.text("issuer").map(str::to_owned),
-            jwks_uri: self.text("jwks_uri").map(str::to_owned),
-            default_key: self.text("default_key").map(str::to_owned),
-            signing_keys: self.signing_keys.clone(),
-            // The root algorithms stay at the root, where every entry inherits them.
-            algorithms: BTreeMap::new(),
-            line: 0,
-        }
-    }
-
     /// With `oauth_providers` or `resource_servers` (RabbitMQ 3.13+): one issuer entry per
     /// resource server (and one for the root `resource_server_id` when set), carrying its
     /// provider's keys. The gateway chooses an entry by the token's `iss` where RabbitMQ
     /// chooses the resource server by `aud`, so each entry needs its own issuer; what cannot
     /// be carried over is noted.
-    fn entries<'a>(&'a self, root: &'a Provider, notes: &mut Vec<ImportNote>) -> Vec<Entry<'a>> {
+    fn entries(&self, notes: &mut Vec<ImportNote>) -> Vec<Entry<'_>> {
         if self.providers.is_empty() && self.servers.is_empty() {
             if self.default_provider.is_some() {
                 notes.push(note(
@@ -322,13 +278,13 @@ impl OAuth2 {
             ));
         }
         let mut used: Vec<&str> = Vec::new();
-        let mut entries: Vec<Entry<'a>> = Vec::new();
+        let mut entries: Vec<Entry<'_>> = Vec::new();
         for (name, server, line, key) in candidates {
             let wanted = server
                 .and_then(|s| s.provider.as_ref())
                 .or(self.default_provider.as_ref());
             let (provider_key, provider) = match wanted {
-                None => ("auth_oauth2".to_owned(), root),
+                None => ("auth_oauth2".to_owned(), &self.root),
                 Some(p) => match self.providers.get_key_value(p) {
                     Some((p, provider)) => {
                         used.push(p);
@@ -383,15 +339,15 @@ impl OAuth2 {
     }
 
     fn render(self, notes: &mut Vec<ImportNote>) -> String {
-        let root = self.root_provider();
-        let entries = self.entries(&root, notes);
+        let root = &self.root;
+        let entries = self.entries(notes);
         let root_has_keys = root.issuer.is_some()
             || root.jwks_uri.is_some()
             || root.default_key.is_some()
             || !root.signing_keys.is_empty();
         if !entries.is_empty()
             && root_has_keys
-            && !entries.iter().any(|e| std::ptr::eq(e.provider, &root))
+            && !entries.iter().any(|e| std::ptr::eq(e.provider, root))
         {
             notes.push(note(
                 0,
@@ -418,10 +374,6 @@ impl OAuth2 {
         );
         let _ = writeln!(t, "[oauth2]");
         for (key, v) in &self.scalars {
-            // With issuer entries, the root provider's keys move into its entry.
-            if !entries.is_empty() && ["issuer", "jwks_uri", "default_key"].contains(key) {
-                continue;
-            }
             match v {
                 Scalar::Text(s) => {
                     let _ = writeln!(t, "{key} = {}", quote(s));
@@ -430,6 +382,11 @@ impl OAuth2 {
                     let _ = writeln!(t, "{key} = {b}");
                 }
             }
+        }
+        // With issuer entries, the root provider's keys move into its entry.
+        if entries.is_empty() {
+            write_text(&mut t, "issuer", root.issuer.as_deref());
+            write_keys(&mut t, root);
         }
         if let Some(first) = entries.first()
             && self.text("resource_server_id").is_none()
@@ -447,9 +404,10 @@ impl OAuth2 {
             let list: Vec<String> = self.username_claims.values().map(|v| quote(v)).collect();
             let _ = writeln!(t, "preferred_username_claims = [{}]", list.join(", "));
         }
-        write_list(&mut t, "algorithms", &self.algorithms);
+        // Every entry inherits the root algorithms.
+        write_list(&mut t, "algorithms", &root.algorithms);
         if entries.is_empty() {
-            write_table(&mut t, "oauth2.signing_keys", &self.signing_keys);
+            write_table(&mut t, "oauth2.signing_keys", &root.signing_keys);
         }
         let aliases = self.aliases.merged("auth_oauth2.scope_aliases", notes);
         write_table(&mut t, "oauth2.scope_aliases", &aliases);
@@ -461,23 +419,18 @@ impl OAuth2 {
                 quote(e.issuer)
             );
             let p = e.provider;
-            for (key, v) in [("jwks_uri", &p.jwks_uri), ("default_key", &p.default_key)] {
-                if let Some(v) = v {
-                    let _ = writeln!(t, "{key} = {}", quote(v));
-                }
+            write_keys(&mut t, p);
+            if !std::ptr::eq(p, root) {
+                write_list(&mut t, "algorithms", &p.algorithms);
             }
-            write_list(&mut t, "algorithms", &p.algorithms);
             if let Some(s) = e.server {
-                let fields = [
-                    ("resource_server_id", e.resource_server_id()),
-                    ("scope_prefix", s.scope_prefix.as_deref()),
-                    ("additional_scopes_key", s.additional_scopes_key.as_deref()),
-                ];
-                for (key, v) in fields {
-                    if let Some(v) = v {
-                        let _ = writeln!(t, "{key} = {}", quote(v));
-                    }
-                }
+                write_text(&mut t, "resource_server_id", e.resource_server_id());
+                write_text(&mut t, "scope_prefix", s.scope_prefix.as_deref());
+                write_text(
+                    &mut t,
+                    "additional_scopes_key",
+                    s.additional_scopes_key.as_deref(),
+                );
             }
             write_table(&mut t, "oauth2.issuers.signing_keys", &p.signing_keys);
             if let Some(s) = e.server.filter(|s| !s.aliases.is_empty()) {
@@ -500,6 +453,55 @@ impl Entry<'_> {
         self.server
             .map(|s| s.id.as_deref().unwrap_or(self.name.as_str()))
     }
+}
+
+impl Provider {
+    /// Takes `key` (what follows `auth_oauth2.` or `auth_oauth2.oauth_providers.<name>.`)
+    /// when it is one of a provider's: `issuer`, `jwks_uri`, `default_key`,
+    /// `signing_keys.<kid>`, `algorithms.<n>`.
+    fn take(&mut self, key: &str, value: &str) -> bool {
+        let value = value.to_owned();
+        match key.split_once('.') {
+            None if key == "issuer" => self.issuer = Some(value),
+            None if key == "jwks_uri" => self.jwks_uri = Some(value),
+            None if key == "default_key" => self.default_key = Some(value),
+            Some(("signing_keys", kid)) => {
+                self.signing_keys.insert(kid.to_owned(), value);
+            }
+            Some(("algorithms", n)) => {
+                self.algorithms.insert(n.to_owned(), value);
+            }
+            _ => return false,
+        }
+        true
+    }
+}
+
+/// For `rest` = `<name>.<key>` of `auth_oauth2.<table>.`: the entry `<name>` of `map`
+/// (made by `new` when it is the first line about it) and `<key>`.
+fn named<'m, 'r, T>(
+    map: &'m mut BTreeMap<String, T>,
+    rest: &'r str,
+    table: &str,
+    new: impl FnOnce() -> T,
+) -> Result<(&'m mut T, &'r str), String> {
+    let (name, key) = rest
+        .split_once('.')
+        .ok_or_else(|| format!("expected {table}.<name>.<key>"))?;
+    Ok((map.entry(name.to_owned()).or_insert_with(new), key))
+}
+
+/// `key = "value"` when there is a value.
+fn write_text(t: &mut String, key: &str, value: Option<&str>) {
+    if let Some(v) = value {
+        let _ = writeln!(t, "{key} = {}", quote(v));
+    }
+}
+
+/// A provider's `jwks_uri` and `default_key` lines.
+fn write_keys(t: &mut String, p: &Provider) {
+    write_text(t, "jwks_uri", p.jwks_uri.as_deref());
+    write_text(t, "default_key", p.default_key.as_deref());
 }
 
 /// `key = ["a", "b"]` in index order, when not empty.
