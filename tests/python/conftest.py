@@ -28,6 +28,7 @@ import socket
 import ssl
 import subprocess
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -428,15 +429,17 @@ def run_gateway(workdir: Path, config: Path, port: int, ca_file: Path):
         log.close()
 
 
+def metrics_text(admin_port: int) -> str:
+    """The gateway's `/metrics` text, from its admin listener."""
+    url = f"http://127.0.0.1:{admin_port}/metrics"
+    return urllib.request.urlopen(url, timeout=5).read().decode()
+
+
 def metric(admin_port: int, sample: str) -> float:
     """The value of `sample` (a metric name with its labels as written in the exposition
     text, e.g. `amqp_iam_gateway_config_reloads_total{result="ok"}`) on the gateway's admin
     listener; 0 when absent."""
-    import urllib.request
-
-    url = f"http://127.0.0.1:{admin_port}/metrics"
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    for line in text.splitlines():
+    for line in metrics_text(admin_port).splitlines():
         if line.startswith(sample + " "):
             return float(line.split()[-1])
     return 0.0

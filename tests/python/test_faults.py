@@ -18,7 +18,6 @@ import ssl
 import subprocess
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pika
@@ -32,6 +31,7 @@ from conftest import (
     _write_config,
     _write_tls,
     metric,
+    metrics_text,
     mint,
     run_gateway,
     unique,
@@ -98,7 +98,7 @@ def _closed(sock: socket.socket, deadline: float) -> bool:
 
 
 def _accepted(admin: int) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5).read().decode()
+    text = metrics_text(admin)
     return sum(float(line.split()[-1]) for line in text.splitlines()
                if line.startswith("amqp_iam_gateway_connections_accepted_total"))
 
