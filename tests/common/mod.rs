@@ -334,12 +334,6 @@ fn test_config(
 ) -> (config::Config, String, tempdir::Dir) {
     let dir = tempdir::Dir::new();
     let ca_pem = write_tls(dir.path());
-    // Generous: the suite shares one broker and bursts of connects queue behind each other.
-    let connect_timeout = if extra_backend.contains("connect_timeout_ms") {
-        ""
-    } else {
-        "connect_timeout_ms = 10000"
-    };
     let toml = format!(
         r#"
 [listener]
@@ -352,7 +346,6 @@ auth_failure_delay_ms = 200
 
 [backend]
 nodes = ["{backend_node}"]
-{connect_timeout}
 username = "guest"
 password = "guest"
 {extra_backend}
