@@ -14,12 +14,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, gen_frame};
 use amq_protocol::protocol::{AMQPClass, basic, channel};
 use amqp_iam_gateway::amqp::frame;
-use amqp_iam_gateway::amqp::session::{Outbox, Session};
+use amqp_iam_gateway::amqp::session::{Outbox, Session, SessionConfig};
 use amqp_iam_gateway::auth::jwt::ClaimRules;
 use amqp_iam_gateway::auth::keys::{KeySettings, KeyStore};
 use amqp_iam_gateway::auth::scopes::{self, ScopeRules};
 use amqp_iam_gateway::auth::{Authenticator, wildcard};
-use amqp_iam_gateway::authz::{self, Context, ExchangeKind, Operation, Permissions};
+use amqp_iam_gateway::authz::{self, Context, ExchangeKind, Operation, Permissions, Verdict};
 use bytes::BytesMut;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -76,19 +76,26 @@ fn authz_decide(c: &mut Criterion) {
         exchange: "amq.topic",
         routing_key,
         exchange_kind: ExchangeKind::Topic,
-        user_id: Some(ROLE),
+        user_id: Some(ROLE.as_bytes()),
         extra_routing_keys: &[],
     };
-    let permit = publish("orders.eu.1");
-    assert!(authz::decide(&perms, &ctx, &permit).is_ok());
-    let deny = publish("payments.eu.1");
-    assert!(authz::decide(&perms, &ctx, &deny).is_err());
+    const PUBLISH: (u16, u16) = (60, 40);
+    let permit = publish(b"orders.eu.1");
+    assert_eq!(
+        authz::decide(&perms, &ctx, &permit, PUBLISH),
+        Verdict::Permit
+    );
+    let deny = publish(b"payments.eu.1");
+    assert!(matches!(
+        authz::decide(&perms, &ctx, &deny, PUBLISH),
+        Verdict::Deny(_)
+    ));
     let mut g = c.benchmark_group("authz_decide");
     g.bench_function("topic_publish_permit_10_grants", |b| {
-        b.iter(|| authz::decide(black_box(&perms), &ctx, black_box(&permit)))
+        b.iter(|| authz::decide(black_box(&perms), &ctx, black_box(&permit), PUBLISH))
     });
     g.bench_function("topic_publish_deny_10_grants", |b| {
-        b.iter(|| authz::decide(black_box(&perms), &ctx, black_box(&deny)))
+        b.iter(|| authz::decide(black_box(&perms), &ctx, black_box(&deny), PUBLISH))
     });
     g.finish();
 }
@@ -171,7 +178,14 @@ fn publish_frames(ch: u16, routing_key: &str) -> Vec<u8> {
 /// A session on which channel 1 is open: publishes on a channel the session has not seen
 /// open are forwarded unchecked (the broker refuses them), which is not the path to time.
 fn open_session() -> Session {
-    let mut s = Session::new(ROLE.into(), "/".into(), permissions(), FRAME_MAX, 7);
+    let mut s = Session::new(
+        SessionConfig {
+            frame_max: FRAME_MAX,
+            seed: 7,
+            ..SessionConfig::new(ROLE, "/")
+        },
+        permissions(),
+    );
     let open = wire(AMQPFrame::Method(
         1,
         AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
@@ -213,7 +227,11 @@ fn session_publishes(c: &mut Criterion) {
         );
         s.on_client_input(&mut input, &mut to_b, &mut to_c)
             .expect("session");
-        assert!(!to_c.is_empty(), "channel.close 403 toward the client");
+        assert!(
+            to_c.is_empty(),
+            "the refusal waits for the broker's close-ok"
+        );
+        assert_eq!(to_b.chunk_count(), 1, "channel.close toward the broker");
         assert_eq!(s.take_denials().len(), 1);
     }
     let mut g = c.benchmark_group("session");

@@ -88,7 +88,9 @@ async fn read_until(
         while let Ok(Some(h)) = frame::check(buf, 0) {
             let f = buf.split_to(h.wire_len());
             if h.frame_type == frame::METHOD {
-                let m = method::decode(frame::payload(&f, &h)).expect("a method from the server");
+                let m = amq_protocol::protocol::parse_class(frame::payload(&f, &h))
+                    .map(|(_, m)| m)
+                    .expect("a method from the server");
                 let done = stop(h.channel, &m);
                 got.push((h.channel, m));
                 if done {
@@ -112,7 +114,8 @@ async fn linger(s: &mut TcpStream, buf: &mut BytesMut, got: &mut Vec<(u16, AMQPC
         while let Ok(Some(h)) = frame::check(buf, 0) {
             let f = buf.split_to(h.wire_len());
             if h.frame_type == frame::METHOD
-                && let Ok(m) = method::decode(frame::payload(&f, &h))
+                && let Ok(m) =
+                    amq_protocol::protocol::parse_class(frame::payload(&f, &h)).map(|(_, m)| m)
             {
                 got.push((h.channel, m));
             }

@@ -355,7 +355,8 @@ impl Conn {
             if h.frame_type != frame::METHOD {
                 continue;
             }
-            let class = method::decode(frame::payload(&frame, &h))
+            let class = amq_protocol::protocol::parse_class(frame::payload(&frame, &h))
+                .map(|(_, c)| c)
                 .map_err(|e| Error::Protocol(e.to_string()))?;
             if let Some(err) = close_error(&class) {
                 let mut out = BytesMut::new();

@@ -242,7 +242,9 @@ fn deliver_tag(p: &[u8]) -> Option<u64> {
 pub(crate) fn other_method(p: &[u8]) -> Result<(), Error> {
     match method::ids(p) {
         Some(method::id::CONNECTION_CLOSE | method::id::CHANNEL_CLOSE) => {
-            let class = method::decode(p).map_err(|e| Error::Protocol(e.to_string()))?;
+            let class = amq_protocol::protocol::parse_class(p)
+                .map(|(_, c)| c)
+                .map_err(|e| Error::Protocol(e.to_string()))?;
             Err(close_error(&class).unwrap_or(Error::Protocol("bad close".into())))
         }
         Some(method::id::BASIC_CANCEL) => {

@@ -1,7 +1,7 @@
 //! The authorised session fed arbitrary client and backend bytes, with permissive or
 //! restrictive permissions (first byte). Never panics; denials never forward the frame.
 #![no_main]
-use amqp_iam_gateway::amqp::session::{ClientEvent, Outbox, Session};
+use amqp_iam_gateway::amqp::session::{ClientEvent, Outbox, Session, SessionConfig};
 use amqp_iam_gateway::authz::Permissions;
 use bytes::BytesMut;
 
@@ -12,10 +12,13 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         1 => vec!["read:%2F/q*".into(), "write:%2F/amq.topic/a.*".into()],
         _ => vec![],
     };
-    let mut s = Session::new("u".into(), "/".into(), Permissions::from_scopes(&scopes), 131_072, 1);
-    if knobs & 4 == 4 {
-        s = s.with_exchange_lookups();
-    }
+    let cfg = SessionConfig {
+        lookups: knobs & 4 == 4,
+        cancel_notify: knobs & 8 == 8,
+        seed: 1,
+        ..SessionConfig::new("u", "/")
+    };
+    let mut s = Session::new(cfg, Permissions::from_scopes(&scopes));
     let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
     let (mut client, mut backend) = (BytesMut::new(), BytesMut::new());
     // Pieces alternate between the client and the backend; a piece's first byte is its length.
@@ -40,7 +43,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             }
         } else {
             backend.extend_from_slice(piece);
-            s.on_backend_input(&mut backend, &mut to_c, &mut to_b)
+            s.on_backend_input(&mut backend, &mut to_c)
         };
         if r.is_err() {
             return;

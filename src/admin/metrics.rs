@@ -41,6 +41,7 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub token_cache: IntCounterVec,
     pub signature_verifications: IntCounter,
+    pub exchange_lookup_requests: IntCounter,
 }
 
 const NS: &str = "amqp_iam_gateway";
@@ -121,6 +122,11 @@ impl Metrics {
                 &registry,
                 "signature_verifications_total",
                 "Token signature checks performed (cache misses and uncached tokens).",
+            ),
+            exchange_lookup_requests: int_counter(
+                &registry,
+                "exchange_type_lookup_requests_total",
+                "Requests made to the management API for exchange types (cache misses).",
             ),
             connections_accepted: counter(
                 &registry,

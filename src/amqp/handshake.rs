@@ -23,7 +23,8 @@ use amq_protocol::types::{AMQPValue, FieldTable};
 use bytes::{Buf, BytesMut};
 
 use super::frame::{self, FrameError, PROTOCOL_HEADER};
-use super::method::{self, id, reply};
+use super::method::{self, MethodError, Reader, id, reply};
+use super::table::{self, Table, TableWriter, Value};
 
 /// RabbitMQ's minimum frame size; a client may not negotiate less.
 pub const FRAME_MIN_SIZE: u32 = 4096;
@@ -62,7 +63,98 @@ pub struct Credentials {
     pub username: String,
     /// The token: never log it.
     pub token: String,
-    pub client_properties: FieldTable,
+    pub client_properties: ClientProperties,
+}
+
+/// A client's `client-properties` table, checked one level deep (nested values are kept
+/// as bytes and never parsed recursively, so no nesting can exhaust the stack).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientProperties(Vec<u8>);
+
+/// The most of a client's properties passed on to the broker, in bytes: the backend's
+/// `start-ok` must fit in RabbitMQ's 4096-byte frames before tuning, with the gateway's
+/// own properties, credentials and locale.
+pub const BACKEND_PROPERTIES_BUDGET: usize = 2048;
+
+impl ClientProperties {
+    /// Checks the table's entries (the bytes after its length prefix).
+    pub fn new(entries: &[u8]) -> Result<ClientProperties, table::TableError> {
+        Table::new(entries)?;
+        Ok(ClientProperties(entries.to_vec()))
+    }
+
+    pub fn table(&self) -> Table<'_> {
+        // Checked when made; an empty table would do if it were not.
+        Table::new(&self.0).unwrap_or_default()
+    }
+
+    /// A capability advertised in `capabilities` (first entries win, as in RabbitMQ).
+    pub fn capability(&self, name: &str) -> bool {
+        self.table()
+            .table("capabilities")
+            .is_some_and(|caps| caps.flag(name))
+    }
+
+    /// A string property, such as `connection_name`.
+    pub fn text(&self, key: &str) -> Option<String> {
+        let v = self.table().get(key)?.long_str()?;
+        Some(String::from_utf8_lossy(v).into_owned())
+    }
+
+    /// The `client-properties` for the gateway's backend connection (the table with its
+    /// length prefix): the client's, first entry of each key only, without
+    /// `connection_name` and `client_address` (which the gateway sets: the client's own
+    /// name with `identity` appended, and `peer`), within [`BACKEND_PROPERTIES_BUDGET`]
+    /// (entries that do not fit are left out), and with `consumer_cancel_notify` among the
+    /// capabilities so that the broker tells the gateway about every consumer it cancels
+    /// (the session passes those on only to clients that asked).
+    pub fn for_backend(&self, identity: &str, peer: &str) -> Vec<u8> {
+        let t = self.table();
+        let name = match self.text("connection_name") {
+            Some(own) => format!("{own} [{identity}]"),
+            None => identity.to_owned(),
+        };
+        let mut caps = TableWriter::default();
+        let client_caps = t.table("capabilities").unwrap_or_default();
+        let mut seen: Vec<&[u8]> = Vec::new();
+        for (k, v) in client_caps.entries() {
+            if seen.contains(&k) || k == b"consumer_cancel_notify" {
+                continue;
+            }
+            seen.push(k);
+            if let (Ok(k), Value::Bool(b)) = (std::str::from_utf8(k), v) {
+                caps.bool(k, b);
+            }
+            if caps.entries().len() > 512 {
+                break;
+            }
+        }
+        caps.bool("consumer_cancel_notify", true);
+        let mut w = TableWriter::default();
+        w.table("capabilities", &caps);
+        w.long_str("connection_name", cut(name.as_bytes(), 255));
+        w.long_str("client_address", peer.as_bytes());
+        let mut seen: Vec<&[u8]> = vec![b"capabilities", b"connection_name", b"client_address"];
+        for (k, v) in t.entries() {
+            if seen.contains(&k) {
+                continue;
+            }
+            seen.push(k);
+            let Ok(key) = std::str::from_utf8(k) else {
+                continue;
+            };
+            let mut one = TableWriter::default();
+            one.value(key, &v);
+            if w.entries().len() + one.entries().len() <= BACKEND_PROPERTIES_BUDGET {
+                w.value(key, &v);
+            }
+        }
+        w.into_wire()
+    }
+}
+
+fn cut(b: &[u8], n: usize) -> &[u8] {
+    &b[..b.len().min(n)]
 }
 
 impl std::fmt::Debug for Credentials {
@@ -78,15 +170,7 @@ impl std::fmt::Debug for Credentials {
 impl Credentials {
     /// A capability the client advertised in `client-properties.capabilities`.
     pub fn capability(&self, name: &str) -> bool {
-        capability(&self.client_properties, name)
-    }
-}
-
-/// A capability advertised in a client's `client-properties.capabilities` table.
-pub fn capability(client_properties: &FieldTable, name: &str) -> bool {
-    match client_properties.inner().get("capabilities") {
-        Some(AMQPValue::FieldTable(caps)) => method::table_bool(caps, name),
-        _ => false,
+        self.client_properties.capability(name)
     }
 }
 
@@ -270,43 +354,62 @@ impl ClientHandshake {
             self.close(out, reply::COMMAND_INVALID, &text, ids);
             return Err(HandshakeError::Unexpected(text));
         }
-        let m = match method::decode(payload) {
-            Ok(AMQPClass::Connection(m)) => m,
-            _ => {
-                self.close(
-                    out,
-                    reply::SYNTAX_ERROR,
-                    "SYNTAX_ERROR - malformed method",
-                    ids,
-                );
-                return Err(HandshakeError::Malformed(expected_name(expected)));
-            }
+        let malformed = |hs: &mut Self, out: &mut BytesMut| {
+            // RabbitMQ prints the payload here; the gateway never echoes a credential.
+            hs.close(
+                out,
+                reply::SYNTAX_ERROR,
+                "SYNTAX_ERROR - malformed method",
+                ids,
+            );
+            Err(HandshakeError::Malformed(expected_name(expected)))
         };
-        match m {
-            connection::AMQPMethod::StartOk(s) => self.on_start_ok(s, out).map(Some),
-            connection::AMQPMethod::TuneOk(t) => {
+        let mut r = Reader::new(payload);
+        match ids {
+            id::CONNECTION_START_OK => {
+                let Ok(fields) = read_start_ok(&mut r) else {
+                    return malformed(self, out);
+                };
+                self.on_start_ok(fields, out).map(Some)
+            }
+            id::CONNECTION_TUNE_OK => {
+                let Ok(t) = (|| {
+                    let t = Tuning {
+                        channel_max: r.u16()?,
+                        frame_max: r.u32()?,
+                        heartbeat: r.u16()?,
+                    };
+                    r.end()?;
+                    Ok::<_, MethodError>(t)
+                })() else {
+                    return malformed(self, out);
+                };
                 self.on_tune_ok(t, out)?;
                 Ok(None)
             }
-            connection::AMQPMethod::Open(o) => {
+            _ => {
+                let Ok(vhost) = (|| {
+                    let vhost = r.short()?;
+                    r.short()?;
+                    r.u8()?;
+                    r.end()?;
+                    std::str::from_utf8(vhost.0).map_err(|_| MethodError::Utf8)
+                })() else {
+                    return malformed(self, out);
+                };
                 self.state = State::Opening;
                 Ok(Some(Step::Open {
-                    vhost: o.virtual_host.as_str().to_owned(),
+                    vhost: vhost.to_owned(),
                 }))
             }
-            _ => Err(HandshakeError::Malformed("connection method")),
         }
     }
 
-    fn on_start_ok(
-        &mut self,
-        s: connection::StartOk,
-        out: &mut BytesMut,
-    ) -> Result<Step, HandshakeError> {
+    fn on_start_ok(&mut self, s: StartOk<'_>, out: &mut BytesMut) -> Result<Step, HandshakeError> {
         let ids = id::CONNECTION_START_OK;
-        let (mechanism, parsed) = match s.mechanism.as_str() {
-            "PLAIN" => (Mechanism::Plain, parse_plain(s.response.as_bytes())),
-            "AMQPLAIN" => (Mechanism::AmqPlain, parse_amqplain(s.response.as_bytes())),
+        let (mechanism, parsed) = match s.mechanism {
+            "PLAIN" => (Mechanism::Plain, parse_plain(s.response)),
+            "AMQPLAIN" => (Mechanism::AmqPlain, parse_amqplain(s.response)),
             other => {
                 let text = format!("COMMAND_INVALID - unknown authentication mechanism '{other}'");
                 self.close(out, reply::COMMAND_INVALID, &text, ids);
@@ -328,11 +431,7 @@ impl ClientHandshake {
         }))
     }
 
-    fn on_tune_ok(
-        &mut self,
-        t: connection::TuneOk,
-        out: &mut BytesMut,
-    ) -> Result<(), HandshakeError> {
+    fn on_tune_ok(&mut self, t: Tuning, out: &mut BytesMut) -> Result<(), HandshakeError> {
         let ours = &self.settings;
         let frame_max = if t.frame_max == 0 {
             ours.frame_max
@@ -510,15 +609,41 @@ fn parse_plain(response: &[u8]) -> Option<(String, String)> {
     Some((user.to_owned(), pass.to_owned()))
 }
 
-/// AMQPLAIN: a field table body (no length prefix) with `LOGIN` and `PASSWORD`.
+/// AMQPLAIN: a field table body (no length prefix) with `LOGIN` and `PASSWORD`, the first
+/// entry of each, long strings or byte arrays (`rabbit_auth_mechanism_amqplain`).
 fn parse_amqplain(response: &[u8]) -> Option<(String, String)> {
-    let mut framed = Vec::with_capacity(response.len() + 4);
-    framed.extend_from_slice(&(response.len() as u32).to_be_bytes());
-    framed.extend_from_slice(response);
-    let (_, table) = amq_protocol::types::parsing::parse_field_table(framed.as_slice()).ok()?;
-    let login = method::table_str(&table, "LOGIN")?;
-    let password = method::table_str(&table, "PASSWORD")?;
-    Some((login, password))
+    let table = Table::new(response).ok()?;
+    let text = |key: &str| -> Option<String> {
+        match table.get(key)? {
+            Value::LongStr(s) | Value::Bytes(s) => String::from_utf8(s.to_vec()).ok(),
+            _ => None,
+        }
+    };
+    Some((text("LOGIN")?, text("PASSWORD")?))
+}
+
+/// The arguments of `connection.start-ok`.
+struct StartOk<'a> {
+    client_properties: ClientProperties,
+    mechanism: &'a str,
+    response: &'a [u8],
+}
+
+fn read_start_ok<'a>(r: &mut Reader<'a>) -> Result<StartOk<'a>, MethodError> {
+    let props = r.table_bytes()?;
+    let mechanism = r.short()?;
+    let response = r.long()?;
+    let locale = r.short()?;
+    r.end()?;
+    // The layout matched: now the fields, in order.
+    let client_properties = ClientProperties::new(props)?;
+    let mechanism = std::str::from_utf8(mechanism.0).map_err(|_| MethodError::Utf8)?;
+    std::str::from_utf8(locale.0).map_err(|_| MethodError::Utf8)?;
+    Ok(StartOk {
+        client_properties,
+        mechanism,
+        response,
+    })
 }
 
 #[cfg(test)]

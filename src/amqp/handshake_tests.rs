@@ -93,7 +93,8 @@ fn decode_all(mut out: BytesMut) -> Vec<(u16, AMQPClass)> {
     let mut v = Vec::new();
     while let Some(h) = frame::check(&out, 1 << 20).unwrap() {
         let f = out.split_to(h.wire_len());
-        v.push((h.channel, method::decode(frame::payload(&f, &h)).unwrap()));
+        let (_, m) = amq_protocol::protocol::parse_class(frame::payload(&f, &h)).unwrap();
+        v.push((h.channel, m));
     }
     assert!(out.is_empty());
     v
@@ -128,7 +129,7 @@ fn full_handshake_plain_bytewise() {
         panic!()
     };
     for c in SERVER_CAPABILITIES {
-        assert!(method::table_bool(caps, c), "{c}");
+        assert_eq!(caps.inner().get(c), Some(&AMQPValue::Boolean(true)), "{c}");
     }
 
     hs.accept(&mut out);
@@ -345,4 +346,117 @@ fn start_parses_as_a_whole_frame() {
     let mut out = BytesMut::new();
     hs.accept(&mut out);
     assert!(amq_protocol::frame::parsing::parse_frame(&out[..]).is_ok());
+}
+
+/// Client properties nested far deeper than any stack could recurse are read one level at
+/// a time (this aborted the whole process before: amq-protocol's parser recursed).
+#[test]
+fn deeply_nested_client_properties_do_not_recurse() {
+    const DEPTH: usize = 12_000;
+    let mut inner: Vec<u8> = Vec::with_capacity(5 * DEPTH);
+    for i in 0..DEPTH {
+        inner.push(b'A');
+        inner.extend_from_slice(&((5 * (DEPTH - 1 - i)) as u32).to_be_bytes());
+    }
+    let mut props = vec![4u8];
+    props.extend_from_slice(b"deep");
+    props.extend_from_slice(&inner);
+    let mut p = vec![0, 10, 0, 11];
+    p.extend_from_slice(&(props.len() as u32).to_be_bytes());
+    p.extend_from_slice(&props);
+    p.push(5);
+    p.extend_from_slice(b"PLAIN");
+    p.extend_from_slice(&6u32.to_be_bytes());
+    p.extend_from_slice(b"\0\0tok!");
+    p.push(5);
+    p.extend_from_slice(b"en_US");
+    let mut frame = BytesMut::new();
+    frame::write_frame(&mut frame, frame::METHOD, 0, &p);
+    let mut hs = ClientHandshake::new(HandshakeSettings {
+        max_preauth_frame: 65_536,
+        ..settings()
+    });
+    let mut input = BytesMut::from(&PROTOCOL_HEADER[..]);
+    input.extend_from_slice(&frame);
+    let mut out = BytesMut::new();
+    let Ok(Step::Authenticate(creds)) = hs.receive(&mut input, &mut out) else {
+        panic!("the login goes on")
+    };
+    assert_eq!(creds.token, "tok!");
+    assert!(!creds.capability("authentication_failure_close"));
+}
+
+#[test]
+fn capabilities_and_credentials_take_the_first_entry_of_a_key() {
+    // capabilities: authentication_failure_close false, then true: RabbitMQ reads false.
+    let caps = [
+        &[28u8][..],
+        b"authentication_failure_close",
+        &[b't', 0],
+        &[28u8],
+        b"authentication_failure_close",
+        &[b't', 1],
+    ]
+    .concat();
+    let mut props = vec![12u8];
+    props.extend_from_slice(b"capabilities");
+    props.push(b'F');
+    props.extend_from_slice(&(caps.len() as u32).to_be_bytes());
+    props.extend_from_slice(&caps);
+    let p = ClientProperties::new(&props).unwrap();
+    assert!(!p.capability("authentication_failure_close"));
+    // AMQPLAIN: the first PASSWORD counts.
+    let entry = |k: &str, v: &str| {
+        let mut e = vec![k.len() as u8];
+        e.extend_from_slice(k.as_bytes());
+        e.push(b'S');
+        e.extend_from_slice(&(v.len() as u32).to_be_bytes());
+        e.extend_from_slice(v.as_bytes());
+        e
+    };
+    let response = [
+        entry("LOGIN", "u"),
+        entry("PASSWORD", "first"),
+        entry("PASSWORD", "second"),
+    ]
+    .concat();
+    assert_eq!(
+        parse_amqplain(&response),
+        Some(("u".to_owned(), "first".to_owned()))
+    );
+}
+
+#[test]
+fn backend_properties_keep_first_entries_within_a_budget() {
+    let mut w = TableWriter::default();
+    w.long_str("product", b"client");
+    w.long_str("product", b"shadow");
+    w.long_str("connection_name", b"app");
+    w.long_str("client_address", b"spoofed");
+    w.long_str("junk", &[b'x'; 5000]);
+    let mut caps = TableWriter::default();
+    caps.bool("publisher_confirms", true);
+    caps.bool("consumer_cancel_notify", false);
+    w.table("capabilities", &caps);
+    let p = ClientProperties::new(w.entries()).unwrap();
+    let wire = p.for_backend("alice via gw", "10.0.0.1:5555");
+    assert!(wire.len() <= 4 + BACKEND_PROPERTIES_BUDGET);
+    let (t, _) = table::read(&wire).unwrap();
+    assert_eq!(t.get("product"), Some(Value::LongStr(b"client")));
+    assert_eq!(t.entries().filter(|(k, _)| *k == b"product").count(), 1);
+    assert_eq!(
+        t.get("connection_name"),
+        Some(Value::LongStr(b"app [alice via gw]"))
+    );
+    assert_eq!(
+        t.get("client_address"),
+        Some(Value::LongStr(b"10.0.0.1:5555"))
+    );
+    assert!(t.get("junk").is_none(), "too big for the budget");
+    let caps = t.table("capabilities").unwrap();
+    assert!(caps.flag("publisher_confirms"));
+    assert!(
+        caps.flag("consumer_cancel_notify"),
+        "the gateway always asks the broker for cancel notifications"
+    );
 }

@@ -8,3 +8,4 @@ pub mod frame;
 pub mod handshake;
 pub mod method;
 pub mod session;
+pub mod table;

@@ -36,12 +36,9 @@ pub enum ExchangeKind {
     /// The gateway could not learn the type. Treated as [`ExchangeKind::Topic`] (fail
     /// closed: the topic check is applied even where RabbitMQ might skip it).
     Unknown,
-}
-
-impl ExchangeKind {
-    fn needs_topic_check(self) -> bool {
-        !matches!(self, ExchangeKind::Other)
-    }
+    /// Not known yet, but it can be learnt: when (and only when) the topic check fails,
+    /// [`decide`] answers [`Verdict::NeedKind`] instead of deciding.
+    Unresolved,
 }
 
 /// Who is acting, and where.
@@ -55,10 +52,12 @@ pub struct Context<'a> {
 /// LF are stripped here, like RabbitMQ's `strip_cr_lf`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Operation<'a> {
+    /// `alternate_exchange` is the first `alternate-exchange` argument that is a long
+    /// string (bytes: RabbitMQ does not require UTF-8 in tables).
     ExchangeDeclare {
         exchange: &'a str,
         passive: bool,
-        alternate_exchange: Option<&'a str>,
+        alternate_exchange: Option<&'a [u8]>,
     },
     ExchangeDelete {
         exchange: &'a str,
@@ -68,7 +67,6 @@ pub enum Operation<'a> {
         source: &'a str,
         routing_key: &'a str,
         source_kind: ExchangeKind,
-        unbind: bool,
     },
     /// `queue` `""` must already be replaced by the caller: for a non-passive declare with
     /// a server-name probe (`amq.gen-…`) and `server_named: true`; for a passive declare
@@ -78,7 +76,8 @@ pub enum Operation<'a> {
         queue: &'a str,
         passive: bool,
         server_named: bool,
-        dead_letter_exchange: Option<&'a str>,
+        /// The first `x-dead-letter-exchange` argument that is a long string.
+        dead_letter_exchange: Option<&'a [u8]>,
     },
     QueueDelete {
         queue: &'a str,
@@ -86,20 +85,22 @@ pub enum Operation<'a> {
     QueuePurge {
         queue: &'a str,
     },
+    /// `routing_key` after RabbitMQ's shortcut (`""` queue and key: the queue's name).
     QueueBind {
         queue: &'a str,
         exchange: &'a str,
         routing_key: &'a str,
         exchange_kind: ExchangeKind,
-        unbind: bool,
     },
+    /// Routing keys and `user_id` are bytes: RabbitMQ does not require UTF-8 in a
+    /// publish and compares them as binaries.
     BasicPublish {
         exchange: &'a str,
-        routing_key: &'a str,
+        routing_key: &'a [u8],
         exchange_kind: ExchangeKind,
-        user_id: Option<&'a str>,
+        user_id: Option<&'a [u8]>,
         /// The values of the `CC` and `BCC` headers, topic-checked from 4.0.3.
-        extra_routing_keys: &'a [String],
+        extra_routing_keys: &'a [&'a [u8]],
     },
     BasicConsume {
         queue: &'a str,
@@ -109,24 +110,15 @@ pub enum Operation<'a> {
     },
 }
 
-impl Operation<'_> {
-    /// The AMQP (class id, method id) of the method, for the channel.close.
-    pub fn class_method(&self) -> (u16, u16) {
-        match self {
-            Operation::ExchangeDeclare { .. } => (40, 10),
-            Operation::ExchangeDelete { .. } => (40, 20),
-            Operation::ExchangeBind { unbind: false, .. } => (40, 30),
-            Operation::ExchangeBind { unbind: true, .. } => (40, 40),
-            Operation::QueueDeclare { .. } => (50, 10),
-            Operation::QueueBind { unbind: false, .. } => (50, 20),
-            Operation::QueuePurge { .. } => (50, 30),
-            Operation::QueueDelete { .. } => (50, 40),
-            Operation::QueueBind { unbind: true, .. } => (50, 50),
-            Operation::BasicPublish { .. } => (60, 40),
-            Operation::BasicConsume { .. } => (60, 20),
-            Operation::BasicGet { .. } => (60, 70),
-        }
-    }
+/// The answer of [`decide`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward to the broker, which may still refuse it for a structural reason.
+    Permit,
+    Deny(Denial),
+    /// The topic check failed and the exchange's type is [`ExchangeKind::Unresolved`]:
+    /// learn it, then decide again. Every check before the topic check has passed.
+    NeedKind,
 }
 
 /// A refusal, ready to be sent as channel.close.
@@ -173,6 +165,18 @@ struct Check<'a> {
     class_method: (u16, u16),
 }
 
+/// Why a check did not pass.
+enum Stop {
+    Deny(Denial),
+    NeedKind,
+}
+
+impl From<Denial> for Stop {
+    fn from(d: Denial) -> Stop {
+        Stop::Deny(d)
+    }
+}
+
 impl Check<'_> {
     fn deny(
         &self,
@@ -195,10 +199,16 @@ impl Check<'_> {
 
     /// `check_resource_access`, including the `""` → `amq.default` rewrite for exchanges.
     fn resource(&self, perm: Perm, kind: Kind, name: &str) -> Result<(), Denial> {
+        self.resource_bytes(perm, kind, name.as_bytes())
+    }
+
+    /// [`Check::resource`] for a name from a table argument, which need not be UTF-8.
+    fn resource_bytes(&self, perm: Perm, kind: Kind, name: &[u8]) -> Result<(), Denial> {
         let (kind_word, name) = resource_name(kind, name);
         if self.perms.resource(perm, self.ctx.vhost, name) {
             return Ok(());
         }
+        let name = String::from_utf8_lossy(name);
         let text = format!(
             "{perm} access to {kind_word} '{name}' in vhost '{}' refused for user '{}'",
             self.ctx.vhost, self.ctx.username
@@ -210,12 +220,13 @@ impl Check<'_> {
     /// Passive declares (4.2.7+): any of read, write or configure. The refusal text has no
     /// permission word; it is derived from the code, not verified against a live 4.2.7.
     fn any(&self, kind: Kind, name: &str) -> Result<(), Denial> {
-        let (kind_word, name) = resource_name(kind, name);
+        let (kind_word, name) = resource_name(kind, name.as_bytes());
         let vhost = self.ctx.vhost;
         let all = [Perm::Read, Perm::Write, Perm::Configure];
         if all.iter().any(|&p| self.perms.resource(p, vhost, name)) {
             return Ok(());
         }
+        let name = String::from_utf8_lossy(name);
         let text = format!(
             "access to {kind_word} '{name}' in vhost '{vhost}' refused for user '{}'",
             self.ctx.username
@@ -226,25 +237,37 @@ impl Check<'_> {
 
     /// `check_topic_authorisation`: only for topic exchanges (or unknown ones, fail
     /// closed). The default exchange is always direct, so it never gets a topic check.
-    fn topic(&self, perm: Perm, kind: ExchangeKind, x: &str, rk: &str) -> Result<(), Denial> {
-        if x.is_empty() || !kind.needs_topic_check() {
+    /// The type matters only when the permissions do not grant the key: a granted key is
+    /// granted whatever the type, so the type is asked for ([`Stop::NeedKind`]) only then.
+    fn topic(&self, perm: Perm, kind: ExchangeKind, x: &str, rk: &[u8]) -> Result<(), Stop> {
+        if x.is_empty() || kind == ExchangeKind::Other {
             return Ok(());
         }
         if self.perms.topic(perm, self.ctx.vhost, x, rk) {
             return Ok(());
         }
+        if kind == ExchangeKind::Unresolved {
+            return Err(Stop::NeedKind);
+        }
+        let rk = String::from_utf8_lossy(rk);
         let text = format!(
             "{perm} access to topic '{rk}' in exchange '{x}' in vhost '{}' refused for user '{}'",
             self.ctx.vhost, self.ctx.username
         );
         let resource = format!("topic '{rk}' in exchange '{x}'");
-        Err(self.deny(ACCESS_REFUSED, "ACCESS_REFUSED", text, Some(perm), resource))
+        Err(self
+            .deny(ACCESS_REFUSED, "ACCESS_REFUSED", text, Some(perm), resource)
+            .into())
     }
 
     /// §6.3: a `user_id` other than the authenticated user needs the `impersonator` tag.
-    fn user_id(&self, user_id: Option<&str>) -> Result<(), Denial> {
+    /// Compared as bytes, as RabbitMQ compares binaries.
+    fn user_id(&self, user_id: Option<&[u8]>) -> Result<(), Denial> {
         match user_id {
-            Some(id) if id != self.ctx.username && !self.perms.has_tag(IMPERSONATOR_TAG) => {
+            Some(id)
+                if id != self.ctx.username.as_bytes() && !self.perms.has_tag(IMPERSONATOR_TAG) =>
+            {
+                let id = String::from_utf8_lossy(id);
                 let text = format!(
                     "user_id property set to '{id}' but authenticated user was '{}'",
                     self.ctx.username
@@ -263,17 +286,17 @@ impl Check<'_> {
     }
 }
 
-fn resource_name(kind: Kind, name: &str) -> (&'static str, &str) {
+fn resource_name(kind: Kind, name: &[u8]) -> (&'static str, &[u8]) {
     match kind {
         Kind::Queue => ("queue", name),
-        Kind::Exchange if name.is_empty() => ("exchange", DEFAULT_EXCHANGE),
+        Kind::Exchange if name.is_empty() => ("exchange", DEFAULT_EXCHANGE.as_bytes()),
         Kind::Exchange => ("exchange", name),
     }
 }
 
 /// `strip_cr_lf`: RabbitMQ removes CR and LF from queue and exchange names before any
 /// check, so a name containing them can never exist; the texts use the stripped name.
-fn strip_cr_lf(name: &str) -> Cow<'_, str> {
+pub fn strip_cr_lf(name: &str) -> Cow<'_, str> {
     if name.contains(['\r', '\n']) {
         Cow::Owned(name.replace(['\r', '\n'], ""))
     } else {
@@ -286,27 +309,29 @@ fn is_reserved(name: &str) -> bool {
     name.starts_with("amq.")
 }
 
-/// Decides whether `op` is permitted. `Ok(())` means "forward to the broker", which may
-/// still refuse it for a structural reason.
-pub fn decide(perms: &Permissions, ctx: &Context, op: &Operation) -> Result<(), Denial> {
+/// Decides whether `op`, the arguments of the client method `method` (class and method
+/// ids, for the refusal), is permitted.
+pub fn decide(perms: &Permissions, ctx: &Context, op: &Operation, method: (u16, u16)) -> Verdict {
     let check = Check {
         perms,
         ctx,
-        class_method: op.class_method(),
+        class_method: method,
     };
-    match *op {
+    let outcome: Result<(), Stop> = match *op {
         Operation::ExchangeDeclare {
             exchange,
             passive,
             alternate_exchange,
-        } => exchange_declare(&check, &strip_cr_lf(exchange), passive, alternate_exchange),
-        Operation::ExchangeDelete { exchange } => exchange_delete(&check, &strip_cr_lf(exchange)),
+        } => exchange_declare(&check, &strip_cr_lf(exchange), passive, alternate_exchange)
+            .map_err(Stop::from),
+        Operation::ExchangeDelete { exchange } => {
+            exchange_delete(&check, &strip_cr_lf(exchange)).map_err(Stop::from)
+        }
         Operation::ExchangeBind {
             destination,
             source,
             routing_key,
             source_kind,
-            unbind: _,
         } => exchange_bind(&check, destination, source, routing_key, source_kind),
         Operation::QueueDeclare {
             queue,
@@ -316,19 +341,19 @@ pub fn decide(perms: &Permissions, ctx: &Context, op: &Operation) -> Result<(), 
         } => {
             let q = strip_cr_lf(queue);
             queue_declare(&check, &q, passive, server_named, dead_letter_exchange)
+                .map_err(Stop::from)
         }
-        Operation::QueueDelete { queue } => {
-            check.resource(Perm::Configure, Kind::Queue, &strip_cr_lf(queue))
-        }
-        Operation::QueuePurge { queue } => {
-            check.resource(Perm::Read, Kind::Queue, &strip_cr_lf(queue))
-        }
+        Operation::QueueDelete { queue } => check
+            .resource(Perm::Configure, Kind::Queue, &strip_cr_lf(queue))
+            .map_err(Stop::from),
+        Operation::QueuePurge { queue } => check
+            .resource(Perm::Read, Kind::Queue, &strip_cr_lf(queue))
+            .map_err(Stop::from),
         Operation::QueueBind {
             queue,
             exchange,
             routing_key,
             exchange_kind,
-            unbind: _,
         } => queue_bind(&check, queue, exchange, routing_key, exchange_kind),
         Operation::BasicPublish {
             exchange,
@@ -338,18 +363,27 @@ pub fn decide(perms: &Permissions, ctx: &Context, op: &Operation) -> Result<(), 
             extra_routing_keys,
         } => {
             let x = strip_cr_lf(exchange);
-            let keys =
-                std::iter::once(routing_key).chain(extra_routing_keys.iter().map(String::as_str));
+            let keys = std::iter::once(routing_key).chain(extra_routing_keys.iter().copied());
             basic_publish(&check, &x, exchange_kind, keys, user_id)
         }
         Operation::BasicConsume { queue } if queue == REPLY_TO => Ok(()),
-        Operation::BasicConsume { queue } | Operation::BasicGet { queue } => {
-            check.resource(Perm::Read, Kind::Queue, &strip_cr_lf(queue))
-        }
+        Operation::BasicConsume { queue } | Operation::BasicGet { queue } => check
+            .resource(Perm::Read, Kind::Queue, &strip_cr_lf(queue))
+            .map_err(Stop::from),
+    };
+    match outcome {
+        Ok(()) => Verdict::Permit,
+        Err(Stop::Deny(d)) => Verdict::Deny(d),
+        Err(Stop::NeedKind) => Verdict::NeedKind,
     }
 }
 
-fn exchange_declare(check: &Check, x: &str, passive: bool, ae: Option<&str>) -> Result<(), Denial> {
+fn exchange_declare(
+    check: &Check,
+    x: &str,
+    passive: bool,
+    ae: Option<&[u8]>,
+) -> Result<(), Denial> {
     // The default exchange is refused by the broker before any permission check.
     if x.is_empty() {
         return Ok(());
@@ -368,7 +402,7 @@ fn exchange_declare(check: &Check, x: &str, passive: bool, ae: Option<&str>) -> 
         // gateway cannot know that, so it always checks: stricter, never looser.
         Some(ae) => {
             check.resource(Perm::Read, Kind::Exchange, x)?;
-            check.resource(Perm::Write, Kind::Exchange, ae)
+            check.resource_bytes(Perm::Write, Kind::Exchange, ae)
         }
         None => Ok(()),
     }
@@ -388,7 +422,7 @@ fn exchange_bind(
     source: &str,
     rk: &str,
     source_kind: ExchangeKind,
-) -> Result<(), Denial> {
+) -> Result<(), Stop> {
     let (dest, src) = (strip_cr_lf(destination), strip_cr_lf(source));
     check.resource(Perm::Write, Kind::Exchange, &dest)?;
     // The broker refuses the default exchange on either side right after the write check.
@@ -396,7 +430,7 @@ fn exchange_bind(
         return Ok(());
     }
     check.resource(Perm::Read, Kind::Exchange, &src)?;
-    check.topic(Perm::Read, source_kind, &src, rk)
+    check.topic(Perm::Read, source_kind, &src, rk.as_bytes())
 }
 
 fn queue_declare(
@@ -404,7 +438,7 @@ fn queue_declare(
     q: &str,
     passive: bool,
     server_named: bool,
-    dlx: Option<&str>,
+    dlx: Option<&[u8]>,
 ) -> Result<(), Denial> {
     if passive {
         return check.any(Kind::Queue, q);
@@ -419,7 +453,7 @@ fn queue_declare(
         // As for alternate exchanges: RabbitMQ checks only for a new queue; we always do.
         Some(dlx) => {
             check.resource(Perm::Read, Kind::Queue, q)?;
-            check.resource(Perm::Write, Kind::Exchange, dlx)
+            check.resource_bytes(Perm::Write, Kind::Exchange, dlx)
         }
         None => Ok(()),
     }
@@ -431,7 +465,7 @@ fn queue_bind(
     exchange: &str,
     rk: &str,
     kind: ExchangeKind,
-) -> Result<(), Denial> {
+) -> Result<(), Stop> {
     let (q, x) = (strip_cr_lf(queue), strip_cr_lf(exchange));
     check.resource(Perm::Write, Kind::Queue, &q)?;
     // The broker refuses binding to the default exchange right after the write check.
@@ -439,20 +473,20 @@ fn queue_bind(
         return Ok(());
     }
     check.resource(Perm::Read, Kind::Exchange, &x)?;
-    check.topic(Perm::Read, kind, &x, rk)
+    check.topic(Perm::Read, kind, &x, rk.as_bytes())
 }
 
 fn basic_publish<'k>(
     check: &Check,
     x: &str,
     kind: ExchangeKind,
-    routing_keys: impl Iterator<Item = &'k str>,
-    user_id: Option<&str>,
-) -> Result<(), Denial> {
+    routing_keys: impl Iterator<Item = &'k [u8]>,
+    user_id: Option<&[u8]>,
+) -> Result<(), Stop> {
     check.resource(Perm::Write, Kind::Exchange, x)?;
     // 4.0.3+: the routing key, then every CC and BCC key, each topic-checked.
     for rk in routing_keys {
         check.topic(Perm::Write, kind, x, rk)?;
     }
-    check.user_id(user_id)
+    Ok(check.user_id(user_id)?)
 }

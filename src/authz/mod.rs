@@ -7,7 +7,9 @@
 pub mod decide;
 pub mod permissions;
 
-pub use decide::{Context, Denial, ExchangeKind, Operation, decide, reply_text};
+pub use decide::{
+    Context, Denial, ExchangeKind, Operation, REPLY_TO, Verdict, decide, reply_text, strip_cr_lf,
+};
 pub use permissions::{Grant, Perm, Permissions};
 
 #[cfg(test)]

@@ -122,20 +122,28 @@ impl Permissions {
     /// Queue or exchange access: the same permission, a matching vhost and name. A 3-part
     /// grant counts too and its routing-key part is ignored; the resource kind is not
     /// distinguished (one pattern covers queues and exchanges).
-    pub fn resource(&self, perm: Perm, vhost: &str, name: &str) -> bool {
-        self.grants.iter().any(|g| {
-            g.perm == perm && g.vhost.matches(vhost.as_bytes()) && g.name.matches(name.as_bytes())
-        })
+    pub fn resource(&self, perm: Perm, vhost: &str, name: impl AsRef<[u8]>) -> bool {
+        let name = name.as_ref();
+        self.grants
+            .iter()
+            .any(|g| g.perm == perm && g.vhost.matches(vhost.as_bytes()) && g.name.matches(name))
     }
 
     /// Topic access: only 3-part grants with the same permission and matching vhost,
     /// exchange and routing key.
-    pub fn topic(&self, perm: Perm, vhost: &str, exchange: &str, routing_key: &str) -> bool {
+    pub fn topic(
+        &self,
+        perm: Perm,
+        vhost: &str,
+        exchange: &str,
+        routing_key: impl AsRef<[u8]>,
+    ) -> bool {
+        let routing_key = routing_key.as_ref();
         self.grants.iter().any(|g| {
             g.perm == perm
                 && g.routing_key
                     .as_ref()
-                    .is_some_and(|rk| rk.matches(routing_key.as_bytes()))
+                    .is_some_and(|rk| rk.matches(routing_key))
                 && g.vhost.matches(vhost.as_bytes())
                 && g.name.matches(exchange.as_bytes())
         })

@@ -177,6 +177,7 @@ fn grammar_edges() {
 
 enum Want {
     Permit,
+    NeedKind,
     Deny {
         code: u16,
         text: &'static str,
@@ -202,9 +203,15 @@ const CTX: Context<'static> = Context {
 fn run(rows: &[(&str, &[&str], Operation, Want)]) {
     let mut failed = Vec::new();
     for (name, scopes, op, want) in rows {
-        let got = decide(&perms(scopes), &CTX, op);
+        // The method's ids only travel into the refusal.
+        let ids = match want {
+            Want::Deny { class_method, .. } => *class_method,
+            _ => (0, 0),
+        };
+        let got = decide(&perms(scopes), &CTX, op, ids);
         let ok = match (want, &got) {
-            (Want::Permit, Ok(())) => true,
+            (Want::Permit, Verdict::Permit) => true,
+            (Want::NeedKind, Verdict::NeedKind) => true,
             (
                 Want::Deny {
                     code,
@@ -212,7 +219,7 @@ fn run(rows: &[(&str, &[&str], Operation, Want)]) {
                     class_method,
                     perm,
                 },
-                Err(d),
+                Verdict::Deny(d),
             ) => {
                 d.reply_code == *code
                     && d.reply_text == *text
@@ -237,7 +244,7 @@ fn x_declare<'a>(exchange: &'a str, passive: bool, ae: Option<&'a str>) -> Opera
     Operation::ExchangeDeclare {
         exchange,
         passive,
-        alternate_exchange: ae,
+        alternate_exchange: ae.map(str::as_bytes),
     }
 }
 
@@ -251,22 +258,22 @@ fn q_declare<'a>(
         queue,
         passive,
         server_named,
-        dead_letter_exchange: dlx,
+        dead_letter_exchange: dlx.map(str::as_bytes),
     }
 }
 
+/// `unbind` only tells the row apart: binds and unbinds are decided alike.
 fn x_bind<'a>(
     destination: &'a str,
     source: &'a str,
     kind: ExchangeKind,
-    unbind: bool,
+    _unbind: bool,
 ) -> Operation<'a> {
     Operation::ExchangeBind {
         destination,
         source,
         routing_key: "a.b",
         source_kind: kind,
-        unbind,
     }
 }
 
@@ -274,14 +281,13 @@ fn q_bind<'a>(
     queue: &'a str,
     exchange: &'a str,
     kind: ExchangeKind,
-    unbind: bool,
+    _unbind: bool,
 ) -> Operation<'a> {
     Operation::QueueBind {
         queue,
         exchange,
         routing_key: "a.b",
         exchange_kind: kind,
-        unbind,
     }
 }
 
@@ -289,13 +295,13 @@ fn publish<'a>(
     exchange: &'a str,
     kind: ExchangeKind,
     user_id: Option<&'a str>,
-    cc: &'a [String],
+    cc: &'a [&'a [u8]],
 ) -> Operation<'a> {
     Operation::BasicPublish {
         exchange,
-        routing_key: "a.b",
+        routing_key: b"a.b",
         exchange_kind: kind,
-        user_id,
+        user_id: user_id.map(str::as_bytes),
         extra_routing_keys: cc,
     }
 }
@@ -345,6 +351,8 @@ fn exchange_methods() {
             refused("ACCESS_REFUSED - read access to topic 'a.b' in exchange 'xt' in vhost '/' refused for user 'alice'", (40, 30), Perm::Read)),
         ("unbind: no topic read", &["write:%2F/d", "read:%2F/xt/c.*"], x_bind("d", "xt", Topic, true),
             refused("ACCESS_REFUSED - read access to topic 'a.b' in exchange 'xt' in vhost '/' refused for user 'alice'", (40, 40), Perm::Read)),
+        ("bind: unresolved kind, key not granted: ask", &["write:%2F/d", "read:%2F/xt"], x_bind("d", "xt", Unresolved, false), Want::NeedKind),
+        ("bind: unresolved kind, key granted: no need to know", &["write:%2F/d", "read:%2F/xt/a.*"], x_bind("d", "xt", Unresolved, false), Want::Permit),
         ("unbind: unknown kind is topic", &["write:%2F/d", "read:%2F/xt"], x_bind("d", "xt", Unknown, true),
             refused("ACCESS_REFUSED - read access to topic 'a.b' in exchange 'xt' in vhost '/' refused for user 'alice'", (40, 40), Perm::Read)),
         ("bind: other kind, no topic check", &["write:%2F/d", "read:%2F/xd"], x_bind("d", "xd", Other, false), Want::Permit),
@@ -405,8 +413,8 @@ fn queue_methods() {
 #[rustfmt::skip]
 fn basic_methods() {
     use ExchangeKind::*;
-    let none: &[String] = &[];
-    let cc = ["a.c".to_owned(), "b.x".to_owned()];
+    let none: &[&[u8]] = &[];
+    let cc: [&[u8]; 2] = [b"a.c", b"b.x"];
     let impersonation = Want::Deny { code: PRECONDITION_FAILED, text: "PRECONDITION_FAILED - user_id property set to 'bob' but authenticated user was 'alice'", class_method: (60, 40), perm: None };
     run(&[
         ("publish: write", &["write:%2F/x1"], publish("x1", Other, None, none), Want::Permit),
@@ -429,6 +437,11 @@ fn basic_methods() {
         ("publish: impersonator", &["write:%2F/x1", "tag:impersonator"], publish("x1", Other, Some("bob"), none), Want::Permit),
         ("publish: write is checked before user_id", &["tag:impersonator"], publish("x1", Other, Some("bob"), none),
             refused("ACCESS_REFUSED - write access to exchange 'x1' in vhost '/' refused for user 'alice'", (60, 40), Perm::Write)),
+        ("publish: unresolved kind, key granted: no need to know", &["write:%2F/xt/a.*"], publish("xt", Unresolved, None, none), Want::Permit),
+        ("publish: unresolved kind, key not granted: ask", &["write:%2F/xt"], publish("xt", Unresolved, None, none), Want::NeedKind),
+        ("publish: unresolved kind, write refused first", &["read:%2F/xt"], publish("xt", Unresolved, None, none),
+            refused("ACCESS_REFUSED - write access to exchange 'xt' in vhost '/' refused for user 'alice'", (60, 40), Perm::Write)),
+        ("publish: unresolved kind, a CC key not granted: ask", &["write:%2F/xt/a.*"], publish("xt", Unresolved, None, &cc), Want::NeedKind),
         ("publish: topic is checked before user_id", &["write:%2F/xt"], publish("xt", Topic, Some("bob"), none),
             refused("ACCESS_REFUSED - write access to topic 'a.b' in exchange 'xt' in vhost '/' refused for user 'alice'", (60, 40), Perm::Write)),
         ("consume: read", &["read:%2F/q1"], Operation::BasicConsume { queue: "q1" }, Want::Permit),
@@ -456,9 +469,17 @@ fn vhost_and_user_appear_in_texts() {
         &perms(&["read:vh%2F1/*"]),
         &ctx,
         &Operation::QueuePurge { queue: "q" },
+        (50, 30),
     );
-    assert_eq!(d, Ok(()));
-    let d = decide(&perms(&[]), &ctx, &Operation::QueuePurge { queue: "q" }).expect_err("denied");
+    assert_eq!(d, Verdict::Permit);
+    let Verdict::Deny(d) = decide(
+        &perms(&[]),
+        &ctx,
+        &Operation::QueuePurge { queue: "q" },
+        (50, 30),
+    ) else {
+        panic!("denied")
+    };
     assert_eq!(
         d.reply_text,
         "ACCESS_REFUSED - read access to queue 'q' in vhost 'vh/1' refused for user 'arn:aws:sts::1:assumed-role/R/s'"
@@ -482,7 +503,14 @@ fn reply_text_truncation() {
     assert_eq!(wide.len(), 254);
     // A long queue name in a real denial.
     let name = "q".repeat(250);
-    let d = decide(&perms(&[]), &CTX, &Operation::BasicGet { queue: &name }).expect_err("denied");
+    let Verdict::Deny(d) = decide(
+        &perms(&[]),
+        &CTX,
+        &Operation::BasicGet { queue: &name },
+        (60, 70),
+    ) else {
+        panic!("denied")
+    };
     assert_eq!(d.reply_text.len(), 255);
     assert!(d.reply_text.ends_with("qqq..."));
 }

@@ -71,6 +71,13 @@ pub const MIN_FRAME_MAX: u32 = 4_096;
 pub const MAX_FRAME_MAX: u32 = 16 * 1_048_576;
 /// `listener.heartbeat`: seconds; RabbitMQ's default. `0` disables heartbeats.
 pub const DEFAULT_HEARTBEAT_SECS: u16 = 60;
+/// `listener.consumer_max_per_channel`: RabbitMQ's `consumer_max_per_channel` (unlimited
+/// there); the gateway tracks every consumer, so it sets one.
+pub const DEFAULT_CONSUMER_MAX_PER_CHANNEL: usize = 1_024;
+/// `listener.consumer_max_per_connection`: consumers on all channels of a connection.
+pub const DEFAULT_CONSUMER_MAX_PER_CONNECTION: usize = 10_000;
+/// Upper bound of both consumer limits.
+pub const MAX_CONSUMER_MAX: u64 = 1_000_000;
 
 /// Upper bound of `runtime.worker_threads`.
 pub const MAX_WORKER_THREADS: u64 = 1_024;
@@ -87,6 +94,17 @@ pub const MAX_BACKEND_CONNECT_TIMEOUT_MS: u64 = 300_000;
 pub const DEFAULT_BACKEND_MAX_CONNECTING: usize = 32;
 /// Upper bound of `backend.max_connecting`.
 pub const MAX_BACKEND_MAX_CONNECTING: u64 = 10_000;
+/// `backend.exchange_type_ttl_ms`: how long an exchange type learnt from the management API
+/// (or a declare) is trusted when the management API is configured.
+pub const DEFAULT_EXCHANGE_TYPE_TTL_MS: u64 = 10_000;
+/// Bounds of `backend.exchange_type_ttl_ms`.
+pub const MIN_EXCHANGE_TYPE_TTL_MS: u64 = 100;
+pub const MAX_EXCHANGE_TYPE_TTL_MS: u64 = 3_600_000;
+/// `backend.exchange_lookups_per_second`: management API requests one client connection
+/// may cause per second (a burst of twice as many); more wait.
+pub const DEFAULT_EXCHANGE_LOOKUPS_PER_SECOND: u32 = 10;
+/// Upper bound of `backend.exchange_lookups_per_second`.
+pub const MAX_EXCHANGE_LOOKUPS_PER_SECOND: u64 = 10_000;
 
 /// `oauth2.preferred_username_claims`: RabbitMQ 4.1+'s default.
 pub const DEFAULT_PREFERRED_USERNAME_CLAIMS: [&str; 2] = ["sub", "client_id"];
@@ -199,6 +217,10 @@ pub struct ListenerConfig {
     pub frame_max: u32,
     /// Seconds, offered in `connection.tune`; 0 disables heartbeats.
     pub heartbeat: u16,
+    /// Consumers on one channel; beyond, `530 NOT_ALLOWED` (RabbitMQ's text).
+    pub consumer_max_per_channel: usize,
+    /// Consumers on all channels of one connection; beyond, `530 NOT_ALLOWED`.
+    pub consumer_max_per_connection: usize,
 }
 
 /// The AMQPS listener: address and PEM files.
@@ -226,6 +248,10 @@ pub struct BackendConfig {
     /// of exchanges the gateway has not seen declared (topic checks apply to topic
     /// exchanges only). `None`: such exchanges are treated as topic exchanges.
     pub management_url: Option<String>,
+    /// How long a learnt exchange type is trusted when `management_url` is set.
+    pub exchange_type_ttl: Duration,
+    /// Management API requests one client connection may cause per second (burst: twice).
+    pub exchange_lookups_per_second: u32,
     /// How a node is chosen for each connection among the healthy ones.
     pub balance: crate::proxy::balancer::Policy,
     /// TLS to the nodes (`backend.tls = true`); `None`: plain AMQP.
@@ -254,6 +280,11 @@ impl fmt::Debug for BackendConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("max_connecting", &self.max_connecting)
             .field("management_url", &self.management_url)
+            .field("exchange_type_ttl", &self.exchange_type_ttl)
+            .field(
+                "exchange_lookups_per_second",
+                &self.exchange_lookups_per_second,
+            )
             .field("balance", &self.balance)
             .field("tls", &self.tls)
             .finish()

@@ -52,6 +52,8 @@ pub(super) struct RawListener {
     pub channel_max: Option<u64>,
     pub frame_max: Option<u64>,
     pub heartbeat: Option<u64>,
+    pub consumer_max_per_channel: Option<u64>,
+    pub consumer_max_per_connection: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -63,6 +65,8 @@ pub(super) struct RawBackend {
     pub connect_timeout_ms: Option<u64>,
     pub max_connecting: Option<u64>,
     pub management_url: Option<String>,
+    pub exchange_type_ttl_ms: Option<u64>,
+    pub exchange_lookups_per_second: Option<u64>,
     pub balance: Option<String>,
     pub tls: Option<bool>,
     pub tls_ca: Option<String>,

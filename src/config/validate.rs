@@ -30,6 +30,11 @@ use super::{
     MAX_MAX_PREAUTH_FRAME, MIN_FRAME_MAX, MIN_MAX_PREAUTH_FRAME, OAuth2Config, TlsListenerConfig,
 };
 use super::{
+    DEFAULT_CONSUMER_MAX_PER_CHANNEL, DEFAULT_CONSUMER_MAX_PER_CONNECTION,
+    DEFAULT_EXCHANGE_LOOKUPS_PER_SECOND, DEFAULT_EXCHANGE_TYPE_TTL_MS, MAX_CONSUMER_MAX,
+    MAX_EXCHANGE_LOOKUPS_PER_SECOND, MAX_EXCHANGE_TYPE_TTL_MS, MIN_EXCHANGE_TYPE_TTL_MS,
+};
+use super::{
     DEFAULT_JWKS_STALE_GRACE_SECONDS, DEFAULT_TOKEN_CACHE_SIZE, MAX_JWKS_STALE_GRACE_SECONDS,
     MAX_TOKEN_CACHE_SIZE,
 };
@@ -201,6 +206,20 @@ impl Checker<'_> {
                 0,
                 u16::MAX.into(),
             ),
+            consumer_max_per_channel: self.bounded(
+                "listener.consumer_max_per_channel",
+                raw.consumer_max_per_channel,
+                DEFAULT_CONSUMER_MAX_PER_CHANNEL,
+                1,
+                MAX_CONSUMER_MAX,
+            ),
+            consumer_max_per_connection: self.bounded(
+                "listener.consumer_max_per_connection",
+                raw.consumer_max_per_connection,
+                DEFAULT_CONSUMER_MAX_PER_CONNECTION,
+                1,
+                MAX_CONSUMER_MAX,
+            ),
         }
     }
 
@@ -268,6 +287,20 @@ impl Checker<'_> {
                 MAX_BACKEND_MAX_CONNECTING,
             ),
             management_url,
+            exchange_type_ttl: self.millis(
+                "backend.exchange_type_ttl_ms",
+                raw.exchange_type_ttl_ms,
+                DEFAULT_EXCHANGE_TYPE_TTL_MS,
+                MIN_EXCHANGE_TYPE_TTL_MS,
+                MAX_EXCHANGE_TYPE_TTL_MS,
+            ),
+            exchange_lookups_per_second: self.bounded(
+                "backend.exchange_lookups_per_second",
+                raw.exchange_lookups_per_second,
+                DEFAULT_EXCHANGE_LOOKUPS_PER_SECOND,
+                1,
+                MAX_EXCHANGE_LOOKUPS_PER_SECOND,
+            ),
             balance,
             tls,
         }

@@ -5,7 +5,6 @@
 //! bounded by the connect timeout.
 
 use amq_protocol::protocol::{AMQPClass, connection};
-use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
 use bytes::BytesMut;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -24,7 +23,7 @@ use super::balancer::{Balancer, Lease};
 use crate::admin::metrics::{GaugeGuard, Metrics};
 use crate::amqp::frame::{self, PROTOCOL_HEADER};
 use crate::amqp::handshake::Tuning;
-use crate::amqp::method;
+use crate::amqp::method::{self, Close, Reader, id};
 use crate::config::{BackendConfig, BackendTlsConfig};
 
 /// Largest frame accepted from the backend before tune.
@@ -190,7 +189,7 @@ pub async fn open(
     balancer: &Arc<Balancer>,
     vhost: &str,
     client: Tuning,
-    client_properties: FieldTable,
+    client_properties: &[u8],
     metrics: &Metrics,
 ) -> Result<Backend, BackendError> {
     let mut errors = Vec::new();
@@ -236,7 +235,7 @@ pub async fn open(
                 continue;
             }
         };
-        let handshake = handshake(stream, cfg, vhost, client, client_properties.clone());
+        let handshake = handshake(stream, cfg, vhost, client, client_properties);
         return match tokio::time::timeout(cfg.connect_timeout, handshake).await {
             Ok(Ok((stream, leftover, tuning))) => {
                 metrics
@@ -269,12 +268,12 @@ async fn handshake(
     cfg: &BackendConfig,
     vhost: &str,
     client: Tuning,
-    client_properties: FieldTable,
+    client_properties: &[u8],
 ) -> Result<(BackendStream, BytesMut, Tuning), BackendError> {
     let io = |e: std::io::Error| BackendError::Protocol(e.to_string());
     let mut buf = BytesMut::with_capacity(4096);
     s.write_all(PROTOCOL_HEADER).await.map_err(io)?;
-    expect(&mut s, &mut buf, 10, 10).await?;
+    expect(&mut s, &mut buf, id::CONNECTION_START).await?;
 
     let mut out = BytesMut::new();
     let mut response = Vec::with_capacity(cfg.username.len() + cfg.password.len() + 2);
@@ -282,27 +281,20 @@ async fn handshake(
     response.extend_from_slice(cfg.username.as_bytes());
     response.push(0);
     response.extend_from_slice(cfg.password.as_bytes());
-    let start_ok = connection::StartOk {
-        client_properties,
-        mechanism: ShortString::from("PLAIN"),
-        response: response.into(),
-        locale: ShortString::from("en_US"),
-    };
-    method::encode(
-        &mut out,
-        0,
-        AMQPClass::Connection(connection::AMQPMethod::StartOk(start_ok)),
-    );
+    method::connection_start_ok(&mut out, client_properties, "PLAIN", &response, "en_US");
     s.write_all(&out).await.map_err(io)?;
     out.clear();
 
-    let tune = match expect(&mut s, &mut buf, 10, 30).await? {
-        AMQPClass::Connection(connection::AMQPMethod::Tune(t)) => t,
-        _ => return Err(BackendError::Protocol("expected connection.tune".into())),
-    };
+    let tune = expect(&mut s, &mut buf, id::CONNECTION_TUNE).await?;
+    let bad_tune = || BackendError::Protocol("malformed connection.tune".into());
+    let mut r = Reader::new(&tune);
+    let (channel_max, frame_max) = (
+        r.u16().map_err(|_| bad_tune())?,
+        r.u32().map_err(|_| bad_tune())?,
+    );
     let tuning = Tuning {
-        channel_max: min_nonzero(client.channel_max as u32, tune.channel_max as u32) as u16,
-        frame_max: min_nonzero(client.frame_max, tune.frame_max),
+        channel_max: min_nonzero(client.channel_max as u32, channel_max as u32) as u16,
+        frame_max: min_nonzero(client.frame_max, frame_max),
         heartbeat: client.heartbeat,
     };
     let tune_ok = connection::TuneOk {
@@ -324,7 +316,7 @@ async fn handshake(
         AMQPClass::Connection(connection::AMQPMethod::Open(open)),
     );
     s.write_all(&out).await.map_err(io)?;
-    expect(&mut s, &mut buf, 10, 41).await?;
+    expect(&mut s, &mut buf, id::CONNECTION_OPEN_OK).await?;
     Ok((s, buf, tuning))
 }
 
@@ -335,39 +327,42 @@ fn min_nonzero(a: u32, b: u32) -> u32 {
     }
 }
 
-/// Reads the next method on channel 0 and checks it is `class.method`; a
+/// Reads the next method on channel 0 and checks it is `ids`; returns its payload. A
 /// `connection.close` becomes [`BackendError::Refused`].
 async fn expect(
     s: &mut BackendStream,
     buf: &mut BytesMut,
-    class: u16,
-    meth: u16,
-) -> Result<AMQPClass, BackendError> {
+    ids: (u16, u16),
+) -> Result<BytesMut, BackendError> {
     loop {
         if let Some(h) = frame::check(buf, MAX_HANDSHAKE_FRAME)
             .map_err(|e| BackendError::Protocol(e.to_string()))?
         {
-            let f = buf.split_to(h.wire_len());
+            let mut f = buf.split_to(h.wire_len());
             if h.frame_type != frame::METHOD {
                 continue;
             }
-            let payload = frame::payload(&f, &h);
-            let m = method::decode(payload).map_err(|e| BackendError::Protocol(e.to_string()))?;
-            if let AMQPClass::Connection(connection::AMQPMethod::Close(c)) = &m {
+            let payload = f.split_off(frame::HEADER_LEN).split_to(h.size as usize);
+            let got = method::ids(&payload);
+            if got == Some(id::CONNECTION_CLOSE) {
+                let c = Close::parse(&payload)
+                    .ok_or_else(|| BackendError::Protocol("malformed connection.close".into()))?;
+                let refused = BackendError::Refused {
+                    code: c.code,
+                    text: String::from_utf8_lossy(c.text).into_owned(),
+                    class_id: c.class_id,
+                    method_id: c.method_id,
+                };
                 let mut ok = BytesMut::new();
                 method::connection_close_ok(&mut ok);
                 let _ = s.write_all(&ok).await;
-                return Err(BackendError::Refused {
-                    code: c.reply_code,
-                    text: c.reply_text.to_string(),
-                    class_id: c.class_id,
-                    method_id: c.method_id,
-                });
+                return Err(refused);
             }
-            return match method::ids(payload) {
-                Some(ids) if ids == (class, meth) => Ok(m),
+            return match got {
+                Some(got) if got == ids => Ok(payload),
                 other => Err(BackendError::Protocol(format!(
-                    "expected {class}.{meth}, got {other:?}"
+                    "expected {}.{}, got {other:?}",
+                    ids.0, ids.1
                 ))),
             };
         }
@@ -387,33 +382,4 @@ async fn expect(
             ));
         }
     }
-}
-
-/// The client's properties, passed on so the broker knows its capabilities, with the
-/// authenticated identity in `connection_name` (shown by `rabbitmqctl list_connections`).
-pub fn backend_properties(
-    client: &FieldTable,
-    identity: &str,
-    peer: std::net::SocketAddr,
-) -> FieldTable {
-    let mut props = client.clone();
-    // The client's address (the PROXY header's, behind a load balancer), as the broker
-    // would otherwise only see the gateway's.
-    props.insert(
-        "client_address".into(),
-        AMQPValue::LongString(method::long(&peer.to_string())),
-    );
-    let name = match client
-        .inner()
-        .get("connection_name")
-        .and_then(method::value_str)
-    {
-        Some(own) => format!("{own} [{identity}]"),
-        None => identity.to_owned(),
-    };
-    props.insert(
-        "connection_name".into(),
-        AMQPValue::LongString(method::long(&name)),
-    );
-    props
 }

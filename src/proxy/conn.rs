@@ -13,9 +13,9 @@ use super::Shared;
 use super::backend::{self, BackendError};
 use super::relay::{self, ExchangeLookup, RelayEnd, SecretVerifier};
 use crate::admin::audit::AuditEvent;
-use crate::amqp::handshake::{self, ClientHandshake, Credentials, Step};
+use crate::amqp::handshake::{ClientHandshake, ClientProperties, Credentials, Step};
 use crate::amqp::method::reply;
-use crate::amqp::session::Session;
+use crate::amqp::session::{Limits, Session, SessionConfig};
 use crate::auth::{Identity, token_id};
 use crate::authz::Denial;
 
@@ -79,18 +79,26 @@ where
         "connection opened"
     );
     let on_denial = denial_reporter(&shared, peer, &identity, &vhost);
-    let seed = rand::random::<u64>();
-    let mut session = Session::new(
-        identity.username.clone(),
-        vhost.clone(),
+    let listener = &shared.cfg.listener;
+    let session = Session::new(
+        SessionConfig {
+            username: identity.username.clone(),
+            service_user: shared.cfg.backend.username.clone(),
+            vhost: vhost.clone(),
+            frame_max: backend.tuning.frame_max,
+            channel_max: backend.tuning.channel_max,
+            limits: Limits {
+                consumers_per_channel: listener.consumer_max_per_channel,
+                consumers_per_connection: listener.consumer_max_per_connection,
+                ..Limits::default()
+            },
+            seed: rand::random::<u64>(),
+            epochs: shared.exchange_epochs.clone(),
+            lookups: shared.exchange_types.is_some(),
+            cancel_notify,
+        },
         identity.permissions,
-        backend.tuning.frame_max,
-        seed,
     );
-    session = session.with_consumer_cancel_notify(cancel_notify);
-    if shared.exchange_types.is_some() {
-        session = session.with_exchange_lookups();
-    }
     let verifier = secret_verifier(
         shared.clone(),
         identity.username.clone(),
@@ -108,6 +116,7 @@ where
         relay::Hooks {
             verifier,
             lookup: exchange_lookup(&shared, &vhost),
+            forget_kinds_every: shared.cfg.backend.exchange_type_ttl,
             on_denial,
             traffic: Some(relay::Traffic::new(&shared.metrics)),
             shutdown: Some(shutdown_signal(&shared)),
@@ -275,14 +284,14 @@ async fn open_vhost<S>(
     shared: &Shared,
     identity: Identity,
     vhost: String,
-    client_props: amq_protocol::types::FieldTable,
+    client_props: ClientProperties,
     leftover: BytesMut,
 ) -> Result<Established, &'static str>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut out = BytesMut::new();
-    let cancel_notify = handshake::capability(&client_props, "consumer_cancel_notify");
+    let cancel_notify = client_props.capability("consumer_cancel_notify");
     if !identity.permissions.vhost_access(&vhost) {
         tracing::info!(%peer, user = %identity.username, %vhost, reason = "vhost", "vhost access refused");
         let text = format!(
@@ -323,7 +332,7 @@ where
         "{} via amqp-iam-gateway from {peer} (token {})",
         identity.username, identity.token_id
     );
-    let props = backend::backend_properties(&client_props, &name, peer);
+    let props = client_props.for_backend(&name, &peer.to_string());
     let timer = shared.metrics.phase("backend_connect").start_timer();
     let opened = backend::open(
         &shared.cfg.backend,
@@ -331,7 +340,7 @@ where
         &shared.balancer,
         &vhost,
         tuning,
-        props,
+        &props,
         &shared.metrics,
     )
     .await;
@@ -468,14 +477,17 @@ fn secret_verifier(
     })
 }
 
-/// Looks exchange types up in the broker for this connection's vhost, when configured.
+/// Looks exchange types up in the broker for this connection's vhost, when configured,
+/// within this connection's budget of management API requests.
 fn exchange_lookup(shared: &Arc<Shared>, vhost: &str) -> Option<ExchangeLookup> {
     let types = shared.exchange_types.clone()?;
+    let budget = Arc::new(types.budget());
     let vhost = vhost.to_owned();
     Some(Box::new(move |name: String| {
         let types = types.clone();
+        let budget = budget.clone();
         let vhost = vhost.clone();
-        Box::pin(async move { types.lookup(&vhost, &name).await })
+        Box::pin(async move { types.lookup(&vhost, &name, &budget).await })
     }))
 }
 

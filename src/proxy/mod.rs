@@ -31,6 +31,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::admin::audit::Audit;
 use crate::admin::metrics::Metrics;
 use crate::amqp::handshake::HandshakeSettings;
+use crate::amqp::session::ExchangeEpochs;
 use crate::auth::Authenticators;
 use crate::config::Config;
 use exchange_types::ExchangeTypes;
@@ -42,6 +43,8 @@ pub(crate) struct Shared {
     pub auth: Authenticators,
     pub handshake: HandshakeSettings,
     pub exchange_types: Option<Arc<ExchangeTypes>>,
+    /// Exchange type epochs, shared by every connection and kept across reloads.
+    pub exchange_epochs: Arc<ExchangeEpochs>,
     pub metrics: Arc<Metrics>,
     pub audit: Audit,
     pub drain: watch::Receiver<DrainState>,
@@ -234,12 +237,12 @@ async fn build(
         },
         |p| p.metrics.clone(),
     );
+    let exchange_epochs = prev.map_or_else(ExchangeEpochs::new, |p| p.exchange_epochs.clone());
     let exchange_types = match &cfg.backend.management_url {
         Some(url) => Some(Arc::new(ExchangeTypes::new(
             url,
-            &cfg.backend.username,
-            &cfg.backend.password,
-            cfg.backend.connect_timeout,
+            &cfg.backend,
+            exchange_epochs.clone(),
             metrics.clone(),
         )?)),
         None => None,
@@ -274,6 +277,7 @@ async fn build(
         auth,
         handshake,
         exchange_types,
+        exchange_epochs,
         metrics,
         audit,
         drain,

@@ -25,9 +25,8 @@ use prometheus::IntCounter;
 
 use crate::admin::metrics::Metrics;
 use crate::authz::{Denial, ExchangeKind, Permissions};
-use crate::proxy::exchange_types::TYPE_TTL;
 
-/// Stop reading a side while this much is queued for its peer.
+/// Stop reading a side while this much is queued for its peer (by [`Outbox::weight`]).
 pub const HIGH_WATER: usize = 256 * 1024;
 /// Read buffer growth step.
 pub const READ_CHUNK: usize = 64 * 1024;
@@ -56,6 +55,9 @@ pub type DenialReporter = Box<dyn Fn(&Denial) + Send + Sync>;
 pub struct Hooks {
     pub verifier: SecretVerifier,
     pub lookup: Option<ExchangeLookup>,
+    /// How often learnt exchange types are forgotten (their time to live), when `lookup`
+    /// is set.
+    pub forget_kinds_every: std::time::Duration,
     pub on_denial: DenialReporter,
     pub traffic: Option<Traffic>,
     /// Completes when the gateway shuts down: the client is sent `320` and the relay ends.
@@ -115,10 +117,10 @@ where
         close_deadline: None,
         secret: None,
         lookup: None,
-        forget: hooks
-            .lookup
-            .as_ref()
-            .map(|_| tokio::time::interval_at(Instant::now() + TYPE_TTL, TYPE_TTL)),
+        forget: hooks.lookup.as_ref().map(|_| {
+            let every = hooks.forget_kinds_every;
+            tokio::time::interval_at(Instant::now() + every, every)
+        }),
         hooks,
     };
     let end = std::future::poll_fn(|cx| r.poll(cx)).await;
@@ -226,7 +228,7 @@ struct Relay<C, B> {
     close_deadline: Option<Pin<Box<Sleep>>>,
     secret: Option<Pin<Box<dyn Future<Output = SecretOutcome> + Send>>>,
     lookup: Option<(String, PendingLookup)>,
-    /// Ticks every [`TYPE_TTL`] to make the session forget looked-up exchange types.
+    /// Ticks every `forget_kinds_every` to make the session forget learnt exchange types.
     forget: Option<tokio::time::Interval>,
     hooks: Hooks,
 }
@@ -332,7 +334,9 @@ where
 
     fn pump_client(&mut self, cx: &mut Context<'_>) -> Result<bool, RelayEnd> {
         let mut progress = false;
-        if !self.client.eof && self.backend.out.len() < HIGH_WATER && !self.session.client_paused()
+        if !self.client.eof
+            && self.backend.out.weight() < HIGH_WATER
+            && !self.session.client_paused()
         {
             match self.client.poll_read(cx) {
                 Poll::Ready(Ok(p)) => progress = p,
@@ -377,7 +381,7 @@ where
         if self.fail.is_some() {
             return Ok(false);
         }
-        if !self.backend.eof && self.client.out.len() < HIGH_WATER {
+        if !self.backend.eof && self.client.out.weight() < HIGH_WATER {
             match self.backend.poll_read(cx) {
                 Poll::Ready(Ok(p)) => progress = p,
                 Poll::Ready(Err(e)) => {
@@ -391,11 +395,10 @@ where
         }
         if !self.backend.input.is_empty() {
             let before = self.backend.input.len();
-            if let Err(e) = self.session.on_backend_input(
-                &mut self.backend.input,
-                &mut self.client.out,
-                &mut self.backend.out,
-            ) {
+            if let Err(e) = self
+                .session
+                .on_backend_input(&mut self.backend.input, &mut self.client.out)
+            {
                 self.fatal(e);
                 return Ok(true);
             }
@@ -510,16 +513,25 @@ mod tests {
         let hooks = Hooks {
             verifier: Box::new(|_| Box::pin(async { Err("unused".to_owned()) })),
             lookup: None,
+            forget_kinds_every: std::time::Duration::from_secs(10),
             on_denial: Box::new(|_| {}),
             traffic: None,
             shutdown: None,
         };
         let session = Session::new(
-            "u".into(),
-            "/".into(),
+            crate::amqp::session::SessionConfig {
+                username: "u".into(),
+                service_user: "svc".into(),
+                vhost: "/".into(),
+                frame_max: 131_072,
+                channel_max: 2047,
+                limits: Default::default(),
+                seed: 0,
+                epochs: crate::amqp::session::ExchangeEpochs::new(),
+                lookups: false,
+                cancel_notify: false,
+            },
             Permissions::from_scopes(&[]),
-            131_072,
-            0,
         );
         let relay = tokio::spawn(run(
             client,

@@ -1,0 +1,270 @@
+//! One channel as the gateway follows it, modelled on RabbitMQ's `rabbit_channel`.
+//!
+//! ```text
+//!                 client channel.open (forwarded; a reopen waits for owed close-oks)
+//!   (no entry) ───────────────────────────────────────────────▶ Open ◀──────────┐
+//!        ▲                                                        │             │
+//!        │ close handshakes done                                  │             │
+//!        │                   ┌────────────────────────────────────┼─────────┐   │
+//!        │                   │ gateway refuses a method:          │         │   │
+//!        │                   │ channel.close → broker             │ broker  │   │
+//!        │                   ▼                                    │ channel │   │
+//!        │              Refusing ──broker close-ok──▶ ClientClosing│ .close  │   │
+//!        │                   │    (client gets the refusal)       ▼         │   │
+//!        │                   └──broker channel.close (an earlier ▶ BrokerClosing│
+//!        │                       method failed: its error wins)   │         │   │
+//!        │                                                        │         │   │
+//!        │              client channel.close ──▶ ClientClosed ────┘         │   │
+//!        └───────────── client close-ok / broker close-ok ◀─────────────────┘   │
+//!                                                                              │
+//!   Closed (owed close-oks from the broker are swallowed) ── channel.open ──────┘
+//! ```
+//!
+//! What the channel holds follows what the client sent, in order, as RabbitMQ's channel
+//! process handles it: the most recently declared queue is set when a `queue.declare` is
+//! forwarded (passive and `nowait` ones too), consumers are registered when their
+//! `basic.consume` is forwarded (the gateway names `""`-tagged ones itself), and replies
+//! are matched to their own request through per-reply queues ([`Pending`]), never to "the
+//! one pending request". Everything is bounded (see `ARCHITECTURE.md`, "Bounds").
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use rustc_hash::FxHashMap;
+
+use crate::authz::{Denial, ExchangeKind};
+
+/// Where a channel is in its life, from the gateway's view.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Methods are decided and forwarded.
+    Open,
+    /// The gateway refused a method and sent `channel.close` to the broker. The client is
+    /// told once the broker has answered: replies to methods before the refused one come
+    /// first, and if one of those failed, the broker's own error reaches the client
+    /// instead, as with RabbitMQ alone. The client's frames are dropped meanwhile.
+    Refusing {
+        denial: Denial,
+        /// The client sent `channel.close` meanwhile (answered when it is told).
+        client_closed: bool,
+    },
+    /// The client has the gateway's `channel.close`; its `close-ok` is awaited. The
+    /// broker's channel is gone. The client's frames are dropped.
+    ClientClosing,
+    /// The broker's `channel.close` went to the client, whose `close-ok` is awaited. The
+    /// broker discards everything else, so the client's frames go through unchecked.
+    BrokerClosing {
+        /// The client had sent `channel.close` while the gateway was refusing: the
+        /// broker's `close-ok` owed to the gateway answers it.
+        client_close_pending: bool,
+    },
+    /// The client sent `channel.close`; the broker's `close-ok` is awaited. The broker
+    /// discards the client's frames, which go through unchecked.
+    ClientClosed,
+    /// Closed on the client's side; the broker may still owe `close-ok`s.
+    Closed,
+}
+
+/// [`State`] without its data, to branch on while the channel is borrowed elsewhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Open,
+    Refusing,
+    ClientClosing,
+    BrokerClosing,
+    ClientClosed,
+    Closed,
+}
+
+impl State {
+    pub fn phase(&self) -> Phase {
+        match self {
+            State::Open => Phase::Open,
+            State::Refusing { .. } => Phase::Refusing,
+            State::ClientClosing => Phase::ClientClosing,
+            State::BrokerClosing { .. } => Phase::BrokerClosing,
+            State::ClientClosed => Phase::ClientClosed,
+            State::Closed => Phase::Closed,
+        }
+    }
+
+    /// Whether client frames on the channel are forwarded (checked or not).
+    pub fn forwards_client(&self) -> bool {
+        !matches!(self, State::Refusing { .. } | State::ClientClosing)
+    }
+}
+
+/// The most recently declared queue (`""` in later methods means it).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum LastQueue {
+    /// None yet: RabbitMQ answers `404 no previously declared queue`.
+    #[default]
+    None,
+    Named(Box<str>),
+    /// A server-named declare whose name arrives with its `declare-ok`.
+    ServerNamed {
+        seq: u32,
+    },
+}
+
+/// Replies the session must read, matched to their requests by position. Requests whose
+/// reply teaches nothing are counted, not stored: only entries take memory.
+#[derive(Debug)]
+pub struct Pending<T> {
+    q: VecDeque<Slot<T>>,
+}
+
+#[derive(Debug)]
+enum Slot<T> {
+    Skip(u64),
+    Entry(T),
+}
+
+impl<T> Default for Pending<T> {
+    fn default() -> Self {
+        Pending { q: VecDeque::new() }
+    }
+}
+
+impl<T> Pending<T> {
+    /// A request whose reply is only counted.
+    pub fn skip(&mut self) {
+        match self.q.back_mut() {
+            Some(Slot::Skip(n)) => *n = n.saturating_add(1),
+            _ => self.q.push_back(Slot::Skip(1)),
+        }
+    }
+
+    pub fn push(&mut self, entry: T) {
+        self.q.push_back(Slot::Entry(entry));
+    }
+
+    /// The next reply arrived: its entry, if its request had one. `None` when nothing is
+    /// pending (a reply the gateway did not see requested is passed on).
+    pub fn pop(&mut self) -> Option<Option<T>> {
+        match self.q.front_mut()? {
+            Slot::Skip(n) if *n > 1 => {
+                *n -= 1;
+                Some(None)
+            }
+            Slot::Skip(_) => {
+                self.q.pop_front();
+                Some(None)
+            }
+            Slot::Entry(_) => match self.q.pop_front() {
+                Some(Slot::Entry(e)) => Some(Some(e)),
+                _ => Some(None),
+            },
+        }
+    }
+
+    /// How many entries (not counted requests) are held.
+    pub fn entries(&self) -> usize {
+        self.q
+            .iter()
+            .filter(|s| matches!(s, Slot::Entry(_)))
+            .count()
+    }
+
+    pub fn clear(&mut self) -> usize {
+        let n = self.entries();
+        self.q.clear();
+        n
+    }
+}
+
+/// A `queue.declare-ok` the session reads: the name of a server-named queue.
+#[derive(Debug)]
+pub struct QueueOk {
+    pub seq: u32,
+    /// The client sent the declare with `nowait`; the gateway asked for the reply to learn
+    /// the name and keeps it from the client.
+    pub hide: bool,
+}
+
+/// An `exchange.declare-ok` the session reads: the type of the declared exchange.
+#[derive(Debug)]
+pub struct ExchangeOk {
+    pub name: Box<str>,
+    pub kind: ExchangeKind,
+    pub epoch: u64,
+}
+
+/// One channel.
+#[derive(Debug)]
+pub struct Channel {
+    pub state: State,
+    pub last_queue: LastQueue,
+    pub queue_oks: Pending<QueueOk>,
+    pub exchange_oks: Pending<ExchangeOk>,
+    /// Live consumers: tag → queue, re-checked when the token is refreshed.
+    pub consumers: FxHashMap<Box<str>, Arc<str>>,
+    /// A permitted-so-far `basic.publish` method frame waiting for its content header
+    /// (at most 527 bytes: the arguments must fill the frame exactly).
+    pub held: Option<BytesMut>,
+    /// `channel.close-ok`s the broker owes for closes the gateway sent.
+    pub owed_close_oks: u8,
+}
+
+impl Channel {
+    pub fn open() -> Channel {
+        Channel {
+            state: State::Open,
+            last_queue: LastQueue::None,
+            queue_oks: Pending::default(),
+            exchange_oks: Pending::default(),
+            consumers: FxHashMap::default(),
+            held: None,
+            owed_close_oks: 0,
+        }
+    }
+
+    /// The channel is over on the broker's side or soon will be: forget what it held.
+    /// Returns (consumers, pending entries) dropped, for the connection's counts.
+    pub fn clear(&mut self) -> (usize, usize) {
+        let consumers = self.consumers.len();
+        self.consumers = FxHashMap::default();
+        let pending = self.queue_oks.clear() + self.exchange_oks.clear();
+        self.last_queue = LastQueue::None;
+        self.held = None;
+        (consumers, pending)
+    }
+
+    /// Nothing left to wait for: the entry can go.
+    pub fn finished(&self) -> bool {
+        self.state == State::Closed && self.owed_close_oks == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_replies_match_their_own_requests() {
+        let mut p: Pending<u32> = Pending::default();
+        p.skip();
+        p.push(7);
+        p.skip();
+        p.skip();
+        p.push(8);
+        assert_eq!(p.entries(), 2);
+        assert_eq!(p.q.len(), 4, "consecutive skips are one slot");
+        assert_eq!(p.pop(), Some(None));
+        assert_eq!(p.pop(), Some(Some(7)));
+        assert_eq!(p.pop(), Some(None));
+        assert_eq!(p.pop(), Some(None));
+        assert_eq!(p.pop(), Some(Some(8)));
+        assert_eq!(p.pop(), None);
+    }
+
+    #[test]
+    fn a_million_skipped_requests_take_one_slot() {
+        let mut p: Pending<u32> = Pending::default();
+        for _ in 0..1_000_000 {
+            p.skip();
+        }
+        assert_eq!(p.q.len(), 1);
+    }
+}
