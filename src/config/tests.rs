@@ -88,6 +88,10 @@ fn defaults_apply_to_a_minimal_file() {
         (l.channel_max, l.frame_max, l.heartbeat),
         (2047, 131_072, 60)
     );
+    assert_eq!(
+        (l.consumer_max_per_channel, l.consumer_max_per_connection),
+        (1024, 10_000)
+    );
 
     let b = &c.backend;
     assert_eq!(
@@ -99,6 +103,8 @@ fn defaults_apply_to_a_minimal_file() {
     );
     assert_eq!(b.connect_timeout, Duration::from_secs(5));
     assert_eq!(b.max_connecting, 32);
+    assert_eq!(b.exchange_type_ttl, Duration::from_secs(10));
+    assert_eq!(b.exchange_lookups_per_second, 10);
 
     let o = &c.oauth2;
     assert_eq!(o.scope_prefix, "rabbitmq.");
@@ -295,11 +301,15 @@ address = "localhost:5671"
 tls_key = "certs/missing-key.pem"
 frame_max = 1024
 max_preauth_frame = 4096
+consumer_max_per_channel = 0
+consumer_max_per_connection = 1000001
 
 [backend]
 nodes = ["amqp://rabbit:5672", "rabbit"]
 password = ""
 max_connecting = 0
+exchange_type_ttl_ms = 10
+exchange_lookups_per_second = 0
 
 [oauth2]
 algorithms = ["RS256", "none", "HS256", "rs384"]
@@ -324,6 +334,10 @@ format = "yaml"
         "backend.username",
         "backend.password",
         "backend.max_connecting",
+        "backend.exchange_type_ttl_ms",
+        "backend.exchange_lookups_per_second",
+        "listener.consumer_max_per_channel",
+        "listener.consumer_max_per_connection",
         "oauth2.resource_server_id",
         "oauth2.algorithms[1]",
         "oauth2.algorithms[2]",

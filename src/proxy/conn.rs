@@ -367,12 +367,24 @@ where
         Err(e) => {
             tracing::warn!(%peer, user = %identity.username, %vhost, error = %e, "backend connection failed");
             let (code, text, class_id, method_id) = match e {
+                // The broker's refusal is about the gateway's own user: the client sees
+                // its own name there.
                 BackendError::Refused {
                     code,
                     text,
                     class_id,
                     method_id,
-                } => (code, text, class_id, method_id),
+                } => (
+                    code,
+                    crate::amqp::method::hide_service_user(
+                        text.as_bytes(),
+                        &shared.cfg.backend.username,
+                        &identity.username,
+                    )
+                    .unwrap_or(text),
+                    class_id,
+                    method_id,
+                ),
                 _ => (
                     reply::CONNECTION_FORCED,
                     "CONNECTION_FORCED - broker unavailable".to_owned(),

@@ -221,13 +221,15 @@ impl Channel {
     }
 
     /// The channel is over on the broker's side or soon will be: forget what it held.
-    /// Returns (consumers, pending entries) dropped, for the connection's counts.
+    /// Returns (consumers, pending entries) dropped, for the connection's counts. A held
+    /// publish stays: its content header is still to come, and the broker must see the
+    /// whole message (it discards it on a closing channel) or it would see a header
+    /// without its method.
     pub fn clear(&mut self) -> (usize, usize) {
         let consumers = self.consumers.len();
         self.consumers = FxHashMap::default();
         let pending = self.queue_oks.clear() + self.exchange_oks.clear();
         self.last_queue = LastQueue::None;
-        self.held = None;
         (consumers, pending)
     }
 

@@ -20,16 +20,18 @@
 //!
 //! **Invariant:** no IO; reading an epoch is one atomic load, with no lock.
 
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rustc_hash::{FxHashMap, FxHasher};
+use rustc_hash::FxHashMap;
 
 use crate::authz::ExchangeKind;
 
 /// Epoch slots: names share a slot by hash. A shared slot only makes a type be learnt
-/// again more often; it never keeps a stale one. Fixed size: no growth with names.
+/// again more often; it never keeps a stale one. Fixed size: no growth with names. The
+/// hash is keyed at random per process, so a client cannot pick names that share a slot
+/// with someone else's exchange to make their types be looked up again and again.
 const SLOTS: usize = 4096;
 
 /// Most learnt types a session keeps; when full, it starts again from nothing.
@@ -39,12 +41,14 @@ pub const MAX_KNOWN: usize = 512;
 /// with that name through the gateway. Shared by all connections.
 pub struct ExchangeEpochs {
     slots: Box<[AtomicU64]>,
+    hasher: RandomState,
 }
 
 impl Default for ExchangeEpochs {
     fn default() -> Self {
         ExchangeEpochs {
             slots: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            hasher: RandomState::new(),
         }
     }
 }
@@ -55,10 +59,8 @@ impl ExchangeEpochs {
     }
 
     fn slot(&self, vhost: &str, name: &str) -> &AtomicU64 {
-        let mut h = FxHasher::default();
-        vhost.hash(&mut h);
-        name.hash(&mut h);
-        &self.slots[(h.finish() as usize) % SLOTS]
+        let h = self.hasher.hash_one((vhost, name));
+        &self.slots[(h as usize) % SLOTS]
     }
 
     /// The epoch of exchange `name` in `vhost`.

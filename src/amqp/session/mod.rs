@@ -1115,6 +1115,11 @@ impl Session {
         let Some(held) = c.held.as_ref() else {
             return Step::Forward;
         };
+        if c.state != State::Open {
+            // The broker closed the channel while the publish was held: it discards the
+            // message, which it must see whole.
+            return Step::Release;
+        }
         let header = match ContentHeader::parse(payload) {
             Some(h) if h.class_id == 60 && h.weight == 0 => h,
             Some(h) if h.weight == 0 => {
@@ -1305,7 +1310,7 @@ impl Session {
                 self.clear_channel(ch);
                 self.hide_service_user(ch, payload)
             }
-            id::CHANNEL_CLOSE_OK => {
+            id::CHANNEL_CLOSE_OK if matches!(c.state, State::Refusing { .. }) => {
                 let State::Refusing {
                     denial,
                     client_closed,

@@ -1410,3 +1410,39 @@ fn immediate_publishes_are_left_to_the_broker() {
         "RabbitMQ answers 540 before any permission check"
     );
 }
+
+#[test]
+fn a_publish_held_when_the_broker_closes_the_channel_still_reaches_it_whole() {
+    let mut s = session(&["write:*/*"]);
+    client(&mut s, &channel_open(1), 1 << 20);
+    let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
+    let msg = publish(1, "x", "k", b"body", None);
+    let method_len = publish_method(1, "x", "k").len();
+    let mut buf = BytesMut::from(&msg[..method_len]);
+    s.on_client_input(&mut buf, &mut to_b, &mut to_c).unwrap();
+    assert!(to_b.is_empty(), "held");
+    backend(
+        &mut s,
+        &channel_close(1, 404, "NOT_FOUND - no exchange 'y' in vhost '/'"),
+    );
+    let mut buf = BytesMut::from(&msg[method_len..]);
+    s.on_client_input(&mut buf, &mut to_b, &mut to_c).unwrap();
+    assert_eq!(
+        drain(&mut to_b),
+        msg,
+        "method, header and body, for the broker to discard"
+    );
+}
+
+#[test]
+fn a_stray_close_ok_from_the_broker_changes_nothing() {
+    let mut s = session(&ALL);
+    client(&mut s, &channel_open(1), 1 << 20);
+    assert_eq!(backend(&mut s, &close_ok(1)), close_ok(1));
+    let (to_b, _) = client(&mut s, &queue_declare(1, "q"), 1 << 20);
+    assert_eq!(
+        to_b,
+        queue_declare(1, "q"),
+        "the channel is still open and checked"
+    );
+}

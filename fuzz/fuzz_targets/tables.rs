@@ -1,0 +1,93 @@
+//! Field tables as RabbitMQ reads them: arbitrary bytes, and tables nested far deeper than a
+//! stack could recurse, built from the input (first byte: depth multiplier). Never panics
+//! and never recurses; `get` is the first entry with its key (`rabbit_misc:table_lookup`);
+//! a checked level walks to its end; every nested level can be opened one at a time.
+#![no_main]
+use amqp_iam_gateway::amqp::table::{Array, Table, Value};
+
+/// Walks every level of `t` with an explicit stack (never recursion), checking each level
+/// it opens; returns how many levels it opened.
+fn walk(t: Table<'_>) -> usize {
+    enum Level<'a> {
+        T(Table<'a>),
+        A(Array<'a>),
+    }
+    let mut stack = vec![Level::T(t)];
+    let mut opened = 0;
+    while let Some(level) = stack.pop() {
+        opened += 1;
+        let mut visit = |v: Value<'_>| {
+            let _ = v.type_name();
+            v
+        };
+        let values: Vec<Value<'_>> = match level {
+            Level::T(t) => {
+                // The first entry with a key is what `get` answers.
+                let entries: Vec<_> = t.entries().collect();
+                for (i, (k, v)) in entries.iter().enumerate() {
+                    if let Ok(key) = std::str::from_utf8(k)
+                        && entries[..i].iter().all(|(k2, _)| k2 != k)
+                    {
+                        assert_eq!(t.get(key).as_ref(), Some(v));
+                    }
+                }
+                entries.into_iter().map(|(_, v)| visit(v)).collect()
+            }
+            Level::A(a) => a.values().map(&mut visit).collect(),
+        };
+        for v in values {
+            match v {
+                Value::Table(inner) => {
+                    if let Ok(inner) = inner.check() {
+                        stack.push(Level::T(inner));
+                    }
+                }
+                Value::Array(inner) => {
+                    if let Ok(inner) = inner.check() {
+                        stack.push(Level::A(inner));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    opened
+}
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let Some((&knobs, rest)) = data.split_first() else { return };
+    if knobs & 1 == 0 {
+        // Arbitrary bytes as a table's entries.
+        if let Ok(t) = Table::new(rest) {
+            let n = t.entries().count();
+            assert!(n <= rest.len() / 3 + 1, "every entry takes at least 3 bytes");
+            walk(t);
+        }
+        return;
+    }
+    // A table nested `depth` levels deep (alternating tables and arrays), with the input as
+    // the innermost entries: exercises depth without the fuzzer having to find lengths.
+    let depth = 1 + (knobs as usize >> 1) * 400;
+    let mut inner = rest.to_vec();
+    let mut wire = Vec::new();
+    for i in 0..depth {
+        // Built inside out: each level wraps the one before.
+        wire.clear();
+        if i % 2 == 0 {
+            wire.extend_from_slice(&[1, b'k', b'F']);
+        } else {
+            wire.push(b'F');
+        }
+        wire.extend_from_slice(&(inner.len() as u32).to_be_bytes());
+        wire.extend_from_slice(&inner);
+        std::mem::swap(&mut inner, &mut wire);
+        if inner.len() > 1 << 20 {
+            break;
+        }
+    }
+    if let Ok(t) = Table::new(&inner) {
+        walk(t);
+    } else if let Ok(a) = Array::new(&inner) {
+        let _ = a.values().count();
+    }
+});
