@@ -16,10 +16,10 @@ fn walk(t: Table<'_>) -> usize {
     let mut opened = 0;
     while let Some(level) = stack.pop() {
         opened += 1;
-        let mut visit = |v: Value<'_>| {
+        fn visit(v: Value<'_>) -> Value<'_> {
             let _ = v.type_name();
             v
-        };
+        }
         let values: Vec<Value<'_>> = match level {
             Level::T(t) => {
                 // The first entry with a key is what `get` answers.
@@ -33,7 +33,7 @@ fn walk(t: Table<'_>) -> usize {
                 }
                 entries.into_iter().map(|(_, v)| visit(v)).collect()
             }
-            Level::A(a) => a.values().map(&mut visit).collect(),
+            Level::A(a) => a.values().map(visit).collect(),
         };
         for v in values {
             match v {
@@ -65,26 +65,28 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         }
         return;
     }
-    // A table nested `depth` levels deep (alternating tables and arrays), with the input as
-    // the innermost entries: exercises depth without the fuzzer having to find lengths.
-    let depth = 1 + (knobs as usize >> 1) * 400;
-    let mut inner = rest.to_vec();
-    let mut wire = Vec::new();
-    for i in 0..depth {
-        // Built inside out: each level wraps the one before.
-        wire.clear();
-        if i % 2 == 0 {
-            wire.extend_from_slice(&[1, b'k', b'F']);
-        } else {
-            wire.push(b'F');
-        }
-        wire.extend_from_slice(&(inner.len() as u32).to_be_bytes());
-        wire.extend_from_slice(&inner);
-        std::mem::swap(&mut inner, &mut wire);
-        if inner.len() > 1 << 20 {
-            break;
-        }
+    // A table nested `depth` levels deep (entries `k` holding arrays of tables ...),
+    // with the input as the innermost content: exercises depth without the fuzzer having to
+    // find lengths. Built in one pass, outside in: each level's length is known.
+    let depth = 1 + (knobs as usize >> 1) * 80;
+    // Level i (0 outermost) is a table entry `k: A` when i is even, an array value `F`
+    // when odd: 7 or 5 bytes of header, then the levels inside it.
+    let header = |i: usize| if i % 2 == 0 { 7 } else { 5 };
+    let mut inside = vec![0usize; depth + 1];
+    inside[depth] = rest.len();
+    for i in (0..depth).rev() {
+        inside[i] = inside[i + 1] + header(i);
     }
+    let mut inner = Vec::with_capacity(inside[0]);
+    for i in 0..depth {
+        if i % 2 == 0 {
+            inner.extend_from_slice(&[1, b'k', b'A']);
+        } else {
+            inner.push(b'F');
+        }
+        inner.extend_from_slice(&(inside[i + 1] as u32).to_be_bytes());
+    }
+    inner.extend_from_slice(rest);
     if let Ok(t) = Table::new(&inner) {
         walk(t);
     } else if let Ok(a) = Array::new(&inner) {

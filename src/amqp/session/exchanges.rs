@@ -58,19 +58,23 @@ impl ExchangeEpochs {
         Arc::new(ExchangeEpochs::default())
     }
 
-    fn slot(&self, vhost: &str, name: &str) -> &AtomicU64 {
-        let h = self.hasher.hash_one((vhost, name));
-        &self.slots[(h as usize) % SLOTS]
+    fn slot(&self, vhost: &str, name: &str) -> usize {
+        (self.hasher.hash_one((vhost, name)) as usize) % SLOTS
     }
 
     /// The epoch of exchange `name` in `vhost`.
     pub fn current(&self, vhost: &str, name: &str) -> u64 {
-        self.slot(vhost, name).load(Ordering::Acquire)
+        self.at(self.slot(vhost, name))
+    }
+
+    /// The epoch in slot `slot` (one atomic load: what a session does per message).
+    fn at(&self, slot: usize) -> u64 {
+        self.slots[slot].load(Ordering::Acquire)
     }
 
     /// Exchange `name` may change type: every type learnt for it before is void.
     pub fn bump(&self, vhost: &str, name: &str) -> u64 {
-        self.slot(vhost, name).fetch_add(1, Ordering::AcqRel) + 1
+        self.slots[self.slot(vhost, name)].fetch_add(1, Ordering::AcqRel) + 1
     }
 }
 
@@ -96,6 +100,8 @@ pub fn kind_of(exchange_type: &str) -> ExchangeKind {
 struct Known {
     kind: ExchangeKind,
     epoch: u64,
+    /// The name's epoch slot, so a message costs one atomic load and no hashing.
+    slot: usize,
 }
 
 /// One session's knowledge of exchange types, bounded by [`MAX_KNOWN`].
@@ -133,7 +139,7 @@ impl Exchanges {
             return *k;
         }
         match self.known.get(name) {
-            Some(k) if k.epoch == self.epochs.current(&self.vhost, name) => k.kind,
+            Some(k) if k.epoch == self.epochs.at(k.slot) => k.kind,
             _ if self.lookups => ExchangeKind::Unresolved,
             _ => ExchangeKind::Unknown,
         }
@@ -181,7 +187,8 @@ impl Exchanges {
         if self.known.len() >= MAX_KNOWN && !self.known.contains_key(name) {
             self.known.clear();
         }
-        self.known.insert(name.into(), Known { kind, epoch });
+        let slot = self.epochs.slot(&self.vhost, name);
+        self.known.insert(name.into(), Known { kind, epoch, slot });
     }
 
     /// The time to live of learnt types has passed. With lookups available, every learnt

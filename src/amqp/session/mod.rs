@@ -373,11 +373,10 @@ impl Session {
             if input.len() < end {
                 break Ok(ClientEvent::None);
             }
-            if input[end - 1] != frame::FRAME_END {
+            let end_octet = input[end - 1];
+            if end_octet != frame::FRAME_END {
                 flush(input, &mut span, to_backend);
-                break Err(
-                    self.client_frame_error(FrameError::BadFrameEnd(input[end - 1]), to_client)
-                );
+                break Err(self.client_frame_error(FrameError::BadFrameEnd(end_octet), to_client));
             }
             let step = self.client_frame(&h, &input[span..end], &mut own_b, &mut own_c);
             if !matches!(step, Step::Pause(_) | Step::Lookup(_)) {

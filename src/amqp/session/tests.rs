@@ -1446,3 +1446,17 @@ fn a_stray_close_ok_from_the_broker_changes_nothing() {
         "the channel is still open and checked"
     );
 }
+
+/// Found by the `session` fuzz target: a bad frame-end octet after frames already accepted
+/// in the same read indexed the input after it had been split.
+#[test]
+fn a_bad_frame_end_after_accepted_frames_is_a_frame_error() {
+    let mut s = session(&ALL);
+    let mut input = channel_open(1);
+    let mut bad = queue_declare(1, "q");
+    *bad.last_mut().unwrap() = 0;
+    input.extend(bad);
+    let (_, to_b, to_c) = client_fails(&mut s, &input);
+    assert_eq!(to_b, channel_open(1));
+    assert_eq!(connection_close(&to_c).reply_code, 501);
+}
