@@ -191,6 +191,24 @@ pub struct ExchangeOk {
     pub epoch: u64,
 }
 
+/// A consumer the gateway has seen asked for.
+#[derive(Debug)]
+pub struct Consumer {
+    pub queue: Arc<str>,
+    pub state: ConsumerState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsumerState {
+    /// Its `consume-ok` has not come yet (the client does not know a tag the broker or
+    /// the gateway chose yet).
+    Awaiting,
+    Live,
+    /// Cancelled by the gateway (a refreshed token) before its `consume-ok`: the client is
+    /// told once the `consume-ok` has passed, as RabbitMQ would order them.
+    Cancelled,
+}
+
 /// One channel.
 #[derive(Debug)]
 pub struct Channel {
@@ -198,8 +216,8 @@ pub struct Channel {
     pub last_queue: LastQueue,
     pub queue_oks: Pending<QueueOk>,
     pub exchange_oks: Pending<ExchangeOk>,
-    /// Live consumers: tag → queue, re-checked when the token is refreshed.
-    pub consumers: FxHashMap<Box<str>, Arc<str>>,
+    /// Consumers: tag → queue and state, re-checked when the token is refreshed.
+    pub consumers: FxHashMap<Box<str>, Consumer>,
     /// A permitted-so-far `basic.publish` method frame waiting for its content header
     /// (at most 527 bytes: the arguments must fill the frame exactly).
     pub held: Option<BytesMut>,

@@ -50,7 +50,7 @@ use super::method::{
 use crate::authz::{
     self, Context, Denial, ExchangeKind, Operation, Permissions, REPLY_TO, Verdict, strip_cr_lf,
 };
-use channel::{Channel, ExchangeOk, LastQueue, Phase, QueueOk, State};
+use channel::{Channel, Consumer, ConsumerState, ExchangeOk, LastQueue, Phase, QueueOk, State};
 pub use exchanges::ExchangeEpochs;
 use exchanges::{Exchanges, kind_of};
 pub use outbox::Outbox;
@@ -1090,9 +1090,18 @@ impl Session {
         } else {
             (c.consumer_tag.to_owned(), Step::Forward)
         };
-        self.channel(ch)
-            .consumers
-            .insert(tag.into(), Arc::from(&*queue));
+        let state = if c.nowait {
+            ConsumerState::Live
+        } else {
+            ConsumerState::Awaiting
+        };
+        self.channel(ch).consumers.insert(
+            tag.into(),
+            Consumer {
+                queue: Arc::from(&*queue),
+                state,
+            },
+        );
         self.consumers += 1;
         step
     }
@@ -1372,6 +1381,28 @@ impl Session {
                     BackendStep::Drop
                 }
             }
+            id::BASIC_CONSUME_OK => {
+                // The tag of a `consume-ok` is the consumer's own: the gateway names every
+                // consumer whose tag the client left empty.
+                let Some(tag) = method::cancel_tag(payload) else {
+                    return BackendStep::Forward;
+                };
+                match c.consumers.get_mut(tag) {
+                    Some(con) if con.state == ConsumerState::Awaiting => {
+                        con.state = ConsumerState::Live;
+                    }
+                    Some(con) if con.state == ConsumerState::Cancelled => {
+                        let tag: Box<str> = tag.into();
+                        c.consumers.remove(&tag);
+                        self.consumers -= 1;
+                        if self.cancel_notify {
+                            to_client.frame(|b| method::basic_cancel(b, ch, &tag));
+                        }
+                    }
+                    _ => {}
+                }
+                BackendStep::Forward
+            }
             _ => BackendStep::Forward,
         }
     }
@@ -1420,17 +1451,26 @@ impl Session {
             let lost: Vec<Box<str>> = chan
                 .consumers
                 .iter()
-                .filter(|(_, q)| {
-                    !self
-                        .permissions
-                        .resource(authz::Perm::Read, &self.vhost, &***q)
+                .filter(|(_, c)| {
+                    c.state != ConsumerState::Cancelled
+                        && !self
+                            .permissions
+                            .resource(authz::Perm::Read, &self.vhost, &*c.queue)
                 })
                 .map(|(tag, _)| tag.clone())
                 .collect();
             for tag in lost {
+                to_backend.frame(|b| method::basic_cancel(b, ch, &tag));
+                let Some(c) = chan.consumers.get_mut(&tag) else {
+                    continue;
+                };
+                if c.state == ConsumerState::Awaiting {
+                    // Told after its consume-ok, which the broker sends first.
+                    c.state = ConsumerState::Cancelled;
+                    continue;
+                }
                 chan.consumers.remove(&tag);
                 self.consumers -= 1;
-                to_backend.frame(|b| method::basic_cancel(b, ch, &tag));
                 if self.cancel_notify {
                     to_client.frame(|b| method::basic_cancel(b, ch, &tag));
                 }
@@ -1506,9 +1546,10 @@ impl Session {
         let ids = id::CONNECTION_UPDATE_SECRET;
         match outcome {
             Ok(p) if p.vhost_access(&self.vhost) => {
+                // RabbitMQ answers first, then each channel re-checks its consumers.
                 self.permissions = p;
-                self.cancel_unreadable_consumers(to_client, to_backend);
                 to_client.frame(method::update_secret_ok);
+                self.cancel_unreadable_consumers(to_client, to_backend);
             }
             Ok(_) => {
                 let text = format!(
