@@ -239,7 +239,7 @@ def shrink_seq(env, seq: dict, want: set[str], *, budget: float = 120, log=print
 
 def write_regression(seq: dict, v: Verdict, seed: int | None, sequences_before: int | None = None) -> Path:
     REGRESSIONS.mkdir(parents=True, exist_ok=True)
-    body = {k: seq[k] for k in ("tokens", "cancel_notify", "auto_close_ok", "types", "steps") if k in seq}
+    body = {k: seq[k] for k in ("tokens", "cancel_notify", "auto_close_ok", "pipeline_open", "types", "steps") if k in seq}
     h = hashlib.sha1(json.dumps(body, sort_keys=True).encode()).hexdigest()[:10]
     doc = {
         "signature": v.signatures() if v else [],

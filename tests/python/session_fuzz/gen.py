@@ -369,6 +369,8 @@ def generate(r: random.Random) -> dict:
         "tokens": [{"sub": SUB, "scopes": tok1}, {"sub": SUB, "scopes": tok2}],
         "cancel_notify": r.random() < 0.85,
         "auto_close_ok": r.random() < 0.85,
+        # channel.open pipelined with the step's methods, or in a round trip of its own
+        "pipeline_open": r.random() < 0.5,
         "types": g.types,
         "steps": steps,
     }
