@@ -88,11 +88,11 @@ class Divergence:
 
     def signature(self) -> str:
         g, r = self.gw, self.ref
-        if (self.kind == "ordered" and g is not None and g["kind"] == "close" and g["data"][0] == 403
-                and r is not None and r["kind"] in ("reply", "close") and g.get("op")
-                and op_key(r.get("op")) < op_key(g.get("op"))):
-            what = "reply" if r["kind"] == "reply" else "error"
-            return (f"order|the gateway's 403 comes before the broker's {what} to an "
+        if (self.kind == "ordered" and g is not None and g["kind"] == "close" and g["data"][0] in (403, 406)
+                and r is not None and (r["kind"] == "return" or (
+                    r["kind"] in ("reply", "close") and op_key(r.get("op")) < op_key(g.get("op"))))):
+            what = {"reply": "reply", "close": "error", "return": "basic.return"}[r["kind"]]
+            return (f"order|the gateway's {g['data'][0]} comes before the broker's {what} to an "
                     "earlier pipelined method")
         if self.kind == "ordered":
             return f"ordered|{_sig(self.ref)}|{_sig(self.gw)}"

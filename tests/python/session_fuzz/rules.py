@@ -231,12 +231,28 @@ def dlx_ae_existing(d, c: Ctx) -> bool:
     return False
 
 
+def _declared_before(side: dict, x: str, ref: str) -> bool:
+    """Whether exchange `x` exists on that side when op `ref` runs (declared and not deleted
+    by an op the broker processed before it)."""
+    exists = False
+    for r, op in sorted(side["ops"].items(), key=lambda kv: op_key(kv[0])):
+        if op_key(r) >= op_key(ref):
+            break
+        if side["fates"].get(r) not in ("answered", "settled"):
+            continue
+        if op["m"] == "exchange.declare" and op["a"].get("exchange") == x and not op["a"].get("passive"):
+            exists = True
+        elif op["m"] == "exchange.delete" and op["a"].get("exchange") == x:
+            exists = False
+    return exists
+
+
 def missing_exchange_topic(d, c: Ctx) -> bool:
-    """F-MISSING-X: a publish or bind to a missing exchange whose topic check fails: the
-    gateway cannot learn the type and checks it as a topic exchange (403), RabbitMQ says
-    404."""
+    """F-MISSING-X: a publish, bind or unbind naming a missing exchange whose topic check
+    fails: the gateway cannot learn the type and checks it as a topic exchange (403), where
+    RabbitMQ says 404 (or, for an unbind, answers unbind-ok: nothing to remove)."""
     g, r = d.gw, d.ref
-    if d.kind != "ordered" or not _is_close(g, 403) or not _is_close(r, 404):
+    if d.kind != "ordered" or not _is_close(g, 403) or r is None:
         return False
     if g.get("op") != r.get("op"):
         return False
@@ -248,7 +264,11 @@ def missing_exchange_topic(d, c: Ctx) -> bool:
     if not m:
         return False
     x = m.group(3)
-    return r["data"][1].startswith(f"NOT_FOUND - no exchange '{x}'")
+    if _is_close(r, 404):
+        return r["data"][1].startswith(f"NOT_FOUND - no exchange '{x}'")
+    if r["kind"] == "reply" and r["data"][0] in ("queue.unbind-ok", "exchange.unbind-ok"):
+        return x not in ("amq.topic",) and not _declared_before(c.ref, x, g["op"])
+    return False
 
 
 def server_named_probe(d, c: Ctx) -> bool:
@@ -261,6 +281,11 @@ def server_named_probe(d, c: Ctx) -> bool:
     op = c.op("gw", g.get("op"))
     if not op or op["m"] != "queue.declare" or op["a"].get("queue") != "" or op["a"].get("passive"):
         return False
+    # Both refuse, one naming the probe and the other the chosen name.
+    gen = re.compile(r"amq\.gen#\d+")
+    if _is_close(g, 403) and _is_close(r, 403) and gen.sub("amq.gen#", g["data"][1]) == \
+            gen.sub("amq.gen#", r["data"][1]):
+        return True
     partial = [gr for p in c.perms_at(g["op"]) for gr in p.grants
                if gr[0] in ("configure", "read") and gr[2].startswith("amq.gen-") and gr[2] != "amq.gen-*"]
     return bool(partial)
