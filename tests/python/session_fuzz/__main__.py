@@ -33,6 +33,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shrink-budget", type=float, default=120, help="seconds per difference")
     ap.add_argument("--keep-reference", action="store_true",
                     help="leave the reference node running afterwards")
+    ap.add_argument("--sequence-seed", type=int, action="append", metavar="SEED",
+                    help="check (and with --shrink, shrink) the sequence generated from SEED, as "
+                         "printed by a fuzz run; repeatable")
     ap.add_argument("--replay", nargs="*", metavar="FILE",
                     help="replay regression files instead of fuzzing (all when none given)")
     args = ap.parse_args(argv)
@@ -49,6 +52,21 @@ def main(argv=None) -> int:
                     for p in v.problems()[:5]:
                         print(f"    {p}")
                 bad += still
+            return 1 if bad else 0
+        if args.sequence_seed:
+            bad = 0
+            for ss in args.sequence_seed:
+                seq = fuzzmod.generate(random.Random(ss))
+                ok, v = fuzzmod.reproduces(env, seq, None, times=2, tries=3)
+                print(f"sequence {ss}: {'DIFFERS' if ok else 'agrees (or not reproduced)'}")
+                if ok and v:
+                    for p in v.problems()[:5]:
+                        print(f"    {p}")
+                    if args.shrink:
+                        target = sorted(v.signatures(), key=lambda s_: (s_.startswith("order|"), s_))[0]
+                        small, sv = fuzzmod.shrink_seq(env, seq, {target}, budget=args.shrink_budget)
+                        print(f"    shrunk: {fuzzmod.write_regression(small, sv or v, ss)}")
+                bad += ok
             return 1 if bad else 0
         print(f"session fuzz: seed {seed}, {args.seconds:.0f} s, gateway port {env.plain_port}",
               flush=True)
