@@ -15,8 +15,9 @@
 # (rabbit@<host>, AMQP 5672, distribution 25672, /var/lib/rabbitmq) alone:
 #   - its own node name `rabbit_conformance@localhost` ("localhost" always resolves, the
 #     machine's host name may not on a CI runner);
-#   - its own ports: AMQP 127.0.0.1:5691, Erlang distribution 25691; EPMD (4369) is shared,
-#     which Erlang supports (whichever node starts first starts epmd);
+#   - its own ports: AMQP 127.0.0.1:5691, Erlang distribution 25691, management API
+#     127.0.0.1:15691; EPMD (4369) is shared, which Erlang supports (whichever node starts
+#     first starts epmd);
 #   - its own Erlang cookie: HOME is the state directory, where this script writes
 #     .erlang.cookie (mode 0400) before the node or rabbitmqctl can invent one;
 #   - its own mnesia, logs, rabbitmq.conf, advanced.config, enabled_plugins and
@@ -31,7 +32,11 @@
 # Configuration: auth_backends.1 = rabbit_auth_backend_oauth2 (no internal users: like the
 # gateway, only tokens log in), resource_server_id = rabbitmq, and in advanced.config a static
 # RS256 key: tests/fixtures/rsa-public.pem as kid `test-rsa` (also the default key for
-# tokens without a kid), RS256 only. The profile (REFERENCE_NODE_PROFILE) adds:
+# tokens without a kid), RS256 only. rabbitmq_management is enabled too (the session fuzzer,
+# tests/python/session_fuzz, creates a vhost per sequence and reads the broker state there);
+# its only auth backend being oauth2, the API takes HTTP basic auth with any user name and a
+# token as the password (rabbitmq.tag:administrator for vhost management). AMQP behaviour is
+# the same as without it. The profile (REFERENCE_NODE_PROFILE) adds:
 #   base     additional_scopes_key = https://sts.amazonaws.com/ (a top-level claim in 3.10.8)
 #   aliases  the scope aliases of the conformance cases, no additional_scopes_key
 #   plain    neither
@@ -44,6 +49,7 @@
 #   REFERENCE_NODE_NAME       node name                     [rabbit_conformance@localhost]
 #   REFERENCE_NODE_PORT       AMQP port (127.0.0.1)         [5691]
 #   REFERENCE_NODE_DIST_PORT  distribution port             [25691]
+#   REFERENCE_NODE_MGMT_PORT  management API port (127.0.0.1) [15691]
 #   REFERENCE_NODE_PROFILE    base | aliases | plain | backend  [base]
 #   REFERENCE_NODE_TIMEOUT    seconds to wait for start/stop [60]
 #   RABBITMQ_SBIN             the real (non-wrapper) scripts [/usr/lib/rabbitmq/bin]
@@ -56,6 +62,7 @@ STATE="${REFERENCE_NODE_STATE:-$ROOT/target/reference-node}"
 NODE="${REFERENCE_NODE_NAME:-rabbit_conformance@localhost}"
 PORT="${REFERENCE_NODE_PORT:-5691}"
 DIST="${REFERENCE_NODE_DIST_PORT:-25691}"
+MGMT="${REFERENCE_NODE_MGMT_PORT:-15691}"
 PROFILE="${REFERENCE_NODE_PROFILE:-base}"
 TIMEOUT="${REFERENCE_NODE_TIMEOUT:-60}"
 SBIN="${RABBITMQ_SBIN:-/usr/lib/rabbitmq/bin}"
@@ -111,6 +118,8 @@ render() {
 listeners.tcp.1 = 127.0.0.1:$PORT
 auth_backends.1 = rabbit_auth_backend_oauth2
 auth_oauth2.resource_server_id = rabbitmq
+management.tcp.ip = 127.0.0.1
+management.tcp.port = $MGMT
 log.file.level = info
 log.console = false
 EOF
@@ -149,9 +158,9 @@ EOF
   ]}
 ].
 EOF
-    echo "[rabbitmq_auth_backend_oauth2]." >"$new/enabled_plugins"
+    echo "[rabbitmq_auth_backend_oauth2,rabbitmq_management]." >"$new/enabled_plugins"
     : >"$new/rabbitmq-env.conf"
-    echo "$NODE $PORT $DIST" >"$new/identity"
+    echo "$NODE $PORT $DIST $MGMT" >"$new/identity"
 }
 
 # The rendered files differ from the ones the running node booted with.
@@ -255,6 +264,6 @@ foreground) # for debugging a node that does not boot: its errors go to the term
     done
     write_cookie; node_env; cd "$STATE"; exec "$SBIN/rabbitmq-server" ;;
 ctl) shift; mkdir -p "$STATE"; ctl "$@" ;;
-env) printf 'STATE=%s\nNODE=%s\nPORT=%s\nDIST=%s\nPROFILE=%s\n' "$STATE" "$NODE" "$PORT" "$DIST" "$PROFILE" ;;
+env) printf 'STATE=%s\nNODE=%s\nPORT=%s\nDIST=%s\nMGMT=%s\nPROFILE=%s\n' "$STATE" "$NODE" "$PORT" "$DIST" "$MGMT" "$PROFILE" ;;
 *) echo "usage: $0 start|stop|status|ctl ARGS...|env" >&2; exit 2 ;;
 esac

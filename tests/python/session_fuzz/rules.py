@@ -1,0 +1,436 @@
+"""The documented differences (tests/session_fuzz/differences.md) as predicates, and the
+gateway oracles.
+
+A rule recognises the FIRST divergence of a channel: `explain(d, ctx)` returns the id of
+the rule that explains `d`, or None. Rules are deliberately narrow: each checks the method
+the divergence is about (the gateway's refused method must be the one the reference
+answered or refused, never a later one: RabbitMQ processes a channel's methods in order),
+the exact refusal, and, with the 4.2 scope semantics in `perms.py`, that RabbitMQ 4.2
+would decide as the gateway did.
+
+The oracles check the gateway's recording alone, for the places where the reference
+(3.10.8) checks nothing, so agreement with it proves nothing: what 4.2 refuses there, the
+gateway must refuse too.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .compare import normalizer, op_key
+from .perms import Perms, fill
+
+_RES = re.compile(r"^ACCESS_REFUSED - (?:(configure|write|read) )?access to (queue|exchange) '(.*)' "
+                  r"in vhost '(.*)' refused for user '(.*)'$")
+_TOPIC = re.compile(r"^ACCESS_REFUSED - (?:(configure|write|read) )?access to topic '(.*)' in exchange "
+                    r"'(.*)' in vhost '(.*)' refused for user '(.*)'$")
+
+
+class Ctx:
+    def __init__(self, seq: dict, ref: dict, gw: dict, vhost: str, users: list[str]):
+        self.seq, self.ref, self.gw, self.vhost, self.users = seq, ref, gw, vhost, users
+        toks = seq["tokens"]
+        self.p = [Perms(fill(t["scopes"], vhost)) for t in toks]
+        self.secret_step = None
+        for i, s in enumerate(seq["steps"]):
+            if any(o["m"] == "connection.update-secret" for o in s["ops"]):
+                self.secret_step = i
+                break
+        self.norm_gw = normalizer(gw, users)
+        self.norm_ref = normalizer(ref, users)
+        self.raw_gw = {e["n"]: e for e in gw["events"]}
+
+    def op(self, side: str, ref: str | None) -> dict | None:
+        if not ref:
+            return None
+        return (self.gw if side == "gw" else self.ref)["ops"].get(ref)
+
+    def perms_at(self, ref: str | None) -> list[Perms]:
+        """The permissions that may be in force for the op `ref` (both around the refresh)."""
+        if self.secret_step is None or ref is None:
+            return [self.p[0]]
+        s = op_key(ref)[0]
+        if s < self.secret_step:
+            return [self.p[0]]
+        if s > self.secret_step:
+            return [self.p[1]]
+        return [self.p[0], self.p[1]]
+
+    def raw_text(self, e: dict) -> str:
+        return self.raw_gw.get(e["n"], e)["data"][1]
+
+
+def _is_close(e, code=None) -> bool:
+    return e is not None and e["kind"] == "close" and (code is None or e["data"][0] == code)
+
+
+def _order_ok(d) -> bool:
+    """The reference's event is about the gateway's refused method or a later one (the
+    gateway may not refuse a method before the broker has answered the earlier ones)."""
+    g, r = d.gw, d.ref
+    c = op_key(g.get("op"))
+    if g.get("op") is None:
+        return False
+    if r is None or r["kind"] not in ("close", "reply", "return"):
+        return True
+    if r["kind"] == "return":
+        return False
+    return op_key(r.get("op")) >= c
+
+
+def _same_refusal(d) -> bool:
+    """The reference refused the same method with the same 403 text (then the divergence is
+    not about this decision)."""
+    return _is_close(d.ref, 403) and d.ref.get("op") == d.gw.get("op") and d.ref["data"] == d.gw["data"]
+
+
+def first_entry(table, key):
+    for k, t, v in table or []:
+        if k == key:
+            return t, v
+    return None
+
+
+def routing_keys(op: dict) -> list[str]:
+    """RabbitMQ 4.2's routing keys of a publish: the routing key, then the longstr elements
+    of the FIRST `CC` entry and of the FIRST `BCC` entry (rabbit_basic:header_routes)."""
+    a = op["a"]
+    keys = [a.get("routing_key", "")]
+    headers = (a.get("props") or {}).get("headers") or []
+    for h in ("CC", "BCC"):
+        fe = first_entry(headers, h)
+        if fe and fe[0] == "A":
+            keys += [v for t, v in fe[1] if t == "S"]
+    return keys
+
+
+# ------------------------------------------------------------------------------------------
+# rules
+
+
+def passive_declare(d, c: Ctx) -> bool:
+    """V-PASSIVE: a passive declare refused by the gateway (4.2.7+: any of read/write/
+    configure on the resource), answered or 404ed by 3.10.8 (no check)."""
+    g = d.gw
+    if d.kind != "ordered" or not _is_close(g, 403) or _same_refusal(d):
+        return False
+    op = c.op("gw", g.get("op"))
+    if not op or op["m"] not in ("queue.declare", "exchange.declare") or not op["a"].get("passive"):
+        return False
+    kind = op["m"].split(".")[0]
+    name = op["a"].get(kind, "")
+    if any(p.any_resource(c.vhost, name) for p in c.perms_at(g["op"])):
+        return False
+    m = _RES.match(g["data"][1])
+    if not m or m.group(2) != kind or m.group(3) != c.norm_gw(name):
+        return False
+    return _order_ok(d)
+
+
+def cc_bcc_topic(d, c: Ctx) -> bool:
+    """V-CC-BCC: 4.0.3+ topic-checks the first CC and BCC entries' keys of a publish to a
+    topic exchange; 3.10.8 checks only the routing key."""
+    g = d.gw
+    if d.kind != "ordered" or not _is_close(g, 403) or _same_refusal(d):
+        return False
+    op = c.op("gw", g.get("op"))
+    if not op or op["m"] != "basic.publish":
+        return False
+    m = _TOPIC.match(g["data"][1])
+    if not m or m.group(3) != op["a"]["exchange"]:
+        return False
+    keys = routing_keys(op)
+    for p in c.perms_at(g["op"]):
+        failing = [k for k in keys if not p.topic("write", c.vhost, op["a"]["exchange"], k)]
+        # The first failing key is the one 4.2 names, and it is not the routing key
+        # (3.10.8 checks that one too).
+        if failing and failing[0] == m.group(2) and keys[0] != m.group(2) and \
+                p.topic("write", c.vhost, op["a"]["exchange"], keys[0]):
+            return _order_ok(d)
+    return False
+
+
+def _must_cancel(c: Ctx) -> list[dict]:
+    sc = c.gw.get("secret_consumers")
+    if not sc:
+        return []
+    return [x for x in sc["consumers"]
+            if x["queue"] and not x["queue"].startswith("amq.rabbitmq.reply-to")
+            and not c.p[1].resource("read", c.vhost, x["queue"])]
+
+
+def update_secret(d, c: Ctx) -> bool:
+    """V-UPDATE-SECRET: after connection.update-secret, 4.2.6+ re-checks vhost access (530),
+    cancels consumers whose queue is no longer readable and decides every later operation
+    with the new token; 3.10.8 does none of that (and its channels keep up to 12 cached
+    permission checks until their next tick)."""
+    if c.secret_step is None or d.step < c.secret_step:
+        return False
+    g = d.gw
+    if d.kind == "ordered" and g is not None and g["kind"] == "conn-close" and g["data"][0] == 530:
+        return not c.p[1].vhost(c.vhost) and "refused" in g["data"][1]
+    if d.kind == "async":
+        tags = {x["tag"] for x in _must_cancel(c)}
+        gw_cancels = [e for e in d.gw_extra if e["kind"] == "cancel"]
+        if gw_cancels and all(c.gw["ops"] and _raw_tag(c, e) in tags for e in gw_cancels):
+            return True
+        # The reference still delivers to consumers the gateway cancelled.
+        if tags and not d.gw_extra and all(e["kind"] in ("deliver", "confirm") for e in d.ref_extra):
+            return True
+        return False
+    if d.kind == "ordered" and _is_close(g, 403) and not _same_refusal(d):
+        if op_key(g.get("op"))[0] <= c.secret_step:
+            return False
+        raw = c.raw_text(g)
+        op = c.op("gw", g.get("op"))
+        if op is None:
+            return False
+        m = _RES.match(raw)
+        if m and m.group(1):
+            perm, name = m.group(1), m.group(3)
+            return (not c.p[1].resource(perm, c.vhost, name)) and c.p[0].resource(perm, c.vhost, name)
+        m = _TOPIC.match(raw)
+        if m and m.group(1):
+            perm, rk, x = m.group(1), m.group(2), m.group(3)
+            return (not c.p[1].topic(perm, c.vhost, x, rk)) and c.p[0].topic(perm, c.vhost, x, rk)
+    return False
+
+
+def _raw_tag(c: Ctx, e: dict) -> str:
+    return c.raw_gw.get(e["n"], e)["data"][0]
+
+
+def dlx_ae_existing(d, c: Ctx) -> bool:
+    """F-DLX-AE: the gateway checks the x-dead-letter-exchange / alternate-exchange
+    permissions (read on the declared resource, write on the FIRST entry's exchange) even
+    when the queue or exchange exists; RabbitMQ only for a new one."""
+    g = d.gw
+    if d.kind != "ordered" or not _is_close(g, 403) or _same_refusal(d):
+        return False
+    op = c.op("gw", g.get("op"))
+    if not op or op["m"] not in ("queue.declare", "exchange.declare") or op["a"].get("passive"):
+        return False
+    kind = op["m"].split(".")[0]
+    key = "x-dead-letter-exchange" if kind == "queue" else "alternate-exchange"
+    fe = first_entry(op["a"].get("arguments"), key)
+    if not fe or fe[0] != "S":
+        return False
+    name, target = op["a"].get(kind, ""), fe[1]
+    m = _RES.match(c.raw_text(g))
+    if not m:
+        return False
+    for p in c.perms_at(g["op"]):
+        if not p.resource("configure", c.vhost, name):
+            continue
+        if m.group(2) == kind and m.group(3) == name and (m.group(1) in (None, "read")) \
+                and not p.resource("read", c.vhost, name):
+            return _order_ok(d)
+        if m.group(2) == "exchange" and m.group(3) == target and (m.group(1) in (None, "write")) \
+                and p.resource("read", c.vhost, name) and not p.resource("write", c.vhost, target):
+            return _order_ok(d)
+    return False
+
+
+def _declared_before(side: dict, x: str, ref: str) -> bool:
+    """Whether exchange `x` exists on that side when op `ref` runs (declared and not deleted
+    by an op the broker processed before it)."""
+    exists = False
+    for r, op in sorted(side["ops"].items(), key=lambda kv: op_key(kv[0])):
+        if op_key(r) >= op_key(ref):
+            break
+        if side["fates"].get(r) not in ("answered", "settled"):
+            continue
+        if op["m"] == "exchange.declare" and op["a"].get("exchange") == x and not op["a"].get("passive"):
+            exists = True
+        elif op["m"] == "exchange.delete" and op["a"].get("exchange") == x:
+            exists = False
+    return exists
+
+
+def missing_exchange_topic(d, c: Ctx) -> bool:
+    """F-MISSING-X: a publish, bind or unbind naming a missing exchange whose topic check
+    fails: the gateway cannot learn the type and checks it as a topic exchange (403), where
+    RabbitMQ says 404 (or, for an unbind, answers unbind-ok: nothing to remove)."""
+    g, r = d.gw, d.ref
+    if d.kind != "ordered" or not _is_close(g, 403) or r is None:
+        return False
+    if g.get("op") != r.get("op"):
+        return False
+    op = c.op("gw", g.get("op"))
+    if not op or op["m"] not in ("basic.publish", "queue.bind", "queue.unbind", "exchange.bind",
+                                 "exchange.unbind"):
+        return False
+    m = _TOPIC.match(g["data"][1])
+    if not m:
+        return False
+    x = m.group(3)
+    if _is_close(r, 404):
+        return r["data"][1].startswith(f"NOT_FOUND - no exchange '{x}'")
+    if r["kind"] == "reply" and r["data"][0] in ("queue.unbind-ok", "exchange.unbind-ok"):
+        return x not in ("amq.topic",) and not _declared_before(c.ref, x, g["op"])
+    return False
+
+
+def server_named_probe(d, c: Ctx) -> bool:
+    """F-PROBE: `queue.declare ""` is checked against a random probe `amq.gen-…` name, not
+    the name the broker then chooses; scopes that match some `amq.gen-…` names but not
+    others decide differently."""
+    g, r = d.gw, d.ref
+    if d.kind != "ordered" or g is None or r is None or g.get("op") != r.get("op"):
+        return False
+    op = c.op("gw", g.get("op"))
+    if not op or op["m"] != "queue.declare" or op["a"].get("queue") != "" or op["a"].get("passive"):
+        return False
+    # Both refuse, one naming the probe and the other the chosen name.
+    gen = re.compile(r"amq\.gen#\d+")
+    if _is_close(g, 403) and _is_close(r, 403) and gen.sub("amq.gen#", g["data"][1]) == \
+            gen.sub("amq.gen#", r["data"][1]):
+        return True
+    partial = [gr for p in c.perms_at(g["op"]) for gr in p.grants
+               if gr[0] in ("configure", "read") and gr[2].startswith("amq.gen-") and gr[2] != "amq.gen-*"]
+    return bool(partial)
+
+
+def non_utf8_name(d, c: Ctx) -> bool:
+    """F-UTF8: the gateway closes the connection (502) over a method whose names are not
+    valid UTF-8; RabbitMQ accepts any bytes."""
+    g = d.gw
+    if d.kind != "ordered" or g is None or g["kind"] != "conn-close" or g["data"][0] != 502:
+        return False
+    if "cannot decode" not in g["data"][1]:
+        return False
+    for s in c.seq["steps"]:
+        for o in s["ops"]:
+            if any(isinstance(v, str) and any(0xDC80 <= ord(ch) <= 0xDCFF for ch in v)
+                   for v in o.get("a", {}).values()):
+                return True
+    return False
+
+
+RULES = [
+    ("V-PASSIVE", passive_declare),
+    ("V-CC-BCC", cc_bcc_topic),
+    ("V-UPDATE-SECRET", update_secret),
+    ("F-DLX-AE", dlx_ae_existing),
+    ("F-MISSING-X", missing_exchange_topic),
+    ("F-PROBE", server_named_probe),
+    ("F-UTF8", non_utf8_name),
+]
+
+
+def explain(d, c: Ctx) -> str | None:
+    for rid, f in RULES:
+        try:
+            if f(d, c):
+                return rid
+        except (KeyError, IndexError, TypeError, AttributeError):
+            continue
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# oracles on the gateway's recording
+
+
+def _exchange_types(c: Ctx) -> list[tuple[str, str, str | None]]:
+    """(op ref, exchange, type after it) for each exchange.declare/delete that the broker
+    processed on the gateway side, in order."""
+    out = []
+    for ref, op in sorted(c.gw["ops"].items(), key=lambda kv: op_key(kv[0])):
+        fate = c.gw["fates"].get(ref)
+        if fate not in ("answered", "settled"):
+            continue
+        if op["m"] == "exchange.declare" and not op["a"].get("passive"):
+            out.append((ref, op["a"]["exchange"], op["a"].get("type")))
+        elif op["m"] == "exchange.delete":
+            out.append((ref, op["a"]["exchange"], None))
+    return out
+
+
+def _type_at(c: Ctx, types, ref: str, x: str) -> str | None:
+    if x == "amq.topic":
+        return "topic"
+    t = None
+    for r, name, ty in types:
+        if name == x and op_key(r) < op_key(ref):
+            t = ty
+    return t
+
+
+def oracle_cc_bcc(c: Ctx) -> list[str]:
+    """O-CC-BCC: every publish the gateway let through to a topic exchange has all of its
+    routing keys (the key, the first CC entry's, the first BCC entry's) topic-permitted."""
+    out = []
+    types = _exchange_types(c)
+    for ref, op in c.gw["ops"].items():
+        if op["m"] != "basic.publish" or c.gw["fates"].get(ref) != "settled":
+            continue
+        x = op["a"]["exchange"]
+        if _type_at(c, types, ref, x) != "topic":
+            continue
+        perms = c.perms_at(ref)
+        for k in routing_keys(op):
+            if all(not p.topic("write", c.vhost, x, k) for p in perms):
+                out.append(f"publish {ref} to topic exchange '{x}' with routing keys {routing_keys(op)} "
+                           f"passed the gateway, but 4.2 refuses key '{k}'")
+                break
+    return out
+
+
+def oracle_passive(c: Ctx) -> list[str]:
+    """O-PASSIVE: every passive declare the gateway let through is permitted by any of
+    read/write/configure (4.2.7+)."""
+    out = []
+    for ref, op in c.gw["ops"].items():
+        if op["m"] not in ("queue.declare", "exchange.declare") or not op["a"].get("passive"):
+            continue
+        if c.gw["fates"].get(ref) not in ("answered", "settled"):
+            continue
+        kind = op["m"].split(".")[0]
+        name = op["a"].get(kind, "")
+        if all(not p.any_resource(c.vhost, name) for p in c.perms_at(ref)):
+            out.append(f"passive {op['m']} {ref} of '{name}' passed the gateway without any permission")
+    return out
+
+
+def oracle_update_secret(c: Ctx) -> list[str]:
+    """O-UPDATE-SECRET: after update-secret-ok, every consumer whose queue the new token
+    cannot read is cancelled (basic.cancel to a client with consumer_cancel_notify) and gets
+    no delivery after that."""
+    sc = c.gw.get("secret_consumers")
+    if not sc:
+        return []
+    out = []
+    events = c.gw["events"]
+    notify = c.seq.get("cancel_notify", True)
+    for x in _must_cancel(c):
+        tag = x["tag"]
+        cancels = [e for e in events if e["kind"] == "cancel" and e["data"][0] == tag]
+        after = sc["n"]
+        if notify:
+            if not cancels:
+                closed = any(e["kind"] == "close" and e["ch"] == x["ch"] and e["n"] > sc["n"] for e in events)
+                client_cancel = any(e["kind"] == "reply" and e["data"][:2] == ["basic.cancel-ok", tag]
+                                    for e in events)
+                lost = c.gw.get("conn_close") is not None
+                if not (closed or client_cancel or lost):
+                    out.append(f"consumer '{x['tag']}' on '{x['queue']}' not cancelled after update-secret")
+                continue
+            after = max(after, cancels[0]["n"])
+        late = [e for e in events if e["kind"] == "deliver" and e["data"][0] == tag and e["n"] > after]
+        if late:
+            out.append(f"consumer '{tag}' on '{x['queue']}' got {len(late)} deliveries after it lost read "
+                       "access (update-secret)")
+    return out
+
+
+ORACLES = [("O-CC-BCC", oracle_cc_bcc), ("O-PASSIVE", oracle_passive),
+           ("O-UPDATE-SECRET", oracle_update_secret)]
+
+
+def run_oracles(c: Ctx) -> list[tuple[str, str]]:
+    out = []
+    for oid, f in ORACLES:
+        for msg in f(c):
+            out.append((oid, msg))
+    return out
