@@ -43,28 +43,38 @@ pub enum State {
     /// The gateway refused a method and sent `channel.close` to the broker. The client is
     /// told once the broker has answered: replies to methods before the refused one come
     /// first, and if one of those failed, the broker's own error reaches the client
-    /// instead, as with RabbitMQ alone. The client's frames are dropped meanwhile.
-    Refusing {
-        denial: Denial,
-        /// The client sent `channel.close` meanwhile (answered when it is told).
-        client_closed: bool,
-    },
+    /// instead, as with RabbitMQ alone. The client's frames are dropped meanwhile; what
+    /// RabbitMQ's closing channel would have answered to them is owed.
+    Refusing { denial: Denial, owed: Vec<Owed> },
     /// The client has the gateway's `channel.close`; its `close-ok` is awaited. The
     /// broker's channel is gone. The client's frames are dropped.
     ClientClosing,
     /// The broker's `channel.close` went to the client, whose `close-ok` is awaited. The
     /// broker discards everything else, so the client's frames go through unchecked.
-    BrokerClosing {
-        /// The client had sent `channel.close` while the gateway was refusing: the
-        /// broker's `close-ok` owed to the gateway answers it.
-        client_close_pending: bool,
-    },
+    BrokerClosing,
     /// The client sent `channel.close`; the broker's `close-ok` is awaited. The broker
     /// discards the client's frames, which go through unchecked.
     ClientClosed,
     /// Closed on the client's side; the broker may still owe `close-ok`s.
     Closed,
 }
+
+/// What RabbitMQ's channel, closing after an error, answers to a method the client sent
+/// after it: `close-ok` to a `channel.close`, and a second `channel.close 404` to a method
+/// that names the queue `""` when no queue was declared on the channel (its channel
+/// expands the name before it looks at its own state).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Owed {
+    CloseOk,
+    NoQueue((u16, u16)),
+}
+
+/// Most answers owed to dropped frames that are kept; a client sending more is broken, and
+/// the rest get none.
+pub const MAX_OWED: usize = 16;
+
+/// The text of RabbitMQ's `404` for `""` with no queue declared on the channel.
+pub const NO_QUEUE_TEXT: &str = "NOT_FOUND - no previously declared queue";
 
 /// [`State`] without its data, to branch on while the channel is borrowed elsewhere.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,7 +93,7 @@ impl State {
             State::Open => Phase::Open,
             State::Refusing { .. } => Phase::Refusing,
             State::ClientClosing => Phase::ClientClosing,
-            State::BrokerClosing { .. } => Phase::BrokerClosing,
+            State::BrokerClosing => Phase::BrokerClosing,
             State::ClientClosed => Phase::ClientClosed,
             State::Closed => Phase::Closed,
         }
@@ -242,12 +252,12 @@ impl Channel {
     /// Returns (consumers, pending entries) dropped, for the connection's counts. A held
     /// publish stays: its content header is still to come, and the broker must see the
     /// whole message (it discards it on a closing channel) or it would see a header
-    /// without its method.
+    /// without its method. The most recently declared queue stays too: a closing channel
+    /// still expands `""` with it.
     pub fn clear(&mut self) -> (usize, usize) {
         let consumers = self.consumers.len();
         self.consumers = FxHashMap::default();
         let pending = self.queue_oks.clear() + self.exchange_oks.clear();
-        self.last_queue = LastQueue::None;
         (consumers, pending)
     }
 

@@ -50,7 +50,10 @@ use super::method::{
 use crate::authz::{
     self, Context, Denial, ExchangeKind, Operation, Permissions, REPLY_TO, Verdict, strip_cr_lf,
 };
-use channel::{Channel, Consumer, ConsumerState, ExchangeOk, LastQueue, Phase, QueueOk, State};
+use channel::{
+    Channel, Consumer, ConsumerState, ExchangeOk, LastQueue, MAX_OWED, NO_QUEUE_TEXT, Owed, Phase,
+    QueueOk, State,
+};
 pub use exchanges::ExchangeEpochs;
 use exchanges::{Exchanges, kind_of};
 pub use outbox::Outbox;
@@ -671,10 +674,16 @@ impl Session {
         match phase {
             Phase::Open => self.open_channel(ch, ids, m, to_backend, to_client),
             Phase::Refusing => {
-                if m == ClientMethod::ChannelClose
-                    && let State::Refusing { client_closed, .. } = &mut self.channel(ch).state
+                let owed = match m {
+                    ClientMethod::ChannelClose => Some(Owed::CloseOk),
+                    _ if self.names_missing_queue(ch, &m) => Some(Owed::NoQueue(ids)),
+                    _ => None,
+                };
+                if let Some(o) = owed
+                    && let State::Refusing { owed, .. } = &mut self.channel(ch).state
+                    && owed.len() < MAX_OWED
                 {
-                    *client_closed = true;
+                    owed.push(o);
                 }
                 Step::Drop
             }
@@ -688,6 +697,9 @@ impl Session {
                     ClientMethod::ChannelClose => {
                         to_client.frame(|b| method::channel_close_ok(b, ch))
                     }
+                    _ if self.names_missing_queue(ch, &m) => to_client.frame(|b| {
+                        method::channel_close(b, ch, reply::NOT_FOUND, NO_QUEUE_TEXT, ids.0, ids.1)
+                    }),
                     _ => {}
                 }
                 Step::Drop
@@ -760,6 +772,25 @@ impl Session {
             }
             _ => Step::Forward,
         }
+    }
+
+    /// Whether `m` names the queue `""` (or uses the routing-key shortcut) on a channel
+    /// where no queue was declared: RabbitMQ's `404 no previously declared queue`, raised
+    /// even on a closing channel.
+    fn names_missing_queue(&self, ch: u16, m: &ClientMethod<'_>) -> bool {
+        let queue = match m {
+            ClientMethod::BasicGet { queue }
+            | ClientMethod::QueuePurge { queue }
+            | ClientMethod::QueueDelete { queue }
+            | ClientMethod::QueueBind { queue, .. } => *queue,
+            ClientMethod::BasicConsume(c) => c.queue,
+            _ => return false,
+        };
+        queue.is_empty()
+            && self
+                .channels
+                .get(&ch)
+                .is_some_and(|c| c.last_queue == LastQueue::None)
     }
 
     /// The queue a method names: `""` is the channel's most recently declared queue.
@@ -1196,7 +1227,7 @@ impl Session {
         c.held = None;
         c.state = State::Refusing {
             denial: d,
-            client_closed: false,
+            owed: Vec::new(),
         };
     }
 
@@ -1255,16 +1286,8 @@ impl Session {
             }
             Phase::BrokerClosing => {
                 if ids == id::CHANNEL_CLOSE_OK && c.owed_close_oks > 0 {
-                    // The broker's answer to the gateway's close. It answers the client's
-                    // own close too, if the client sent one the gateway kept back.
+                    // The broker's answer to the gateway's own close.
                     c.owed_close_oks -= 1;
-                    if let State::BrokerClosing {
-                        client_close_pending,
-                    } = &mut c.state
-                        && std::mem::take(client_close_pending)
-                    {
-                        return BackendStep::Forward;
-                    }
                     return BackendStep::Drop;
                 }
                 if ids == id::CHANNEL_CLOSE {
@@ -1306,23 +1329,29 @@ impl Session {
         };
         match ids {
             id::CHANNEL_CLOSE => {
-                // An error on the channel (if the gateway was refusing a later method,
-                // the broker's error wins and the refusal is never sent).
-                let client_close_pending = match &c.state {
-                    State::Refusing { client_closed, .. } => *client_closed,
-                    _ => false,
-                };
-                c.state = State::BrokerClosing {
-                    client_close_pending,
+                // An error on the channel. If the gateway was refusing a later method, the
+                // broker's error wins and the refusal is never sent; what its closing
+                // channel would have answered to the frames dropped since follows.
+                let owed = match std::mem::replace(&mut c.state, State::BrokerClosing) {
+                    State::Refusing { owed, .. } => owed,
+                    _ => Vec::new(),
                 };
                 self.clear_channel(ch);
-                self.hide_service_user(ch, payload)
+                let step = self.hide_service_user(ch, payload);
+                if !owed.is_empty() {
+                    let close = match step {
+                        BackendStep::Replace(b) => b,
+                        _ => BytesMut::from(payload_frame(ch, payload).as_slice()),
+                    };
+                    to_client.push(close);
+                    write_owed(to_client, ch, &owed);
+                    return BackendStep::Drop;
+                }
+                step
             }
             id::CHANNEL_CLOSE_OK if matches!(c.state, State::Refusing { .. }) => {
-                let State::Refusing {
-                    denial,
-                    client_closed,
-                } = std::mem::replace(&mut c.state, State::ClientClosing)
+                let State::Refusing { denial, owed } =
+                    std::mem::replace(&mut c.state, State::ClientClosing)
                 else {
                     return BackendStep::Forward;
                 };
@@ -1339,9 +1368,7 @@ impl Session {
                         denial.method_id,
                     )
                 });
-                if client_closed {
-                    to_client.frame(|b| method::channel_close_ok(b, ch));
-                }
+                write_owed(to_client, ch, &owed);
                 self.clear_channel(ch);
                 BackendStep::Drop
             }
@@ -1617,6 +1644,25 @@ impl Session {
     fn consumer_tag(&mut self) -> String {
         self.guid("amq.ctag")
     }
+}
+
+/// What a closing channel answers to frames the gateway dropped (see [`Owed`]).
+fn write_owed(to_client: &mut Outbox, ch: u16, owed: &[Owed]) {
+    for o in owed {
+        match *o {
+            Owed::CloseOk => to_client.frame(|b| method::channel_close_ok(b, ch)),
+            Owed::NoQueue((class, meth)) => to_client.frame(|b| {
+                method::channel_close(b, ch, reply::NOT_FOUND, NO_QUEUE_TEXT, class, meth)
+            }),
+        }
+    }
+}
+
+/// A method frame on `ch` with `payload`, as it came.
+fn payload_frame(ch: u16, payload: &[u8]) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    frame::write_frame(&mut b, frame::METHOD, ch, payload);
+    b.to_vec()
 }
 
 /// A queue name after `""` is resolved.

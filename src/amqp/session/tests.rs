@@ -1488,3 +1488,50 @@ fn a_bad_frame_end_after_accepted_frames_is_a_frame_error() {
     assert_eq!(to_b, channel_open(1));
     assert_eq!(connection_close(&to_c).reply_code, 501);
 }
+
+/// RabbitMQ's closing channel still expands `""`: a method naming it with no queue declared
+/// gets a second `channel.close 404` (found by the differential session fuzzer).
+#[test]
+fn a_closing_channel_answers_an_empty_queue_name_as_rabbitmq_does() {
+    let mut s = session(&["read:*/*"]);
+    client(&mut s, &channel_open(1), 1 << 20);
+    let mut input = queue_declare(1, "forbidden");
+    input.extend(basic_get(1, ""));
+    input.extend(channel_close(1, 200, "bye"));
+    let (to_b, to_c) = client(&mut s, &input, 1 << 20);
+    assert!(is_backend_close(&to_b, 1) && to_c.is_empty());
+    let sent = methods(&broker_accepts_close(&mut s, 1));
+    let codes: Vec<String> = sent
+        .iter()
+        .map(|(_, m)| match m {
+            AMQPClass::Channel(channel::AMQPMethod::Close(c)) => {
+                format!("close {} {}.{}", c.reply_code, c.class_id, c.method_id)
+            }
+            AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => "close-ok".into(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(codes, ["close 403 50.10", "close 404 60.70", "close-ok"]);
+    // Told already: the next one is answered at once.
+    let (_, to_c) = client(&mut s, &basic_get(1, ""), 1 << 20);
+    assert_eq!(
+        channel_closed(&to_c, 1),
+        (
+            404,
+            "NOT_FOUND - no previously declared queue".into(),
+            60,
+            70
+        )
+    );
+    // With a queue declared before, nothing is owed.
+    let mut s = session(&["read:*/*"]);
+    client(&mut s, &channel_open(1), 1 << 20);
+    let input = [
+        queue_declare_with(1, "q", true, true),
+        queue_declare(1, "forbidden"),
+        basic_get(1, ""),
+    ]
+    .concat();
+    client(&mut s, &input, 1 << 20);
+    assert_eq!(methods(&broker_accepts_close(&mut s, 1)).len(), 1);
+}

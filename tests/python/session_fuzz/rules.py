@@ -169,6 +169,13 @@ def update_secret(d, c: Ctx) -> bool:
     g = d.gw
     if d.kind == "ordered" and g is not None and g["kind"] == "conn-close" and g["data"][0] == 530:
         return not c.p[1].vhost(c.vhost) and "refused" in g["data"][1]
+    # The refusal of the refresh closes the connection at once: replies the broker had not
+    # sent yet for methods pipelined in the same step never come (RabbitMQ's reader closes
+    # it too while its channels answer on their own).
+    if (d.kind == "ordered" and g is None and d.step == c.secret_step
+            and not c.p[1].vhost(c.vhost)
+            and any(e["kind"] == "conn-close" and e["data"][0] == 530 for e in c.gw["events"])):
+        return True
     if d.kind == "async":
         tags = {x["tag"] for x in _must_cancel(c)}
         gw_cancels = [e for e in d.gw_extra if e["kind"] == "cancel"]

@@ -110,10 +110,11 @@ NOWAIT_ABLE = {"exchange.declare", "exchange.delete", "exchange.bind", "exchange
 ASYNC_KINDS = {"deliver", "cancel", "confirm"}
 
 
-def _resource_in_text(text: str) -> str | None:
+def _resources_in_text(text: str) -> list[str]:
+    """The quoted names a refusal text gives before its vhost: `queue 'q'`, or `topic 'rk'
+    in exchange 'x'` (both), so the refusal can be matched to the method naming them."""
     import re
-    m = re.search(r"'(.*?)'", text)
-    return m.group(1) if m else None
+    return re.findall(r"'(.*?)'", text.split(" in vhost ")[0])
 
 
 class Runner:
@@ -352,14 +353,15 @@ class Runner:
         if name == "channel.close":
             inflight = [r for r, _ in (self.sent.get(ch) or []) if self.fates.get(r) == "sent"]
             failed = amqp.method_name(a["class_id"], a["method_id"])
-            res = _resource_in_text(a["reply_text"])
+            res = _resources_in_text(a["reply_text"])
             culprit = None
             for pref in (True, False):
                 for r in inflight:
                     op = self.ops.get(r) or {}
                     if op.get("m") != failed:
                         continue
-                    if pref and res is not None and res not in json.dumps(op.get("a")):
+                    args = json.dumps(op.get("a"))
+                    if pref and (not res or not all(json.dumps(r) in args for r in res)):
                         continue
                     culprit = r
                     break
