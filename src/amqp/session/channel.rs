@@ -45,7 +45,13 @@ pub enum State {
     /// first, and if one of those failed, the broker's own error reaches the client
     /// instead, as with RabbitMQ alone. The client's frames are dropped meanwhile; what
     /// RabbitMQ's closing channel would have answered to them is owed.
-    Refusing { denial: Denial, owed: Vec<Owed> },
+    Refusing {
+        denial: Denial,
+        owed: Vec<Owed>,
+        /// The refused method named the queue `""` (its ids): if an earlier method failed
+        /// at the broker, RabbitMQ's closing channel expands it again (see [`Owed`]).
+        refused_empty: Option<(u16, u16)>,
+    },
     /// The client has the gateway's `channel.close`; its `close-ok` is awaited. The
     /// broker's channel is gone. The client's frames are dropped.
     ClientClosing,
@@ -61,12 +67,13 @@ pub enum State {
 
 /// What RabbitMQ's channel, closing after an error, answers to a method the client sent
 /// after it: `close-ok` to a `channel.close`, and a second `channel.close 404` to a method
-/// that names the queue `""` when no queue was declared on the channel (its channel
-/// expands the name before it looks at its own state).
+/// that names the queue `""` when no queue declare succeeded on the channel (its channel
+/// expands the name before it looks at its own state). Which of the `""` ones get it is
+/// known only when the refusal ends: see [`Channel::declared_ok`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Owed {
     CloseOk,
-    NoQueue((u16, u16)),
+    EmptyName((u16, u16)),
 }
 
 /// Most answers owed to dropped frames that are kept; a client sending more is broken, and
@@ -233,6 +240,11 @@ pub struct Channel {
     pub held: Option<BytesMut>,
     /// `channel.close-ok`s the broker owes for closes the gateway sent.
     pub owed_close_oks: u8,
+    /// A `queue.declare` on this channel is known to have succeeded (its `declare-ok`
+    /// came, or it was sent `nowait` and is assumed to have). When the broker closes the
+    /// channel with an error, RabbitMQ's own most recently declared queue is empty unless
+    /// one did: declares without their `declare-ok` failed or came after the error.
+    pub declared_ok: bool,
 }
 
 impl Channel {
@@ -245,6 +257,7 @@ impl Channel {
             consumers: FxHashMap::default(),
             held: None,
             owed_close_oks: 0,
+            declared_ok: false,
         }
     }
 

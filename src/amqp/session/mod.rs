@@ -676,7 +676,7 @@ impl Session {
             Phase::Refusing => {
                 let owed = match m {
                     ClientMethod::ChannelClose => Some(Owed::CloseOk),
-                    _ if self.names_missing_queue(ch, &m) => Some(Owed::NoQueue(ids)),
+                    _ if names_empty_queue(&m) => Some(Owed::EmptyName(ids)),
                     _ => None,
                 };
                 if let Some(o) = owed
@@ -697,9 +697,18 @@ impl Session {
                     ClientMethod::ChannelClose => {
                         to_client.frame(|b| method::channel_close_ok(b, ch))
                     }
-                    _ if self.names_missing_queue(ch, &m) => to_client.frame(|b| {
-                        method::channel_close(b, ch, reply::NOT_FOUND, NO_QUEUE_TEXT, ids.0, ids.1)
-                    }),
+                    _ if names_empty_queue(&m) && self.no_queue_declared(ch) => {
+                        to_client.frame(|b| {
+                            method::channel_close(
+                                b,
+                                ch,
+                                reply::NOT_FOUND,
+                                NO_QUEUE_TEXT,
+                                ids.0,
+                                ids.1,
+                            )
+                        })
+                    }
                     _ => {}
                 }
                 Step::Drop
@@ -774,23 +783,12 @@ impl Session {
         }
     }
 
-    /// Whether `m` names the queue `""` (or uses the routing-key shortcut) on a channel
-    /// where no queue was declared: RabbitMQ's `404 no previously declared queue`, raised
-    /// even on a closing channel.
-    fn names_missing_queue(&self, ch: u16, m: &ClientMethod<'_>) -> bool {
-        let queue = match m {
-            ClientMethod::BasicGet { queue }
-            | ClientMethod::QueuePurge { queue }
-            | ClientMethod::QueueDelete { queue }
-            | ClientMethod::QueueBind { queue, .. } => *queue,
-            ClientMethod::BasicConsume(c) => c.queue,
-            _ => return false,
-        };
-        queue.is_empty()
-            && self
-                .channels
-                .get(&ch)
-                .is_some_and(|c| c.last_queue == LastQueue::None)
+    /// No queue was declared on the channel as the gateway followed it (exact while every
+    /// method the client sent before succeeded).
+    fn no_queue_declared(&self, ch: u16) -> bool {
+        self.channels
+            .get(&ch)
+            .is_some_and(|c| c.last_queue == LastQueue::None)
     }
 
     /// The queue a method names: `""` is the channel's most recently declared queue.
@@ -819,6 +817,7 @@ impl Session {
         ch: u16,
         ids: (u16, u16),
         op: &Operation<'_>,
+        named_empty: bool,
         to_backend: &mut Outbox,
     ) -> Result<(), Step> {
         let verdict = authz::decide(&self.permissions, &self.context(), op, ids);
@@ -826,7 +825,7 @@ impl Session {
         match verdict {
             Verdict::Permit => Ok(()),
             Verdict::Deny(d) => {
-                self.refuse(ch, d, to_backend);
+                self.refuse(ch, d, named_empty.then_some(ids), to_backend);
                 Err(Step::Drop)
             }
             Verdict::NeedKind => Err(Step::Lookup(match *op {
@@ -859,7 +858,10 @@ impl Session {
         }
         macro_rules! check {
             ($op:expr) => {
-                if let Err(step) = self.check(ch, ids, &$op, to_backend) {
+                check!($op, false)
+            };
+            ($op:expr, $named_empty:expr) => {
+                if let Err(step) = self.check(ch, ids, &$op, $named_empty, to_backend) {
                     return step;
                 }
             };
@@ -944,27 +946,30 @@ impl Session {
                     routing_key
                 };
                 let exchange_kind = self.exchanges.kind(&strip_cr_lf(exchange));
-                check!(Operation::QueueBind {
-                    queue: &q,
-                    exchange,
-                    routing_key,
-                    exchange_kind,
-                });
+                check!(
+                    Operation::QueueBind {
+                        queue: &q,
+                        exchange,
+                        routing_key,
+                        exchange_kind,
+                    },
+                    queue.is_empty()
+                );
                 Step::Forward
             }
             ClientMethod::QueuePurge { queue } => {
                 let q = resolve!(queue);
-                check!(Operation::QueuePurge { queue: &q });
+                check!(Operation::QueuePurge { queue: &q }, queue.is_empty());
                 Step::Forward
             }
             ClientMethod::QueueDelete { queue } => {
                 let q = resolve!(queue);
-                check!(Operation::QueueDelete { queue: &q });
+                check!(Operation::QueueDelete { queue: &q }, queue.is_empty());
                 Step::Forward
             }
             ClientMethod::BasicGet { queue } => {
                 let q = resolve!(queue);
-                check!(Operation::BasicGet { queue: &q });
+                check!(Operation::BasicGet { queue: &q }, queue.is_empty());
                 Step::Forward
             }
             ClientMethod::BasicConsume(c) => {
@@ -1005,7 +1010,9 @@ impl Session {
         if d.queue.starts_with(REPLY_TO) {
             let c = self.channel(ch);
             c.last_queue = LastQueue::Named(name.into());
-            if !d.nowait {
+            if d.nowait {
+                c.declared_ok = true;
+            } else {
                 c.queue_oks.skip();
             }
             return Step::Forward;
@@ -1032,7 +1039,7 @@ impl Session {
             server_named,
             dead_letter_exchange,
         };
-        if let Err(step) = self.check(ch, ids, &op, to_backend) {
+        if let Err(step) = self.check(ch, ids, &op, false, to_backend) {
             return step;
         }
         if server_named {
@@ -1052,7 +1059,10 @@ impl Session {
         } else {
             let c = self.channel(ch);
             c.last_queue = LastQueue::Named(name.into());
-            if !d.nowait {
+            if d.nowait {
+                // No reply to tell: assumed to succeed.
+                c.declared_ok = true;
+            } else {
                 c.queue_oks.skip();
             }
         }
@@ -1103,12 +1113,8 @@ impl Session {
             self.close_both_with(reply::NOT_ALLOWED, &text, ids, to_client, to_backend);
             return Step::Drop;
         }
-        if let Err(step) = self.check(
-            ch,
-            ids,
-            &Operation::BasicConsume { queue: &queue },
-            to_backend,
-        ) {
+        let op = Operation::BasicConsume { queue: &queue };
+        if let Err(step) = self.check(ch, ids, &op, c.queue.is_empty(), to_backend) {
             return step;
         }
         let (tag, step) = if c.consumer_tag.is_empty() {
@@ -1201,7 +1207,7 @@ impl Session {
         match verdict {
             Verdict::Permit => Step::Release,
             Verdict::Deny(d) => {
-                self.refuse(ch, d, to_backend);
+                self.refuse(ch, d, None, to_backend);
                 Step::Drop
             }
             Verdict::NeedKind => Step::Lookup(strip_cr_lf(&exchange).into_owned()),
@@ -1210,7 +1216,14 @@ impl Session {
 
     /// Refuses a method on open channel `ch`: the broker's channel is closed now, the
     /// client is told when the broker has answered (see [`State::Refusing`]).
-    fn refuse(&mut self, ch: u16, d: Denial, to_backend: &mut Outbox) {
+    /// `refused_empty`: the method's ids when it named the queue `""`.
+    fn refuse(
+        &mut self,
+        ch: u16,
+        d: Denial,
+        refused_empty: Option<(u16, u16)>,
+        to_backend: &mut Outbox,
+    ) {
         self.denials.push(d.clone());
         to_backend.frame(|b| {
             method::channel_close(
@@ -1228,6 +1241,7 @@ impl Session {
         c.state = State::Refusing {
             denial: d,
             owed: Vec::new(),
+            refused_empty,
         };
     }
 
@@ -1332,29 +1346,44 @@ impl Session {
                 // An error on the channel. If the gateway was refusing a later method, the
                 // broker's error wins and the refusal is never sent; what its closing
                 // channel would have answered to the frames dropped since follows.
-                let owed = match std::mem::replace(&mut c.state, State::BrokerClosing) {
-                    State::Refusing { owed, .. } => owed,
-                    _ => Vec::new(),
-                };
+                let (owed, refused_empty) =
+                    match std::mem::replace(&mut c.state, State::BrokerClosing) {
+                        State::Refusing {
+                            owed,
+                            refused_empty,
+                            ..
+                        } => (owed, refused_empty),
+                        _ => (Vec::new(), None),
+                    };
+                // The declares without their declare-ok failed or came after the error:
+                // RabbitMQ's most recently declared queue is empty unless one succeeded.
+                let no_queue = !c.declared_ok;
                 self.clear_channel(ch);
                 let step = self.hide_service_user(ch, payload);
-                if !owed.is_empty() {
+                let refused_empty = refused_empty.filter(|_| no_queue);
+                if !owed.is_empty() || refused_empty.is_some() {
                     let close = match step {
                         BackendStep::Replace(b) => b,
                         _ => BytesMut::from(payload_frame(ch, payload).as_slice()),
                     };
                     to_client.push(close);
-                    write_owed(to_client, ch, &owed);
+                    if let Some(ids) = refused_empty {
+                        write_no_queue(to_client, ch, ids);
+                    }
+                    write_owed(to_client, ch, &owed, no_queue);
                     return BackendStep::Drop;
                 }
                 step
             }
             id::CHANNEL_CLOSE_OK if matches!(c.state, State::Refusing { .. }) => {
-                let State::Refusing { denial, owed } =
+                let State::Refusing { denial, owed, .. } =
                     std::mem::replace(&mut c.state, State::ClientClosing)
                 else {
                     return BackendStep::Forward;
                 };
+                // Everything the client sent before the refused method succeeded: the
+                // channel's most recently declared queue is the gateway's.
+                let no_queue = c.last_queue == LastQueue::None;
                 // The broker has processed everything before the refused method: now the
                 // client is told.
                 c.owed_close_oks = c.owed_close_oks.saturating_sub(1);
@@ -1368,12 +1397,17 @@ impl Session {
                         denial.method_id,
                     )
                 });
-                write_owed(to_client, ch, &owed);
+                write_owed(to_client, ch, &owed, no_queue);
                 self.clear_channel(ch);
                 BackendStep::Drop
             }
             id::QUEUE_DECLARE_OK => match c.queue_oks.pop() {
+                Some(None) => {
+                    c.declared_ok = true;
+                    BackendStep::Forward
+                }
                 Some(Some(ok)) => {
+                    c.declared_ok = true;
                     self.pending -= 1;
                     if c.last_queue == (LastQueue::ServerNamed { seq: ok.seq })
                         && let Some(q) = method::declare_ok_queue(payload)
@@ -1646,14 +1680,30 @@ impl Session {
     }
 }
 
-/// What a closing channel answers to frames the gateway dropped (see [`Owed`]).
-fn write_owed(to_client: &mut Outbox, ch: u16, owed: &[Owed]) {
+/// Whether `m` names the queue `""`, which RabbitMQ expands even on a closing channel.
+fn names_empty_queue(m: &ClientMethod<'_>) -> bool {
+    match m {
+        ClientMethod::BasicGet { queue }
+        | ClientMethod::QueuePurge { queue }
+        | ClientMethod::QueueDelete { queue }
+        | ClientMethod::QueueBind { queue, .. } => queue.is_empty(),
+        ClientMethod::BasicConsume(c) => c.queue.is_empty(),
+        _ => false,
+    }
+}
+
+fn write_no_queue(to_client: &mut Outbox, ch: u16, (class, meth): (u16, u16)) {
+    to_client.frame(|b| method::channel_close(b, ch, reply::NOT_FOUND, NO_QUEUE_TEXT, class, meth));
+}
+
+/// What a closing channel answers to frames the gateway dropped (see [`Owed`]); `no_queue`
+/// is whether RabbitMQ's most recently declared queue is empty then.
+fn write_owed(to_client: &mut Outbox, ch: u16, owed: &[Owed], no_queue: bool) {
     for o in owed {
         match *o {
             Owed::CloseOk => to_client.frame(|b| method::channel_close_ok(b, ch)),
-            Owed::NoQueue((class, meth)) => to_client.frame(|b| {
-                method::channel_close(b, ch, reply::NOT_FOUND, NO_QUEUE_TEXT, class, meth)
-            }),
+            Owed::EmptyName(ids) if no_queue => write_no_queue(to_client, ch, ids),
+            Owed::EmptyName(_) => {}
         }
     }
 }

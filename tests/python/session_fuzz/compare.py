@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 ORDERED = {"login", "reply", "close", "return", "unexpected", "conn-close", "conn-lost", "timeout"}
-ASYNC = {"deliver", "cancel", "confirm"}
+ASYNC = {"deliver", "cancel", "confirm", "consume-ok"}
 _PERM_WORD = re.compile(r"\b(configure|write|read) access to ")
 
 

@@ -422,9 +422,18 @@ class Runner:
         q = self.pending.get(ch)
         ref = None
         if q:
-            names, ref = q.popleft()
-            if name not in names:
-                self.rec(ch, "unexpected", [name, list(names)], op=ref)
+            # RabbitMQ's queue process sends consume-ok on its own, so a later method's
+            # reply may overtake it: match past awaited consume-oks.
+            i = 0
+            while i < len(q) and name not in q[i][0] and q[i][0] == ("basic.consume-ok",):
+                i += 1
+            if 0 < i < len(q) and name in q[i][0]:
+                names, ref = q[i]
+                del q[i]
+            else:
+                names, ref = q.popleft()
+                if name not in names:
+                    self.rec(ch, "unexpected", [name, list(names)], op=ref)
         if ref and not ref.endswith("/open"):
             self.settle_sent(ch, ref)
         data = [name]
@@ -442,6 +451,10 @@ class Runner:
                 qn, cref = pc.popleft()
                 self.consumers[tag] = {"ch": ch, "queue": qn, "ref": cref}
             data.append(tag)
+            # Its place among the channel's replies is not fixed (see above): compared
+            # as a set, like deliveries.
+            self.rec(ch, "consume-ok", data, op=ref)
+            return
         elif name == "basic.cancel-ok":
             self.consumers.pop(a["consumer_tag"], None)
             data.append(a["consumer_tag"])
