@@ -1337,3 +1337,77 @@ async fn replies_to_earlier_pipelined_methods_come_before_the_refusal() {
     );
     cleanup(&[&ok], &[]).await;
 }
+
+/// RabbitMQ 3.10.8 expands `""` before it looks at a closing channel's state: a `""`
+/// method behind a failed one gets a second `channel.close`, which may reach the gateway
+/// after the client's close-ok and reopen. It is the old channel's: the reopened one must
+/// still be checked, and its refusal still told. Here the `""` bind waits for an exchange
+/// type lookup while the broker fails the declare before it, and the client reopens at
+/// once.
+#[tokio::test]
+async fn a_second_close_for_the_old_channel_does_not_end_the_reopened_one() {
+    let gw = start_gateway_full(
+        "",
+        "127.0.0.1:5672",
+        r#"management_url = "http://127.0.0.1:15672""#,
+    )
+    .await;
+    let missing = unique("sa-missing");
+    let forbidden = unique("sa-forbidden");
+    let t = token(
+        "alice",
+        &["configure:%2F/sa-ok-*", "write:%2F/sa-*", "read:%2F/sa-*"],
+    );
+    let mut c = Client::connect(&gw, &t, "/").await;
+    c.open(1).await;
+    c.send(
+        &[
+            queue_declare(1, &missing, true, false),
+            queue_bind(1, "", &unique("sa-nox"), "k"),
+        ]
+        .concat(),
+    )
+    .await;
+    let (_, first) = c.close_on(1).await;
+    assert_eq!(first.0, 404, "{first:?}");
+    let close_ok = method(
+        1,
+        AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
+    );
+    c.send(
+        &[
+            close_ok,
+            channel_open(1),
+            queue_declare(1, &forbidden, false, false),
+        ]
+        .concat(),
+    )
+    .await;
+    let mut closes = Vec::new();
+    loop {
+        let (_, close) = c.close_on(1).await;
+        let done = close.0 == 403;
+        closes.push(close);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(
+        closes,
+        [
+            (
+                404,
+                "NOT_FOUND - no previously declared queue".into(),
+                50,
+                20
+            ),
+            (
+                403,
+                refused("configure", &format!("queue '{forbidden}'"), "alice"),
+                50,
+                10
+            )
+        ],
+    );
+    assert!(!queue_exists(&forbidden).await);
+}

@@ -49,6 +49,7 @@ pub mod id {
     pub const CONNECTION_CLOSE_OK: (u16, u16) = (10, 51);
     pub const CONNECTION_UPDATE_SECRET: (u16, u16) = (10, 70);
     pub const CHANNEL_OPEN: (u16, u16) = (20, 10);
+    pub const CHANNEL_OPEN_OK: (u16, u16) = (20, 11);
     pub const CHANNEL_CLOSE: (u16, u16) = (20, 40);
     pub const CHANNEL_CLOSE_OK: (u16, u16) = (20, 41);
     pub const EXCHANGE_DECLARE: (u16, u16) = (40, 10);

@@ -56,7 +56,8 @@ pub enum State {
     /// broker's channel is gone. The client's frames are dropped.
     ClientClosing,
     /// The broker's `channel.close` went to the client, whose `close-ok` is awaited. The
-    /// broker discards everything else, so the client's frames go through unchecked.
+    /// client's frames are dropped as the broker would discard them, except `close` and
+    /// `close-ok`; a `""` queue name is answered as RabbitMQ's closing channel answers it.
     BrokerClosing,
     /// The client sent `channel.close`; the broker's `close-ok` is awaited. The broker
     /// discards the client's frames, which go through unchecked.
@@ -108,7 +109,10 @@ impl State {
 
     /// Whether client frames on the channel are forwarded (checked or not).
     pub fn forwards_client(&self) -> bool {
-        !matches!(self, State::Refusing { .. } | State::ClientClosing)
+        !matches!(
+            self,
+            State::Refusing { .. } | State::ClientClosing | State::BrokerClosing
+        )
     }
 }
 
@@ -245,6 +249,11 @@ pub struct Channel {
     /// channel with an error, RabbitMQ's own most recently declared queue is empty unless
     /// one did: declares without their `declare-ok` failed or came after the error.
     pub declared_ok: bool,
+    /// The broker has not answered this incarnation's `channel.open` yet: a
+    /// `channel.close` now is the previous incarnation's (RabbitMQ 3.10.8 sends a second
+    /// one for a `""` method it dropped while closing, possibly after the client's
+    /// close-ok and reopen).
+    pub awaiting_open_ok: bool,
 }
 
 impl Channel {
@@ -258,15 +267,13 @@ impl Channel {
             held: None,
             owed_close_oks: 0,
             declared_ok: false,
+            awaiting_open_ok: true,
         }
     }
 
     /// The channel is over on the broker's side or soon will be: forget what it held.
-    /// Returns (consumers, pending entries) dropped, for the connection's counts. A held
-    /// publish stays: its content header is still to come, and the broker must see the
-    /// whole message (it discards it on a closing channel) or it would see a header
-    /// without its method. The most recently declared queue stays too: a closing channel
-    /// still expands `""` with it.
+    /// Returns (consumers, pending entries) dropped, for the connection's counts. The
+    /// most recently declared queue stays: a closing channel still expands `""` with it.
     pub fn clear(&mut self) -> (usize, usize) {
         let consumers = self.consumers.len();
         self.consumers = FxHashMap::default();

@@ -713,14 +713,24 @@ impl Session {
                 }
                 Step::Drop
             }
-            Phase::BrokerClosing => {
-                if m == ClientMethod::ChannelCloseOk {
+            Phase::BrokerClosing => match m {
+                ClientMethod::ChannelCloseOk => {
                     self.channel(ch).state = State::Closed;
                     self.forget_if_finished(ch);
+                    Step::Forward
                 }
-                // The broker discards the rest itself.
-                Step::Forward
-            }
+                // RabbitMQ's closing channel answers it with close-ok.
+                ClientMethod::ChannelClose => Step::Forward,
+                // Its closing channel still expands `""` (a second channel.close).
+                _ if names_empty_queue(&m) && self.no_queue_declared(ch) => {
+                    write_no_queue(to_client, ch, ids);
+                    Step::Drop
+                }
+                // The broker would discard the rest; the gateway does not pass it on
+                // unchecked, in case that close was not this channel's (RabbitMQ can send
+                // a previous incarnation's second close after a reopen).
+                _ => Step::Drop,
+            },
             Phase::ClientClosed => match m {
                 // The broker may already have let the channel go: a reopen must wait for
                 // its close-ok, or what follows would not be checked.
@@ -1160,11 +1170,6 @@ impl Session {
         let Some(held) = c.held.as_ref() else {
             return Step::Forward;
         };
-        if c.state != State::Open {
-            // The broker closed the channel while the publish was held: it discards the
-            // message, which it must see whole.
-            return Step::Release;
-        }
         let header = match ContentHeader::parse(payload) {
             Some(h) if h.class_id == 60 && h.weight == 0 => h,
             Some(h) if h.weight == 0 => {
@@ -1245,6 +1250,37 @@ impl Session {
         };
     }
 
+    /// The broker ends the connection while refusals wait for its close-ok: the methods
+    /// were refused all the same, and the client is told before the connection closes
+    /// (RabbitMQ's channels report their errors while its reader closes the connection).
+    fn tell_pending_refusals(&mut self, to_client: &mut Outbox) {
+        let mut refusing: Vec<u16> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| matches!(c.state, State::Refusing { .. }))
+            .map(|(&ch, _)| ch)
+            .collect();
+        refusing.sort_unstable();
+        for ch in refusing {
+            let c = self.channel(ch);
+            let State::Refusing { denial, .. } =
+                std::mem::replace(&mut c.state, State::ClientClosing)
+            else {
+                continue;
+            };
+            to_client.frame(|b| {
+                method::channel_close(
+                    b,
+                    ch,
+                    denial.reply_code,
+                    &denial.reply_text,
+                    denial.class_id,
+                    denial.method_id,
+                )
+            });
+        }
+    }
+
     fn forget_if_finished(&mut self, ch: u16) {
         if self.channels.get(&ch).is_some_and(Channel::finished) {
             self.channels.remove(&ch);
@@ -1279,7 +1315,17 @@ impl Session {
                 // closes, but waits for the client's close-ok like a broker would.
                 self.connection_closing = true;
                 self.broker_closed = true;
-                return self.hide_service_user(0, payload);
+                self.tell_pending_refusals(to_client);
+                let step = self.hide_service_user(0, payload);
+                if to_client.is_empty() {
+                    return step;
+                }
+                let close = match step {
+                    BackendStep::Replace(b) => b,
+                    _ => BytesMut::from(payload_frame(0, payload).as_slice()),
+                };
+                to_client.push(close);
+                return BackendStep::Drop;
             }
             return BackendStep::Forward;
         }
@@ -1289,6 +1335,14 @@ impl Session {
         let Some(c) = self.channels.get_mut(&ch) else {
             return BackendStep::Forward;
         };
+        if c.awaiting_open_ok {
+            if ids == id::CHANNEL_OPEN_OK {
+                c.awaiting_open_ok = false;
+            } else if ids == id::CHANNEL_CLOSE {
+                // The previous incarnation's: it changes nothing in this one.
+                return self.hide_service_user(ch, payload);
+            }
+        }
         match c.state.phase() {
             Phase::Open | Phase::Refusing => self.backend_reply(ch, ids, payload, to_client),
             Phase::ClientClosing => {
@@ -1358,6 +1412,11 @@ impl Session {
                 // The declares without their declare-ok failed or came after the error:
                 // RabbitMQ's most recently declared queue is empty unless one succeeded.
                 let no_queue = !c.declared_ok;
+                if no_queue {
+                    c.last_queue = LastQueue::None;
+                }
+                // Never sent: the broker has nothing of it to discard.
+                c.held = None;
                 self.clear_channel(ch);
                 let step = self.hide_service_user(ch, payload);
                 let refused_empty = refused_empty.filter(|_| no_queue);

@@ -59,6 +59,16 @@ fn channel_open(ch: u16) -> Vec<u8> {
     )
 }
 
+/// The client opens channel `ch` and the broker answers.
+fn opened(s: &mut Session, ch: u16) {
+    client(s, &channel_open(ch), 1 << 20);
+    let ok = method(
+        ch,
+        AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
+    );
+    assert_eq!(backend(s, &ok), ok);
+}
+
 fn channel_close(ch: u16, code: u16, text: &str) -> Vec<u8> {
     method(
         ch,
@@ -362,7 +372,7 @@ fn permitted_frames_are_forwarded_byte_for_byte() {
 #[test]
 fn a_denial_reaches_the_client_after_the_broker_has_closed_its_channel() {
     let mut s = session(&["read:*/*"]);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let mut input = queue_declare(1, "q");
     input.extend(publish(1, "", "q", b"pipelined", None)); // discarded: channel is closing
     let (to_b, to_c) = client(&mut s, &input, 3);
@@ -401,7 +411,7 @@ fn an_earlier_pipelined_failure_wins_over_the_gateways_refusal() {
     // RabbitMQ processes a channel's methods in order: a failing basic.get before a
     // refused declare gives the client the 404, not the 403.
     let mut s = session(&["read:*/*"]);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let mut input = basic_get(1, "missing");
     input.extend(queue_declare(1, "forbidden"));
     let (to_b, to_c) = client(&mut s, &input, 1 << 20);
@@ -419,9 +429,71 @@ fn an_earlier_pipelined_failure_wins_over_the_gateways_refusal() {
 }
 
 #[test]
+fn a_refusal_still_waiting_for_the_broker_is_told_before_its_connection_close() {
+    let mut s = session(&["read:*/*"]);
+    opened(&mut s, 2);
+    let (to_b, to_c) = client(&mut s, &queue_declare(2, "forbidden"), 1 << 20);
+    assert!(to_c.is_empty() && is_backend_close(&to_b, 2));
+    // A frame on a channel the broker does not know ends the connection first.
+    let close = bytes(AMQPFrame::Method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+            reply_code: 504,
+            reply_text: "CHANNEL_ERROR - expected 'channel.open'".into(),
+            class_id: 50,
+            method_id: 50,
+        })),
+    ));
+    let to_c = backend(&mut s, &close);
+    let sent = methods(&to_c);
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_eq!(channel_closed(&to_c, 2).0, 403);
+    assert!(to_c.ends_with(&close), "the broker's close comes last");
+    // Nothing more reaches the client about the channel.
+    assert!(backend(&mut s, &close_ok(2)).is_empty());
+}
+
+#[test]
+fn a_second_close_for_the_previous_incarnation_does_not_end_the_next() {
+    // RabbitMQ 3.10.8 closes a channel a second time for a `""` method it dropped while
+    // closing; that close may come after the client's close-ok and reopen, before the
+    // new open-ok. It must not cancel the refusal pending in the new incarnation.
+    let mut s = session(&["read:*/*"]);
+    opened(&mut s, 1);
+    let gone = channel_close(1, 404, "NOT_FOUND - no queue 'q' in vhost '/'");
+    assert_eq!(backend(&mut s, &gone), gone);
+    let mut input = close_ok(1);
+    input.extend(channel_open(1));
+    input.extend(queue_declare(1, "forbidden"));
+    let (to_b, to_c) = client(&mut s, &input, 1 << 20);
+    assert!(to_c.is_empty());
+    assert!(
+        matches!(
+            methods(&to_b).last(),
+            Some((1, AMQPClass::Channel(channel::AMQPMethod::Close(c)))) if c.reply_code == 200
+        ),
+        "{:?}",
+        methods(&to_b)
+    );
+    let stale = channel_close(1, 404, "NOT_FOUND - no previously declared queue");
+    assert_eq!(
+        backend(&mut s, &stale),
+        stale,
+        "relayed as RabbitMQ sent it"
+    );
+    let ok = method(
+        1,
+        AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
+    );
+    assert_eq!(backend(&mut s, &ok), ok);
+    let to_c = broker_accepts_close(&mut s, 1);
+    assert_eq!(channel_closed(&to_c, 1).0, 403);
+}
+
+#[test]
 fn a_client_close_during_a_refusal_is_answered_with_it() {
     let mut s = session(&["read:*/*"]);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let mut input = queue_declare(1, "q");
     input.extend(channel_close(1, 200, "bye"));
     let (to_b, to_c) = client(&mut s, &input, 1 << 20);
@@ -443,7 +515,7 @@ fn a_client_close_during_a_refusal_is_answered_with_it() {
 #[test]
 fn publish_is_held_until_its_header_then_checked() {
     let mut s = session(&["write:*/*"]);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let msg = publish(1, "", "q", b"hello", Some("mallory"));
     let (to_b, to_c) = client(&mut s, &msg, 5);
     assert!(
@@ -466,7 +538,7 @@ fn publish_is_held_until_its_header_then_checked() {
 #[test]
 fn impersonator_tag_allows_user_id() {
     let mut s = session(&["write:*/*", "tag:impersonator"]);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let msg = publish(1, "", "q", b"hello", Some("mallory"));
     let (to_b, _) = client(&mut s, &msg, 9);
     assert_eq!(to_b, msg);
@@ -477,7 +549,7 @@ fn user_id_is_compared_as_bytes() {
     // A user_id that is not UTF-8 and whose lossy text equals the user name is still
     // someone else (RabbitMQ compares binaries).
     let mut s = session_with(&["write:*/*"], |c| c.username = "a\u{fffd}".into());
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let mut p = vec![0, 60, 0, 0];
     p.extend_from_slice(&1u64.to_be_bytes());
     p.extend_from_slice(&(1u16 << 4).to_be_bytes());
@@ -494,11 +566,11 @@ fn user_id_is_compared_as_bytes() {
 #[test]
 fn server_named_queue_needs_configure_on_amq_gen() {
     let mut s = session(&["configure:*/amq.gen-*"]);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let (to_b, _) = client(&mut s, &queue_declare(1, ""), 1 << 20);
     assert_eq!(to_b, queue_declare(1, ""));
     let mut s = session(&["configure:*/app-*"]);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let (to_b, _) = client(&mut s, &queue_declare(1, ""), 1 << 20);
     assert!(is_backend_close(&to_b, 1));
     let (code, text, ..) = channel_closed(&broker_accepts_close(&mut s, 1), 1);
@@ -603,7 +675,7 @@ fn close_ok_after_a_gateway_close_is_acknowledged_and_a_broker_close_is_not_doub
 #[test]
 fn a_read_of_many_publishes_is_forwarded_as_one_chunk() {
     let mut s = session(&["write:*/*", "configure:*/*"]);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let mut input = Vec::new();
     for i in 0..500u32 {
         input.extend(publish(1, "", "q", &i.to_be_bytes(), None));
@@ -618,8 +690,8 @@ fn a_read_of_many_publishes_is_forwarded_as_one_chunk() {
 
     // A refused publish in the middle splits the forwarded bytes around it.
     let mut s = session(&["write:*/amq.default", "configure:*/*"]);
-    client(&mut s, &channel_open(1), 1 << 20);
-    client(&mut s, &channel_open(2), 1 << 20);
+    opened(&mut s, 1);
+    opened(&mut s, 2);
     let mut input = publish(1, "", "q", b"a", None);
     input.extend(publish(2, "amq.direct", "nope", b"b", None));
     input.extend(publish(1, "", "q", b"c", None));
@@ -655,7 +727,7 @@ fn empty_queue_name_means_the_queue_declared_last_when_the_declare_was_processed
         ),
     ] {
         let mut s = session(&scopes);
-        client(&mut s, &channel_open(1), 1 << 20);
+        opened(&mut s, 1);
         client(&mut s, &queue_declare(1, "mine-1"), 1 << 20);
         backend(&mut s, &declare_ok(1, "mine-1"));
         let mut input = queue_declare_with(1, "secret-1", true, true);
@@ -678,7 +750,7 @@ fn empty_queue_name_means_the_queue_declared_last_when_the_declare_was_processed
 #[test]
 fn empty_queue_name_without_a_declare_is_the_brokers_404() {
     let mut s = session(&[]);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let (to_b, to_c) = client(&mut s, &basic_get(1, ""), 1 << 20);
     assert_eq!(
         to_b,
@@ -691,7 +763,7 @@ fn empty_queue_name_without_a_declare_is_the_brokers_404() {
 #[test]
 fn a_server_named_queue_is_resolved_from_its_own_declare_ok() {
     let mut s = session(&["configure:*/amq.gen-*", "read:*/amq.gen-real*"]);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let mut input = queue_declare(1, "");
     input.extend(basic_get(1, ""));
     let (ev, to_b, _, rest) = client_event(&mut s, &input);
@@ -707,7 +779,7 @@ fn a_server_named_queue_is_resolved_from_its_own_declare_ok() {
 
     // With the name not readable, the refusal names the queue the broker chose.
     let mut s = session(&["configure:*/amq.gen-*"]);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let (_, _, _, rest) = client_event(&mut s, &[queue_declare(1, ""), basic_get(1, "")].concat());
     backend(&mut s, &declare_ok(1, "amq.gen-xyz"));
     client(&mut s, &rest, 1 << 20);
@@ -721,7 +793,7 @@ fn a_server_named_queue_is_resolved_from_its_own_declare_ok() {
 #[test]
 fn a_nowait_server_named_declare_is_asked_for_its_name_and_the_answer_kept_back() {
     let mut s = session(&["configure:*/amq.gen-*", "read:*/amq.gen-*"]);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let nowait = queue_declare_with(1, "", false, true);
     let (_, to_b, _, _) = client_event(&mut s, &nowait);
     assert_eq!(
@@ -745,7 +817,7 @@ fn the_routing_key_shortcut_is_topic_checked_with_the_queues_name() {
         "read:*/q-*",
         "read:%2F/amq.topic/",
     ]);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     client(&mut s, &queue_declare(1, "q-1"), 1 << 20);
     let (to_b, _) = client(&mut s, &queue_bind(1, "", "amq.topic", ""), 1 << 20);
     assert!(is_backend_close(&to_b, 1));
@@ -760,7 +832,7 @@ fn the_routing_key_shortcut_is_topic_checked_with_the_queues_name() {
     );
     // A named queue with an empty key binds with the empty key: permitted.
     let mut s = session(&["write:*/q-*", "read:%2F/amq.topic/"]);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let (to_b, _) = client(&mut s, &queue_bind(1, "q-1", "amq.topic", ""), 1 << 20);
     assert_eq!(to_b, queue_bind(1, "q-1", "amq.topic", ""));
 }
@@ -770,8 +842,8 @@ fn an_exchange_type_is_learnt_only_from_its_own_declare_ok() {
     // Two pipelined declares: the first succeeds, the second (an existing topic exchange
     // declared as direct) fails. The first declare-ok must not teach the second's type.
     let mut s = session(&["configure:*/*", "write:*/*", "read:*/*"]);
-    client(&mut s, &channel_open(1), 1 << 20);
-    client(&mut s, &channel_open(2), 1 << 20);
+    opened(&mut s, 1);
+    opened(&mut s, 2);
     let mut input = exchange_declare(1, "xd", "direct");
     input.extend(exchange_declare(1, "xt", "direct"));
     client(&mut s, &input, 1 << 20);
@@ -824,19 +896,19 @@ fn a_type_lookup_is_asked_only_when_the_topic_check_fails_on_permissions() {
     let lookups = |c: &mut SessionConfig| c.lookups = true;
     // No write permission: refused without a lookup.
     let mut s = session_with(&["read:*/*"], lookups);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let (ev, to_b, ..) = client_event(&mut s, &publish(1, "ext", "rk", b"b", None));
     assert_eq!(ev, ClientEvent::None);
     assert!(is_backend_close(&to_b, 1));
     // A 3-part scope that grants the key: permitted whatever the type, no lookup.
     let mut s = session_with(&["write:*/*/rk"], lookups);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let (ev, to_b, ..) = client_event(&mut s, &publish(1, "ext", "rk", b"b", None));
     assert_eq!(ev, ClientEvent::None);
     assert_eq!(to_b, publish(1, "ext", "rk", b"b", None));
     // A 2-part write scope: the type decides.
     let mut s = session_with(&["write:*/*"], lookups);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let msg = publish(1, "ext", "rk", b"body", None);
     let (ev, to_b, _, rest) = client_event(&mut s, &msg);
     assert_eq!(ev, ClientEvent::LookupExchange("ext".into()));
@@ -864,7 +936,7 @@ fn a_type_lookup_is_asked_only_when_the_topic_check_fails_on_permissions() {
 fn duplicate_cc_and_bcc_keys_are_read_first_entry_first() {
     for key in ["CC", "BCC"] {
         let mut s = session(&["write:%2F/amq.topic/ok.*"]);
-        client(&mut s, &channel_open(1), 1 << 20);
+        opened(&mut s, 1);
         let headers = entries(&[
             (key, b'A', array_of(&["forbidden"])),
             (key, b'A', array_of(&["ok.2"])),
@@ -877,7 +949,7 @@ fn duplicate_cc_and_bcc_keys_are_read_first_entry_first() {
         assert!(text.contains("topic 'forbidden'"), "{key}: {text}");
         // The other order passes (the first entry grants).
         let mut s = session(&["write:%2F/amq.topic/ok.*"]);
-        client(&mut s, &channel_open(1), 1 << 20);
+        opened(&mut s, 1);
         let headers = entries(&[
             (key, b'A', array_of(&["ok.2"])),
             (key, b'A', array_of(&["forbidden"])),
@@ -893,7 +965,7 @@ fn duplicate_cc_and_bcc_keys_are_read_first_entry_first() {
 fn cc_elements_that_are_not_long_strings_are_not_routes() {
     // RabbitMQ routes only the long-string elements of CC; others are ignored.
     let mut s = session(&["write:%2F/amq.topic/ok.*"]);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let mut arr = vec![b'I'];
     arr.extend_from_slice(&7i32.to_be_bytes());
     arr.push(b'S');
@@ -927,7 +999,7 @@ fn duplicate_dead_letter_and_alternate_exchanges_are_read_first_entry_first() {
         (exchange_declare_raw(1, "x-1", "direct", &ae), (40, 10)),
     ] {
         let mut s = session(&scopes);
-        client(&mut s, &channel_open(1), 1 << 20);
+        opened(&mut s, 1);
         let (to_b, _) = client(&mut s, &frame_bytes, 1 << 20);
         assert!(is_backend_close(&to_b, 1));
         assert_eq!(
@@ -942,7 +1014,7 @@ fn duplicate_dead_letter_and_alternate_exchanges_are_read_first_entry_first() {
     }
     // Not a long string: RabbitMQ refuses the argument itself (406), nothing to check.
     let mut s = session(&scopes);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let mut v = vec![];
     v.extend_from_slice(&5i16.to_be_bytes());
     let odd = entries(&[("x-dead-letter-exchange", b's', v)]);
@@ -972,7 +1044,7 @@ fn deeply_nested_arguments_and_headers_are_relayed_without_recursion() {
     args.extend_from_slice(&nest);
     let declare = queue_declare_raw(1, "q-deep", 0, &args);
     let mut s = session(&ALL);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let (to_b, to_c) = client(&mut s, &declare, 1 << 20);
     assert_eq!(to_b, declare);
     assert!(to_c.is_empty());
@@ -991,7 +1063,7 @@ fn deeply_nested_arguments_and_headers_are_relayed_without_recursion() {
 #[test]
 fn a_publish_with_trailing_bytes_is_refused_as_rabbitmq_refuses_it() {
     let mut s = session(&ALL);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let mut p = vec![0, 60, 0, 40, 0, 0, 0, 1, b'q', 0];
     p.extend_from_slice(&[0u8; 100_000]);
     let (to_b, to_c) = client(&mut s, &raw_method(1, &p), 1 << 20);
@@ -1019,7 +1091,7 @@ fn a_publish_with_trailing_bytes_is_refused_as_rabbitmq_refuses_it() {
 #[test]
 fn a_held_publish_is_copied_out_of_the_read_buffer() {
     let mut s = session(&ALL);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     buf.extend_from_slice(&publish_method(1, "", "q"));
     let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
@@ -1037,7 +1109,7 @@ fn consumers_are_bounded_per_channel_and_per_connection() {
         c.limits.consumers_per_channel = 3;
         c.limits.consumers_per_connection = 4;
     });
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let input: Vec<u8> = (0..3)
         .flat_map(|i| consume(1, "q", &format!("t{i}"), true))
         .collect();
@@ -1076,7 +1148,7 @@ fn consumers_are_bounded_per_channel_and_per_connection() {
 #[test]
 fn a_reused_consumer_tag_is_rabbitmqs_530() {
     let mut s = session(&ALL);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     client(&mut s, &consume(1, "q", "t", true), 1 << 20);
     let (_, to_c) = client(&mut s, &consume(1, "q2", "t", true), 1 << 20);
     assert_eq!(
@@ -1088,7 +1160,7 @@ fn a_reused_consumer_tag_is_rabbitmqs_530() {
 #[test]
 fn frames_on_a_channel_the_broker_closed_hold_nothing() {
     let mut s = session(&ALL);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     backend(
         &mut s,
         &channel_close(1, 404, "NOT_FOUND - no queue 'x' in vhost '/'"),
@@ -1097,8 +1169,22 @@ fn frames_on_a_channel_the_broker_closed_hold_nothing() {
         .flat_map(|i| consume(1, "q", &format!("t{i}"), false))
         .collect();
     let (to_b, _) = client(&mut s, &input, 1 << 20);
-    assert_eq!(to_b, input, "forwarded for the broker to discard");
+    assert!(to_b.is_empty(), "dropped, as the broker would discard them");
     assert_eq!(s.held(), (1, 0, 0), "no consumer and no reply tracked");
+    // "" is answered as RabbitMQ's closing channel answers it; close-ok still goes.
+    let (to_b, to_c) = client(&mut s, &basic_get(1, ""), 1 << 20);
+    assert!(to_b.is_empty());
+    assert_eq!(
+        channel_closed(&to_c, 1),
+        (
+            404,
+            "NOT_FOUND - no previously declared queue".into(),
+            60,
+            70
+        )
+    );
+    let (to_b, _) = client(&mut s, &close_ok(1), 1 << 20);
+    assert_eq!(to_b, close_ok(1));
 }
 
 #[test]
@@ -1119,7 +1205,7 @@ fn channels_beyond_channel_max_are_rabbitmqs_530() {
 #[test]
 fn awaited_replies_are_bounded_by_making_the_client_wait() {
     let mut s = session_with(&ALL, |c| c.limits.pending_replies = 2);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let input: Vec<u8> = (0..3)
         .flat_map(|i| exchange_declare(1, &format!("x{i}"), "direct"))
         .collect();
@@ -1141,7 +1227,7 @@ fn awaited_replies_are_bounded_by_making_the_client_wait() {
 #[test]
 fn a_reopen_waits_until_the_broker_has_closed_the_channel() {
     let mut s = session(&ALL);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let mut input = channel_close(1, 200, "bye");
     input.extend(channel_open(1));
     input.extend(queue_declare(1, "q"));
@@ -1162,7 +1248,7 @@ fn a_reopen_waits_until_the_broker_has_closed_the_channel() {
 fn an_empty_consumer_tag_is_named_by_the_gateway_and_cancelled_when_the_token_changes() {
     for nowait in [true, false] {
         let mut s = session(&ALL);
-        client(&mut s, &channel_open(1), 1 << 20);
+        opened(&mut s, 1);
         let (to_b, _) = client(&mut s, &consume(1, "q", "", nowait), 1 << 20);
         let sent = methods(&to_b);
         let [(1, AMQPClass::Basic(basic::AMQPMethod::Consume(c)))] = sent.as_slice() else {
@@ -1219,7 +1305,7 @@ fn an_empty_consumer_tag_is_named_by_the_gateway_and_cancelled_when_the_token_ch
 #[test]
 fn a_consumer_waiting_for_consume_ok_is_cancelled_too() {
     let mut s = session(&ALL);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     client(&mut s, &consume(1, "q", "mine", false), 1 << 20);
     let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
     s.secret_updated(Ok(perms(&["read:*/other"])), &mut to_c, &mut to_b);
@@ -1241,7 +1327,7 @@ fn consumers_cancelled_by_the_broker_are_forgotten_and_shown_only_to_clients_tha
     );
     for notify in [true, false] {
         let mut s = session_with(&ALL, |c| c.cancel_notify = notify);
-        client(&mut s, &channel_open(1), 1 << 20);
+        opened(&mut s, 1);
         client(&mut s, &consume(1, "q", "t", true), 1 << 20);
         let to_c = backend(&mut s, &cancel);
         assert_eq!(to_c.is_empty(), !notify);
@@ -1254,7 +1340,7 @@ fn consumers_cancelled_by_the_broker_are_forgotten_and_shown_only_to_clients_tha
 #[test]
 fn a_broker_content_header_larger_than_frame_max_is_relayed() {
     let mut s = session_with(&ALL, |c| c.frame_max = 4096);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let headers = entries(&[("big", b'S', longstr(&[b'x'; 20_000]))]);
     let mut input = method(
         1,
@@ -1284,7 +1370,7 @@ fn a_broker_content_header_larger_than_frame_max_is_relayed() {
 #[test]
 fn the_service_users_name_never_reaches_the_client() {
     let mut s = session(&ALL);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let close = channel_close(
         1,
         403,
@@ -1297,7 +1383,7 @@ fn the_service_users_name_never_reaches_the_client() {
     );
     // A resource that happens to carry the name in quotes is left alone.
     let mut s = session(&ALL);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let close = channel_close(1, 404, "NOT_FOUND - no queue 'svc-gateway' in vhost '/'");
     assert_eq!(backend(&mut s, &close), close);
     // The connection's own close too.
@@ -1322,7 +1408,7 @@ fn the_service_users_name_never_reaches_the_client() {
 fn malformed_checked_methods_get_rabbitmqs_frame_errors() {
     // Truncated queue.declare: the arguments do not fill the payload.
     let mut s = session(&["read:*/*"]);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let (to_b, to_c) = client(
         &mut s,
         &raw_method(1, &[0, 50, 0, 10, 0, 0, 5, b'a']),
@@ -1340,7 +1426,7 @@ fn malformed_checked_methods_get_rabbitmqs_frame_errors() {
     ));
     // A queue name that is not UTF-8 (RabbitMQ's assert_utf8).
     let mut s = session(&["read:*/*"]);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let (_, to_c) = client(
         &mut s,
         &raw_method(1, &[0, 60, 0, 70, 0, 0, 1, 0xff, 0]),
@@ -1369,11 +1455,11 @@ fn a_routing_key_that_is_not_utf8_is_checked_as_bytes() {
         },
     )));
     let mut s = session(&["read:*/*"]);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let (to_b, _) = client(&mut s, &input, 1 << 20);
     assert!(is_backend_close(&to_b, 1));
     let mut s = session(&["write:*/*"]);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let (to_b, _) = client(&mut s, &input, 1 << 20);
     assert_eq!(to_b, input);
 }
@@ -1387,7 +1473,7 @@ fn only_the_content_header_may_follow_a_publish() {
         ("queue.declare", queue_declare(1, "q")),
     ] {
         let mut s = session(&["write:*/*", "configure:*/*"]);
-        client(&mut s, &channel_open(1), 1 << 20);
+        opened(&mut s, 1);
         let (to_b, to_c) = client(
             &mut s,
             &[publish_method(1, "", "q"), next].concat(),
@@ -1431,7 +1517,7 @@ fn immediate_publishes_are_left_to_the_broker() {
         },
     )));
     let mut s = session(&[]);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let (to_b, _) = client(&mut s, &input, 1 << 20);
     assert_eq!(
         to_b, input,
@@ -1440,9 +1526,9 @@ fn immediate_publishes_are_left_to_the_broker() {
 }
 
 #[test]
-fn a_publish_held_when_the_broker_closes_the_channel_still_reaches_it_whole() {
+fn a_publish_held_when_the_broker_closes_the_channel_is_dropped_whole() {
     let mut s = session(&["write:*/*"]);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
     let msg = publish(1, "x", "k", b"body", None);
     let method_len = publish_method(1, "x", "k").len();
@@ -1455,17 +1541,24 @@ fn a_publish_held_when_the_broker_closes_the_channel_still_reaches_it_whole() {
     );
     let mut buf = BytesMut::from(&msg[method_len..]);
     s.on_client_input(&mut buf, &mut to_b, &mut to_c).unwrap();
-    assert_eq!(
-        drain(&mut to_b),
-        msg,
-        "method, header and body, for the broker to discard"
+    assert!(
+        drain(&mut to_b).is_empty(),
+        "neither method, header nor body: the broker would discard them"
     );
+    assert!(drain(&mut to_c).is_empty(), "and no frame error");
+    // The next publish on a reopened channel is checked as usual.
+    let (to_b, _) = client(&mut s, &close_ok(1), 1 << 20);
+    assert_eq!(to_b, close_ok(1));
+    opened(&mut s, 1);
+    let msg = publish(1, "amq.direct", "k", b"body", None);
+    let (to_b, _) = client(&mut s, &msg, 1 << 20);
+    assert_eq!(to_b, msg);
 }
 
 #[test]
 fn a_stray_close_ok_from_the_broker_changes_nothing() {
     let mut s = session(&ALL);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     assert_eq!(backend(&mut s, &close_ok(1)), close_ok(1));
     let (to_b, _) = client(&mut s, &queue_declare(1, "q"), 1 << 20);
     assert_eq!(
@@ -1494,7 +1587,7 @@ fn a_bad_frame_end_after_accepted_frames_is_a_frame_error() {
 #[test]
 fn a_closing_channel_answers_an_empty_queue_name_as_rabbitmq_does() {
     let mut s = session(&["read:*/*"]);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let mut input = queue_declare(1, "forbidden");
     input.extend(basic_get(1, ""));
     input.extend(channel_close(1, 200, "bye"));
@@ -1525,7 +1618,7 @@ fn a_closing_channel_answers_an_empty_queue_name_as_rabbitmq_does() {
     );
     // With a queue declared before, nothing is owed.
     let mut s = session(&["read:*/*"]);
-    client(&mut s, &channel_open(1), 1 << 20);
+    opened(&mut s, 1);
     let input = [
         queue_declare_with(1, "q", true, true),
         queue_declare(1, "forbidden"),

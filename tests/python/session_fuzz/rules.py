@@ -64,7 +64,7 @@ def _is_close(e, code=None) -> bool:
     return e is not None and e["kind"] == "close" and (code is None or e["data"][0] == code)
 
 
-def _order_ok(d) -> bool:
+def _order_ok(d, op: dict | None = None) -> bool:
     """The reference's event is about the gateway's refused method or a later one (the
     gateway may not refuse a method before the broker has answered the earlier ones)."""
     g, r = d.gw, d.ref
@@ -74,7 +74,9 @@ def _order_ok(d) -> bool:
     if r is None or r["kind"] not in ("close", "reply", "return"):
         return True
     if r["kind"] == "return":
-        return False
+        # Only the return of the refused publish itself (which the reference let through).
+        return bool(op) and op["m"] == "basic.publish" and r["data"][2:5] == [
+            op["a"]["exchange"], op["a"]["routing_key"], op["a"].get("body", "")]
     return op_key(r.get("op")) >= c
 
 
@@ -146,7 +148,7 @@ def cc_bcc_topic(d, c: Ctx) -> bool:
         # (3.10.8 checks that one too).
         if failing and failing[0] == m.group(2) and keys[0] != m.group(2) and \
                 p.topic("write", c.vhost, op["a"]["exchange"], keys[0]):
-            return _order_ok(d)
+            return _order_ok(d, op)
     return False
 
 

@@ -343,9 +343,13 @@ class Runner:
                 self.closed = True
             return
         state = self.ch_state.get(ch)
-        if name == "channel.close" and state is None:
+        q = self.pending.get(ch)
+        awaiting_open = bool(q) and q[0][0] == SYNC_REPLIES["channel.open"]
+        if name == "channel.close" and (state is None or awaiting_open):
             # A second close on a channel already closed and answered (3.10.8 sends one for
-            # a method it had queued before the first): recorded, not answered.
+            # a method it had queued before the first): recorded, not answered. It may
+            # arrive after the runner reopened the channel; a channel awaiting its open-ok
+            # cannot have been closed for anything it did, so it is the old one's.
             self.rec(ch, "close", [a["reply_code"], a["reply_text"],
                                    amqp.method_name(a["class_id"], a["method_id"])], op=None,
                      inflight=[])
