@@ -84,6 +84,9 @@ pub const MAX_OWED: usize = 16;
 /// The text of RabbitMQ's `404` for `""` with no queue declared on the channel.
 pub const NO_QUEUE_TEXT: &str = "NOT_FOUND - no previously declared queue";
 
+/// RabbitMQ's text for `channel.open` on a channel that is open or closing (504).
+pub const SECOND_OPEN_TEXT: &str = "CHANNEL_ERROR - second 'channel.open' seen";
+
 /// [`State`] without its data, to branch on while the channel is borrowed elsewhere.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {

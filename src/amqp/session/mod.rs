@@ -52,7 +52,7 @@ use crate::authz::{
 };
 use channel::{
     Channel, Consumer, ConsumerState, ExchangeOk, LastQueue, MAX_OWED, NO_QUEUE_TEXT, Owed, Phase,
-    QueueOk, State,
+    QueueOk, SECOND_OPEN_TEXT, State,
 };
 pub use exchanges::ExchangeEpochs;
 use exchanges::{Exchanges, kind_of};
@@ -674,6 +674,11 @@ impl Session {
         match phase {
             Phase::Open => self.open_channel(ch, ids, m, to_backend, to_client),
             Phase::Refusing => {
+                if m == ClientMethod::ChannelOpen {
+                    // The broker's channel is closing (the gateway's close went first): it
+                    // answers with its own 504, after the earlier methods.
+                    return Step::Forward;
+                }
                 let owed = match m {
                     ClientMethod::ChannelClose => Some(Owed::CloseOk),
                     _ if names_empty_queue(&m) => Some(Owed::EmptyName(ids)),
@@ -689,6 +694,17 @@ impl Session {
             }
             Phase::ClientClosing => {
                 match m {
+                    // RabbitMQ's closing channel: a hard error. The broker's channel is
+                    // gone, so the gateway gives it.
+                    ClientMethod::ChannelOpen => {
+                        self.close_both_with(
+                            reply::CHANNEL_ERROR,
+                            SECOND_OPEN_TEXT,
+                            id::CHANNEL_OPEN,
+                            to_client,
+                            to_backend,
+                        );
+                    }
                     ClientMethod::ChannelCloseOk => {
                         self.channel(ch).state = State::Closed;
                         self.forget_if_finished(ch);
@@ -719,8 +735,9 @@ impl Session {
                     self.forget_if_finished(ch);
                     Step::Forward
                 }
-                // RabbitMQ's closing channel answers it with close-ok.
-                ClientMethod::ChannelClose => Step::Forward,
+                // RabbitMQ's closing channel answers close with close-ok and a second
+                // open with a 504 (an open channel would too).
+                ClientMethod::ChannelClose | ClientMethod::ChannelOpen => Step::Forward,
                 // Its closing channel still expands `""` (a second channel.close).
                 _ if names_empty_queue(&m) && self.no_queue_declared(ch) => {
                     write_no_queue(to_client, ch, ids);
@@ -1017,19 +1034,13 @@ impl Session {
         let name = strip_cr_lf(d.queue);
         // Direct reply-to: no checks (RabbitMQ answers exists / not found); the name is
         // still the most recently declared queue.
-        if d.queue.starts_with(REPLY_TO) {
-            let c = self.channel(ch);
-            c.last_queue = LastQueue::Named(name.into());
-            if d.nowait {
-                c.declared_ok = true;
-            } else {
-                c.queue_oks.skip();
-            }
-            return Step::Forward;
-        }
-        let server_named = !d.passive && name.is_empty();
-        if server_named && self.pending >= self.limits.pending_replies {
+        let server_named = !d.passive && name.is_empty() && !d.queue.starts_with(REPLY_TO);
+        if (server_named || d.nowait) && self.pending >= self.limits.pending_replies {
             return Step::Pause(Pause::Pending);
+        }
+        if d.queue.starts_with(REPLY_TO) {
+            self.channel(ch).last_queue = LastQueue::Named(name.into());
+            return self.expect_queue_ok(ch, d);
         }
         let probe = if server_named {
             Cow::Owned(self.server_name_probe(ch))
@@ -1053,7 +1064,8 @@ impl Session {
             return step;
         }
         if server_named {
-            self.next_seq = self.next_seq.wrapping_add(1);
+            // Never 0: that is a named declare's.
+            self.next_seq = self.next_seq.wrapping_add(1).max(1);
             let seq = self.next_seq;
             let c = self.channel(ch);
             c.last_queue = LastQueue::ServerNamed { seq };
@@ -1067,16 +1079,25 @@ impl Session {
                 return Step::ForwardWaiting(d.bits_at);
             }
         } else {
-            let c = self.channel(ch);
-            c.last_queue = LastQueue::Named(name.into());
-            if d.nowait {
-                // No reply to tell: assumed to succeed.
-                c.declared_ok = true;
-            } else {
-                c.queue_oks.skip();
-            }
+            self.channel(ch).last_queue = LastQueue::Named(name.into());
+            return self.expect_queue_ok(ch, d);
         }
         Step::Forward
+    }
+
+    /// A named `queue.declare` goes on: its `declare-ok` is read (to know whether it set
+    /// RabbitMQ's most recently declared queue). One sent with `nowait` is sent without,
+    /// and its `declare-ok` kept from the client.
+    fn expect_queue_ok(&mut self, ch: u16, d: method::QueueDeclare<'_>) -> Step {
+        let c = self.channel(ch);
+        if d.nowait {
+            c.queue_oks.push(QueueOk { seq: 0, hide: true });
+            self.pending += 1;
+            Step::ForwardWaiting(d.bits_at)
+        } else {
+            c.queue_oks.skip();
+            Step::Forward
+        }
     }
 
     fn basic_consume(

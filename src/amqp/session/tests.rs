@@ -704,6 +704,58 @@ fn a_read_of_many_publishes_is_forwarded_as_one_chunk() {
 // -------------------------------- class 1: state follows what the client sent, in order
 
 #[test]
+fn a_failed_nowait_declare_leaves_no_queue_declared() {
+    // RabbitMQ sets the most recently declared queue only when the declare succeeds: after
+    // a failed passive nowait declare, its closing channel answers `""` with a second 404.
+    let mut s = session(&["read:*/*"]);
+    opened(&mut s, 1);
+    let mut input = queue_declare_with(1, "missing", true, true);
+    input.extend(method(
+        1,
+        AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
+            queue: "".into(),
+            if_unused: false,
+            if_empty: false,
+            nowait: false,
+        })),
+    ));
+    let (to_b, to_c) = client(&mut s, &input, 1 << 20);
+    assert!(to_c.is_empty());
+    assert!(to_b.starts_with(&queue_declare_with(1, "missing", true, false)));
+    let gone = channel_close(1, 404, "NOT_FOUND - no queue 'missing' in vhost '/'");
+    let to_c = backend(&mut s, &gone);
+    let closes: Vec<_> = methods(&to_c)
+        .into_iter()
+        .map(|(_, m)| match m {
+            AMQPClass::Channel(channel::AMQPMethod::Close(c)) => (
+                c.reply_code,
+                c.reply_text.to_string(),
+                c.class_id,
+                c.method_id,
+            ),
+            m => panic!("{m:?}"),
+        })
+        .collect();
+    assert_eq!(
+        closes,
+        [
+            (
+                404,
+                "NOT_FOUND - no queue 'missing' in vhost '/'".into(),
+                50,
+                10
+            ),
+            (
+                404,
+                "NOT_FOUND - no previously declared queue".into(),
+                50,
+                40
+            )
+        ]
+    );
+}
+
+#[test]
 fn empty_queue_name_means_the_queue_declared_last_when_the_declare_was_processed() {
     // A passive nowait declare gets no reply, yet RabbitMQ sets the channel's most
     // recently declared queue when it processes it.
@@ -733,7 +785,10 @@ fn empty_queue_name_means_the_queue_declared_last_when_the_declare_was_processed
         let mut input = queue_declare_with(1, "secret-1", true, true);
         input.extend(method_frame);
         let (to_b, _) = client(&mut s, &input, 1 << 20);
-        assert!(to_b.starts_with(&queue_declare_with(1, "secret-1", true, true)));
+        // Sent without nowait: its declare-ok tells the gateway it succeeded, and is
+        // kept from the client.
+        assert!(to_b.starts_with(&queue_declare_with(1, "secret-1", true, false)));
+        assert!(backend(&mut s, &declare_ok(1, "secret-1")).is_empty());
         let to_c = broker_accepts_close(&mut s, 1);
         assert_eq!(
             channel_closed(&to_c, 1),
@@ -1185,6 +1240,42 @@ fn frames_on_a_channel_the_broker_closed_hold_nothing() {
     );
     let (to_b, _) = client(&mut s, &close_ok(1), 1 << 20);
     assert_eq!(to_b, close_ok(1));
+}
+
+#[test]
+fn a_second_open_on_a_closing_channel_is_rabbitmqs_504() {
+    // Broker closing: the broker answers it itself.
+    let mut s = session(&ALL);
+    opened(&mut s, 1);
+    backend(
+        &mut s,
+        &channel_close(1, 404, "NOT_FOUND - no queue 'x' in vhost '/'"),
+    );
+    let (to_b, _) = client(&mut s, &channel_open(1), 1 << 20);
+    assert_eq!(to_b, channel_open(1));
+    // Refusing: the broker's channel is closing after the gateway's close.
+    let mut s = session(&["read:*/*"]);
+    opened(&mut s, 1);
+    client(&mut s, &queue_declare(1, "forbidden"), 1 << 20);
+    let (to_b, _) = client(&mut s, &channel_open(1), 1 << 20);
+    assert_eq!(to_b, channel_open(1));
+    // The refusal told, the broker's channel gone: the gateway gives the 504.
+    let mut s = session(&["read:*/*"]);
+    opened(&mut s, 1);
+    client(&mut s, &queue_declare(1, "forbidden"), 1 << 20);
+    broker_accepts_close(&mut s, 1);
+    let (to_b, to_c) = client(&mut s, &channel_open(1), 1 << 20);
+    let close = connection_close(&to_c);
+    assert_eq!(
+        (
+            close.reply_code,
+            close.reply_text.as_str(),
+            close.class_id,
+            close.method_id
+        ),
+        (504, "CHANNEL_ERROR - second 'channel.open' seen", 20, 10),
+    );
+    assert!(!to_b.is_empty(), "the broker connection is closed too");
 }
 
 #[test]

@@ -129,6 +129,7 @@ class Runner:
         self.step = 0
         self.ch_state: dict[int, str] = {}
         self.pending: dict[int, deque] = {}
+        self.step_frames: list[bytes] = []  # the current step's frames not sent yet
         self.sent: dict[int, list] = {}
         self.tags: dict[int, list] = {}
         self.confirm: dict[int, dict] = {}
@@ -213,8 +214,11 @@ class Runner:
             state = None
         if state != "open":
             if not self.seq.get("pipeline_open", True) and not self.closed:
-                # Open in a round trip of its own (before this step's frames).
-                self.conn.send(b"".join(out + [amqp.method_frame(ch, "channel.open")]))
+                # Open in a round trip of its own, after the step's frames so far (sent
+                # first, as a client would have: the replies read meanwhile may close
+                # their channels).
+                self.conn.send(b"".join(self.step_frames + out + [amqp.method_frame(ch, "channel.open")]))
+                self.step_frames.clear()
                 out = []
                 self.expect(ch, SYNC_REPLIES["channel.open"], ref + "/open")
                 self.ch_state[ch] = "open"
@@ -283,7 +287,7 @@ class Runner:
         return out
 
     def send_step(self, ops: list[dict], step_i: int) -> None:
-        frames: list[bytes] = []
+        frames = self.step_frames = []
         for i, op in enumerate(ops):
             frames += self.frames_for(op, f"{step_i}.{i}")
         if frames and not self.closed:
@@ -344,7 +348,7 @@ class Runner:
             return
         state = self.ch_state.get(ch)
         q = self.pending.get(ch)
-        awaiting_open = bool(q) and q[0][0] == SYNC_REPLIES["channel.open"]
+        awaiting_open = state == "open" and bool(q) and q[0][0] == SYNC_REPLIES["channel.open"]
         if name == "channel.close" and (state is None or awaiting_open):
             # A second close on a channel already closed and answered (3.10.8 sends one for
             # a method it had queued before the first): recorded, not answered. It may
