@@ -229,8 +229,11 @@ def judge(seq: dict, ref: dict, gw: dict, vhost: str, service_users=()) -> Verdi
     # whatever diverges later follows from those and is counted, not judged.
     first_step = divs[0].step if divs else None
     first_rule = None
+    # A channel's ordered divergence comes first: what arrives asynchronously on it at that
+    # step (a confirm, a delivery) follows from it.
+    ordered_chans = {d.ch for d in divs if d.step == first_step and d.kind == "ordered"}
     for d in divs:
-        if d.step != first_step:
+        if d.step != first_step or (d.kind == "async" and d.ch in ordered_chans):
             key = first_rule or "after an unexplained difference"
             v.consequences[key] = v.consequences.get(key, 0) + 1
             continue

@@ -224,7 +224,8 @@ def dlx_ae_existing(d, c: Ctx) -> bool:
     fe = first_entry(op["a"].get("arguments"), key)
     if not fe or fe[0] != "S":
         return False
-    name, target = op["a"].get(kind, ""), fe[1]
+    # RabbitMQ checks the default exchange `""` as `amq.default`.
+    name, target = op["a"].get(kind, ""), fe[1] or "amq.default"
     m = _RES.match(c.raw_text(g))
     if not m:
         return False
@@ -324,6 +325,30 @@ def non_utf8_name(d, c: Ctx) -> bool:
     return False
 
 
+_NO_QUEUE = "NOT_FOUND - no previously declared queue"
+
+
+def _second_closes(side: dict, ch: int) -> list[str]:
+    return sorted(e["data"][2] for e in side["events"]
+                  if e["ch"] == ch and _is_close(e, 404) and e.get("op") is None
+                  and e["data"][1] == _NO_QUEUE)
+
+
+def second_close_order(d, c: Ctx) -> bool:
+    """F-SECOND-CLOSE: after an error, RabbitMQ's closing channel answers each method naming
+    `""` with no queue declared with another channel.close; the gateway answers those the
+    client sends once the broker's close is in itself (it passes nothing on to a closing
+    channel), so they may come before the broker's answers to earlier ones: the same
+    closes, in another order."""
+    g, r = d.gw, d.ref
+    if d.kind != "ordered" or not (_is_close(g, 404) and _is_close(r, 404)):
+        return False
+    if g.get("op") is not None or r.get("op") is not None or g["data"][1] != _NO_QUEUE \
+            or r["data"][1] != _NO_QUEUE:
+        return False
+    return _second_closes(c.gw, d.ch) == _second_closes(c.ref, d.ch)
+
+
 RULES = [
     ("V-PASSIVE", passive_declare),
     ("V-CC-BCC", cc_bcc_topic),
@@ -332,6 +357,7 @@ RULES = [
     ("F-MISSING-X", missing_exchange_topic),
     ("F-PROBE", server_named_probe),
     ("F-UTF8", non_utf8_name),
+    ("F-SECOND-CLOSE", second_close_order),
 ]
 
 
