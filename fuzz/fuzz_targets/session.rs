@@ -43,7 +43,9 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             }
         } else {
             backend.extend_from_slice(piece);
-            s.on_backend_input(&mut backend, &mut to_c)
+            let r = s.on_backend_input(&mut backend, &mut to_c);
+            s.take_backend_output(&mut to_b);
+            r
         };
         if r.is_err() {
             return;

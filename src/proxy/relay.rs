@@ -402,6 +402,7 @@ where
                 self.fatal(e);
                 return Ok(true);
             }
+            self.session.take_backend_output(&mut self.backend.out);
             progress |= self.backend.input.len() != before;
             if let Some(t) = &self.hooks.traffic {
                 t.bytes_out

@@ -243,6 +243,10 @@ pub struct Session {
     denials: Vec<Denial>,
     /// Frames seen from the client and from the backend since the last `take_frame_counts`.
     frames: (u64, u64),
+    /// Frames for the backend written while handling backend input (the cancel of a
+    /// consumer whose `consume-ok` has just come); the relay sends them with
+    /// [`Session::take_backend_output`]. At most one per consumer.
+    backend_later: Outbox,
 }
 
 impl Session {
@@ -277,6 +281,15 @@ impl Session {
             next_seq: 0,
             denials: Vec::new(),
             frames: (0, 0),
+            backend_later: Outbox::default(),
+        }
+    }
+
+    /// Frames the session wrote for the backend while handling backend input; the relay
+    /// appends them to what goes to the backend after each [`Session::on_backend_input`].
+    pub fn take_backend_output(&mut self, to_backend: &mut Outbox) {
+        if !self.backend_later.is_empty() {
+            to_backend.append(&mut self.backend_later);
         }
     }
 
@@ -1536,6 +1549,8 @@ impl Session {
                         let tag: Box<str> = tag.into();
                         c.consumers.remove(&tag);
                         self.consumers -= 1;
+                        self.backend_later
+                            .frame(|b| method::basic_cancel(b, ch, &tag));
                         if self.cancel_notify {
                             to_client.frame(|b| method::basic_cancel(b, ch, &tag));
                         }
@@ -1601,15 +1616,17 @@ impl Session {
                 .map(|(tag, _)| tag.clone())
                 .collect();
             for tag in lost {
-                to_backend.frame(|b| method::basic_cancel(b, ch, &tag));
                 let Some(c) = chan.consumers.get_mut(&tag) else {
                     continue;
                 };
                 if c.state == ConsumerState::Awaiting {
-                    // Told after its consume-ok, which the broker sends first.
+                    // Cancelled once its consume-ok has come: RabbitMQ 3.10.8's channel
+                    // crashes (541) on a consume-ok for a consumer cancelled before it.
+                    // The client is told then too, as the broker sends consume-ok first.
                     c.state = ConsumerState::Cancelled;
                     continue;
                 }
+                to_backend.frame(|b| method::basic_cancel(b, ch, &tag));
                 chan.consumers.remove(&tag);
                 self.consumers -= 1;
                 if self.cancel_notify {

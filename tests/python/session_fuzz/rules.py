@@ -152,13 +152,25 @@ def cc_bcc_topic(d, c: Ctx) -> bool:
     return False
 
 
+def _queue_of(c: Ctx, x: dict) -> str:
+    """A consumer's queue; `""` is the last queue declared on its channel before it."""
+    if x["queue"] or not x.get("ref"):
+        return x["queue"]
+    oks = [e for e in c.gw["events"] if e["ch"] == x["ch"] and e["kind"] == "reply"
+           and e["data"][0] == "queue.declare-ok" and op_key(e.get("op")) < op_key(x["ref"])]
+    return oks[-1]["data"][1] if oks else ""
+
+
 def _must_cancel(c: Ctx) -> list[dict]:
     sc = c.gw.get("secret_consumers")
     if not sc:
         return []
-    return [x for x in sc["consumers"]
-            if x["queue"] and not x["queue"].startswith("amq.rabbitmq.reply-to")
-            and not c.p[1].resource("read", c.vhost, x["queue"])]
+    out = []
+    for x in sc["consumers"]:
+        q = _queue_of(c, x)
+        if q and not q.startswith("amq.rabbitmq.reply-to") and not c.p[1].resource("read", c.vhost, q):
+            out.append({**x, "queue": q})
+    return out
 
 
 def update_secret(d, c: Ctx) -> bool:
