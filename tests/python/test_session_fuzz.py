@@ -34,7 +34,7 @@ def env():
 
 
 def _run(env, seed: int, seconds: float) -> None:
-    st = fuzzmod.fuzz(env, seconds, seed, log=lambda m: None)
+    st = fuzzmod.fuzz(env, seconds, seed, confirm=2, log=lambda m: None)
     report = st.report() + f"\n(reproduce: .venv/bin/python -m tests.python.session_fuzz --seed {seed} " \
                             f"--seconds {seconds:.0f} --shrink)"
     conftest.TERMINAL_REPORTS.append((f"session fuzz, seed {seed}", report))

@@ -183,6 +183,11 @@ impl<T> Pending<T> {
         }
     }
 
+    /// Whether an entry satisfies `f`.
+    pub fn any(&self, f: impl Fn(&T) -> bool) -> bool {
+        self.q.iter().any(|s| matches!(s, Slot::Entry(e) if f(e)))
+    }
+
     /// How many entries (not counted requests) are held.
     pub fn entries(&self) -> usize {
         self.q

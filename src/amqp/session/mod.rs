@@ -165,6 +165,9 @@ enum Pause {
     Reopen(u16),
     /// As many replies are awaited as [`Limits::pending_replies`] allows.
     Pending,
+    /// A method needs the type of an exchange whose declare on the same channel is still
+    /// unanswered: RabbitMQ runs it after the declare, so its `declare-ok` tells the type.
+    Declared(u16),
 }
 
 /// A body frame (or a broker content header) being streamed through.
@@ -559,6 +562,10 @@ impl Session {
             }),
             Some(Pause::Reopen(ch)) => self.channels.get(&ch).is_none_or(Channel::finished),
             Some(Pause::Pending) => self.pending < self.limits.pending_replies,
+            Some(Pause::Declared(ch)) => self
+                .channels
+                .get(&ch)
+                .is_none_or(|c| c.state != State::Open || c.exchange_oks.entries() == 0),
             _ => false,
         };
         if over {
@@ -868,12 +875,17 @@ impl Session {
                 self.refuse(ch, d, named_empty.then_some(ids), to_backend);
                 Err(Step::Drop)
             }
-            Verdict::NeedKind => Err(Step::Lookup(match *op {
-                Operation::ExchangeBind { source, .. } => strip_cr_lf(source).into_owned(),
-                Operation::QueueBind { exchange, .. } => strip_cr_lf(exchange).into_owned(),
-                Operation::BasicPublish { exchange, .. } => strip_cr_lf(exchange).into_owned(),
-                _ => String::new(),
-            })),
+            Verdict::NeedKind => Err(self.need_kind(
+                ch,
+                match *op {
+                    Operation::ExchangeBind { source, .. } => strip_cr_lf(source).into_owned(),
+                    Operation::QueueBind { exchange, .. } => strip_cr_lf(exchange).into_owned(),
+                    Operation::BasicPublish { exchange, .. } => {
+                        strip_cr_lf(exchange).into_owned()
+                    }
+                    _ => String::new(),
+                },
+            )),
         }
     }
 
@@ -1249,7 +1261,21 @@ impl Session {
                 self.refuse(ch, d, None, to_backend);
                 Step::Drop
             }
-            Verdict::NeedKind => Step::Lookup(strip_cr_lf(&exchange).into_owned()),
+            Verdict::NeedKind => self.need_kind(ch, strip_cr_lf(&exchange).into_owned()),
+        }
+    }
+
+    /// The decision needs exchange `name`'s type: from its declare pending on this
+    /// channel, or else from a lookup.
+    fn need_kind(&self, ch: u16, name: String) -> Step {
+        let declared_here = self
+            .channels
+            .get(&ch)
+            .is_some_and(|c| c.exchange_oks.any(|ok| *ok.name == *name));
+        if declared_here {
+            Step::Pause(Pause::Declared(ch))
+        } else {
+            Step::Lookup(name)
         }
     }
 

@@ -985,6 +985,36 @@ fn a_type_lookup_is_asked_only_when_the_topic_check_fails_on_permissions() {
     );
 }
 
+#[test]
+fn a_type_declared_earlier_on_the_channel_is_awaited_not_looked_up() {
+    // RabbitMQ runs the bind after the declare: its declare-ok tells the type, where a
+    // lookup now would race with the broker creating the exchange.
+    let mut s = session_with(&ALL, |c| c.lookups = true);
+    opened(&mut s, 1);
+    let mut input = exchange_declare(1, "xh", "headers");
+    let bind = queue_bind(1, "q", "xh", "#");
+    input.extend_from_slice(&bind);
+    let (ev, to_b, _, rest) = client_event(&mut s, &input);
+    assert_eq!(ev, ClientEvent::None, "no lookup");
+    assert_eq!(to_b, exchange_declare(1, "xh", "headers"));
+    assert!(s.client_paused());
+    assert_eq!(backend(&mut s, &exchange_declare_ok(1)), exchange_declare_ok(1));
+    assert!(!s.client_paused());
+    let (ev, to_b, ..) = client_event(&mut s, &rest);
+    assert_eq!(ev, ClientEvent::None);
+    assert_eq!(to_b, bind, "a headers exchange needs no topic scope");
+    // Declared as a topic exchange: the topic check applies.
+    let mut s = session_with(&["configure:*/*", "write:*/*", "read:*/*"], |c| c.lookups = true);
+    opened(&mut s, 1);
+    let mut input = exchange_declare(1, "xt", "topic");
+    input.extend(queue_bind(1, "q", "xt", "#"));
+    let (_, _, _, rest) = client_event(&mut s, &input);
+    backend(&mut s, &exchange_declare_ok(1));
+    let (ev, to_b, ..) = client_event(&mut s, &rest);
+    assert_eq!(ev, ClientEvent::None);
+    assert!(is_backend_close(&to_b, 1));
+}
+
 // ------------------------------------------------- class 2: duplicate keys, first wins
 
 #[test]

@@ -81,7 +81,10 @@ class Stats:
 
 
 def fuzz(env, seconds: float, seed: int, *, shrink: bool = False, shrink_budget: float = 120,
-         max_found: int = 20, log=print) -> Stats:
+         max_found: int = 20, confirm: int = 1, log=print) -> Stats:
+    """Runs generated sequences for `seconds`. A difference counts when it shows again in
+    `confirm` of two more runs (1: two of three in all; 2: three of three, for CI, where
+    a difference that depends on timing must not fail the build at random)."""
     st = Stats()
     r = random.Random(seed)
     t0 = time.monotonic()
@@ -106,7 +109,7 @@ def fuzz(env, seconds: float, seed: int, *, shrink: bool = False, shrink_budget:
                 st.clean += 1
             continue
         sigs = set(v.signatures())
-        ok, v2 = reproduces(env, seq, sigs, times=1, tries=2)
+        ok, v2 = reproduces(env, seq, sigs, times=confirm, tries=2)
         st.sequences += 1 if ok else 2
         if not ok:
             for s in sigs:
@@ -258,6 +261,7 @@ def write_regression(seq: dict, v: Verdict, seed: int | None, sequences_before: 
 
 def replay(env, path: Path) -> tuple[bool, Verdict | None]:
     """Whether the recorded difference (any problem, in fact) still shows: True while it
-    exists (at least twice in three runs)."""
+    shows in each of three runs (a fixed difference never shows; one that depends on
+    timing may show now and then, and must not fail the build at random)."""
     doc = json.loads(path.read_text())
-    return reproduces(env, doc["sequence"], None, times=2, tries=3)
+    return reproduces(env, doc["sequence"], None, times=3, tries=3)

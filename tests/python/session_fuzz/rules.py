@@ -32,9 +32,13 @@ class Ctx:
         toks = seq["tokens"]
         self.p = [Perms(fill(t["scopes"], vhost)) for t in toks]
         self.secret_step = None
+        self.secret_index = None
         for i, s in enumerate(seq["steps"]):
-            if any(o["m"] == "connection.update-secret" for o in s["ops"]):
-                self.secret_step = i
+            for j, o in enumerate(s["ops"]):
+                if o["m"] == "connection.update-secret":
+                    self.secret_step, self.secret_index = i, j
+                    break
+            if self.secret_step is not None:
                 break
         self.norm_gw = normalizer(gw, users)
         self.norm_ref = normalizer(ref, users)
@@ -49,10 +53,14 @@ class Ctx:
         """The permissions that may be in force for the op `ref` (both around the refresh)."""
         if self.secret_step is None or ref is None:
             return [self.p[0]]
-        s = op_key(ref)[0]
+        s, i = op_key(ref)
         if s < self.secret_step:
             return [self.p[0]]
         if s > self.secret_step:
+            return [self.p[1]]
+        # The gateway decides what follows the refresh in the client's stream only once it
+        # has the new token.
+        if i > self.secret_index:
             return [self.p[1]]
         return [self.p[0], self.p[1]]
 
@@ -274,6 +282,13 @@ def missing_exchange_topic(d, c: Ctx) -> bool:
     fails: the gateway cannot learn the type and checks it as a topic exchange (403), where
     RabbitMQ says 404 (or, for an unbind, answers unbind-ok: nothing to remove)."""
     g, r = d.gw, d.ref
+    if (d.kind == "ordered" and _is_close(g, 406) and _is_close(r, 404) and g.get("op")
+            and g.get("op") == r.get("op")
+            and g["data"][1].startswith("PRECONDITION_FAILED - user_id property set to")):
+        # The same for the user_id check, which RabbitMQ makes after finding the exchange.
+        op = c.op("gw", g.get("op"))
+        return bool(op) and op["m"] == "basic.publish" and r["data"][1].startswith(
+            f"NOT_FOUND - no exchange '{op['a']['exchange']}'")
     if d.kind != "ordered" or not _is_close(g, 403) or r is None:
         return False
     op = c.op("gw", g.get("op"))
@@ -337,6 +352,20 @@ def non_utf8_name(d, c: Ctx) -> bool:
     return False
 
 
+def internal_exchange(d, c: Ctx) -> bool:
+    """F-INTERNAL: a publish to an internal exchange whose topic check fails: both refuse it
+    (403), RabbitMQ with `cannot publish to internal exchange`, which it checks before the
+    topic, the gateway with the topic refusal (it checks permissions only)."""
+    g, r = d.gw, d.ref
+    if d.kind != "ordered" or not (_is_close(g, 403) and _is_close(r, 403)):
+        return False
+    if g.get("op") != r.get("op") or g["data"][2] != "basic.publish":
+        return False
+    m = _TOPIC.match(g["data"][1])
+    return bool(m) and r["data"][1].startswith(
+        f"ACCESS_REFUSED - cannot publish to internal exchange '{m.group(3)}'")
+
+
 _NO_QUEUE = "NOT_FOUND - no previously declared queue"
 
 
@@ -370,6 +399,7 @@ RULES = [
     ("F-PROBE", server_named_probe),
     ("F-UTF8", non_utf8_name),
     ("F-SECOND-CLOSE", second_close_order),
+    ("F-INTERNAL", internal_exchange),
 ]
 
 
