@@ -880,9 +880,7 @@ impl Session {
                 match *op {
                     Operation::ExchangeBind { source, .. } => strip_cr_lf(source).into_owned(),
                     Operation::QueueBind { exchange, .. } => strip_cr_lf(exchange).into_owned(),
-                    Operation::BasicPublish { exchange, .. } => {
-                        strip_cr_lf(exchange).into_owned()
-                    }
+                    Operation::BasicPublish { exchange, .. } => strip_cr_lf(exchange).into_owned(),
                     _ => String::new(),
                 },
             )),

@@ -998,13 +998,18 @@ fn a_type_declared_earlier_on_the_channel_is_awaited_not_looked_up() {
     assert_eq!(ev, ClientEvent::None, "no lookup");
     assert_eq!(to_b, exchange_declare(1, "xh", "headers"));
     assert!(s.client_paused());
-    assert_eq!(backend(&mut s, &exchange_declare_ok(1)), exchange_declare_ok(1));
+    assert_eq!(
+        backend(&mut s, &exchange_declare_ok(1)),
+        exchange_declare_ok(1)
+    );
     assert!(!s.client_paused());
     let (ev, to_b, ..) = client_event(&mut s, &rest);
     assert_eq!(ev, ClientEvent::None);
     assert_eq!(to_b, bind, "a headers exchange needs no topic scope");
     // Declared as a topic exchange: the topic check applies.
-    let mut s = session_with(&["configure:*/*", "write:*/*", "read:*/*"], |c| c.lookups = true);
+    let mut s = session_with(&["configure:*/*", "write:*/*", "read:*/*"], |c| {
+        c.lookups = true
+    });
     opened(&mut s, 1);
     let mut input = exchange_declare(1, "xt", "topic");
     input.extend(queue_bind(1, "q", "xt", "#"));
