@@ -366,6 +366,47 @@ def internal_exchange(d, c: Ctx) -> bool:
         f"ACCESS_REFUSED - cannot publish to internal exchange '{m.group(3)}'")
 
 
+_MUTATING = {"queue.delete", "exchange.delete", "queue.purge", "queue.declare", "exchange.declare",
+             "queue.bind", "queue.unbind", "exchange.bind", "exchange.unbind"}
+
+
+def _names(side: dict, op: dict, ref: str) -> set[str]:
+    """The queues and exchanges `op` names; `""` is the channel's last declared queue."""
+    a = op.get("a") or {}
+    out = {a[k] for k in ("queue", "exchange", "source", "destination") if a.get(k)}
+    if a.get("queue") == "":
+        oks = [e for e in side["events"] if e["ch"] == op["ch"] and e["kind"] == "reply"
+               and e["data"][0] == "queue.declare-ok" and op_key(e.get("op")) < op_key(ref)]
+        if oks:
+            out.add(oks[-1]["data"][1])
+    return out
+
+
+def cross_channel_race(d, c: Ctx) -> bool:
+    """R-CROSS-CHANNEL (race): the divergent method shares a queue or exchange with a
+    method sent in the same step on another channel, one of them changing it (declare,
+    delete, purge, bind, unbind). RabbitMQ runs channels concurrently: which one the
+    broker handles first is not defined, and the gateway's pauses (a type lookup, a
+    server-named declare) change the timing."""
+    if d.kind != "ordered":
+        return False
+    for e in (d.gw, d.ref):
+        if e is None or not e.get("op"):
+            continue
+        side = c.gw if e is d.gw else c.ref
+        op = side["ops"].get(e["op"])
+        if not op:
+            continue
+        step = op_key(e["op"])[0]
+        names = _names(side, op, e["op"])
+        for r, other in side["ops"].items():
+            if op_key(r)[0] != step or other["ch"] == op["ch"] or not (_names(side, other, r) & names):
+                continue
+            if other["m"] in _MUTATING or op["m"] in _MUTATING:
+                return True
+    return False
+
+
 _NO_QUEUE = "NOT_FOUND - no previously declared queue"
 
 
@@ -400,6 +441,7 @@ RULES = [
     ("F-UTF8", non_utf8_name),
     ("F-SECOND-CLOSE", second_close_order),
     ("F-INTERNAL", internal_exchange),
+    ("R-CROSS-CHANNEL", cross_channel_race),
 ]
 
 
