@@ -15,6 +15,7 @@ gateway must refuse too.
 
 from __future__ import annotations
 
+import json
 import re
 
 from .compare import normalizer, op_key
@@ -175,6 +176,11 @@ def _must_cancel(c: Ctx) -> list[dict]:
         return []
     out = []
     for x in sc["consumers"]:
+        if not x["tag"]:
+            oks = [e for e in c.gw["events"] if e["kind"] == "consume-ok" and e.get("op") == x.get("ref")]
+            if not oks:
+                continue
+            x = {**x, "tag": c.raw_gw.get(oks[0]["n"], oks[0])["data"][1]}
         q = _queue_of(c, x)
         if q and not q.startswith("amq.rabbitmq.reply-to") and not c.p[1].resource("read", c.vhost, q):
             out.append({**x, "queue": q})
@@ -296,6 +302,13 @@ def missing_exchange_topic(d, c: Ctx) -> bool:
         # An unbind from a missing exchange is answered unbind-ok, which is not recorded
         # when its step does not wait: the reference's next event is a later method's.
         later = op_key(r.get("op")) > op_key(g.get("op")) if r.get("op") else False
+        # ... or a basic.return for a later publish on the channel (returns have no op).
+        if r["kind"] == "return" and op:
+            later = any(o["m"] == "basic.publish" and o["ch"] == op["ch"]
+                        and op_key(ref_) > op_key(g["op"])
+                        and [o["a"].get("exchange"), o["a"].get("routing_key"), o["a"].get("body")]
+                        == r["data"][2:5]
+                        for ref_, o in c.gw["ops"].items())
         if not (op and op["m"] in ("queue.unbind", "exchange.unbind") and later):
             return False
         m = _TOPIC.match(g["data"][1])
@@ -366,6 +379,24 @@ def internal_exchange(d, c: Ctx) -> bool:
         f"ACCESS_REFUSED - cannot publish to internal exchange '{m.group(3)}'")
 
 
+_GENERATED = re.compile(r"(amq\.gen|amq\.ctag)#\d+")
+
+
+def generated_names(d, c: Ctx) -> bool:
+    """R-NAMES (harness): the same event for the same method on both sides, but naming a
+    different server-chosen queue or consumer tag in the order of first appearance: the
+    runner resolves `$gen`/`$ctag` placeholders from replies that, in a step it does not
+    wait on, may not have arrived yet (and the gateway's probe name for a refused
+    server-named declare is not the broker's)."""
+    g, r = d.gw, d.ref
+    if d.kind != "ordered" or g is None or r is None or g["kind"] != r["kind"]:
+        return False
+    if g.get("op") != r.get("op"):
+        return False
+    a, b = json.dumps(g["data"]), json.dumps(r["data"])
+    return a != b and _GENERATED.sub("#", a) == _GENERATED.sub("#", b)
+
+
 _MUTATING = {"queue.delete", "exchange.delete", "queue.purge", "queue.declare", "exchange.declare",
              "queue.bind", "queue.unbind", "exchange.bind", "exchange.unbind"}
 
@@ -398,9 +429,14 @@ def cross_channel_race(d, c: Ctx) -> bool:
         if not op:
             continue
         step = op_key(e["op"])[0]
+        # Steps not waited on run together with the next ones.
+        first = step
+        while first > 0 and not c.seq["steps"][first - 1].get("wait"):
+            first -= 1
         names = _names(side, op, e["op"])
         for r, other in side["ops"].items():
-            if op_key(r)[0] != step or other["ch"] == op["ch"] or not (_names(side, other, r) & names):
+            if not (first <= op_key(r)[0] <= step) or other["ch"] == op["ch"] \
+                    or not (_names(side, other, r) & names):
                 continue
             if other["m"] in _MUTATING or op["m"] in _MUTATING:
                 return True
@@ -442,6 +478,7 @@ RULES = [
     ("F-SECOND-CLOSE", second_close_order),
     ("F-INTERNAL", internal_exchange),
     ("R-CROSS-CHANNEL", cross_channel_race),
+    ("R-NAMES", generated_names),
 ]
 
 

@@ -373,14 +373,13 @@ class Runner:
                 if ref:
                     self.fates[ref] = "answered"
                 e = self.rec(0, "reply", [name], op=ref)
-                # Consumers awaiting their consume-ok count too (named ones: an empty
-                # tag is learnt only from the consume-ok).
+                # Consumers awaiting their consume-ok count too (an empty tag is
+                # learnt from the consume-ok, when the run is judged).
                 awaiting = [{"tag": (self.ops.get(r) or {}).get("a", {}).get("consumer_tag", ""),
                              "ch": ch_, "queue": qn, "ref": r}
                             for ch_, pcs in self.pending_consumes.items() for qn, r in pcs]
                 self.secret_consumers = {"n": e["n"], "consumers": [
-                    {"tag": t, **c} for t, c in self.consumers.items()] + [
-                    a for a in awaiting if a["tag"]]}
+                    {"tag": t, **c} for t, c in self.consumers.items()] + awaiting}
             elif name == "connection.close-ok":
                 self.closed = True
             return
