@@ -1411,3 +1411,60 @@ async fn a_second_close_for_the_old_channel_does_not_end_the_reopened_one() {
     );
     assert!(!queue_exists(&forbidden).await);
 }
+
+/// A `""` bind behind a server-named declare waits for the declare-ok, then for the type
+/// of its exchange: the lookup starts from input read earlier, with no new byte from the
+/// client. It must still run at once, not when the client next sends something (a client
+/// waiting for its bind-ok would wait for ever).
+#[tokio::test]
+async fn a_lookup_resumed_after_a_declare_ok_is_answered_without_more_client_input() {
+    let gw = start_gateway_full(
+        "",
+        "127.0.0.1:5672",
+        r#"management_url = "http://127.0.0.1:15672""#,
+    )
+    .await;
+    let x = unique("sa-nox");
+    // Read and write without a routing-key part grant no topic access: the type decides.
+    let t = token(
+        "alice",
+        &["configure:%2F/amq.gen-*", "write:%2F/*", "read:%2F/*"],
+    );
+    let mut c = Client::connect(&gw, &t, "/").await;
+    c.open(1).await;
+    c.send(
+        &[
+            queue_declare(1, "", false, false),
+            queue_bind(1, "", &x, ""),
+        ]
+        .concat(),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let (before, close) = c.close_on(1).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let Some(Got::Method(_, AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)))) = before.first()
+    else {
+        panic!("{before:?}")
+    };
+    // The exchange does not exist: the type cannot be learnt, so the topic check applies
+    // (fail closed, a documented difference: RabbitMQ answers 404), with the routing-key
+    // shortcut's key.
+    assert_eq!(
+        close,
+        (
+            403,
+            refused(
+                "read",
+                &format!("topic '{}' in exchange '{x}'", ok.queue),
+                "alice"
+            ),
+            50,
+            20
+        )
+    );
+}

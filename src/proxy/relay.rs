@@ -352,13 +352,20 @@ where
                 &mut self.client.out,
             ) {
                 Ok(ClientEvent::None) => {}
+                // A new future must be polled before this task sleeps, or nothing wakes it:
+                // the event may come from input read earlier (resumed after a pause) with
+                // no byte consumed now, so it counts as progress itself.
                 Ok(ClientEvent::UpdateSecret(token)) => {
-                    self.secret = Some((self.hooks.verifier)(token))
+                    self.secret = Some((self.hooks.verifier)(token));
+                    progress = true;
                 }
-                Ok(ClientEvent::LookupExchange(name)) => match &self.hooks.lookup {
-                    Some(lookup) => self.lookup = Some((name.clone(), lookup(name))),
-                    None => self.session.exchange_kind_learned(name, None),
-                },
+                Ok(ClientEvent::LookupExchange(name)) => {
+                    match &self.hooks.lookup {
+                        Some(lookup) => self.lookup = Some((name.clone(), lookup(name))),
+                        None => self.session.exchange_kind_learned(name, None),
+                    }
+                    progress = true;
+                }
                 Err(e) => {
                     self.fatal(e);
                     return Ok(true);

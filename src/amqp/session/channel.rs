@@ -56,8 +56,10 @@ pub enum State {
     /// broker's channel is gone. The client's frames are dropped.
     ClientClosing,
     /// The broker's `channel.close` went to the client, whose `close-ok` is awaited. The
-    /// client's frames are dropped as the broker would discard them, except `close` and
-    /// `close-ok`; a `""` queue name is answered as RabbitMQ's closing channel answers it.
+    /// client's frames are dropped as the broker would discard them, except `close-ok`
+    /// (and `open`, which the broker answers); a `close`, and a `""` queue name, are
+    /// answered as RabbitMQ's closing channel answers them, in its order (see
+    /// [`Channel::deferred`]).
     BrokerClosing,
     /// The client sent `channel.close`; the broker's `close-ok` is awaited. The broker
     /// discards the client's frames, which go through unchecked.
@@ -252,6 +254,12 @@ pub struct Channel {
     pub held: Option<BytesMut>,
     /// `channel.close-ok`s the broker owes for closes the gateway sent.
     pub owed_close_oks: u8,
+    /// What RabbitMQ's closing channel would have answered to frames the gateway dropped
+    /// after the broker's `channel.close`, given when the broker answers the gateway's
+    /// close: only then is every method forwarded before them answered (RabbitMQ 3.10.8's
+    /// second closes for `""` methods among them), so the client sees RabbitMQ's order.
+    /// At most [`MAX_OWED`].
+    pub deferred: Vec<Owed>,
     /// A `queue.declare` on this channel is known to have succeeded (its `declare-ok`
     /// came, or it was sent `nowait` and is assumed to have). When the broker closes the
     /// channel with an error, RabbitMQ's own most recently declared queue is empty unless
@@ -274,6 +282,7 @@ impl Channel {
             consumers: FxHashMap::default(),
             held: None,
             owed_close_oks: 0,
+            deferred: Vec::new(),
             declared_ok: false,
             awaiting_open_ok: true,
         }

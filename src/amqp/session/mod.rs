@@ -755,12 +755,18 @@ impl Session {
                     self.forget_if_finished(ch);
                     Step::Forward
                 }
-                // RabbitMQ's closing channel answers close with close-ok and a second
-                // open with a 504 (an open channel would too).
-                ClientMethod::ChannelClose | ClientMethod::ChannelOpen => Step::Forward,
-                // Its closing channel still expands `""` (a second channel.close).
+                // RabbitMQ's closing channel answers a second open with a 504 (an open
+                // channel would too).
+                ClientMethod::ChannelOpen => Step::Forward,
+                // It answers close with close-ok, and still expands `""` (a second
+                // channel.close): the gateway answers in its place, after the broker's
+                // answers to what was forwarded before.
+                ClientMethod::ChannelClose => {
+                    self.defer(ch, Owed::CloseOk, to_backend);
+                    Step::Drop
+                }
                 _ if names_empty_queue(&m) && self.no_queue_declared(ch) => {
-                    write_no_queue(to_client, ch, ids);
+                    self.defer(ch, Owed::EmptyName(ids), to_backend);
                     Step::Drop
                 }
                 // The broker would discard the rest; the gateway does not pass it on
@@ -1308,6 +1314,45 @@ impl Session {
         };
     }
 
+    /// An answer for a frame dropped on channel `ch`, whose broker channel is closing:
+    /// given once the broker has answered a close from the gateway, sent now if none is
+    /// on its way. RabbitMQ's closing channel answers that close with close-ok after
+    /// everything forwarded before it; should the channel not be closing after all (a
+    /// previous incarnation's late error), the close ends it, and nothing is forwarded
+    /// unchecked either way.
+    fn defer(&mut self, ch: u16, o: Owed, to_backend: &mut Outbox) {
+        let c = self.channel(ch);
+        if c.owed_close_oks == 0 {
+            to_backend.frame(|b| {
+                method::channel_close(
+                    b,
+                    ch,
+                    reply::REPLY_SUCCESS,
+                    "gateway: channel closed after a broker error",
+                    0,
+                    0,
+                )
+            });
+            c.owed_close_oks = 1;
+        }
+        if c.deferred.len() < MAX_OWED {
+            c.deferred.push(o);
+        }
+    }
+
+    /// The broker answered a close from the gateway on `ch`, which is closing (by the
+    /// broker or by both sides): the answers deferred until then are due.
+    fn gateway_close_answered(&mut self, ch: u16, to_client: &mut Outbox) {
+        let c = self.channel(ch);
+        c.owed_close_oks = c.owed_close_oks.saturating_sub(1);
+        if c.owed_close_oks == 0 && !c.deferred.is_empty() {
+            let deferred = std::mem::take(&mut c.deferred);
+            let no_queue = c.last_queue == LastQueue::None;
+            write_owed(to_client, ch, &deferred, no_queue);
+        }
+        self.forget_if_finished(ch);
+    }
+
     /// The broker ends the connection while refusals wait for its close-ok: the methods
     /// were refused all the same, and the client is told before the connection closes
     /// (RabbitMQ's channels report their errors while its reader closes the connection).
@@ -1399,6 +1444,12 @@ impl Session {
             } else if ids == id::CHANNEL_CLOSE {
                 // The previous incarnation's: it changes nothing in this one.
                 return self.hide_service_user(ch, payload);
+            } else if ids == id::CHANNEL_CLOSE_OK {
+                // The previous incarnation's too: the broker answers every method in order,
+                // so nothing of this one comes before its open-ok. It answers a close the
+                // client sent while the broker's error was crossing it (the gateway's own
+                // closes are waited for before a reopen): it must not end a refusal here.
+                return BackendStep::Forward;
             }
         }
         match c.state.phase() {
@@ -1413,7 +1464,7 @@ impl Session {
             Phase::BrokerClosing => {
                 if ids == id::CHANNEL_CLOSE_OK && c.owed_close_oks > 0 {
                     // The broker's answer to the gateway's own close.
-                    c.owed_close_oks -= 1;
+                    self.gateway_close_answered(ch, to_client);
                     return BackendStep::Drop;
                 }
                 if ids == id::CHANNEL_CLOSE {
@@ -1432,8 +1483,7 @@ impl Session {
             }
             Phase::Closed => {
                 if ids == id::CHANNEL_CLOSE_OK && c.owed_close_oks > 0 {
-                    c.owed_close_oks -= 1;
-                    self.forget_if_finished(ch);
+                    self.gateway_close_answered(ch, to_client);
                     return BackendStep::Drop;
                 }
                 BackendStep::Forward
@@ -1475,22 +1525,13 @@ impl Session {
                 }
                 // Never sent: the broker has nothing of it to discard.
                 c.held = None;
+                // The gateway's close is on its way: the answers owed are given when it
+                // is answered, after the broker's own to methods before the refused one.
+                c.deferred = refused_empty.map(Owed::EmptyName).into_iter().collect();
+                c.deferred.extend(owed);
+                c.deferred.truncate(MAX_OWED);
                 self.clear_channel(ch);
-                let step = self.hide_service_user(ch, payload);
-                let refused_empty = refused_empty.filter(|_| no_queue);
-                if !owed.is_empty() || refused_empty.is_some() {
-                    let close = match step {
-                        BackendStep::Replace(b) => b,
-                        _ => BytesMut::from(payload_frame(ch, payload).as_slice()),
-                    };
-                    to_client.push(close);
-                    if let Some(ids) = refused_empty {
-                        write_no_queue(to_client, ch, ids);
-                    }
-                    write_owed(to_client, ch, &owed, no_queue);
-                    return BackendStep::Drop;
-                }
-                step
+                self.hide_service_user(ch, payload)
             }
             id::CHANNEL_CLOSE_OK if matches!(c.state, State::Refusing { .. }) => {
                 let State::Refusing { denial, owed, .. } =

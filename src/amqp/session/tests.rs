@@ -723,7 +723,9 @@ fn a_failed_nowait_declare_leaves_no_queue_declared() {
     assert!(to_c.is_empty());
     assert!(to_b.starts_with(&queue_declare_with(1, "missing", true, false)));
     let gone = channel_close(1, 404, "NOT_FOUND - no queue 'missing' in vhost '/'");
-    let to_c = backend(&mut s, &gone);
+    let mut to_c = backend(&mut s, &gone);
+    // The second 404 comes once the broker has answered the gateway's close.
+    to_c.extend(backend(&mut s, &close_ok(1)));
     let closes: Vec<_> = methods(&to_c)
         .into_iter()
         .map(|(_, m)| match m {
@@ -1261,9 +1263,12 @@ fn frames_on_a_channel_the_broker_closed_hold_nothing() {
     let (to_b, _) = client(&mut s, &input, 1 << 20);
     assert!(to_b.is_empty(), "dropped, as the broker would discard them");
     assert_eq!(s.held(), (1, 0, 0), "no consumer and no reply tracked");
-    // "" is answered as RabbitMQ's closing channel answers it; close-ok still goes.
+    // "" is answered as RabbitMQ's closing channel answers it, after what the broker
+    // still owes for earlier methods: a close from the gateway marks that point. The
+    // client's close-ok still goes.
     let (to_b, to_c) = client(&mut s, &basic_get(1, ""), 1 << 20);
-    assert!(to_b.is_empty());
+    assert!(is_backend_close(&to_b, 1) && to_c.is_empty());
+    let to_c = backend(&mut s, &close_ok(1));
     assert_eq!(
         channel_closed(&to_c, 1),
         (
@@ -1780,4 +1785,100 @@ fn a_closing_channel_answers_an_empty_queue_name_as_rabbitmq_does() {
     .concat();
     client(&mut s, &input, 1 << 20);
     assert_eq!(methods(&broker_accepts_close(&mut s, 1)).len(), 1);
+}
+
+#[test]
+fn a_close_crossing_the_brokers_error_is_answered_before_a_reopen() {
+    // The broker's error and the client's close cross. RabbitMQ's closing channel answers
+    // the close with close-ok; the gateway sends a close of its own in its place and
+    // gives the close-ok when the broker answers it, holding the reopen until then. The
+    // reopened channel is checked: its refusal comes after its open-ok.
+    let mut s = session(&["read:*/*"]);
+    opened(&mut s, 1);
+    client(&mut s, &queue_declare_with(1, "q", true, false), 1 << 20);
+    backend(&mut s, &channel_close(1, 404, "NOT_FOUND - no queue 'q'"));
+    let mut input = channel_close(1, 200, "bye");
+    input.extend(close_ok(1));
+    input.extend(channel_open(1));
+    input.extend(queue_declare(1, "refused"));
+    let (ev, to_b, to_c, rest) = client_event(&mut s, &input);
+    assert_eq!(ev, ClientEvent::None);
+    assert!(to_c.is_empty());
+    let sent = methods(&to_b);
+    assert!(
+        matches!(
+            sent.as_slice(),
+            [
+                (1, AMQPClass::Channel(channel::AMQPMethod::Close(c))),
+                (1, AMQPClass::Channel(channel::AMQPMethod::CloseOk(_))),
+            ] if c.reply_code == 200 && c.reply_text.as_str().starts_with("gateway:")
+        ),
+        "{sent:?}"
+    );
+    assert!(s.client_paused(), "the reopen waits for the close-ok");
+    assert_eq!(backend(&mut s, &close_ok(1)), close_ok(1));
+    assert!(!s.client_paused());
+    let (_, to_b, to_c, rest) = client_event(&mut s, &rest);
+    assert!(to_c.is_empty() && rest.is_empty());
+    let sent = methods(&to_b);
+    assert!(
+        matches!(
+            sent.as_slice(),
+            [
+                (1, AMQPClass::Channel(channel::AMQPMethod::Open(_))),
+                (1, AMQPClass::Channel(channel::AMQPMethod::Close(_))),
+            ]
+        ),
+        "{sent:?}"
+    );
+    let open_ok = method(
+        1,
+        AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
+    );
+    assert_eq!(backend(&mut s, &open_ok), open_ok);
+    let to_c = backend(&mut s, &close_ok(1));
+    let (code, text, ..) = channel_closed(&to_c, 1);
+    assert_eq!(code, 403, "{text}");
+    assert!(
+        text.contains("configure access to queue 'refused'"),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_brokers_second_closes_come_before_the_gateways_answers_for_refused_methods() {
+    // RabbitMQ 3.10.8's closing channel sends a second close for each forwarded `""`
+    // method after the failed one; the gateway's own answer for the `""` method it refused
+    // after them must follow those, not overtake them.
+    let mut s = session(&["read:*/amq.topic/qa", "configure:*/*"]);
+    opened(&mut s, 1);
+    let mut input = exchange_declare(1, "amq.direct", "direct");
+    input.extend(consume(1, "", "c1", false));
+    input.extend(queue_declare(1, "qa"));
+    input.extend(queue_bind(1, "", "xc", ""));
+    let (to_b, to_c) = client(&mut s, &input, 1 << 20);
+    assert!(to_c.is_empty());
+    assert_eq!(
+        methods(&to_b).len(),
+        4,
+        "the bind is refused: no write on qa"
+    );
+    let failed = channel_close(1, 406, "PRECONDITION_FAILED - inequivalent arg 'durable'");
+    assert_eq!(backend(&mut s, &failed), failed);
+    let second = method(
+        1,
+        AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
+            reply_code: 404,
+            reply_text: NO_QUEUE_TEXT.into(),
+            class_id: 60,
+            method_id: 20,
+        })),
+    );
+    assert_eq!(backend(&mut s, &second), second);
+    let to_c = backend(&mut s, &close_ok(1));
+    assert_eq!(
+        channel_closed(&to_c, 1),
+        (404, NO_QUEUE_TEXT.into(), 50, 20),
+        "the refused bind's, last"
+    );
 }

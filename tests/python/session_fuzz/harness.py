@@ -80,7 +80,9 @@ class Env:
             text = config.read_text().replace(
                 "[listener]\n", f'[listener]\nplain_address = "127.0.0.1:{self.plain_port}"\n', 1)
             # debug logging costs the gateway a line per operation; info is enough here
-            text = text.replace('level = "info,amqp_iam_gateway=debug"', 'level = "info"')
+            # (FUZZ_DEBUG=1 keeps it, to read what the gateway did)
+            if not os.environ.get("FUZZ_DEBUG"):
+                text = text.replace('level = "info,amqp_iam_gateway=debug"', 'level = "info"')
             config.write_text(text)
             self.gateway = self.stack.enter_context(conftest.run_gateway(self.workdir, config, port, ca))
             host, bport = conftest.BACKEND_NODE.rsplit(":", 1)
