@@ -1613,9 +1613,16 @@ impl Session {
                     Some(con) if con.state == ConsumerState::Cancelled => {
                         let tag: Box<str> = tag.into();
                         c.consumers.remove(&tag);
+                        // While refusing, the gateway's close is already on its way: the
+                        // consumer ends with the channel, and a cancel behind that close
+                        // would reach a channel the broker no longer has (504, a
+                        // connection error).
+                        let open = c.state == State::Open;
                         self.consumers -= 1;
-                        self.backend_later
-                            .frame(|b| method::basic_cancel(b, ch, &tag));
+                        if open {
+                            self.backend_later
+                                .frame(|b| method::basic_cancel(b, ch, &tag));
+                        }
                         if self.cancel_notify {
                             to_client.frame(|b| method::basic_cancel(b, ch, &tag));
                         }

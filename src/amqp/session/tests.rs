@@ -1472,6 +1472,23 @@ fn a_consumer_waiting_for_consume_ok_is_cancelled_too() {
         methods(&drain(&mut to_b)).as_slice(),
         [(1, AMQPClass::Basic(basic::AMQPMethod::Cancel(c)))] if c.consumer_tag.as_str() == "mine" && c.nowait
     ));
+
+    // The channel is being refused when the consume-ok comes: the gateway's close went
+    // first, so a cancel behind it would reach a channel the broker no longer has (504).
+    let mut s = session(&ALL);
+    opened(&mut s, 1);
+    client(&mut s, &consume(1, "q", "mine", false), 1 << 20);
+    let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
+    s.secret_updated(Ok(perms(&["read:*/other"])), &mut to_c, &mut to_b);
+    let (to_b, _) = client(&mut s, &queue_declare(1, "refused"), 1 << 20);
+    assert!(is_backend_close(&to_b, 1));
+    backend(&mut s, &ok);
+    let mut to_b = Outbox::default();
+    s.take_backend_output(&mut to_b);
+    assert!(drain(&mut to_b).is_empty(), "no cancel behind the close");
+    let to_c = backend(&mut s, &close_ok(1));
+    assert_eq!(channel_closed(&to_c, 1).0, 403);
+    assert_eq!(s.held(), (1, 0, 0), "nothing left of the consumer");
 }
 
 #[test]

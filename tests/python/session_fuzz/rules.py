@@ -214,7 +214,8 @@ def update_secret(d, c: Ctx) -> bool:
             return True
         return False
     if d.kind == "ordered" and _is_close(g, 403) and not _same_refusal(d):
-        if op_key(g.get("op"))[0] <= c.secret_step:
+        # Decided with the new token: sent after the refresh in the client's stream.
+        if op_key(g.get("op")) <= (c.secret_step, c.secret_index):
             return False
         raw = c.raw_text(g)
         op = c.op("gw", g.get("op"))
@@ -443,30 +444,6 @@ def cross_channel_race(d, c: Ctx) -> bool:
     return False
 
 
-_NO_QUEUE = "NOT_FOUND - no previously declared queue"
-
-
-def _second_closes(side: dict, ch: int) -> list[str]:
-    return sorted(e["data"][2] for e in side["events"]
-                  if e["ch"] == ch and _is_close(e, 404) and e.get("op") is None
-                  and e["data"][1] == _NO_QUEUE)
-
-
-def second_close_order(d, c: Ctx) -> bool:
-    """F-SECOND-CLOSE: after an error, RabbitMQ's closing channel answers each method naming
-    `""` with no queue declared with another channel.close; the gateway answers those the
-    client sends once the broker's close is in itself (it passes nothing on to a closing
-    channel), so they may come before the broker's answers to earlier ones: the same
-    closes, in another order."""
-    g, r = d.gw, d.ref
-    if d.kind != "ordered" or not (_is_close(g, 404) and _is_close(r, 404)):
-        return False
-    if g.get("op") is not None or r.get("op") is not None or g["data"][1] != _NO_QUEUE \
-            or r["data"][1] != _NO_QUEUE:
-        return False
-    return _second_closes(c.gw, d.ch) == _second_closes(c.ref, d.ch)
-
-
 RULES = [
     ("V-PASSIVE", passive_declare),
     ("V-CC-BCC", cc_bcc_topic),
@@ -475,7 +452,6 @@ RULES = [
     ("F-MISSING-X", missing_exchange_topic),
     ("F-PROBE", server_named_probe),
     ("F-UTF8", non_utf8_name),
-    ("F-SECOND-CLOSE", second_close_order),
     ("F-INTERNAL", internal_exchange),
     ("R-CROSS-CHANNEL", cross_channel_race),
     ("R-NAMES", generated_names),
