@@ -267,6 +267,10 @@ def judge(seq: dict, ref: dict, gw: dict, vhost: str, service_users=()) -> Verdi
     if not divs:
         sd = state_divergence(ref, gw, users)
         if sd:
-            v.unexplained.append(sd)
+            rule = rules.explain(sd, ctx)
+            if rule:
+                v.explained.append((rule, sd))
+            else:
+                v.unexplained.append(sd)
     v.oracle = rules.run_oracles(ctx)
     return v

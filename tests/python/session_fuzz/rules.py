@@ -272,10 +272,25 @@ def _declared_before(side: dict, x: str, ref: str) -> bool:
     """Whether exchange `x` exists on that side when op `ref` runs (declared and not deleted
     by an op the broker processed before it)."""
     exists = False
-    for r, op in sorted(side["ops"].items(), key=lambda kv: op_key(kv[0])):
+    ops = sorted(side["ops"].items(), key=lambda kv: op_key(kv[0]))
+    # A method the runner saw no reply for was still processed when a later one on its
+    # channel was answered (a channel handles its methods in order; the runner may lose
+    # track of replies when RabbitMQ drops a consume-ok on a closing channel).
+    last_answered: dict[int, tuple] = {}
+    for r, op in ops:
+        if side["fates"].get(r) in ("answered", "settled") and op_key(r) < op_key(ref):
+            last_answered[op["ch"]] = op_key(r)
+    # ... or when the runner reopened the channel after it (its close was answered).
+    for e in side["events"]:
+        if e["kind"] == "reply" and e["data"][0] == "channel.open-ok" and e.get("op") \
+                and op_key(e["op"]) < op_key(ref):
+            last_answered[e["ch"]] = max(last_answered.get(e["ch"], (-1, 0)), op_key(e["op"]))
+    for r, op in ops:
         if op_key(r) >= op_key(ref):
             break
-        if side["fates"].get(r) not in ("answered", "settled"):
+        fate = side["fates"].get(r)
+        if fate not in ("answered", "settled") and not (
+                fate == "sent" and op_key(r) < last_answered.get(op["ch"], (-1, 0))):
             continue
         if op["m"] == "exchange.declare" and op["a"].get("exchange") == x and not op["a"].get("passive"):
             exists = True
@@ -426,6 +441,49 @@ def _names(side: dict, op: dict, ref: str) -> set[str]:
     return out
 
 
+def _unwaited_from(c: Ctx, step: int) -> int:
+    """The first step of the run of steps that go out together with `step` (steps the
+    runner does not wait on run together with the next ones)."""
+    first = step
+    while first > 0 and not c.seq["steps"][first - 1].get("wait"):
+        first -= 1
+    return first
+
+
+def _state_race(d, c: Ctx) -> bool:
+    """Final states that differ only in the message counts of queues that a publish
+    raced for with a declare, delete, purge or bind of that queue on another channel."""
+    def queues(lines: list[str]) -> dict:
+        out = {}
+        for line in lines:
+            if not line.startswith("queues: "):
+                return {}
+            q = json.loads(line[len("queues: "):])
+            out[q[0]] = q
+        return out
+    r, g = queues(d.ref_extra), queues(d.gw_extra)
+    if not r or r.keys() != g.keys() or any(r[q][:-1] != g[q][:-1] for q in r):
+        return False
+    ops = sorted(c.gw["ops"].items(), key=lambda kv: op_key(kv[0]))
+    for q in r:
+        raced = False
+        for ref_, op in ops:
+            if op["m"] != "basic.publish":
+                continue
+            step = op_key(ref_)[0]
+            lo, hi = _unwaited_from(c, step), step
+            # ... or a later step sent before this one was waited on
+            while hi + 1 < len(c.seq["steps"]) and not c.seq["steps"][hi].get("wait"):
+                hi += 1
+            for r2, other in ops:
+                if lo <= op_key(r2)[0] <= hi and other["ch"] != op["ch"] \
+                        and other["m"] in _MUTATING and q in _names(c.gw, other, r2):
+                    raced = True
+        if not raced:
+            return False
+    return True
+
+
 def cross_channel_race(d, c: Ctx) -> bool:
     """R-CROSS-CHANNEL (race): the divergent method shares a queue or exchange with a
     method sent in the same step on another channel, one of them changing it (declare,
@@ -444,6 +502,8 @@ def cross_channel_race(d, c: Ctx) -> bool:
             return any(x["ch"] == d.ch and x["kind"] == "close" and abs(x["step"] - step) <= 1
                        for x in side["events"])
         return all(failed_near(c.gw, e["step"]) and failed_near(c.ref, e["step"]) for e in extra)
+    if d.kind == "state":
+        return _state_race(d, c)
     if d.kind != "ordered":
         return False
     for e in (d.gw, d.ref):
