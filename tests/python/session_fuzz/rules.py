@@ -528,6 +528,34 @@ def cross_channel_race(d, c: Ctx) -> bool:
     return False
 
 
+def runner_reopen(d, c: Ctx) -> bool:
+    """R-REOPEN (harness): the runner reopened a channel on one side only. Its channel had
+    been closed on both sides, by a method in a step it did not wait on; whether that
+    close had been read when the next step decided its opens depends on timing (the
+    gateway's refusals take one more round trip than RabbitMQ's). Never for a gateway
+    that stopped answering: a timeout on the gateway side is no such case."""
+    if d.kind != "ordered":
+        return False
+    if any(e["kind"] == "timeout" for e in c.gw["events"]):
+        return False
+    for mine, side, other_side in ((d.gw, c.gw, c.ref), (d.ref, c.ref, c.gw)):
+        if mine is None or mine["kind"] != "reply" or mine["data"] != ["channel.open-ok"] \
+                or not (mine.get("op") or "").endswith("/open"):
+            continue
+        other = d.ref if mine is d.gw else d.gw
+        if other is not None and any(
+                e["ch"] == d.ch and e.get("op") == mine["op"] for e in other_side["events"]):
+            continue  # the other side reopened too, elsewhere: a real difference
+
+        def closed_before(sd: dict) -> bool:
+            return any(e["ch"] == d.ch and e["kind"] == "close" and e["n"] < mine["n"]
+                       for e in sd["events"]) if sd is side else any(
+                e["ch"] == d.ch and e["kind"] == "close" for e in sd["events"])
+        if closed_before(side) and closed_before(other_side):
+            return True
+    return False
+
+
 RULES = [
     ("V-PASSIVE", passive_declare),
     ("V-CC-BCC", cc_bcc_topic),
@@ -539,6 +567,7 @@ RULES = [
     ("F-INTERNAL", internal_exchange),
     ("R-CROSS-CHANNEL", cross_channel_race),
     ("R-NAMES", generated_names),
+    ("R-REOPEN", runner_reopen),
 ]
 
 
