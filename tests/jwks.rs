@@ -616,7 +616,17 @@ async fn gateway_finds_keys_through_oidc_discovery() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_picks_up_a_rotated_key_with_one_fetch_for_200_connections() {
     let idp = Idp::start(&jwks(&[rsa_0()])).await;
-    let gw = Arc::new(start_gateway_with_keys("", &jwks_source(&idp, 0)).await);
+    // What is measured is the key fetch; the 200 backend connections behind it queue for
+    // connect slots (max_connecting), which on this 2-core machine took up to 16 s in all,
+    // past the default 5 s connect timeout for the last ones.
+    let gw = Arc::new(
+        start_gateway_with_keys_and_backend(
+            "",
+            &jwks_source(&idp, 0),
+            "connect_timeout_ms = 30000",
+        )
+        .await,
+    );
     let new_token = rs256("RSA_1", "other-rsa-private.pem");
     let err = gw.connect(&new_token, "/").await.unwrap_err();
     assert!(refused_login(&err), "RSA_1 not published yet: {err:?}");

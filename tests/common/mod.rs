@@ -271,6 +271,22 @@ pub async fn start_gateway_with_keys(extra_oauth2: &str, key_source: &str) -> Te
     build_gateway(extra_oauth2, key_source, "127.0.0.1:5672", "", "").await
 }
 
+/// [`start_gateway_with_keys`] with extra `[backend]` lines.
+pub async fn start_gateway_with_keys_and_backend(
+    extra_oauth2: &str,
+    key_source: &str,
+    extra_backend: &str,
+) -> TestGateway {
+    build_gateway(
+        extra_oauth2,
+        key_source,
+        "127.0.0.1:5672",
+        extra_backend,
+        "",
+    )
+    .await
+}
+
 /// Starts a gateway whose keys come only from `issuer`'s OIDC discovery document (no
 /// static keys), with the standard aliases plus `extra_oauth2` lines.
 pub async fn start_gateway_with_issuer(issuer: &str, extra_oauth2: &str) -> TestGateway {
