@@ -427,6 +427,16 @@ impl Client {
 
 // ------------------------------------------------------------------------ the broker side
 
+/// A test gateway that learns exchange types from the default node's management API.
+async fn gateway_with_lookups() -> TestGateway {
+    start_gateway_full(
+        "",
+        "127.0.0.1:5672",
+        r#"management_url = "http://127.0.0.1:15672""#,
+    )
+    .await
+}
+
 async fn guest() -> lapin::Connection {
     lapin::Connection::connect("amqp://guest:guest@127.0.0.1:5672/%2f", Default::default())
         .await
@@ -807,12 +817,7 @@ async fn a_redeclared_exchange_is_topic_checked_at_once() {
 
 #[tokio::test]
 async fn a_type_changed_outside_the_gateway_is_seen_within_its_time_to_live() {
-    let gw = start_gateway_full(
-        "",
-        "127.0.0.1:5672",
-        r#"management_url = "http://127.0.0.1:15672""#,
-    )
-    .await;
+    let gw = gateway_with_lookups().await;
     let x = unique("sa-xo");
     let q = unique("sa-watch");
     let t = token(
@@ -1346,12 +1351,7 @@ async fn replies_to_earlier_pipelined_methods_come_before_the_refusal() {
 /// once.
 #[tokio::test]
 async fn a_second_close_for_the_old_channel_does_not_end_the_reopened_one() {
-    let gw = start_gateway_full(
-        "",
-        "127.0.0.1:5672",
-        r#"management_url = "http://127.0.0.1:15672""#,
-    )
-    .await;
+    let gw = gateway_with_lookups().await;
     let missing = unique("sa-missing");
     let forbidden = unique("sa-forbidden");
     let t = token(
@@ -1418,12 +1418,7 @@ async fn a_second_close_for_the_old_channel_does_not_end_the_reopened_one() {
 /// waiting for its bind-ok would wait for ever).
 #[tokio::test]
 async fn a_lookup_resumed_after_a_declare_ok_is_answered_without_more_client_input() {
-    let gw = start_gateway_full(
-        "",
-        "127.0.0.1:5672",
-        r#"management_url = "http://127.0.0.1:15672""#,
-    )
-    .await;
+    let gw = gateway_with_lookups().await;
     let x = unique("sa-nox");
     // Read and write without a routing-key part grant no topic access: the type decides.
     let t = token(

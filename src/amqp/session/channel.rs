@@ -44,10 +44,10 @@ pub enum State {
     /// told once the broker has answered: replies to methods before the refused one come
     /// first, and if one of those failed, the broker's own error reaches the client
     /// instead, as with RabbitMQ alone. The client's frames are dropped meanwhile; what
-    /// RabbitMQ's closing channel would have answered to them is owed.
+    /// RabbitMQ's closing channel would have answered to them is kept in
+    /// [`Channel::deferred`].
     Refusing {
         denial: Denial,
-        owed: Vec<Owed>,
         /// The refused method named the queue `""` (its ids): if an earlier method failed
         /// at the broker, RabbitMQ's closing channel expands it again (see [`Owed`]).
         refused_empty: Option<(u16, u16)>,
@@ -255,10 +255,10 @@ pub struct Channel {
     /// `channel.close-ok`s the broker owes for closes the gateway sent.
     pub owed_close_oks: u8,
     /// What RabbitMQ's closing channel would have answered to frames the gateway dropped
-    /// after the broker's `channel.close`, given when the broker answers the gateway's
-    /// close: only then is every method forwarded before them answered (RabbitMQ 3.10.8's
-    /// second closes for `""` methods among them), so the client sees RabbitMQ's order.
-    /// At most [`MAX_OWED`].
+    /// while refusing or after the broker's `channel.close`, given when the broker answers
+    /// the gateway's close: only then is every method forwarded before them answered
+    /// (RabbitMQ 3.10.8's second closes for `""` methods among them), so the client sees
+    /// RabbitMQ's order. At most [`MAX_OWED`]; empty while the channel is open.
     pub deferred: Vec<Owed>,
     /// A `queue.declare` on this channel is known to have succeeded (its `declare-ok`
     /// came, or it was sent `nowait` and is assumed to have). When the broker closes the

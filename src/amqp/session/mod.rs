@@ -704,11 +704,11 @@ impl Session {
                     _ if names_empty_queue(&m) => Some(Owed::EmptyName(ids)),
                     _ => None,
                 };
+                let c = self.channel(ch);
                 if let Some(o) = owed
-                    && let State::Refusing { owed, .. } = &mut self.channel(ch).state
-                    && owed.len() < MAX_OWED
+                    && c.deferred.len() < MAX_OWED
                 {
-                    owed.push(o);
+                    c.deferred.push(o);
                 }
                 Step::Drop
             }
@@ -1309,7 +1309,6 @@ impl Session {
         c.held = None;
         c.state = State::Refusing {
             denial: d,
-            owed: Vec::new(),
             refused_empty,
         };
     }
@@ -1446,9 +1445,10 @@ impl Session {
                 return self.hide_service_user(ch, payload);
             } else if ids == id::CHANNEL_CLOSE_OK {
                 // The previous incarnation's too: the broker answers every method in order,
-                // so nothing of this one comes before its open-ok. It answers a close the
-                // client sent while the broker's error was crossing it (the gateway's own
-                // closes are waited for before a reopen): it must not end a refusal here.
+                // so nothing of this one comes before its open-ok. No path forwards a
+                // client's close that could leave one outstanding across a reopen (the
+                // gateway answers closes on a closing channel itself and holds reopens
+                // for its own); should one come anyway, it must not end a refusal here.
                 return BackendStep::Forward;
             }
         }
@@ -1508,15 +1508,10 @@ impl Session {
                 // An error on the channel. If the gateway was refusing a later method, the
                 // broker's error wins and the refusal is never sent; what its closing
                 // channel would have answered to the frames dropped since follows.
-                let (owed, refused_empty) =
-                    match std::mem::replace(&mut c.state, State::BrokerClosing) {
-                        State::Refusing {
-                            owed,
-                            refused_empty,
-                            ..
-                        } => (owed, refused_empty),
-                        _ => (Vec::new(), None),
-                    };
+                let refused_empty = match std::mem::replace(&mut c.state, State::BrokerClosing) {
+                    State::Refusing { refused_empty, .. } => refused_empty,
+                    _ => None,
+                };
                 // The declares without their declare-ok failed or came after the error:
                 // RabbitMQ's most recently declared queue is empty unless one succeeded.
                 let no_queue = !c.declared_ok;
@@ -1525,16 +1520,18 @@ impl Session {
                 }
                 // Never sent: the broker has nothing of it to discard.
                 c.held = None;
-                // The gateway's close is on its way: the answers owed are given when it
-                // is answered, after the broker's own to methods before the refused one.
-                c.deferred = refused_empty.map(Owed::EmptyName).into_iter().collect();
-                c.deferred.extend(owed);
-                c.deferred.truncate(MAX_OWED);
+                // The gateway's close is on its way: the answers owed (the refused
+                // method's first) are given when it is answered, after the broker's own
+                // to methods before the refused one.
+                if let Some(ids) = refused_empty {
+                    c.deferred.insert(0, Owed::EmptyName(ids));
+                    c.deferred.truncate(MAX_OWED);
+                }
                 self.clear_channel(ch);
                 self.hide_service_user(ch, payload)
             }
             id::CHANNEL_CLOSE_OK if matches!(c.state, State::Refusing { .. }) => {
-                let State::Refusing { denial, owed, .. } =
+                let State::Refusing { denial, .. } =
                     std::mem::replace(&mut c.state, State::ClientClosing)
                 else {
                     return BackendStep::Forward;
@@ -1555,6 +1552,7 @@ impl Session {
                         denial.method_id,
                     )
                 });
+                let owed = std::mem::take(&mut c.deferred);
                 write_owed(to_client, ch, &owed, no_queue);
                 self.clear_channel(ch);
                 BackendStep::Drop

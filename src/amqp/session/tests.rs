@@ -70,13 +70,18 @@ fn opened(s: &mut Session, ch: u16) {
 }
 
 fn channel_close(ch: u16, code: u16, text: &str) -> Vec<u8> {
+    channel_close_for(ch, code, text, (50, 10))
+}
+
+/// A `channel.close` naming the method `(class, method)`.
+fn channel_close_for(ch: u16, code: u16, text: &str, (class_id, method_id): (u16, u16)) -> Vec<u8> {
     method(
         ch,
         AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
             reply_code: code,
             reply_text: text.into(),
-            class_id: 50,
-            method_id: 10,
+            class_id,
+            method_id,
         })),
     )
 }
@@ -1882,15 +1887,7 @@ fn the_brokers_second_closes_come_before_the_gateways_answers_for_refused_method
     );
     let failed = channel_close(1, 406, "PRECONDITION_FAILED - inequivalent arg 'durable'");
     assert_eq!(backend(&mut s, &failed), failed);
-    let second = method(
-        1,
-        AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
-            reply_code: 404,
-            reply_text: NO_QUEUE_TEXT.into(),
-            class_id: 60,
-            method_id: 20,
-        })),
-    );
+    let second = channel_close_for(1, 404, NO_QUEUE_TEXT, (60, 20));
     assert_eq!(backend(&mut s, &second), second);
     let to_c = backend(&mut s, &close_ok(1));
     assert_eq!(

@@ -514,10 +514,7 @@ def cross_channel_race(d, c: Ctx) -> bool:
         if not op:
             continue
         step = op_key(e["op"])[0]
-        # Steps not waited on run together with the next ones.
-        first = step
-        while first > 0 and not c.seq["steps"][first - 1].get("wait"):
-            first -= 1
+        first = _unwaited_from(c, step)
         names = _names(side, op, e["op"])
         for r, other in side["ops"].items():
             if not (first <= op_key(r)[0] <= step) or other["ch"] == op["ch"] \
@@ -547,11 +544,10 @@ def runner_reopen(d, c: Ctx) -> bool:
                 e["ch"] == d.ch and e.get("op") == mine["op"] for e in other_side["events"]):
             continue  # the other side reopened too, elsewhere: a real difference
 
-        def closed_before(sd: dict) -> bool:
-            return any(e["ch"] == d.ch and e["kind"] == "close" and e["n"] < mine["n"]
-                       for e in sd["events"]) if sd is side else any(
-                e["ch"] == d.ch and e["kind"] == "close" for e in sd["events"])
-        if closed_before(side) and closed_before(other_side):
+        def closes(sd: dict, before: int) -> bool:
+            return any(e["ch"] == d.ch and e["kind"] == "close" and e["n"] < before
+                       for e in sd["events"])
+        if closes(side, mine["n"]) and closes(other_side, 10 ** 9):
             return True
     return False
 
