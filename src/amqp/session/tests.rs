@@ -1288,6 +1288,25 @@ fn frames_on_a_channel_the_broker_closed_hold_nothing() {
 }
 
 #[test]
+fn answers_owed_on_a_closing_channel_are_bounded_and_cost_one_gateway_close() {
+    let mut s = session(&ALL);
+    opened(&mut s, 1);
+    backend(
+        &mut s,
+        &channel_close(1, 404, "NOT_FOUND - no queue 'x' in vhost '/'"),
+    );
+    let input: Vec<u8> = (0..10_000).flat_map(|_| basic_get(1, "")).collect();
+    let (to_b, to_c) = client(&mut s, &input, 1 << 20);
+    assert!(to_c.is_empty());
+    assert!(
+        is_backend_close(&to_b, 1),
+        "one close marks the broker's answers"
+    );
+    let answers = methods(&backend(&mut s, &close_ok(1)));
+    assert_eq!(answers.len(), MAX_OWED, "the rest get none");
+}
+
+#[test]
 fn a_second_open_on_a_closing_channel_is_rabbitmqs_504() {
     // Broker closing: the broker answers it itself.
     let mut s = session(&ALL);
