@@ -62,7 +62,7 @@ class Env:
         self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="side")
         self.cleaner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cleanup")
-        self._admin_token_at = 0.0
+        self._admin_token_at: float | None = None
         self.timings: dict[str, float] = {}
 
     def __enter__(self) -> "Env":
@@ -117,7 +117,9 @@ class Env:
                 time.sleep(0.05)
 
     def _refresh_admin_token(self) -> None:
-        if time.monotonic() - self._admin_token_at < 600:
+        # `None` until the first token: the monotonic clock starts near zero at boot, so a
+        # plain 0.0 would look fresh on a machine up for less than ten minutes.
+        if self._admin_token_at is not None and time.monotonic() - self._admin_token_at < 600:
             return
         tok = tc.mint(ADMIN_SCOPES, sub="fuzz-admin", exp_in=3600)
         self.ref_node.mgmt_password = tok
