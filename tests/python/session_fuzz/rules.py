@@ -73,20 +73,33 @@ def _is_close(e, code=None) -> bool:
     return e is not None and e["kind"] == "close" and (code is None or e["data"][0] == code)
 
 
-def _order_ok(d, op: dict | None = None) -> bool:
+def _order_ok(d, op: dict | None = None, c: Ctx | None = None) -> bool:
     """The reference's event is about the gateway's refused method or a later one (the
     gateway may not refuse a method before the broker has answered the earlier ones)."""
     g, r = d.gw, d.ref
-    c = op_key(g.get("op"))
+    k = op_key(g.get("op"))
     if g.get("op") is None:
         return False
     if r is None or r["kind"] not in ("close", "reply", "return"):
         return True
     if r["kind"] == "return":
-        # Only the return of the refused publish itself (which the reference let through).
-        return bool(op) and op["m"] == "basic.publish" and r["data"][2:5] == [
-            op["a"]["exchange"], op["a"]["routing_key"], op["a"].get("body", "")]
-    return op_key(r.get("op")) >= c
+        # The return of the refused publish itself (which the reference let through) ...
+        if bool(op) and op["m"] == "basic.publish" and r["data"][2:5] == [
+                op["a"]["exchange"], op["a"]["routing_key"], op["a"].get("body", "")]:
+            return True
+        # ... or of a later publish on the channel (returns carry no op: the publish is
+        # the one with that exchange, key and body, which the generator makes unique).
+        return c is not None and _later_return(c, r, k)
+    return op_key(r.get("op")) >= k
+
+
+def _later_return(c: Ctx, r: dict, after: tuple) -> bool:
+    """`r`, a reference `basic.return`, is for a publish on its channel after `after`."""
+    refs = [ref for ref, o in c.ref["ops"].items()
+            if o["m"] == "basic.publish" and o["ch"] == r["ch"]
+            and [o["a"].get("exchange"), o["a"].get("routing_key"), o["a"].get("body", "")]
+            == r["data"][2:5]]
+    return bool(refs) and all(op_key(ref) > after for ref in refs)
 
 
 def _same_refusal(d) -> bool:
@@ -135,7 +148,7 @@ def passive_declare(d, c: Ctx) -> bool:
     m = _RES.match(g["data"][1])
     if not m or m.group(2) != kind or m.group(3) != c.norm_gw(name):
         return False
-    return _order_ok(d)
+    return _order_ok(d, c=c)
 
 
 def cc_bcc_topic(d, c: Ctx) -> bool:
@@ -157,7 +170,7 @@ def cc_bcc_topic(d, c: Ctx) -> bool:
         # (3.10.8 checks that one too).
         if failing and failing[0] == m.group(2) and keys[0] != m.group(2) and \
                 p.topic("write", c.vhost, op["a"]["exchange"], keys[0]):
-            return _order_ok(d, op)
+            return _order_ok(d, op, c)
     return False
 
 
@@ -261,10 +274,10 @@ def dlx_ae_existing(d, c: Ctx) -> bool:
             continue
         if m.group(2) == kind and m.group(3) == name and (m.group(1) in (None, "read")) \
                 and not p.resource("read", c.vhost, name):
-            return _order_ok(d)
+            return _order_ok(d, c=c)
         if m.group(2) == "exchange" and m.group(3) == target and (m.group(1) in (None, "write")) \
                 and p.resource("read", c.vhost, name) and not p.resource("write", c.vhost, target):
-            return _order_ok(d)
+            return _order_ok(d, c=c)
     return False
 
 
@@ -324,13 +337,9 @@ def missing_exchange_topic(d, c: Ctx) -> bool:
         # An unbind from a missing exchange is answered unbind-ok, which is not recorded
         # when its step does not wait: the reference's next event is a later method's.
         later = op_key(r.get("op")) > op_key(g.get("op")) if r.get("op") else False
-        # ... or a basic.return for a later publish on the channel (returns have no op).
+        # ... or a basic.return for a later publish on the channel.
         if r["kind"] == "return" and op:
-            later = any(o["m"] == "basic.publish" and o["ch"] == op["ch"]
-                        and op_key(ref_) > op_key(g["op"])
-                        and [o["a"].get("exchange"), o["a"].get("routing_key"), o["a"].get("body")]
-                        == r["data"][2:5]
-                        for ref_, o in c.gw["ops"].items())
+            later = _later_return(c, r, op_key(g["op"]))
         if not (op and op["m"] in ("queue.unbind", "exchange.unbind") and later):
             return False
         m = _TOPIC.match(g["data"][1])
@@ -450,6 +459,14 @@ def _unwaited_from(c: Ctx, step: int) -> int:
     return first
 
 
+def _unwaited_to(c: Ctx, step: int) -> int:
+    """The last step of that run: the first one from `step` on that the runner waits on."""
+    last = step
+    while last < len(c.seq["steps"]) - 1 and not c.seq["steps"][last].get("wait"):
+        last += 1
+    return last
+
+
 def _state_race(d, c: Ctx) -> bool:
     """Final states that differ only in the message counts of queues that a publish
     raced for with a declare, delete, purge or bind of that queue on another channel."""
@@ -486,7 +503,8 @@ def _state_race(d, c: Ctx) -> bool:
 
 def cross_channel_race(d, c: Ctx) -> bool:
     """R-CROSS-CHANNEL (race): the divergent method shares a queue or exchange with a
-    method sent in the same step on another channel, one of them changing it (declare,
+    method sent with it (in its step, or in steps the runner did not wait between) on
+    another channel, one of them changing it (declare,
     delete, purge, bind, unbind). RabbitMQ runs channels concurrently: which one the
     broker handles first is not defined, and the gateway's pauses (a type lookup, a
     server-named declare) change the timing."""
@@ -514,10 +532,10 @@ def cross_channel_race(d, c: Ctx) -> bool:
         if not op:
             continue
         step = op_key(e["op"])[0]
-        first = _unwaited_from(c, step)
+        first, last = _unwaited_from(c, step), _unwaited_to(c, step)
         names = _names(side, op, e["op"])
         for r, other in side["ops"].items():
-            if not (first <= op_key(r)[0] <= step) or other["ch"] == op["ch"] \
+            if not (first <= op_key(r)[0] <= last) or other["ch"] == op["ch"] \
                     or not (_names(side, other, r) & names):
                 continue
             if other["m"] in _MUTATING or op["m"] in _MUTATING:
