@@ -1151,6 +1151,87 @@ async fn a_consumer_not_yet_confirmed_is_cancelled_when_read_is_revoked() {
     cancelled_after_refresh(true).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_in_flight_to_a_revoked_consumer_never_reach_the_client_and_are_kept() {
+    let gw = start_gateway("").await;
+    let q = unique("sa-u");
+    setup_queue(&q, 0).await;
+    let t1 = token("carol", &["read:%2F/sa-u-*"]);
+    let t2 = token("carol", &["read:%2F/nothing"]);
+    let mut c = Client::connect(&gw, &t1, "/").await;
+    c.open(1).await;
+    c.send(&method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+            queue: q.as_str().into(),
+            consumer_tag: "busy".into(),
+            no_local: false,
+            no_ack: false,
+            exclusive: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        })),
+    ))
+    .await;
+    // A steady stream into the queue, so that deliveries are on their way whenever the
+    // token changes; the client acknowledges nothing.
+    const SENT: usize = 20_000;
+    let publisher = {
+        let q = q.clone();
+        tokio::spawn(async move {
+            let conn = guest().await;
+            let ch = conn.create_channel().await.unwrap();
+            ch.confirm_select(ConfirmSelectOptions::default())
+                .await
+                .unwrap();
+            for _ in 0..SENT / 500 {
+                let mut confirms = Vec::with_capacity(500);
+                for _ in 0..500 {
+                    confirms.push(publish(&ch, "", &q, b"secret").await.unwrap());
+                }
+                for confirm in confirms {
+                    confirm.await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            conn.close(200, "done".into()).await.unwrap();
+        })
+    };
+    let deliver = |g: &Got| matches!(g, Got::Method(1, AMQPClass::Basic(basic::AMQPMethod::Deliver(d))) if d.consumer_tag.as_str() == "busy");
+    let mut before = 0;
+    while before < 300 {
+        if deliver(&c.next().await) {
+            before += 1;
+        }
+    }
+    c.send(&update_secret(&t2)).await;
+    // Up to the cancel: what the old token could read.
+    for g in c
+        .until(|g| matches!(g, Got::Method(1, AMQPClass::Basic(basic::AMQPMethod::Cancel(x))) if x.consumer_tag.as_str() == "busy"))
+        .await
+    {
+        before += usize::from(deliver(&g));
+    }
+    let mut after = 0;
+    while let Some(g) = c.next_within(Duration::from_millis(700)).await {
+        after += usize::from(deliver(&g));
+    }
+    assert_eq!(after, 0, "deliveries after the cancel ({before} before it)");
+    publisher.await.unwrap();
+    drop(c); // its unacknowledged deliveries go back to the queue
+    // Nothing was lost: the dropped deliveries were given back too.
+    let mut ready = 0;
+    for _ in 0..100 {
+        ready = depth(&q).await as usize;
+        if ready == SENT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ready, SENT, "every message is in the queue again");
+    cleanup(&[&q], &[]).await;
+}
+
 // -------------------------------------------- 6. content headers larger than frame_max
 
 #[tokio::test]

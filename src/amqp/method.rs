@@ -68,6 +68,7 @@ pub mod id {
     pub const BASIC_CANCEL: (u16, u16) = (60, 30);
     pub const BASIC_CANCEL_OK: (u16, u16) = (60, 31);
     pub const BASIC_PUBLISH: (u16, u16) = (60, 40);
+    pub const BASIC_DELIVER: (u16, u16) = (60, 60);
     pub const BASIC_GET: (u16, u16) = (60, 70);
 }
 
@@ -814,11 +815,32 @@ pub fn channel_close_ok(out: &mut BytesMut, ch: u16) {
 
 /// Appends `basic.cancel` (60.30) with `nowait` set.
 pub fn basic_cancel(out: &mut BytesMut, ch: u16, tag: &str) {
+    basic_cancel_with(out, ch, tag, true);
+}
+
+/// Appends `basic.cancel` (60.30) with the given `nowait`.
+pub fn basic_cancel_with(out: &mut BytesMut, ch: u16, tag: &str, nowait: bool) {
     let mut p = Vec::with_capacity(6 + tag.len());
     p.extend_from_slice(&[0, 60, 0, 30]);
     put_short(&mut p, tag.as_bytes());
-    p.push(1);
+    p.push(u8::from(nowait));
     frame::write_frame(out, frame::METHOD, ch, &p);
+}
+
+/// Appends `basic.reject` (60.90).
+pub fn basic_reject(out: &mut BytesMut, ch: u16, delivery_tag: u64, requeue: bool) {
+    let mut p = Vec::with_capacity(13);
+    p.extend_from_slice(&[0, 60, 0, 90]);
+    p.extend_from_slice(&delivery_tag.to_be_bytes());
+    p.push(u8::from(requeue));
+    frame::write_frame(out, frame::METHOD, ch, &p);
+}
+
+/// The consumer tag and delivery tag of a `basic.deliver` payload (ids included).
+pub fn deliver_tags(payload: &[u8]) -> Option<(&str, u64)> {
+    let mut r = Reader::new(payload);
+    let tag = std::str::from_utf8(r.short_bytes().ok()?).ok()?;
+    Some((tag, r.u64().ok()?))
 }
 
 /// Appends a `basic.consume` with `tag` in place of the client's empty consumer tag; every

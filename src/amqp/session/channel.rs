@@ -227,6 +227,23 @@ pub struct ExchangeOk {
 pub struct Consumer {
     pub queue: Arc<str>,
     pub state: ConsumerState,
+    /// Consumed with `no_ack`: nothing to give back for a delivery the gateway drops.
+    pub no_ack: bool,
+}
+
+/// A consumer the gateway cancelled at the broker because a refreshed token may no
+/// longer read its queue, until the broker is known to have stopped it. Deliveries for it
+/// that were already on their way are dropped (an acknowledged-mode one is rejected back
+/// to its queue): after `update-secret-ok`, the client reads nothing more from that
+/// queue. Counted with the connection's consumers until then.
+#[derive(Debug)]
+pub struct Revoked {
+    pub tag: Box<str>,
+    pub no_ack: bool,
+    /// The gateway's `basic.cancel` (not `nowait`) went to the broker: its `cancel-ok`,
+    /// which only the gateway awaits, ends the entry. Without one (the channel was already
+    /// closing), the entry ends with the channel.
+    pub cancel_sent: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -249,6 +266,10 @@ pub struct Channel {
     pub exchange_oks: Pending<ExchangeOk>,
     /// Consumers: tag → queue and state, re-checked when the token is refreshed.
     pub consumers: FxHashMap<Box<str>, Consumer>,
+    /// Consumers cancelled by the gateway whose deliveries are still dropped.
+    pub revoked: Vec<Revoked>,
+    /// The content of a dropped delivery follows: its header and body frames go too.
+    pub dropping: bool,
     /// A permitted-so-far `basic.publish` method frame waiting for its content header
     /// (at most 527 bytes: the arguments must fill the frame exactly).
     pub held: Option<BytesMut>,
@@ -280,6 +301,8 @@ impl Channel {
             queue_oks: Pending::default(),
             exchange_oks: Pending::default(),
             consumers: FxHashMap::default(),
+            revoked: Vec::new(),
+            dropping: false,
             held: None,
             owed_close_oks: 0,
             deferred: Vec::new(),
@@ -292,10 +315,24 @@ impl Channel {
     /// Returns (consumers, pending entries) dropped, for the connection's counts. The
     /// most recently declared queue stays: a closing channel still expands `""` with it.
     pub fn clear(&mut self) -> (usize, usize) {
-        let consumers = self.consumers.len();
+        let consumers = self.consumers.len() + self.revoked.len();
         self.consumers = FxHashMap::default();
+        self.revoked = Vec::new();
+        self.dropping = false;
         let pending = self.queue_oks.clear() + self.exchange_oks.clear();
         (consumers, pending)
+    }
+
+    /// The client sent `channel.close`: what the broker's channel held goes with it, but
+    /// the consumers the gateway revoked stay until the broker's `close-ok`, so that
+    /// deliveries still on their way for them are dropped and one whose `consume-ok` is
+    /// still to come is announced cancelled. Returns what [`Channel::clear`] returns.
+    pub fn close_by_client(&mut self) -> (usize, usize) {
+        let before = self.consumers.len();
+        self.consumers
+            .retain(|_, c| c.state == ConsumerState::Cancelled);
+        let pending = self.queue_oks.clear() + self.exchange_oks.clear();
+        (before - self.consumers.len(), pending)
     }
 
     /// Nothing left to wait for: the entry can go.

@@ -52,9 +52,12 @@ use crate::authz::{
 };
 use channel::{
     Channel, Consumer, ConsumerState, ExchangeOk, LastQueue, MAX_OWED, NO_QUEUE_TEXT, Owed, Phase,
-    QueueOk, SECOND_OPEN_TEXT, State,
+    QueueOk, Revoked, SECOND_OPEN_TEXT, State,
 };
 pub use exchanges::ExchangeEpochs;
+
+/// The `no-ack` bit of `basic.consume`'s bits octet.
+const NO_ACK_BIT: u8 = 0b10;
 use exchanges::{Exchanges, kind_of};
 pub use outbox::Outbox;
 
@@ -602,7 +605,7 @@ impl Session {
             && self
                 .channels
                 .get(&ch)
-                .is_none_or(|c| c.state != State::ClientClosing)
+                .is_none_or(|c| c.state != State::ClientClosing && !c.dropping)
     }
 
     /// Anything but the content header after a `basic.publish` is a connection error at
@@ -926,7 +929,7 @@ impl Session {
             ClientMethod::ChannelClose => {
                 let c = self.channel(ch);
                 c.state = State::ClientClosed;
-                let (consumers, pending) = c.clear();
+                let (consumers, pending) = c.close_by_client();
                 self.consumers -= consumers;
                 self.pending -= pending;
                 Step::Forward
@@ -1197,6 +1200,7 @@ impl Session {
             Consumer {
                 queue: Arc::from(&*queue),
                 state,
+                no_ack: c.bits & NO_ACK_BIT != 0,
             },
         );
         self.consumers += 1;
@@ -1452,6 +1456,20 @@ impl Session {
                 return BackendStep::Forward;
             }
         }
+        // Any method ends the content of a delivery being dropped.
+        c.dropping = false;
+        if !c.revoked.is_empty()
+            && matches!(
+                c.state.phase(),
+                Phase::Open | Phase::Refusing | Phase::ClientClosed
+            )
+            && let Some(step) = self.revoked_consumer_frame(ch, ids, payload)
+        {
+            return step;
+        }
+        let Some(c) = self.channels.get_mut(&ch) else {
+            return BackendStep::Forward;
+        };
         match c.state.phase() {
             Phase::Open | Phase::Refusing => self.backend_reply(ch, ids, payload, to_client),
             Phase::ClientClosing => {
@@ -1475,9 +1493,13 @@ impl Session {
             Phase::ClientClosed => {
                 if ids == id::CHANNEL_CLOSE_OK {
                     c.state = State::Closed;
+                    self.clear_channel(ch);
                     self.forget_if_finished(ch);
                 } else if ids == id::CHANNEL_CLOSE {
+                    self.clear_channel(ch);
                     return self.hide_service_user(ch, payload);
+                } else if ids == id::BASIC_CONSUME_OK {
+                    self.consume_ok(ch, payload, to_client);
                 }
                 BackendStep::Forward
             }
@@ -1599,37 +1621,97 @@ impl Session {
                 }
             }
             id::BASIC_CONSUME_OK => {
-                // The tag of a `consume-ok` is the consumer's own: the gateway names every
-                // consumer whose tag the client left empty.
-                let Some(tag) = method::cancel_tag(payload) else {
-                    return BackendStep::Forward;
-                };
-                match c.consumers.get_mut(tag) {
-                    Some(con) if con.state == ConsumerState::Awaiting => {
-                        con.state = ConsumerState::Live;
-                    }
-                    Some(con) if con.state == ConsumerState::Cancelled => {
-                        let tag: Box<str> = tag.into();
-                        c.consumers.remove(&tag);
-                        // While refusing, the gateway's close is already on its way: the
-                        // consumer ends with the channel, and a cancel behind that close
-                        // would reach a channel the broker no longer has (504, a
-                        // connection error).
-                        let open = c.state == State::Open;
-                        self.consumers -= 1;
-                        if open {
-                            self.backend_later
-                                .frame(|b| method::basic_cancel(b, ch, &tag));
-                        }
-                        if self.cancel_notify {
-                            to_client.frame(|b| method::basic_cancel(b, ch, &tag));
-                        }
-                    }
-                    _ => {}
-                }
+                self.consume_ok(ch, payload, to_client);
                 BackendStep::Forward
             }
             _ => BackendStep::Forward,
+        }
+    }
+
+    /// A `consume-ok` (forwarded by the caller). The tag is the consumer's own: the
+    /// gateway names every consumer whose tag the client left empty. A consumer the
+    /// gateway revoked before it came is cancelled now, after it, as RabbitMQ orders them.
+    fn consume_ok(&mut self, ch: u16, payload: &[u8], to_client: &mut Outbox) {
+        let Some(c) = self.channels.get_mut(&ch) else {
+            return;
+        };
+        let Some(tag) = method::cancel_tag(payload) else {
+            return;
+        };
+        match c.consumers.get_mut(tag) {
+            Some(con) if con.state == ConsumerState::Awaiting => {
+                con.state = ConsumerState::Live;
+            }
+            Some(con) if con.state == ConsumerState::Cancelled => {
+                let no_ack = con.no_ack;
+                let tag: Box<str> = tag.into();
+                c.consumers.remove(&tag);
+                // On a closing channel (the gateway's close or the client's is on its
+                // way), the consumer ends with the channel, and a cancel behind that close
+                // would be discarded or reach a channel the broker no longer has (504, a
+                // connection error). Its deliveries meanwhile are dropped all the same.
+                let open = c.state == State::Open;
+                if open {
+                    self.backend_later
+                        .frame(|b| method::basic_cancel_with(b, ch, &tag, false));
+                }
+                if self.cancel_notify {
+                    to_client.frame(|b| method::basic_cancel(b, ch, &tag));
+                }
+                c.revoked.push(Revoked {
+                    tag,
+                    no_ack,
+                    cancel_sent: open,
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// A broker method on a channel with revoked consumers that concerns one of them:
+    /// a delivery still on its way (dropped with its content; in acknowledged mode rejected
+    /// back to its queue while the channel is open, else requeued when it closes), the
+    /// `cancel-ok` for the gateway's cancel (the end of the entry: the broker sends nothing
+    /// more for it), or the broker's own cancel (the client was told already). `None` for
+    /// anything else.
+    fn revoked_consumer_frame(
+        &mut self,
+        ch: u16,
+        ids: (u16, u16),
+        payload: &[u8],
+    ) -> Option<BackendStep> {
+        let c = self.channels.get_mut(&ch)?;
+        match ids {
+            id::BASIC_DELIVER => {
+                let (tag, delivery_tag) = method::deliver_tags(payload)?;
+                let r = c.revoked.iter().find(|r| &*r.tag == tag)?;
+                if !r.no_ack && c.state == State::Open {
+                    self.backend_later
+                        .frame(|b| method::basic_reject(b, ch, delivery_tag, true));
+                }
+                c.dropping = true;
+                Some(BackendStep::Drop)
+            }
+            id::BASIC_CANCEL_OK => {
+                let tag = method::cancel_tag(payload)?;
+                // The broker answers in order: the first cancel-ok for the tag is for the
+                // gateway's cancel, sent before anything the client sent after the refresh.
+                let i = c
+                    .revoked
+                    .iter()
+                    .position(|r| r.cancel_sent && &*r.tag == tag)?;
+                c.revoked.remove(i);
+                self.consumers -= 1;
+                Some(BackendStep::Drop)
+            }
+            id::BASIC_CANCEL => {
+                let tag = method::cancel_tag(payload)?;
+                c.revoked
+                    .iter()
+                    .any(|r| &*r.tag == tag)
+                    .then_some(BackendStep::Drop)
+            }
+            _ => None,
         }
     }
 
@@ -1696,12 +1778,19 @@ impl Session {
                     c.state = ConsumerState::Cancelled;
                     continue;
                 }
-                to_backend.frame(|b| method::basic_cancel(b, ch, &tag));
+                let no_ack = c.no_ack;
+                // Not `nowait`: its cancel-ok marks the end of the consumer's deliveries.
+                to_backend.frame(|b| method::basic_cancel_with(b, ch, &tag, false));
                 chan.consumers.remove(&tag);
-                self.consumers -= 1;
                 if self.cancel_notify {
                     to_client.frame(|b| method::basic_cancel(b, ch, &tag));
                 }
+                // Still counted with the connection's consumers until its cancel-ok.
+                chan.revoked.push(Revoked {
+                    tag,
+                    no_ack,
+                    cancel_sent: true,
+                });
             }
         }
     }

@@ -172,6 +172,56 @@ fn consume(ch: u16, q: &str, tag: &str, nowait: bool) -> Vec<u8> {
     )
 }
 
+fn consume_acked(ch: u16, q: &str, tag: &str) -> Vec<u8> {
+    method(
+        ch,
+        AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+            queue: q.into(),
+            consumer_tag: tag.into(),
+            no_local: false,
+            no_ack: false,
+            exclusive: false,
+            nowait: true,
+            arguments: FieldTable::default(),
+        })),
+    )
+}
+
+fn consume_ok(ch: u16, tag: &str) -> Vec<u8> {
+    method(
+        ch,
+        AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(basic::ConsumeOk {
+            consumer_tag: tag.into(),
+        })),
+    )
+}
+
+fn cancel_ok(ch: u16, tag: &str) -> Vec<u8> {
+    method(
+        ch,
+        AMQPClass::Basic(basic::AMQPMethod::CancelOk(basic::CancelOk {
+            consumer_tag: tag.into(),
+        })),
+    )
+}
+
+/// A `basic.deliver` for `tag` with its content header and one body frame.
+fn delivery(ch: u16, tag: &str, delivery_tag: u64, body: &[u8]) -> Vec<u8> {
+    let mut out = method(
+        ch,
+        AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
+            consumer_tag: tag.into(),
+            delivery_tag,
+            redelivered: false,
+            exchange: "".into(),
+            routing_key: "q".into(),
+        })),
+    );
+    out.extend(header_with_raw_headers(ch, body.len() as u64, &[]));
+    out.extend(bytes(AMQPFrame::Body(ch, body.to_vec())));
+    out
+}
+
 fn publish_method(ch: u16, exchange: &str, rk: &str) -> Vec<u8> {
     let p = basic::Publish {
         exchange: exchange.into(),
@@ -1440,7 +1490,7 @@ fn an_empty_consumer_tag_is_named_by_the_gateway_and_cancelled_when_the_token_ch
         }
         let to_b = methods(&to_b);
         assert!(
-            matches!(to_b.as_slice(), [(1, AMQPClass::Basic(basic::AMQPMethod::Cancel(x)))] if x.consumer_tag.as_str() == tag && x.nowait),
+            matches!(to_b.as_slice(), [(1, AMQPClass::Basic(basic::AMQPMethod::Cancel(x)))] if x.consumer_tag.as_str() == tag && !x.nowait),
             "{to_b:?}"
         );
         let sent = methods(&to_c);
@@ -1461,6 +1511,15 @@ fn an_empty_consumer_tag_is_named_by_the_gateway_and_cancelled_when_the_token_ch
                 AMQPClass::Connection(connection::AMQPMethod::UpdateSecretOk(_))
             )
         ));
+        assert_eq!(
+            s.held().1,
+            1,
+            "counted until the broker confirms the cancel"
+        );
+        assert!(
+            backend(&mut s, &cancel_ok(1, &tag)).is_empty(),
+            "the gateway's own cancel-ok"
+        );
         assert_eq!(s.held().1, 0);
     }
 }
@@ -1494,7 +1553,7 @@ fn a_consumer_waiting_for_consume_ok_is_cancelled_too() {
     s.take_backend_output(&mut to_b);
     assert!(matches!(
         methods(&drain(&mut to_b)).as_slice(),
-        [(1, AMQPClass::Basic(basic::AMQPMethod::Cancel(c)))] if c.consumer_tag.as_str() == "mine" && c.nowait
+        [(1, AMQPClass::Basic(basic::AMQPMethod::Cancel(c)))] if c.consumer_tag.as_str() == "mine" && !c.nowait
     ));
 
     // The channel is being refused when the consume-ok comes: the gateway's close went
@@ -1513,6 +1572,121 @@ fn a_consumer_waiting_for_consume_ok_is_cancelled_too() {
     let to_c = backend(&mut s, &close_ok(1));
     assert_eq!(channel_closed(&to_c, 1).0, 403);
     assert_eq!(s.held(), (1, 0, 0), "nothing left of the consumer");
+}
+
+#[test]
+fn deliveries_on_their_way_to_a_revoked_consumer_are_dropped_and_given_back() {
+    for acked in [true, false] {
+        let mut s = session(&ALL);
+        opened(&mut s, 1);
+        let subscribe = if acked {
+            [
+                consume_acked(1, "q", "gone"),
+                consume_acked(1, "other", "kept"),
+            ]
+            .concat()
+        } else {
+            [
+                consume(1, "q", "gone", true),
+                consume(1, "other", "kept", true),
+            ]
+            .concat()
+        };
+        client(&mut s, &subscribe, 1 << 20);
+        let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
+        s.secret_updated(Ok(perms(&["read:*/other"])), &mut to_c, &mut to_b);
+        assert!(matches!(
+            methods(&drain(&mut to_b)).as_slice(),
+            [(1, AMQPClass::Basic(basic::AMQPMethod::Cancel(c)))] if c.consumer_tag.as_str() == "gone" && !c.nowait
+        ));
+        // Sent by the broker before it saw the cancel: dropped with their content, in
+        // pieces of every size; the other consumer's get through.
+        let input = [
+            delivery(1, "gone", 7, b"secret"),
+            delivery(1, "kept", 8, b"fine"),
+            delivery(1, "gone", 9, &[b'x'; 3000]),
+        ]
+        .concat();
+        for step in [1, 7, 1 << 20] {
+            let mut s2 = session(&ALL);
+            opened(&mut s2, 1);
+            client(&mut s2, &subscribe, 1 << 20);
+            let (mut b, mut c) = (Outbox::default(), Outbox::default());
+            s2.secret_updated(Ok(perms(&["read:*/other"])), &mut c, &mut b);
+            let mut out = Outbox::default();
+            let mut buf = BytesMut::new();
+            let mut later = Outbox::default();
+            for piece in input.chunks(step) {
+                buf.extend_from_slice(piece);
+                s2.on_backend_input(&mut buf, &mut out).unwrap();
+                s2.take_backend_output(&mut later);
+            }
+            assert_eq!(
+                drain(&mut out),
+                delivery(1, "kept", 8, b"fine"),
+                "step {step}"
+            );
+            let rejects: Vec<_> = methods(&drain(&mut later))
+                .into_iter()
+                .map(|(ch, m)| match m {
+                    AMQPClass::Basic(basic::AMQPMethod::Reject(r)) => {
+                        (ch, r.delivery_tag, r.requeue)
+                    }
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            let expected = if acked {
+                vec![(1, 7, true), (1, 9, true)]
+            } else {
+                vec![]
+            };
+            assert_eq!(rejects, expected, "back to the queue, step {step}");
+        }
+        // The broker's own cancel for it (its queue deleted meanwhile) was told already.
+        let server_cancel = method(
+            1,
+            AMQPClass::Basic(basic::AMQPMethod::Cancel(basic::Cancel {
+                consumer_tag: "gone".into(),
+                nowait: true,
+            })),
+        );
+        assert!(backend(&mut s, &server_cancel).is_empty());
+        // Its cancel-ok ends it: then the tag is the client's again.
+        assert_eq!(s.held().1, 2);
+        assert!(backend(&mut s, &cancel_ok(1, "gone")).is_empty());
+        assert_eq!(s.held().1, 1);
+        assert_eq!(backend(&mut s, &cancel_ok(1, "gone")), cancel_ok(1, "gone"));
+        let d = delivery(1, "gone", 10, b"new consumer, same tag");
+        assert_eq!(backend(&mut s, &d), d);
+    }
+}
+
+#[test]
+fn a_revoked_consumer_on_a_channel_the_client_closes_is_still_announced_and_muted() {
+    let mut s = session(&ALL);
+    opened(&mut s, 1);
+    client(&mut s, &consume(1, "q", "mine", false), 1 << 20);
+    let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
+    s.secret_updated(Ok(perms(&["read:*/other"])), &mut to_c, &mut to_b);
+    let (to_b, _) = client(&mut s, &channel_close(1, 200, "bye"), 1 << 20);
+    assert_eq!(to_b, channel_close(1, 200, "bye"));
+    // RabbitMQ 4.2 cancels it before it reads the close: the client hears of it.
+    let to_c = backend(&mut s, &consume_ok(1, "mine"));
+    assert!(matches!(
+        methods(&to_c).as_slice(),
+        [_, (1, AMQPClass::Basic(basic::AMQPMethod::Cancel(c)))] if c.consumer_tag.as_str() == "mine"
+    ));
+    let mut later = Outbox::default();
+    s.take_backend_output(&mut later);
+    assert!(
+        drain(&mut later).is_empty(),
+        "no cancel behind the client's close"
+    );
+    assert!(backend(&mut s, &delivery(1, "mine", 1, b"secret")).is_empty());
+    s.take_backend_output(&mut later);
+    assert!(drain(&mut later).is_empty(), "requeued by the close itself");
+    assert_eq!(backend(&mut s, &close_ok(1)), close_ok(1));
+    assert_eq!(s.held(), (0, 0, 0), "nothing left of the channel");
 }
 
 #[test]

@@ -543,6 +543,19 @@ def cross_channel_race(d, c: Ctx) -> bool:
     return False
 
 
+def lost_before_close_ok(d, c: Ctx) -> bool:
+    """R-LOST-REPLIES (race): on both sides the client's `channel.close` was answered with
+    `close-ok` while replies to methods sent before it were still awaited, and the sides
+    differ only in which reply was the first one lost. RabbitMQ 3.10.8's channel process
+    can die with methods still queued (a `consume-ok` after a cancel crashes it); its
+    reader then answers the client's close with `close-ok`, and how far the channel got
+    first depends on timing. Both sides show it, so it is not the gateway's."""
+    if d.kind != "ordered" or d.ref is None or d.gw is None:
+        return False
+    return all(e["kind"] == "unexpected" and e["data"][0] == "channel.close-ok"
+               and e["ch"] == d.ch for e in (d.ref, d.gw)) and d.ref["step"] == d.gw["step"]
+
+
 def runner_reopen(d, c: Ctx) -> bool:
     """R-REOPEN (harness): the runner reopened a channel on one side only. Its channel had
     been closed on both sides, by a method in a step it did not wait on; whether that
@@ -582,6 +595,7 @@ RULES = [
     ("R-CROSS-CHANNEL", cross_channel_race),
     ("R-NAMES", generated_names),
     ("R-REOPEN", runner_reopen),
+    ("R-LOST-REPLIES", lost_before_close_ok),
 ]
 
 
@@ -680,7 +694,15 @@ def oracle_update_secret(c: Ctx) -> list[str]:
                 client_cancel = any(e["kind"] == "reply" and e["data"][:2] == ["basic.cancel-ok", tag]
                                     for e in events)
                 lost = c.gw.get("conn_close") is not None
-                if not (closed or client_cancel or lost):
+                # The client closed the channel after the refresh: the runner records
+                # nothing but replies on a channel it is closing (a cancel then is as racy
+                # as a delivery), and the consumer ends with the channel.
+                secret = (c.secret_step, c.secret_index)
+                client_closed = any(
+                    op["m"] == "channel.close" and op["ch"] == x["ch"] and op_key(r) > secret
+                    and c.gw["fates"].get(r) in ("sent", "settled", "answered")
+                    for r, op in c.gw["ops"].items())
+                if not (closed or client_cancel or lost or client_closed):
                     out.append(f"consumer '{x['tag']}' on '{x['queue']}' not cancelled after update-secret")
                 continue
             after = max(after, cancels[0]["n"])
