@@ -51,6 +51,11 @@ pub enum State {
         /// The refused method named the queue `""` (its ids): if an earlier method failed
         /// at the broker, RabbitMQ's closing channel expands it again (see [`Owed`]).
         refused_empty: Option<(u16, u16)>,
+        /// The client sent `channel.close-ok` meanwhile (answering, say, a previous
+        /// incarnation's late second close). RabbitMQ, whose own close would already be on
+        /// its way, takes it as the answer to that close: the channel then ends when the
+        /// broker answers the gateway's close, and a reopen waits for that.
+        close_ok_seen: bool,
     },
     /// The client has the gateway's `channel.close`; its `close-ok` is awaited. The
     /// broker's channel is gone. The client's frames are dropped.

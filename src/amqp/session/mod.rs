@@ -697,10 +697,24 @@ impl Session {
         match phase {
             Phase::Open => self.open_channel(ch, ids, m, to_backend, to_client),
             Phase::Refusing => {
-                if m == ClientMethod::ChannelOpen {
+                let c = self.channel(ch);
+                let State::Refusing { close_ok_seen, .. } = &mut c.state else {
+                    return Step::Drop;
+                };
+                match m {
+                    ClientMethod::ChannelCloseOk => {
+                        *close_ok_seen = true;
+                        return Step::Drop;
+                    }
+                    // Closed on both sides as RabbitMQ sees it: the reopen waits until the
+                    // broker has answered the gateway's close.
+                    ClientMethod::ChannelOpen if *close_ok_seen => {
+                        return Step::Pause(Pause::Reopen(ch));
+                    }
                     // The broker's channel is closing (the gateway's close went first): it
                     // answers with its own 504, after the earlier methods.
-                    return Step::Forward;
+                    ClientMethod::ChannelOpen => return Step::Forward,
+                    _ => {}
                 }
                 let owed = match m {
                     ClientMethod::ChannelClose => Some(Owed::CloseOk),
@@ -1314,6 +1328,7 @@ impl Session {
         c.state = State::Refusing {
             denial: d,
             refused_empty,
+            close_ok_seen: false,
         };
     }
 
@@ -1530,10 +1545,23 @@ impl Session {
                 // An error on the channel. If the gateway was refusing a later method, the
                 // broker's error wins and the refusal is never sent; what its closing
                 // channel would have answered to the frames dropped since follows.
-                let refused_empty = match std::mem::replace(&mut c.state, State::BrokerClosing) {
-                    State::Refusing { refused_empty, .. } => refused_empty,
-                    _ => None,
-                };
+                let (refused_empty, close_ok_seen) =
+                    match std::mem::replace(&mut c.state, State::BrokerClosing) {
+                        State::Refusing {
+                            refused_empty,
+                            close_ok_seen,
+                            ..
+                        } => (refused_empty, close_ok_seen),
+                        _ => (None, false),
+                    };
+                if close_ok_seen {
+                    // The client has answered already (see `State::Refusing`): the
+                    // broker's close gets that answer, and the channel is closed on both
+                    // sides but for the gateway's own close.
+                    c.state = State::Closed;
+                    self.backend_later
+                        .frame(|b| method::channel_close_ok(b, ch));
+                }
                 // The declares without their declare-ok failed or came after the error:
                 // RabbitMQ's most recently declared queue is empty unless one succeeded.
                 let no_queue = !c.declared_ok;
@@ -1553,8 +1581,11 @@ impl Session {
                 self.hide_service_user(ch, payload)
             }
             id::CHANNEL_CLOSE_OK if matches!(c.state, State::Refusing { .. }) => {
-                let State::Refusing { denial, .. } =
-                    std::mem::replace(&mut c.state, State::ClientClosing)
+                let State::Refusing {
+                    denial,
+                    close_ok_seen,
+                    ..
+                } = std::mem::replace(&mut c.state, State::ClientClosing)
                 else {
                     return BackendStep::Forward;
                 };
@@ -1576,7 +1607,12 @@ impl Session {
                 });
                 let owed = std::mem::take(&mut c.deferred);
                 write_owed(to_client, ch, &owed, no_queue);
+                if close_ok_seen {
+                    // Its close-ok came first: the channel is over (a held reopen goes on).
+                    c.state = State::Closed;
+                }
                 self.clear_channel(ch);
+                self.forget_if_finished(ch);
                 BackendStep::Drop
             }
             id::QUEUE_DECLARE_OK => match c.queue_oks.pop() {

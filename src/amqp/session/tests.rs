@@ -2003,6 +2003,55 @@ fn a_closing_channel_answers_an_empty_queue_name_as_rabbitmq_does() {
 }
 
 #[test]
+fn a_close_ok_sent_during_a_refusal_ends_the_channel_as_at_rabbitmq() {
+    // RabbitMQ's close for a refused method is on its way at once; the gateway's waits
+    // for the broker. A client close-ok meanwhile (answering, say, a previous
+    // incarnation's late second close) is what RabbitMQ would take as the answer to its
+    // close, so a reopen right after it is no second open: it waits for the broker.
+    let mut s = session(&["read:*/*"]);
+    opened(&mut s, 1);
+    let (to_b, _) = client(&mut s, &queue_declare(1, "refused"), 1 << 20);
+    assert!(is_backend_close(&to_b, 1));
+    let mut input = close_ok(1);
+    input.extend(channel_open(1));
+    input.extend(basic_get(1, "q"));
+    let (ev, to_b, to_c, rest) = client_event(&mut s, &input);
+    assert_eq!(ev, ClientEvent::None);
+    assert!(to_b.is_empty() && to_c.is_empty(), "nothing goes yet");
+    assert!(s.client_paused(), "the reopen waits for the broker");
+    let to_c = backend(&mut s, &close_ok(1));
+    assert_eq!(channel_closed(&to_c, 1).0, 403, "the refusal is told");
+    assert!(!s.client_paused());
+    let (_, to_b, to_c, rest) = client_event(&mut s, &rest);
+    assert!(to_c.is_empty() && rest.is_empty());
+    assert_eq!(to_b, [channel_open(1), basic_get(1, "q")].concat());
+
+    // The broker's own error comes first: it gets the client's close-ok, and the
+    // reopen goes once the broker has answered the gateway's close too.
+    let mut s = session(&["read:*/*"]);
+    opened(&mut s, 1);
+    client(&mut s, &queue_declare(1, "refused"), 1 << 20);
+    let (_, _, _, rest) = client_event(&mut s, &[close_ok(1), channel_open(1)].concat());
+    let error = channel_close(1, 404, "NOT_FOUND - no queue 'x' in vhost '/'");
+    assert_eq!(backend(&mut s, &error), error);
+    let mut later = Outbox::default();
+    s.take_backend_output(&mut later);
+    assert_eq!(
+        drain(&mut later),
+        close_ok(1),
+        "the broker's close is answered"
+    );
+    assert!(s.client_paused());
+    assert!(
+        backend(&mut s, &close_ok(1)).is_empty(),
+        "the gateway's own"
+    );
+    assert!(!s.client_paused());
+    let (_, to_b, ..) = client_event(&mut s, &rest);
+    assert_eq!(to_b, channel_open(1));
+}
+
+#[test]
 fn a_close_crossing_the_brokers_error_is_answered_before_a_reopen() {
     // The broker's error and the client's close cross. RabbitMQ's closing channel answers
     // the close with close-ok; the gateway sends a close of its own in its place and

@@ -168,6 +168,12 @@ def divergences(ref: dict, gw: dict, users: list[str]) -> list[Divergence]:
         ro = [e for e in r_ev if e["ch"] == ch and e["kind"] in ORDERED]
         go = [e for e in g_ev if e["ch"] == ch and e["kind"] in ORDERED]
         ro, go = _without_dropped_cancel_oks(ro, go), _without_dropped_cancel_oks(go, ro)
+        # Sent by the queue process like consume-ok: later replies may overtake a
+        # cancel-ok, so where it falls among them is not compared, only that it came.
+        rc_ok = [e for e in ro if _is_cancel_ok(e)]
+        gc_ok = [e for e in go if _is_cancel_ok(e)]
+        ro = [e for e in ro if not _is_cancel_ok(e)]
+        go = [e for e in go if not _is_cancel_ok(e)]
         for i in range(max(len(ro), len(go))):
             a = ro[i] if i < len(ro) else None
             b = go[i] if i < len(go) else None
@@ -175,8 +181,8 @@ def divergences(ref: dict, gw: dict, users: list[str]) -> list[Divergence]:
                 steps = [e["step"] for e in (a, b) if e is not None]
                 out.append(Divergence(ch, "ordered", min(steps), a, b))
                 break
-        ra = [e for e in r_ev if e["ch"] == ch and e["kind"] in ASYNC]
-        ga = [e for e in g_ev if e["ch"] == ch and e["kind"] in ASYNC]
+        ra = [e for e in r_ev if e["ch"] == ch and e["kind"] in ASYNC] + rc_ok
+        ga = [e for e in g_ev if e["ch"] == ch and e["kind"] in ASYNC] + gc_ok
         key = lambda e: json.dumps([e["kind"], e["data"]])  # noqa: E731
         rc, gc = Counter(map(key, ra)), Counter(map(key, ga))
         only_r, only_g = rc - gc, gc - rc

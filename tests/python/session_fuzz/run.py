@@ -90,6 +90,10 @@ class Side:
 # ------------------------------------------------------------------------------------------
 # the runner
 
+# Replies that RabbitMQ's queue process sends for the channel: later replies may overtake
+# them (and compare.py compares them as a multiset).
+_QUEUE_PROCESS_REPLIES = (("basic.consume-ok",), ("basic.cancel-ok",))
+
 SYNC_REPLIES = {
     "exchange.declare": ("exchange.declare-ok",), "exchange.delete": ("exchange.delete-ok",),
     "exchange.bind": ("exchange.bind-ok",), "exchange.unbind": ("exchange.unbind-ok",),
@@ -417,8 +421,14 @@ class Runner:
                     break
             if culprit is None and inflight:
                 culprit = inflight[0]
+            # The channel handles its methods in order: those before the failed one were
+            # processed (a nowait one that failed would be the culprit); the rest were
+            # discarded by the closing channel.
+            before = True
             for r in inflight:
-                self.fates[r] = "discarded"
+                if r == culprit:
+                    before = False
+                self.fates[r] = "settled" if before and culprit else "discarded"
             if culprit:
                 self.fates[culprit] = "closed"
             self.rec(ch, "close", [a["reply_code"], a["reply_text"], failed], op=culprit,
@@ -473,10 +483,10 @@ class Runner:
         q = self.pending.get(ch)
         ref = None
         if q:
-            # RabbitMQ's queue process sends consume-ok on its own, so a later method's
-            # reply may overtake it: match past awaited consume-oks.
+            # RabbitMQ's queue process sends consume-ok and cancel-ok on its own, so a
+            # later method's reply may overtake them: match past awaited ones.
             i = 0
-            while i < len(q) and name not in q[i][0] and q[i][0] == ("basic.consume-ok",):
+            while i < len(q) and name not in q[i][0] and q[i][0] in _QUEUE_PROCESS_REPLIES:
                 i += 1
             if 0 < i < len(q) and name in q[i][0]:
                 names, ref = q[i]
