@@ -611,6 +611,27 @@ def runner_reopen(d, c: Ctx) -> bool:
         return False
     if any(e["kind"] == "timeout" for e in c.gw["events"]):
         return False
+
+    def closes(sd: dict, before: int) -> bool:
+        return any(e["ch"] == d.ch and e["kind"] == "close" and e["n"] < before
+                   for e in sd["events"])
+
+    def last_open(sd: dict, before: int) -> dict | None:
+        opens = [e for e in sd["events"] if e["ch"] == d.ch and e["kind"] == "reply"
+                 and e["data"] == ["channel.open-ok"] and (e.get("op") or "").endswith("/open")
+                 and e["n"] < before]
+        return opens[-1] if opens else None
+
+    # The reopens may line up in the event lists (open-oks are compared without their op)
+    # while standing for different steps: the earlier one is the one-sided reopen.
+    if d.gw is not None and d.ref is not None:
+        lg, lr = last_open(c.gw, d.gw["n"]), last_open(c.ref, d.ref["n"])
+        if lg and lr and lg["op"] != lr["op"]:
+            early, early_side, late_side = (lg, c.gw, c.ref) if op_key(lg["op"]) < op_key(lr["op"]) \
+                else (lr, c.ref, c.gw)
+            if not any(e["ch"] == d.ch and e.get("op") == early["op"] for e in late_side["events"]) \
+                    and closes(early_side, early["n"]) and closes(late_side, 10 ** 9):
+                return True
     for mine, side, other_side in ((d.gw, c.gw, c.ref), (d.ref, c.ref, c.gw)):
         if mine is None or mine["kind"] != "reply" or mine["data"] != ["channel.open-ok"] \
                 or not (mine.get("op") or "").endswith("/open"):
@@ -619,10 +640,6 @@ def runner_reopen(d, c: Ctx) -> bool:
         if other is not None and any(
                 e["ch"] == d.ch and e.get("op") == mine["op"] for e in other_side["events"]):
             continue  # the other side reopened too, elsewhere: a real difference
-
-        def closes(sd: dict, before: int) -> bool:
-            return any(e["ch"] == d.ch and e["kind"] == "close" and e["n"] < before
-                       for e in sd["events"])
         if closes(side, mine["n"]) and closes(other_side, 10 ** 9):
             return True
     return False
