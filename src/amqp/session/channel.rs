@@ -296,6 +296,9 @@ pub struct Channel {
     /// one for a `""` method it dropped while closing, possibly after the client's
     /// close-ok and reopen).
     pub awaiting_open_ok: bool,
+    /// While the client closes the channel, the broker closed it too (an error crossing
+    /// the client's close): the client's `close-ok` then answers it and goes to the broker.
+    pub broker_close_relayed: bool,
 }
 
 impl Channel {
@@ -313,6 +316,7 @@ impl Channel {
             deferred: Vec::new(),
             declared_ok: false,
             awaiting_open_ok: true,
+            broker_close_relayed: false,
         }
     }
 

@@ -795,6 +795,13 @@ impl Session {
                 // The broker may already have let the channel go: a reopen must wait for
                 // its close-ok, or what follows would not be checked.
                 ClientMethod::ChannelOpen => Step::Pause(Pause::Reopen(ch)),
+                // A close-ok for no close of this channel's (the client took a previous
+                // incarnation's late second close for it): the broker must not see it, or
+                // it may never answer the client's close and the reopen would wait for
+                // ever. One for the broker's own crossing close goes through.
+                ClientMethod::ChannelCloseOk if !self.channel(ch).broker_close_relayed => {
+                    Step::Drop
+                }
                 _ => Step::Forward,
             },
             Phase::Closed => self.unopened_channel(ch, &m, to_client, to_backend),
@@ -1511,6 +1518,7 @@ impl Session {
                     self.clear_channel(ch);
                     self.forget_if_finished(ch);
                 } else if ids == id::CHANNEL_CLOSE {
+                    c.broker_close_relayed = true;
                     self.clear_channel(ch);
                     return self.hide_service_user(ch, payload);
                 } else if ids == id::BASIC_CONSUME_OK {

@@ -2052,6 +2052,38 @@ fn a_close_ok_sent_during_a_refusal_ends_the_channel_as_at_rabbitmq() {
 }
 
 #[test]
+fn a_close_ok_for_no_close_of_a_closing_channel_never_reaches_the_broker() {
+    // The client closes and reopens at once, and answers a previous incarnation's late
+    // second close as if it were this channel's: the broker must not see that close-ok
+    // (it might then never answer the client's close, and the reopen would wait for ever).
+    let mut s = session(&ALL);
+    opened(&mut s, 1);
+    let (to_b, _) = client(&mut s, &channel_close(1, 200, "bye"), 1 << 20);
+    assert_eq!(to_b, channel_close(1, 200, "bye"));
+    let (ev, to_b, _, rest) = client_event(
+        &mut s,
+        &[close_ok(1), channel_open(1), basic_get(1, "q")].concat(),
+    );
+    assert_eq!(ev, ClientEvent::None);
+    assert!(
+        to_b.is_empty(),
+        "the stray close-ok is dropped, the reopen held"
+    );
+    assert_eq!(backend(&mut s, &close_ok(1)), close_ok(1));
+    let (_, to_b, ..) = client_event(&mut s, &rest);
+    assert_eq!(to_b, [channel_open(1), basic_get(1, "q")].concat());
+
+    // The broker's own close crossing the client's is answered through.
+    let mut s = session(&ALL);
+    opened(&mut s, 1);
+    client(&mut s, &channel_close(1, 200, "bye"), 1 << 20);
+    let error = channel_close(1, 404, "NOT_FOUND - no queue 'x' in vhost '/'");
+    assert_eq!(backend(&mut s, &error), error);
+    let (to_b, _) = client(&mut s, &close_ok(1), 1 << 20);
+    assert_eq!(to_b, close_ok(1));
+}
+
+#[test]
 fn a_close_crossing_the_brokers_error_is_answered_before_a_reopen() {
     // The broker's error and the client's close cross. RabbitMQ's closing channel answers
     // the close with close-ok; the gateway sends a close of its own in its place and

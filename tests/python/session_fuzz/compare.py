@@ -181,23 +181,27 @@ def divergences(ref: dict, gw: dict, users: list[str]) -> list[Divergence]:
                 steps = [e["step"] for e in (a, b) if e is not None]
                 out.append(Divergence(ch, "ordered", min(steps), a, b))
                 break
-        ra = [e for e in r_ev if e["ch"] == ch and e["kind"] in ASYNC] + rc_ok
-        ga = [e for e in g_ev if e["ch"] == ch and e["kind"] in ASYNC] + gc_ok
+        ra = sorted([e for e in r_ev if e["ch"] == ch and e["kind"] in ASYNC] + rc_ok,
+                    key=lambda e: e["n"])
+        ga = sorted([e for e in g_ev if e["ch"] == ch and e["kind"] in ASYNC] + gc_ok,
+                    key=lambda e: e["n"])
         key = lambda e: json.dumps([e["kind"], e["data"]])  # noqa: E731
         rc, gc = Counter(map(key, ra)), Counter(map(key, ga))
         only_r, only_g = rc - gc, gc - rc
         if only_r or only_g:
+            # Of equal events, the later ones are the extra ones (the earlier ones match):
+            # a side that stopped early lacks its last ones.
             rx, gx = [], []
-            for e in ra:
+            for e in reversed(ra):
                 k = key(e)
                 if only_r.get(k, 0) > 0:
                     only_r[k] -= 1
-                    rx.append(e)
-            for e in ga:
+                    rx.insert(0, e)
+            for e in reversed(ga):
                 k = key(e)
                 if only_g.get(k, 0) > 0:
                     only_g[k] -= 1
-                    gx.append(e)
+                    gx.insert(0, e)
             # RabbitMQ's queue process sends consume-ok on its own: a channel closed right
             # after the consume (an error, a refusal) drops it. Missing on the side whose
             # channel closed after the consume, it is no difference.
@@ -259,7 +263,18 @@ def judge(seq: dict, ref: dict, gw: dict, vhost: str, service_users=()) -> Verdi
     # A channel's ordered divergence comes first: what arrives asynchronously on it at that
     # step (a confirm, a delivery) follows from it.
     ordered_chans = {d.ch for d in divs if d.step == first_step and d.kind == "ordered"}
+    # A connection that ended on one side at that step (explained on channel 0) ends every
+    # channel with it: their divergences at that step follow from it.
+    conn_end = None
     for d in divs:
+        if d.step == first_step and d.ch == 0 and d.kind == "ordered" and any(
+                e is not None and e["kind"] in ("conn-close", "conn-lost") for e in (d.ref, d.gw)):
+            conn_end = rules.explain(d, ctx)
+    # Channel 0 is judged first (sorted by step, then channel).
+    for d in divs:
+        if d.ch != 0 and d.step == first_step and conn_end:
+            v.consequences[conn_end] = v.consequences.get(conn_end, 0) + 1
+            continue
         if d.step != first_step or (d.kind == "async" and d.ch in ordered_chans):
             key = first_rule or "after an unexplained difference"
             v.consequences[key] = v.consequences.get(key, 0) + 1

@@ -366,6 +366,41 @@ def missing_exchange_topic(d, c: Ctx) -> bool:
     return False
 
 
+def nowait_declared_exchange(d, c: Ctx) -> bool:
+    """F-NOWAIT-X: a method naming an exchange that the same channel declared with `nowait`
+    just before, refused by the gateway's topic check. A `nowait` declare has no reply the
+    gateway could learn the type from, and its lookup in the management API may run before
+    the broker has made the exchange: the gateway fails closed (topic check, 403) where
+    RabbitMQ, knowing the type, lets a non-topic exchange through."""
+    g = d.gw
+    if d.kind != "ordered" or not _is_close(g, 403) or _same_refusal(d):
+        return False
+    op = c.op("gw", g.get("op"))
+    if not op or op["m"] not in ("basic.publish", "queue.bind", "queue.unbind", "exchange.bind",
+                                 "exchange.unbind"):
+        return False
+    m = _TOPIC.match(c.raw_text(g))
+    if not m:
+        return False
+    perm, key, x = m.group(1) or "write", m.group(2), m.group(3)
+    declared = False
+    for ref, o in sorted(c.gw["ops"].items(), key=lambda kv: op_key(kv[0])):
+        if op_key(ref) >= op_key(g["op"]):
+            break
+        name = (o.get("a") or {}).get("exchange")
+        if o["ch"] != op["ch"] or name != x:
+            continue
+        if o["m"] == "exchange.declare" and not o["a"].get("passive"):
+            declared = bool(o["a"].get("nowait")) and o["a"].get("type") != "topic"
+        elif o["m"] == "exchange.delete":
+            declared = False
+    if not declared:
+        return False
+    if any(p.topic(perm, c.vhost, x, key) for p in c.perms_at(g["op"])):
+        return False
+    return _order_ok(d, op, c)
+
+
 def server_named_probe(d, c: Ctx) -> bool:
     """F-PROBE: `queue.declare ""` is checked against a random probe `amq.gen-…` name, not
     the name the broker then chooses; scopes that match some `amq.gen-…` names but not
@@ -601,6 +636,39 @@ def broker_internal_error(d, c: Ctx) -> bool:
     return False
 
 
+def answered_second_close(d, c: Ctx) -> bool:
+    """R-SECOND-CLOSE (harness): RabbitMQ closes one side's connection with `504 expected
+    'channel.open'` for a `channel.close-ok` the runner sent in answer to 3.10.8's late
+    second close (`404 no previously declared queue`, for a `""` method its closing channel
+    expanded). That close reached the runner, on that side only, after it had sent its own
+    close: it took it for the channel's and answered it; on the other side it came before
+    and was recorded as the old channel's. When it arrives depends on timing."""
+    if d.kind != "ordered":
+        return False
+    second = [404, "NOT_FOUND - no previously declared queue"]
+
+    def seconds(sd: dict, before: int, answered: bool) -> bool:
+        return any(e["ch"] == d.ch and e["kind"] == "close" and e["data"][:2] == second
+                   and e["n"] < before and bool(e.get("op")) == answered for e in sd["events"])
+    if d.ch != 0:
+        # On the channel: one side's runner took that close for its own (and answered it),
+        # the other's recorded it as the old channel's; what follows differs.
+        return d.ref is not None and d.gw is not None and any(
+            seconds(a, ea["n"], True) and seconds(b, eb["n"], False)
+            for a, ea, b, eb in ((c.ref, d.ref, c.gw, d.gw), (c.gw, d.gw, c.ref, d.ref)))
+    for mine, side in ((d.ref, c.ref), (d.gw, c.gw)):
+        if mine is None or mine["kind"] != "conn-close" or mine["data"][:3] != [
+                504, "CHANNEL_ERROR - expected 'channel.open'", "channel.close-ok"]:
+            continue
+        other = d.gw if mine is d.ref else d.ref
+        if other is not None and other["kind"] == "conn-close":
+            continue
+        if any(e["kind"] == "close" and e["data"][:2] == [404, "NOT_FOUND - no previously declared queue"]
+               and e.get("op") and e["n"] < mine["n"] for e in side["events"]):
+            return True
+    return False
+
+
 def runner_reopen(d, c: Ctx) -> bool:
     """R-REOPEN (harness): the runner reopened a channel on one side only. Its channel had
     been closed on both sides, by a method in a step it did not wait on; whether that
@@ -651,6 +719,7 @@ RULES = [
     ("V-UPDATE-SECRET", update_secret),
     ("F-DLX-AE", dlx_ae_existing),
     ("F-MISSING-X", missing_exchange_topic),
+    ("F-NOWAIT-X", nowait_declared_exchange),
     ("F-PROBE", server_named_probe),
     ("F-UTF8", non_utf8_name),
     ("F-INTERNAL", internal_exchange),
@@ -659,6 +728,7 @@ RULES = [
     ("R-REOPEN", runner_reopen),
     ("R-LOST-REPLIES", lost_before_close_ok),
     ("R-BROKER-541", broker_internal_error),
+    ("R-SECOND-CLOSE", answered_second_close),
 ]
 
 
