@@ -178,13 +178,17 @@ fn queue_purge(ch: u16, q: &str) -> Vec<u8> {
 }
 
 fn consume(ch: u16, q: &str, tag: &str, nowait: bool) -> Vec<u8> {
+    consume_with(ch, q, tag, nowait, true)
+}
+
+fn consume_with(ch: u16, q: &str, tag: &str, nowait: bool, no_ack: bool) -> Vec<u8> {
     method(
         ch,
         AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
             queue: q.into(),
             consumer_tag: tag.into(),
             no_local: false,
-            no_ack: true,
+            no_ack,
             exclusive: false,
             nowait,
             arguments: FieldTable::default(),
@@ -1160,19 +1164,7 @@ async fn deliveries_in_flight_to_a_revoked_consumer_never_reach_the_client_and_a
     let t2 = token("carol", &["read:%2F/nothing"]);
     let mut c = Client::connect(&gw, &t1, "/").await;
     c.open(1).await;
-    c.send(&method(
-        1,
-        AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
-            queue: q.as_str().into(),
-            consumer_tag: "busy".into(),
-            no_local: false,
-            no_ack: false,
-            exclusive: false,
-            nowait: false,
-            arguments: FieldTable::default(),
-        })),
-    ))
-    .await;
+    c.send(&consume_with(1, &q, "busy", false, false)).await; // acknowledged mode
     // A steady stream into the queue, so that deliveries are on their way whenever the
     // token changes; the client acknowledges nothing.
     const SENT: usize = 20_000;

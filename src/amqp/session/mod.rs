@@ -1694,19 +1694,16 @@ impl Session {
                 // way), the consumer ends with the channel, and a cancel behind that close
                 // would be discarded or reach a channel the broker no longer has (504, a
                 // connection error). Its deliveries meanwhile are dropped all the same.
-                let open = c.state == State::Open;
-                if open {
-                    self.backend_later
-                        .frame(|b| method::basic_cancel_with(b, ch, &tag, false));
-                }
-                if self.cancel_notify {
-                    to_client.frame(|b| method::basic_cancel(b, ch, &tag));
-                }
-                c.revoked.push(Revoked {
+                let to_backend = (c.state == State::Open).then_some(&mut self.backend_later);
+                revoke(
+                    c,
+                    ch,
                     tag,
                     no_ack,
-                    cancel_sent: open,
-                });
+                    to_backend,
+                    self.cancel_notify,
+                    to_client,
+                );
             }
             _ => {}
         }
@@ -1823,18 +1820,16 @@ impl Session {
                     continue;
                 }
                 let no_ack = c.no_ack;
-                // Not `nowait`: its cancel-ok marks the end of the consumer's deliveries.
-                to_backend.frame(|b| method::basic_cancel_with(b, ch, &tag, false));
                 chan.consumers.remove(&tag);
-                if self.cancel_notify {
-                    to_client.frame(|b| method::basic_cancel(b, ch, &tag));
-                }
-                // Still counted with the connection's consumers until its cancel-ok.
-                chan.revoked.push(Revoked {
+                revoke(
+                    chan,
+                    ch,
                     tag,
                     no_ack,
-                    cancel_sent: true,
-                });
+                    Some(&mut *to_backend),
+                    self.cancel_notify,
+                    to_client,
+                );
             }
         }
     }
@@ -1998,6 +1993,34 @@ fn write_no_queue(to_client: &mut Outbox, ch: u16, (class, meth): (u16, u16)) {
 
 /// What a closing channel answers to frames the gateway dropped (see [`Owed`]); `no_queue`
 /// is whether RabbitMQ's most recently declared queue is empty then.
+/// Revokes consumer `tag` of channel `ch` (already out of its consumers): the gateway's
+/// `basic.cancel` goes to `to_backend` when the broker's channel is open (not `nowait`: its
+/// cancel-ok marks the end of the consumer's deliveries), the client is told when it asked
+/// for `consumer_cancel_notify`, and the consumer stays [`Revoked`] (still counted with the
+/// connection's consumers) until that cancel-ok or the channel's end.
+fn revoke(
+    c: &mut Channel,
+    ch: u16,
+    tag: Box<str>,
+    no_ack: bool,
+    to_backend: Option<&mut Outbox>,
+    notify: bool,
+    to_client: &mut Outbox,
+) {
+    let cancel_sent = to_backend.is_some();
+    if let Some(b) = to_backend {
+        b.frame(|b| method::basic_cancel_with(b, ch, &tag, false));
+    }
+    if notify {
+        to_client.frame(|b| method::basic_cancel(b, ch, &tag));
+    }
+    c.revoked.push(Revoked {
+        tag,
+        no_ack,
+        cancel_sent,
+    });
+}
+
 fn write_owed(to_client: &mut Outbox, ch: u16, owed: &[Owed], no_queue: bool) {
     for o in owed {
         match *o {

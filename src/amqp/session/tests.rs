@@ -158,30 +158,19 @@ fn basic_get(ch: u16, q: &str) -> Vec<u8> {
 }
 
 fn consume(ch: u16, q: &str, tag: &str, nowait: bool) -> Vec<u8> {
-    method(
-        ch,
-        AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
-            queue: q.into(),
-            consumer_tag: tag.into(),
-            no_local: false,
-            no_ack: true,
-            exclusive: false,
-            nowait,
-            arguments: FieldTable::default(),
-        })),
-    )
+    consume_with(ch, q, tag, nowait, true)
 }
 
-fn consume_acked(ch: u16, q: &str, tag: &str) -> Vec<u8> {
+fn consume_with(ch: u16, q: &str, tag: &str, nowait: bool, no_ack: bool) -> Vec<u8> {
     method(
         ch,
         AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
             queue: q.into(),
             consumer_tag: tag.into(),
             no_local: false,
-            no_ack: false,
+            no_ack,
             exclusive: false,
-            nowait: true,
+            nowait,
             arguments: FieldTable::default(),
         })),
     )
@@ -392,6 +381,14 @@ fn backend(s: &mut Session, input: &[u8]) -> Vec<u8> {
     s.on_backend_input(&mut buf, &mut to_c).unwrap();
     assert!(buf.is_empty(), "backend input left over");
     drain(&mut to_c)
+}
+
+/// The broker closes channel `ch` with an error (a 404 for a missing queue).
+fn broker_closed(s: &mut Session, ch: u16) -> Vec<u8> {
+    backend(
+        s,
+        &channel_close(ch, 404, "NOT_FOUND - no queue 'x' in vhost '/'"),
+    )
 }
 
 fn is_backend_close(buf: &[u8], ch: u16) -> bool {
@@ -1308,10 +1305,7 @@ fn a_reused_consumer_tag_is_rabbitmqs_530() {
 fn frames_on_a_channel_the_broker_closed_hold_nothing() {
     let mut s = session(&ALL);
     opened(&mut s, 1);
-    backend(
-        &mut s,
-        &channel_close(1, 404, "NOT_FOUND - no queue 'x' in vhost '/'"),
-    );
+    broker_closed(&mut s, 1);
     let input: Vec<u8> = (0..10_000)
         .flat_map(|i| consume(1, "q", &format!("t{i}"), false))
         .collect();
@@ -1341,10 +1335,7 @@ fn frames_on_a_channel_the_broker_closed_hold_nothing() {
 fn answers_owed_on_a_closing_channel_are_bounded_and_cost_one_gateway_close() {
     let mut s = session(&ALL);
     opened(&mut s, 1);
-    backend(
-        &mut s,
-        &channel_close(1, 404, "NOT_FOUND - no queue 'x' in vhost '/'"),
-    );
+    broker_closed(&mut s, 1);
     let input: Vec<u8> = (0..10_000).flat_map(|_| basic_get(1, "")).collect();
     let (to_b, to_c) = client(&mut s, &input, 1 << 20);
     assert!(to_c.is_empty());
@@ -1361,10 +1352,7 @@ fn a_second_open_on_a_closing_channel_is_rabbitmqs_504() {
     // Broker closing: the broker answers it itself.
     let mut s = session(&ALL);
     opened(&mut s, 1);
-    backend(
-        &mut s,
-        &channel_close(1, 404, "NOT_FOUND - no queue 'x' in vhost '/'"),
-    );
+    broker_closed(&mut s, 1);
     let (to_b, _) = client(&mut s, &channel_open(1), 1 << 20);
     assert_eq!(to_b, channel_open(1));
     // Refusing: the broker's channel is closing after the gateway's close.
@@ -1581,8 +1569,8 @@ fn deliveries_on_their_way_to_a_revoked_consumer_are_dropped_and_given_back() {
         opened(&mut s, 1);
         let subscribe = if acked {
             [
-                consume_acked(1, "q", "gone"),
-                consume_acked(1, "other", "kept"),
+                consume_with(1, "q", "gone", true, false),
+                consume_with(1, "other", "kept", true, false),
             ]
             .concat()
         } else {
