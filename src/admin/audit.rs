@@ -34,6 +34,9 @@ pub struct AuditEvent<'a> {
     pub method: Option<&'a str>,
     /// The resource of a refused operation, e.g. `queue 'q'`.
     pub resource: Option<&'a str>,
+    /// The authentication backend whose decision it is (`oauth2`, `internal`): the one
+    /// that accepted the login, or the last one that refused it.
+    pub backend: Option<&'a str>,
 }
 
 #[derive(Serialize)]

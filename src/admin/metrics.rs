@@ -143,7 +143,7 @@ impl Metrics {
             authentications: counter(
                 &registry,
                 "authentications_total",
-                "Authentication decisions, by issuer (the configured name, none when the token's iss matches none), outcome and reason.",
+                "Authentication decisions, by issuer (the configured name, none when the token's iss matches none, internal for the broker's internal users), outcome and reason.",
                 &["issuer", "outcome", "reason"],
             ),
             denials: counter(

@@ -61,8 +61,12 @@ pub struct Credentials {
     pub mechanism: Mechanism,
     /// The SASL username. RabbitMQ's OAuth 2.0 backend ignores it; so does the gateway.
     pub username: String,
-    /// The token: never log it.
+    /// The password, taken as a token: never log it. Empty when the password is not UTF-8
+    /// (no token is; an internal user's password may be).
     pub token: String,
+    /// The SASL response exactly as the client sent it, for a login to the broker with the
+    /// client's own credentials: never log it.
+    pub response: Vec<u8>,
     pub client_properties: ClientProperties,
 }
 
@@ -107,7 +111,8 @@ impl ClientProperties {
     /// name with `identity` appended, and `peer`), within [`BACKEND_PROPERTIES_BUDGET`]
     /// (entries that do not fit are left out), and with `consumer_cancel_notify` among the
     /// capabilities so that the broker tells the gateway about every consumer it cancels
-    /// (the session passes those on only to clients that asked).
+    /// (the session passes those on only to clients that asked), and with
+    /// `authentication_failure_close`.
     pub fn for_backend(&self, identity: &str, peer: &str) -> Vec<u8> {
         let t = self.table();
         let name = match self.text("connection_name") {
@@ -118,7 +123,10 @@ impl ClientProperties {
         let client_caps = t.table("capabilities").unwrap_or_default();
         let mut seen: Vec<&[u8]> = Vec::new();
         for (k, v) in client_caps.entries() {
-            if seen.contains(&k) || k == b"consumer_cancel_notify" {
+            if seen.contains(&k)
+                || k == b"consumer_cancel_notify"
+                || k == b"authentication_failure_close"
+            {
                 continue;
             }
             seen.push(k);
@@ -130,6 +138,9 @@ impl ClientProperties {
             }
         }
         caps.bool("consumer_cancel_notify", true);
+        // A refused login (an internal user's password) is then a `connection.close` the
+        // gateway can pass on, not a silent hang-up.
+        caps.bool("authentication_failure_close", true);
         let mut w = TableWriter::default();
         w.table("capabilities", &caps);
         w.long_str("connection_name", cut(name.as_bytes(), 255));
@@ -416,7 +427,7 @@ impl ClientHandshake {
                 return Err(HandshakeError::Mechanism);
             }
         };
-        let Some((username, token)) = parsed else {
+        let Some((username, password)) = parsed else {
             // RabbitMQ echoes the response here; the gateway never echoes a credential.
             let text = format!("SYNTAX_ERROR - {} response invalid", mechanism.as_str());
             self.close(out, reply::SYNTAX_ERROR, &text, ids);
@@ -426,7 +437,8 @@ impl ClientHandshake {
         Ok(Step::Authenticate(Credentials {
             mechanism,
             username,
-            token,
+            token: String::from_utf8(password).unwrap_or_default(),
+            response: s.response.to_vec(),
             client_properties: s.client_properties,
         }))
     }
@@ -597,29 +609,31 @@ fn expected_name(ids: (u16, u16)) -> &'static str {
     }
 }
 
-/// PLAIN: `authzid \0 user \0 password`, where RabbitMQ requires an empty authzid.
-fn parse_plain(response: &[u8]) -> Option<(String, String)> {
+/// PLAIN: `authzid \0 user \0 password`, where RabbitMQ requires an empty authzid. The
+/// user name must be UTF-8; the password is bytes (an internal user's may be anything).
+fn parse_plain(response: &[u8]) -> Option<(String, Vec<u8>)> {
     let rest = response.strip_prefix(b"\0")?;
     let nul = rest.iter().position(|&b| b == 0)?;
     let user = std::str::from_utf8(&rest[..nul]).ok()?;
-    let pass = std::str::from_utf8(&rest[nul + 1..]).ok()?;
-    if pass.contains('\0') {
+    let pass = &rest[nul + 1..];
+    if pass.contains(&0) {
         return None;
     }
-    Some((user.to_owned(), pass.to_owned()))
+    Some((user.to_owned(), pass.to_vec()))
 }
 
 /// AMQPLAIN: a field table body (no length prefix) with `LOGIN` and `PASSWORD`, the first
 /// entry of each, long strings or byte arrays (`rabbit_auth_mechanism_amqplain`).
-fn parse_amqplain(response: &[u8]) -> Option<(String, String)> {
+fn parse_amqplain(response: &[u8]) -> Option<(String, Vec<u8>)> {
     let table = Table::new(response).ok()?;
-    let text = |key: &str| -> Option<String> {
+    let bytes = |key: &str| -> Option<Vec<u8>> {
         match table.get(key)? {
-            Value::LongStr(s) | Value::Bytes(s) => String::from_utf8(s.to_vec()).ok(),
+            Value::LongStr(s) | Value::Bytes(s) => Some(s.to_vec()),
             _ => None,
         }
     };
-    Some((text("LOGIN")?, text("PASSWORD")?))
+    let login = String::from_utf8(bytes("LOGIN")?).ok()?;
+    Some((login, bytes("PASSWORD")?))
 }
 
 /// The arguments of `connection.start-ok`.

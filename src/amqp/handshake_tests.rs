@@ -422,7 +422,7 @@ fn capabilities_and_credentials_take_the_first_entry_of_a_key() {
     .concat();
     assert_eq!(
         parse_amqplain(&response),
-        Some(("u".to_owned(), "first".to_owned()))
+        Some(("u".to_owned(), b"first".to_vec()))
     );
 }
 
@@ -437,6 +437,7 @@ fn backend_properties_keep_first_entries_within_a_budget() {
     let mut caps = TableWriter::default();
     caps.bool("publisher_confirms", true);
     caps.bool("consumer_cancel_notify", false);
+    caps.bool("authentication_failure_close", false);
     w.table("capabilities", &caps);
     let p = ClientProperties::new(w.entries()).unwrap();
     let wire = p.for_backend("alice via gw", "10.0.0.1:5555");
@@ -458,5 +459,9 @@ fn backend_properties_keep_first_entries_within_a_budget() {
     assert!(
         caps.flag("consumer_cancel_notify"),
         "the gateway always asks the broker for cancel notifications"
+    );
+    assert!(
+        caps.flag("authentication_failure_close"),
+        "a refused login of an internal user comes as a close to pass on"
     );
 }

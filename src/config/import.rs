@@ -96,6 +96,7 @@ const SCALARS: [(&str, &str, bool); 5] = [
 /// Converts `rabbitmq.conf` text.
 pub fn import(conf: &str) -> Imported {
     let mut o = OAuth2::default();
+    let mut chain = Chain::default();
     let mut notes = Vec::new();
     for (i, raw) in conf.lines().enumerate() {
         let line = i + 1;
@@ -108,6 +109,12 @@ pub fn import(conf: &str) -> Imported {
             continue;
         };
         let (key, value) = (key.trim(), value.trim().to_owned());
+        if let Some(r) = chain.take(key, &value, line) {
+            if let Err(msg) = r {
+                notes.push(note(line, key, msg));
+            }
+            continue;
+        }
         let Some(k) = key.strip_prefix("auth_oauth2.") else {
             notes.push(note(
                 line,
@@ -120,8 +127,88 @@ pub fn import(conf: &str) -> Imported {
             notes.push(note(line, key, msg));
         }
     }
-    let toml = o.render(&mut notes);
+    let mut toml = o.render(&mut notes);
+    chain.render(&mut toml);
     Imported { toml, notes }
+}
+
+/// `auth_backends.N` and `loopback_users`: the gateway's `[auth]`.
+#[derive(Default)]
+struct Chain {
+    /// By index, as cuttlefish orders them.
+    backends: BTreeMap<u64, &'static str>,
+    /// `loopback_users.<user> = true|false`, or `loopback_users = none` (an empty map).
+    loopback: Option<BTreeMap<String, bool>>,
+}
+
+impl Chain {
+    /// Takes a line of the chain's keys; `None` for any other key.
+    fn take(&mut self, key: &str, value: &str, _line: usize) -> Option<Result<(), String>> {
+        if let Some(rest) = key.strip_prefix("auth_backends.") {
+            return Some(self.take_backend(rest, value));
+        }
+        if key == "loopback_users" {
+            return Some(if value == "none" {
+                self.loopback = Some(BTreeMap::new());
+                Ok(())
+            } else {
+                Err(format!("{value:?} is not `none`"))
+            });
+        }
+        let user = key.strip_prefix("loopback_users.")?;
+        Some(match parse_bool(value) {
+            Some(b) => {
+                self.loopback
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(user.to_owned(), b);
+                Ok(())
+            }
+            None => Err(format!("{value:?} is not true or false")),
+        })
+    }
+
+    fn take_backend(&mut self, rest: &str, value: &str) -> Result<(), String> {
+        let Ok(index) = rest.parse::<u64>() else {
+            return Err(if rest.ends_with(".authn") || rest.ends_with(".authz") {
+                "not supported: the gateway's backends authenticate and authorise together".into()
+            } else {
+                "not a `auth_backends.<number>` key".into()
+            });
+        };
+        let backend = match value {
+            "oauth2" | "rabbit_auth_backend_oauth2" => "oauth2",
+            "internal" | "rabbit_auth_backend_internal" => "internal",
+            other => {
+                return Err(format!(
+                    "not supported: the gateway's backends are oauth2 and internal, not {other:?}"
+                ));
+            }
+        };
+        if self.backends.values().any(|b| *b == backend) {
+            return Err(format!("{backend} is listed already"));
+        }
+        self.backends.insert(index, backend);
+        Ok(())
+    }
+
+    fn render(&self, t: &mut String) {
+        if self.backends.is_empty() && self.loopback.is_none() {
+            return;
+        }
+        let _ = writeln!(t, "\n[auth]");
+        if !self.backends.is_empty() {
+            let list: Vec<String> = self.backends.values().map(|b| quote(b)).collect();
+            let _ = writeln!(t, "backends = [{}]", list.join(", "));
+        }
+        if let Some(users) = &self.loopback {
+            let list: Vec<String> = users
+                .iter()
+                .filter(|(_, on)| **on)
+                .map(|(u, _)| quote(u))
+                .collect();
+            let _ = writeln!(t, "loopback_users = [{}]", list.join(", "));
+        }
+    }
 }
 
 fn note(line: usize, key: &str, message: impl Into<String>) -> ImportNote {
@@ -653,12 +740,46 @@ management.oauth_enabled = true
         assert_eq!(
             noted,
             [
-                "auth_backends.1",
-                "auth_backends.2",
                 "auth_oauth2.https.hostname_verification",
                 "management.oauth_enabled"
             ]
         );
+        // The chain carries over: tokens first, then the broker's internal users.
+        assert_eq!(
+            doc["auth"]["backends"].as_array().unwrap(),
+            &vec![toml::Value::from("oauth2"), toml::Value::from("internal")]
+        );
+        assert!(doc["auth"].get("loopback_users").is_none(), "RabbitMQ's default stays");
+    }
+
+    #[test]
+    fn the_chain_and_loopback_users_convert() {
+        let conf = "auth_backends.2 = rabbit_auth_backend_internal\n\
+                    auth_backends.1 = rabbit_auth_backend_oauth2\n\
+                    auth_backends.3 = ldap\n\
+                    auth_backends.4.authn = internal\n\
+                    loopback_users.guest = false\n\
+                    loopback_users.monitor = true\n\
+                    loopback_users.x = maybe\n\
+                    auth_oauth2.resource_server_id = rabbitmq\n\
+                    auth_oauth2.jwks_url = https://idp.example/jwks\n";
+        let out = import(conf);
+        let doc: toml::Table = out.toml.parse().unwrap();
+        let cfg = gateway_config(&out.toml);
+        use crate::config::AuthBackend::*;
+        assert_eq!(cfg.auth.backends, [OAuth2, Internal]);
+        assert_eq!(cfg.auth.loopback_users, ["monitor"]);
+        assert_eq!(doc["auth"]["loopback_users"].as_array().unwrap().len(), 1);
+        let noted: Vec<&str> = out.notes.iter().map(|n| n.key.as_str()).collect();
+        assert_eq!(
+            noted,
+            ["auth_backends.3", "auth_backends.4.authn", "loopback_users.x"]
+        );
+        let none = import(
+            "loopback_users = none\nauth_oauth2.resource_server_id = r\nauth_oauth2.jwks_url = https://i/j\n",
+        );
+        assert!(gateway_config(&none.toml).auth.loopback_users.is_empty());
+        assert!(none.notes.is_empty());
     }
 
     #[test]

@@ -171,7 +171,55 @@ pub struct Config {
     pub admin: AdminConfig,
     pub log: LogConfig,
     pub runtime: RuntimeConfig,
+    pub auth: AuthConfig,
 }
+
+/// An authentication backend of the chain, RabbitMQ's `auth_backends`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthBackend {
+    /// Tokens, verified by the gateway (`rabbit_auth_backend_oauth2`); the gateway
+    /// authorises every operation and relays with its service user.
+    OAuth2,
+    /// The broker's own users (`rabbit_auth_backend_internal`): the gateway logs in to the
+    /// broker with the client's credentials, and the broker authorises the session.
+    Internal,
+}
+
+impl AuthBackend {
+    /// The name in the configuration, the metrics and the audit log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthBackend::OAuth2 => "oauth2",
+            AuthBackend::Internal => "internal",
+        }
+    }
+}
+
+/// `[auth]`: RabbitMQ's `auth_backends` chain and `loopback_users`, plus per-user source
+/// networks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// Tried in order until one accepts; never empty, no repeats. Default: tokens only.
+    pub backends: Vec<AuthBackend>,
+    /// Users who may log in only from a loopback address (the client's real address, the
+    /// PROXY header's when enabled). Default: `guest`, as in RabbitMQ.
+    pub loopback_users: Vec<String>,
+    /// Users who may log in only from these networks (a gateway addition).
+    pub sources: BTreeMap<String, Vec<ipnet::IpNet>>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            backends: vec![AuthBackend::OAuth2],
+            loopback_users: vec![DEFAULT_LOOPBACK_USER.to_owned()],
+            sources: BTreeMap::new(),
+        }
+    }
+}
+
+/// RabbitMQ's default `loopback_users`.
+pub const DEFAULT_LOOPBACK_USER: &str = "guest";
 
 /// `[runtime]`: the process's threads. Read at start only; a reload that changes it is
 /// logged as taking effect at the next restart.

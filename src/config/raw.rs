@@ -24,6 +24,17 @@ pub(super) struct RawConfig {
     pub log: RawLog,
     #[serde(default)]
     pub runtime: RawRuntime,
+    #[serde(default)]
+    pub auth: RawAuth,
+}
+
+/// `[auth]`: the authentication backend chain and the users restricted by source.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAuth {
+    pub backends: Option<Vec<String>>,
+    pub loopback_users: Option<Vec<String>>,
+    pub sources: Option<BTreeMap<String, Vec<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

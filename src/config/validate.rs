@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::raw::{
-    RawAdmin, RawAliasValue, RawBackend, RawConfig, RawListener, RawLog, RawOAuth2, RawPolicy,
+    RawAdmin, RawAliasValue, RawAuth, RawBackend, RawConfig, RawListener, RawLog, RawOAuth2, RawPolicy,
 };
 use super::{
-    AdminConfig, AuditSink, BackendConfig, BackendNode, BackendTlsConfig, CheckFiles, Config,
+    AdminConfig, AuditSink, AuthBackend, AuthConfig, BackendConfig, BackendNode, BackendTlsConfig, CheckFiles, Config,
     ConfigError, ConfigErrors, DEFAULT_ADMIN_ADDRESS, DEFAULT_ALGORITHMS,
     DEFAULT_AUTH_FAILURE_DELAY_MS, DEFAULT_BACKEND_CONNECT_TIMEOUT_MS,
     DEFAULT_BACKEND_MAX_CONNECTING, DEFAULT_BACKEND_NODE, DEFAULT_CHANNEL_MAX, DEFAULT_CHECK_IAT,
@@ -63,6 +63,7 @@ pub(super) fn validate(
             .worker_threads
             .map(|n| c.bounded("runtime.worker_threads", Some(n), 1, 1, MAX_WORKER_THREADS)),
     };
+    let auth = c.auth(raw.auth);
     c.address_conflicts(&listener, &admin);
     if c.errors.is_empty() {
         Ok(Config {
@@ -72,6 +73,7 @@ pub(super) fn validate(
             admin,
             log,
             runtime,
+            auth,
         })
     } else {
         Err(ConfigErrors(c.errors))
@@ -651,6 +653,63 @@ impl Checker<'_> {
             jti_deny: raw.jti_deny.unwrap_or_default().into_iter().collect(),
             rules,
         }
+    }
+
+    fn auth(&mut self, raw: RawAuth) -> AuthConfig {
+        let mut auth = AuthConfig::default();
+        if let Some(names) = raw.backends {
+            auth.backends.clear();
+            if names.is_empty() {
+                self.error("auth.backends", "must name at least one backend");
+            }
+            for name in &names {
+                // RabbitMQ's module names and its short aliases both work.
+                let backend = match name.as_str() {
+                    "oauth2" | "rabbit_auth_backend_oauth2" => AuthBackend::OAuth2,
+                    "internal" | "rabbit_auth_backend_internal" => AuthBackend::Internal,
+                    other => {
+                        self.error(
+                            "auth.backends",
+                            format!("{other:?} is not \"oauth2\" or \"internal\" (the gateway supports no other backend)"),
+                        );
+                        continue;
+                    }
+                };
+                if auth.backends.contains(&backend) {
+                    self.error(
+                        "auth.backends",
+                        format!("{:?} is listed twice", backend.as_str()),
+                    );
+                    continue;
+                }
+                auth.backends.push(backend);
+            }
+        }
+        if let Some(users) = raw.loopback_users {
+            auth.loopback_users = users;
+        }
+        for (user, nets) in raw.sources.unwrap_or_default() {
+            let key = table_key("auth.sources", &user);
+            if nets.is_empty() {
+                self.error(&key, "must list at least one network (an address or a CIDR block)");
+            }
+            let mut parsed = Vec::new();
+            for n in &nets {
+                // A bare address is a network of one.
+                let net = n
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| n.parse::<IpAddr>().map(ipnet::IpNet::from));
+                match net {
+                    Ok(net) => parsed.push(net),
+                    Err(_) => self.error(
+                        &key,
+                        format!("{n:?} is not an IP address or a CIDR block such as 10.0.0.0/8"),
+                    ),
+                }
+            }
+            auth.sources.insert(user, parsed);
+        }
+        auth
     }
 
     fn admin(&mut self, raw: RawAdmin) -> AdminConfig {

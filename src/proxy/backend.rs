@@ -1,6 +1,8 @@
 //! Opens the backend connection for an authenticated client: TCP to a RabbitMQ node (and
-//! TLS when `backend.tls` is on), then the AMQP handshake as a client with the service user, the client's vhost, and
-//! the client's identity in `connection_name`. At most `backend.max_connecting` connects to a
+//! TLS when `backend.tls` is on), then the AMQP handshake as a client, with the client's
+//! identity in `connection_name`: [`open`] logs in with the service user (token sessions);
+//! [`login`] then [`LoggedIn::open`] with the client's own credentials (internal users,
+//! whose login is the broker's to judge, before the client names its vhost). At most `backend.max_connecting` connects to a
 //! node are in progress at once; waiting for a slot, connecting and the handshake are each
 //! bounded by the connect timeout.
 
@@ -40,6 +42,15 @@ pub enum BackendError {
     /// not found`); the client gets the same close.
     #[error("backend refused: {code} {text}")]
     Refused {
+        code: u16,
+        text: String,
+        class_id: u16,
+        method_id: u16,
+    },
+    /// The broker refused the login itself (its `connection.close` in answer to
+    /// `start-ok`: a wrong password, a loopback-only user).
+    #[error("backend refused the login: {code} {text}")]
+    LoginRefused {
         code: u16,
         text: String,
         class_id: u16,
@@ -181,8 +192,33 @@ pub struct Backend {
     pub tuning: Tuning,
 }
 
-/// Connects to the first reachable node and opens `vhost` on it. `tls` is the connector
-/// built from `cfg.tls` ([`tls_connector`]), `None` for plain AMQP.
+/// Whose credentials the backend connection logs in with.
+#[derive(Clone, Copy)]
+pub enum Login<'a> {
+    /// The gateway's service user (token sessions): PLAIN with `backend.username`.
+    Service,
+    /// The client's own, as it sent them (internal-user sessions): the broker judges them.
+    Client {
+        mechanism: &'a str,
+        response: &'a [u8],
+    },
+}
+
+/// A backend connection past `connection.start-ok`: the broker accepted the login and sent
+/// `connection.tune`. [`LoggedIn::open`] finishes the handshake.
+pub struct LoggedIn {
+    stream: BackendStream,
+    buf: BytesMut,
+    lease: Lease,
+    node: String,
+    index: usize,
+    balancer: Arc<Balancer>,
+    /// The broker's `channel_max` and `frame_max`.
+    offered: (u16, u32),
+}
+
+/// Connects to the first reachable node and opens `vhost` on it with the service user.
+/// `tls` is the connector built from `cfg.tls` ([`tls_connector`]), `None` for plain AMQP.
 pub async fn open(
     cfg: &BackendConfig,
     tls: Option<&TlsConnector>,
@@ -192,6 +228,23 @@ pub async fn open(
     client_properties: &[u8],
     metrics: &Metrics,
 ) -> Result<Backend, BackendError> {
+    login(cfg, tls, balancer, Login::Service, client_properties, metrics)
+        .await?
+        .open(vhost, client, cfg.connect_timeout, metrics)
+        .await
+}
+
+/// Connects to the first reachable node and logs in with `who`: the broker's answer to
+/// `connection.start-ok`. A refusal is [`BackendError::Refused`] (the client properties
+/// advertise `authentication_failure_close`, so the broker says so rather than hanging up).
+pub async fn login(
+    cfg: &BackendConfig,
+    tls: Option<&TlsConnector>,
+    balancer: &Arc<Balancer>,
+    who: Login<'_>,
+    client_properties: &[u8],
+    metrics: &Metrics,
+) -> Result<LoggedIn, BackendError> {
     let mut errors = Vec::new();
     for i in balancer.order(Instant::now()) {
         let addr = balancer.addr(i).to_owned();
@@ -235,22 +288,18 @@ pub async fn open(
                 continue;
             }
         };
-        let handshake = handshake(stream, cfg, vhost, client, client_properties);
-        return match tokio::time::timeout(cfg.connect_timeout, handshake).await {
-            Ok(Ok((stream, leftover, tuning))) => {
-                metrics
-                    .backend_connections
-                    .with_label_values(&[&addr])
-                    .inc();
-                Ok(Backend {
-                    stream,
-                    leftover,
-                    lease: balancer.success(i),
-                    node: addr,
-                    tuning,
-                })
-            }
-            // A refusal (e.g. an unknown vhost) is the answer, not a node failure.
+        let start = start_ok(stream, cfg, who, client_properties);
+        return match tokio::time::timeout(cfg.connect_timeout, start).await {
+            Ok(Ok((stream, buf, offered))) => Ok(LoggedIn {
+                stream,
+                buf,
+                lease: balancer.success(i),
+                node: addr,
+                index: i,
+                balancer: balancer.clone(),
+                offered,
+            }),
+            // A refusal (e.g. a wrong password) is the answer, not a node failure.
             Ok(Err(e)) => Err(e),
             Err(_) => {
                 balancer.failure(i, Instant::now());
@@ -263,40 +312,129 @@ pub async fn open(
     Err(BackendError::Unreachable(errors.join("; ")))
 }
 
-async fn handshake(
+impl LoggedIn {
+    /// The node it is connected to.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Sends `tune-ok` (the client's values within the broker's) and `open(vhost)`, within
+    /// `timeout`. A refusal (`530`, an unknown vhost) is [`BackendError::Refused`].
+    pub async fn open(
+        self,
+        vhost: &str,
+        client: Tuning,
+        timeout: std::time::Duration,
+        metrics: &Metrics,
+    ) -> Result<Backend, BackendError> {
+        let LoggedIn {
+            mut stream,
+            mut buf,
+            lease,
+            node,
+            index,
+            balancer,
+            offered,
+        } = self;
+        let opened = tokio::time::timeout(
+            timeout,
+            tune_and_open(&mut stream, &mut buf, vhost, client, offered),
+        )
+        .await;
+        match opened {
+            Ok(Ok(tuning)) => {
+                metrics
+                    .backend_connections
+                    .with_label_values(&[&node])
+                    .inc();
+                Ok(Backend {
+                    stream,
+                    leftover: buf,
+                    lease,
+                    node,
+                    tuning,
+                })
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                balancer.failure(index, Instant::now());
+                Err(BackendError::Protocol(format!(
+                    "{node}: handshake timed out"
+                )))
+            }
+        }
+    }
+}
+
+/// The protocol header, `start`, and our `start-ok`; returns the broker's `tune` values.
+async fn start_ok(
     mut s: BackendStream,
     cfg: &BackendConfig,
-    vhost: &str,
-    client: Tuning,
+    who: Login<'_>,
     client_properties: &[u8],
-) -> Result<(BackendStream, BytesMut, Tuning), BackendError> {
+) -> Result<(BackendStream, BytesMut, (u16, u32)), BackendError> {
     let io = |e: std::io::Error| BackendError::Protocol(e.to_string());
     let mut buf = BytesMut::with_capacity(4096);
     s.write_all(PROTOCOL_HEADER).await.map_err(io)?;
     expect(&mut s, &mut buf, id::CONNECTION_START).await?;
 
     let mut out = BytesMut::new();
-    let mut response = Vec::with_capacity(cfg.username.len() + cfg.password.len() + 2);
-    response.push(0);
-    response.extend_from_slice(cfg.username.as_bytes());
-    response.push(0);
-    response.extend_from_slice(cfg.password.as_bytes());
-    method::connection_start_ok(&mut out, client_properties, "PLAIN", &response, "en_US");
+    match who {
+        Login::Service => {
+            let mut response = Vec::with_capacity(cfg.username.len() + cfg.password.len() + 2);
+            response.push(0);
+            response.extend_from_slice(cfg.username.as_bytes());
+            response.push(0);
+            response.extend_from_slice(cfg.password.as_bytes());
+            method::connection_start_ok(&mut out, client_properties, "PLAIN", &response, "en_US");
+        }
+        Login::Client {
+            mechanism,
+            response,
+        } => method::connection_start_ok(&mut out, client_properties, mechanism, response, "en_US"),
+    }
     s.write_all(&out).await.map_err(io)?;
-    out.clear();
 
-    let tune = expect(&mut s, &mut buf, id::CONNECTION_TUNE).await?;
+    let tune = match expect(&mut s, &mut buf, id::CONNECTION_TUNE).await {
+        Ok(tune) => tune,
+        Err(BackendError::Refused {
+            code,
+            text,
+            class_id,
+            method_id,
+        }) => {
+            return Err(BackendError::LoginRefused {
+                code,
+                text,
+                class_id,
+                method_id,
+            });
+        }
+        Err(e) => return Err(e),
+    };
     let bad_tune = || BackendError::Protocol("malformed connection.tune".into());
     let mut r = Reader::new(&tune);
-    let (channel_max, frame_max) = (
+    let offered = (
         r.u16().map_err(|_| bad_tune())?,
         r.u32().map_err(|_| bad_tune())?,
     );
+    Ok((s, buf, offered))
+}
+
+async fn tune_and_open(
+    s: &mut BackendStream,
+    buf: &mut BytesMut,
+    vhost: &str,
+    client: Tuning,
+    (channel_max, frame_max): (u16, u32),
+) -> Result<Tuning, BackendError> {
+    let io = |e: std::io::Error| BackendError::Protocol(e.to_string());
     let tuning = Tuning {
         channel_max: min_nonzero(client.channel_max as u32, channel_max as u32) as u16,
         frame_max: min_nonzero(client.frame_max, frame_max),
         heartbeat: client.heartbeat,
     };
+    let mut out = BytesMut::new();
     let tune_ok = connection::TuneOk {
         channel_max: tuning.channel_max,
         frame_max: tuning.frame_max,
@@ -316,8 +454,8 @@ async fn handshake(
         AMQPClass::Connection(connection::AMQPMethod::Open(open)),
     );
     s.write_all(&out).await.map_err(io)?;
-    expect(&mut s, &mut buf, id::CONNECTION_OPEN_OK).await?;
-    Ok((s, buf, tuning))
+    expect(s, buf, id::CONNECTION_OPEN_OK).await?;
+    Ok(tuning)
 }
 
 fn min_nonzero(a: u32, b: u32) -> u32 {

@@ -10,13 +10,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::Shared;
-use super::backend::{self, BackendError};
+use super::backend::{self, BackendError, LoggedIn, Login};
 use super::relay::{self, ExchangeLookup, RelayEnd, SecretVerifier};
 use crate::admin::audit::AuditEvent;
 use crate::amqp::handshake::{ClientHandshake, ClientProperties, Credentials, Step};
 use crate::amqp::method::reply;
 use crate::amqp::session::{Limits, Session, SessionConfig};
-use crate::auth::{Identity, token_id};
+use crate::auth::{Identity, jwt_shaped, token_id};
+use crate::config::AuthBackend;
 use crate::authz::Denial;
 
 /// How long a refused client may take to answer our `connection.close`.
@@ -33,8 +34,22 @@ fn expiry_instant(exp: Option<i64>) -> Option<Instant> {
     exp.map(|e| Instant::now() + Duration::from_secs(e.saturating_sub(now_secs()).max(0) as u64))
 }
 
+/// Who the client is, and which backend said so.
+enum Authenticated {
+    /// A verified token: the gateway authorises every operation.
+    Token(Identity),
+    /// An internal user the broker accepted, on the backend connection it logged in on.
+    Internal { username: String, login: LoggedIn },
+}
+
+/// Who an established session belongs to.
+enum Who {
+    Token(Identity),
+    Internal(String),
+}
+
 struct Established {
-    identity: Identity,
+    who: Who,
     vhost: String,
     backend: backend::Backend,
     client_leftover: BytesMut,
@@ -66,13 +81,29 @@ where
         }
     };
     let Established {
-        identity,
+        who,
         vhost,
         backend,
         client_leftover,
         cancel_notify,
         _identity_slot,
     } = est;
+    let identity = match who {
+        Who::Token(identity) => identity,
+        Who::Internal(username) => {
+            let end = relay_internal(
+                stream,
+                backend,
+                client_leftover,
+                &username,
+                &vhost,
+                peer,
+                &shared,
+            )
+            .await;
+            return closed(end);
+        }
+    };
     tracing::info!(
         %peer, user = %identity.username, vhost = %vhost, node = %backend.node,
         jti = identity.jti.as_deref().unwrap_or("-"), token = %identity.token_id,
@@ -123,12 +154,7 @@ where
         },
     )
     .await;
-    closed(match &end {
-        RelayEnd::ClientClosed => "client_closed",
-        RelayEnd::BackendClosed => "backend_closed",
-        RelayEnd::Expired => "expired",
-        RelayEnd::Error(_) => "error",
-    });
+    closed(end_cause(&end));
     match end {
         RelayEnd::Expired => {
             tracing::info!(%peer, user = %identity.username, "credential expired; connection closed")
@@ -154,7 +180,7 @@ where
     let mut hs = ClientHandshake::new(shared.handshake.clone());
     let mut input = BytesMut::with_capacity(4096);
     let mut out = BytesMut::new();
-    let mut identity: Option<Identity> = None;
+    let mut identity: Option<Authenticated> = None;
     let mut creds_props = None;
     loop {
         let step = hs.receive(&mut input, &mut out);
@@ -180,23 +206,126 @@ where
                 }
             }
             Ok(Step::Authenticate(creds)) => {
+                let who = match login(peer, shared, &creds).await {
+                    Ok(who) => who,
+                    Err(refusal) => {
+                        refuse(stream, &mut hs, &creds, shared, refusal.close.as_ref()).await;
+                        return Err("refused");
+                    }
+                };
+                let (username, backend) = match &who {
+                    Authenticated::Token(id) => (id.username.as_str(), AuthBackend::OAuth2),
+                    Authenticated::Internal { username, .. } => {
+                        (username.as_str(), AuthBackend::Internal)
+                    }
+                };
+                // RabbitMQ checks `loopback_users` after the login succeeded, whichever
+                // backend accepted it; the refusal is the same as for a wrong password.
+                if let Err(r) = shared.sources.check(username, peer.ip()) {
+                    tracing::info!(
+                        %peer, user = %username, backend = backend.as_str(), reason = r.reason(),
+                        "login refused from this source"
+                    );
+                    let label = match &who {
+                        Authenticated::Token(id) => id.issuer_name.as_str(),
+                        Authenticated::Internal { .. } => "internal",
+                    };
+                    shared
+                        .metrics
+                        .authentications
+                        .with_label_values(&[label, "refused", r.reason()])
+                        .inc();
+                    shared.audit.record(&AuditEvent {
+                        event: "authentication",
+                        decision: "deny",
+                        reason: r.reason(),
+                        client: Some(peer),
+                        username: Some(username),
+                        method: Some("connection.start-ok"),
+                        backend: Some(backend.as_str()),
+                        ..Default::default()
+                    });
+                    drop(who);
+                    refuse(stream, &mut hs, &creds, shared, None).await;
+                    return Err("refused");
+                }
+                hs.accept(&mut out);
+                creds_props = Some(creds.client_properties);
+                identity = Some(who);
+            }
+            Ok(Step::Open { vhost }) => {
+                let props = creds_props.take().unwrap_or_default();
+                return match identity.take().ok_or("handshake_failed")? {
+                    Authenticated::Token(id) => {
+                        open_vhost(stream, &mut hs, peer, shared, id, vhost, props, input).await
+                    }
+                    Authenticated::Internal { username, login } => {
+                        let opened =
+                            open_internal(stream, &mut hs, peer, shared, username, login, &vhost)
+                                .await?;
+                        let (username, backend, slot) = opened;
+                        Ok(Established {
+                            who: Who::Internal(username),
+                            vhost,
+                            backend,
+                            client_leftover: input,
+                            cancel_notify: props.capability("consumer_cancel_notify"),
+                            _identity_slot: slot,
+                        })
+                    }
+                };
+            }
+        }
+    }
+}
+
+/// The broker's `connection.close` refusing a login, passed on to the client as it is.
+struct BrokerClose {
+    code: u16,
+    text: String,
+    class_id: u16,
+    method_id: u16,
+}
+
+/// Why every backend of the chain refused: the last refusal.
+struct Refusal {
+    /// The broker's close, when the broker refused last (an internal user).
+    close: Option<BrokerClose>,
+}
+
+/// RabbitMQ's `rabbit_access_control:check_user_login`: each backend of `[auth] backends`
+/// in order, the next tried only after a refusal, the first success wins. Every refusal is
+/// logged and counted with its backend and reason; the audit record names the last one.
+/// No password shape stops the chain: one that is not a valid token goes on to the next
+/// backend whatever went wrong with it.
+async fn login(
+    peer: SocketAddr,
+    shared: &Shared,
+    creds: &Credentials,
+) -> Result<Authenticated, Refusal> {
+    let ip = peer.ip();
+    // Only a JWT-shaped password is named (by a hash prefix) in logs: an internal user's
+    // password must not be.
+    let token = jwt_shaped(&creds.token).then(|| token_id(&creds.token));
+    let mut last = (AuthBackend::OAuth2, "no_backend", None);
+    for &backend in &shared.cfg.auth.backends {
+        match backend {
+            AuthBackend::OAuth2 => {
                 let timer = shared.metrics.phase("verify").start_timer();
                 let (issuer, verified) = shared
                     .auth
-                    .authenticate_named(&creds.token, now_secs(), Some(peer.ip()))
+                    .authenticate_named(&creds.token, now_secs(), Some(ip))
                     .await;
                 timer.observe_duration();
                 match verified {
                     Ok(id) => {
                         tracing::debug!(%peer, user = %id.username, token = %id.token_id, "token accepted");
-                        hs.accept(&mut out);
-                        creds_props = Some(creds.client_properties);
-                        identity = Some(id);
+                        return Ok(Authenticated::Token(id));
                     }
                     Err(e) => {
-                        let token = token_id(&creds.token);
                         tracing::info!(
-                            %peer, reason = e.reason(), error = %e, token = %token,
+                            %peer, backend = "oauth2", reason = e.reason(), error = %e,
+                            token = token.as_deref().unwrap_or("-"),
                             mechanism = creds.mechanism.as_str(), "login refused"
                         );
                         shared
@@ -204,37 +333,307 @@ where
                             .authentications
                             .with_label_values(&[issuer, "refused", e.reason()])
                             .inc();
-                        shared.audit.record(&AuditEvent {
-                            event: "authentication",
-                            decision: "deny",
-                            reason: e.reason(),
-                            client: Some(peer),
-                            token: Some(&token),
-                            method: Some("connection.start-ok"),
-                            ..Default::default()
-                        });
-                        refuse(stream, &mut hs, &creds, shared).await;
-                        return Err("refused");
+                        last = (backend, e.reason(), None);
                     }
                 }
             }
-            Ok(Step::Open { vhost }) => {
-                let id = identity.take().ok_or("handshake_failed")?;
-                let props = creds_props.take().unwrap_or_default();
-                return open_vhost(stream, &mut hs, peer, shared, id, vhost, props, input).await;
+            AuthBackend::Internal => {
+                let (reason, close) = match login_internal(peer, shared, creds).await {
+                    Ok(login) => {
+                        tracing::debug!(%peer, user = %creds.username, node = login.node(), "internal user accepted by the broker");
+                        return Ok(Authenticated::Internal {
+                            username: creds.username.clone(),
+                            login,
+                        });
+                    }
+                    Err(refused) => refused,
+                };
+                tracing::info!(
+                    %peer, backend = "internal", user = %creds.username, reason,
+                    mechanism = creds.mechanism.as_str(), "login refused"
+                );
+                shared
+                    .metrics
+                    .authentications
+                    .with_label_values(&["internal", "refused", reason])
+                    .inc();
+                last = (backend, reason, close);
             }
+        }
+    }
+    let (backend, reason, close) = last;
+    shared.audit.record(&AuditEvent {
+        event: "authentication",
+        decision: "deny",
+        reason,
+        client: Some(peer),
+        username: (backend == AuthBackend::Internal).then_some(creds.username.as_str()),
+        token: token.as_deref(),
+        method: Some("connection.start-ok"),
+        backend: Some(backend.as_str()),
+        ..Default::default()
+    });
+    Err(Refusal { close })
+}
+
+/// Logs in to the broker with the client's own credentials, unless that user is in its
+/// failed-login back-off from this address. A refusal is its reason and the broker's close.
+async fn login_internal(
+    peer: SocketAddr,
+    shared: &Shared,
+    creds: &Credentials,
+) -> Result<LoggedIn, (&'static str, Option<BrokerClose>)> {
+    if shared
+        .password_backoff
+        .blocked(&creds.username, peer.ip())
+        .await
+    {
+        return Err(("cached_failure", None));
+    }
+    let name = format!(
+        "{} via amqp-iam-gateway from {peer} (internal user)",
+        creds.username
+    );
+    let props = creds
+        .client_properties
+        .for_backend(&name, &peer.to_string());
+    let timer = shared.metrics.phase("backend_login").start_timer();
+    let logged_in = backend::login(
+        &shared.cfg.backend,
+        shared.backend_tls.as_ref(),
+        &shared.balancer,
+        Login::Client {
+            mechanism: creds.mechanism.as_str(),
+            response: &creds.response,
+        },
+        &props,
+        &shared.metrics,
+    )
+    .await;
+    timer.observe_duration();
+    match logged_in {
+        Ok(l) => {
+            shared
+                .password_backoff
+                .succeeded(&creds.username, peer.ip())
+                .await;
+            Ok(l)
+        }
+        Err(BackendError::LoginRefused {
+            code,
+            text,
+            class_id,
+            method_id,
+        }) => {
+            shared
+                .password_backoff
+                .failed(&creds.username, peer.ip())
+                .await;
+            let close = BrokerClose {
+                code,
+                text,
+                class_id,
+                method_id,
+            };
+            Err(("refused", Some(close)))
+        }
+        Err(e) => {
+            tracing::warn!(%peer, user = %creds.username, error = %e, "backend login failed");
+            Err(("backend_unavailable", None))
         }
     }
 }
 
-/// RabbitMQ's refusal: a `connection.close 403` for clients with
-/// `authentication_failure_close`, a silent close after a delay for the others.
-async fn refuse<S>(stream: &mut S, hs: &mut ClientHandshake, creds: &Credentials, shared: &Shared)
+/// Opens the vhost on an internal user's backend connection: the broker decides (its
+/// `530` or `404` reaches the client as it sent it). Returns the user, the connection and
+/// the user's connection slot.
+async fn open_internal<S>(
+    stream: &mut S,
+    hs: &mut ClientHandshake,
+    peer: SocketAddr,
+    shared: &Shared,
+    username: String,
+    login: LoggedIn,
+    vhost: &str,
+) -> Result<
+    (
+        String,
+        backend::Backend,
+        Option<super::limits::Slot<String>>,
+    ),
+    &'static str,
+>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut out = BytesMut::new();
-    if hs.refuse(creds, &mut out) {
+    let audit = |decision: &str, reason: &str| {
+        shared.audit.record(&AuditEvent {
+            event: "authentication",
+            decision,
+            reason,
+            client: Some(peer),
+            username: Some(&username),
+            vhost: Some(vhost),
+            method: Some("connection.open"),
+            backend: Some(AuthBackend::Internal.as_str()),
+            ..Default::default()
+        })
+    };
+    let count = |outcome: &str, reason: &str| {
+        shared
+            .metrics
+            .authentications
+            .with_label_values(&["internal", outcome, reason])
+            .inc()
+    };
+    let slot = match shared.limits.admit_identity(&username) {
+        Ok(slot) => slot,
+        Err(limit) => {
+            tracing::info!(%peer, user = %username, %vhost, limit, "identity connection limit reached");
+            count("refused", "identity_limit");
+            audit("deny", "identity_limit");
+            let text = format!(
+                "NOT_ALLOWED - access to vhost '{vhost}' refused for user '{username}': connection limit ({limit}) is reached"
+            );
+            hs.vhost_refused(&mut out, &text);
+            let _ = stream.write_all(&out).await;
+            wait_close_ok(stream, hs, CLOSE_OK_WAIT).await;
+            return Err("identity_limit");
+        }
+    };
+    let tuning = hs.tuning().ok_or("handshake_failed")?;
+    let timer = shared.metrics.phase("backend_connect").start_timer();
+    let opened = login
+        .open(
+            vhost,
+            tuning,
+            shared.cfg.backend.connect_timeout,
+            &shared.metrics,
+        )
+        .await;
+    timer.observe_duration();
+    match opened {
+        Ok(backend) => {
+            hs.opened(&mut out);
+            stream.write_all(&out).await.map_err(|_| "client_closed")?;
+            count("accepted", "ok");
+            audit("allow", "ok");
+            Ok((username, backend, slot))
+        }
+        Err(e) => {
+            let (code, text, class_id, method_id, cause) = match e {
+                BackendError::Refused {
+                    code,
+                    text,
+                    class_id,
+                    method_id,
+                } => {
+                    tracing::info!(%peer, user = %username, %vhost, code, %text, "vhost refused by the broker");
+                    count("refused", "vhost");
+                    audit("deny", "vhost");
+                    (code, text, class_id, method_id, "vhost_refused")
+                }
+                e => {
+                    tracing::warn!(%peer, user = %username, %vhost, error = %e, "backend connection failed");
+                    (
+                        reply::CONNECTION_FORCED,
+                        "CONNECTION_FORCED - broker unavailable".to_owned(),
+                        10,
+                        40,
+                        "backend_unavailable",
+                    )
+                }
+            };
+            hs.close(&mut out, code, &text, (class_id, method_id));
+            let _ = stream.write_all(&out).await;
+            wait_close_ok(stream, hs, CLOSE_OK_WAIT).await;
+            Err(cause)
+        }
+    }
+}
+
+/// Relays an internal user's session: the broker authorises it, so the session only
+/// follows framing and the close handshakes (the gateway's closes still apply: drain, a
+/// lost broker).
+async fn relay_internal<S>(
+    stream: S,
+    backend: backend::Backend,
+    client_leftover: BytesMut,
+    username: &str,
+    vhost: &str,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+) -> &'static str
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    tracing::info!(%peer, user = %username, %vhost, node = %backend.node, backend = "internal", "connection opened");
+    let mut cfg = SessionConfig::new(username, vhost);
+    cfg.frame_max = backend.tuning.frame_max;
+    cfg.channel_max = backend.tuning.channel_max;
+    let session = Session::broker_authorised(cfg);
+    let (end, _) = relay::run(
+        stream,
+        backend.stream,
+        client_leftover,
+        backend.leftover,
+        session,
+        None,
+        relay::Hooks {
+            // The session forwards update-secret to the broker: never called.
+            verifier: Box::new(|_| Box::pin(async { Err("NOT_ALLOWED".to_owned()) })),
+            lookup: None,
+            forget_kinds_every: shared.cfg.backend.exchange_type_ttl,
+            on_denial: Box::new(|_| {}),
+            traffic: Some(relay::Traffic::new(&shared.metrics)),
+            shutdown: Some(shutdown_signal(shared)),
+        },
+    )
+    .await;
+    match &end {
+        RelayEnd::Error(e) => {
+            tracing::info!(%peer, user = %username, error = %e, "connection ended")
+        }
+        other => {
+            tracing::debug!(%peer, user = %username, end = ?other, "connection closed")
+        }
+    }
+    end_cause(&end)
+}
+
+/// The `connections_closed_total` cause of a relay's end.
+fn end_cause(end: &RelayEnd) -> &'static str {
+    match end {
+        RelayEnd::ClientClosed => "client_closed",
+        RelayEnd::BackendClosed => "backend_closed",
+        RelayEnd::Expired => "expired",
+        RelayEnd::Error(_) => "error",
+    }
+}
+
+/// RabbitMQ's refusal: a `connection.close 403` for clients with
+/// `authentication_failure_close` (the broker's own when it refused an internal user's
+/// login, else the gateway's, which has the same text), a silent close after a delay for
+/// the others.
+async fn refuse<S>(
+    stream: &mut S,
+    hs: &mut ClientHandshake,
+    creds: &Credentials,
+    shared: &Shared,
+    brokers: Option<&BrokerClose>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut out = BytesMut::new();
+    let closes = match brokers {
+        Some(c) if creds.capability("authentication_failure_close") => {
+            hs.close(&mut out, c.code, &c.text, (c.class_id, c.method_id));
+            true
+        }
+        _ => hs.refuse(creds, &mut out),
+    };
+    if closes {
         if stream.write_all(&out).await.is_ok() {
             wait_close_ok(
                 stream,
@@ -356,7 +755,7 @@ where
                 .inc();
             audit_identity(shared, peer, &identity, &vhost, "allow", "ok");
             Ok(Established {
-                identity,
+                who: Who::Token(identity),
                 vhost,
                 backend,
                 client_leftover: leftover,
@@ -449,6 +848,7 @@ fn audit_identity(
         token: Some(&id.token_id),
         vhost: Some(vhost),
         method: Some("connection.open"),
+        backend: Some(AuthBackend::OAuth2.as_str()),
         ..Default::default()
     });
 }
@@ -544,6 +944,7 @@ fn denial_reporter(
             vhost: Some(&vhost),
             method: Some(method),
             resource: Some(&d.resource),
+            backend: Some(AuthBackend::OAuth2.as_str()),
         });
     })
 }

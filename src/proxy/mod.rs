@@ -33,6 +33,7 @@ use crate::admin::metrics::Metrics;
 use crate::amqp::handshake::HandshakeSettings;
 use crate::amqp::session::ExchangeEpochs;
 use crate::auth::Authenticators;
+use crate::auth::chain::{PasswordBackoff, SourceRules};
 use crate::config::Config;
 use exchange_types::ExchangeTypes;
 use readahead::ReadAhead;
@@ -52,6 +53,10 @@ pub(crate) struct Shared {
     pub balancer: Arc<balancer::Balancer>,
     /// The TLS client for the backend nodes, when `backend.tls` is on.
     pub backend_tls: Option<tokio_rustls::TlsConnector>,
+    /// `loopback_users` and `[auth.sources]`.
+    pub sources: SourceRules,
+    /// Failed internal logins, kept across reloads.
+    pub password_backoff: Arc<PasswordBackoff>,
 }
 
 /// Where a graceful shutdown is.
@@ -272,7 +277,10 @@ async fn build(
         l.max_connections_per_identity,
         l.handshakes_per_second_per_source,
     );
+    let password_backoff = prev.map_or_else(Arc::default, |p| p.password_backoff.clone());
     let shared = Shared {
+        sources: SourceRules::new(&cfg.auth),
+        password_backoff,
         cfg,
         auth,
         handshake,

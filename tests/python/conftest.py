@@ -503,3 +503,81 @@ def admin(gateway):
     yield conn
     if conn.is_open:
         conn.close()
+
+
+# --------------------------------------------------------------------------------------
+# a load balancer in miniature
+
+
+@contextlib.contextmanager
+def proxy_shim(target_port: int, source: str, source_port: int = 40000):
+    """A local TCP listener that sends a PROXY protocol v1 header naming `source` as the
+    client, then relays both ways to 127.0.0.1:`target_port` (TLS passes through). Yields
+    the port to connect to; threads stop when the block ends."""
+    import threading
+
+    family = "TCP6" if ":" in source else "TCP4"
+    dest = "::1" if family == "TCP6" else "127.0.0.1"
+    header = f"PROXY {family} {source} {dest} {source_port} {target_port}\r\n".encode()
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(64)
+    lsock.settimeout(0.2)
+    stop = threading.Event()
+    socks: list[socket.socket] = []
+
+    def pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while not stop.is_set():
+                data = a.recv(65536)
+                if not data:
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                b.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                client, _ = lsock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            upstream = socket.create_connection(("127.0.0.1", target_port), timeout=5)
+            upstream.settimeout(None)
+            upstream.sendall(header)
+            socks.extend((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield lsock.getsockname()[1]
+    finally:
+        stop.set()
+        t.join(timeout=2)
+        lsock.close()
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+def management_api(method: str, path: str, body: dict | None = None,
+                   base: str = "http://127.0.0.1:15672", auth: tuple = ("guest", "guest")):
+    """A request to the default node's management API as `guest`; the parsed JSON answer
+    (None when empty)."""
+    req = urllib.request.Request(
+        base + path, method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"content-type": "application/json",
+                 "authorization": "Basic " + base64.b64encode(
+                     f"{auth[0]}:{auth[1]}".encode()).decode()})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        text = r.read()
+    return json.loads(text) if text else None

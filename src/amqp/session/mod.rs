@@ -253,6 +253,11 @@ pub struct Session {
     /// consumer whose `consume-ok` has just come); the relay sends them with
     /// [`Session::take_backend_output`]. At most one per consumer.
     backend_later: Outbox,
+    /// The broker authorises this session (an internal user, logged in to the broker with
+    /// its own credentials): frames are relayed unchecked, and only the connection's own
+    /// close handshake and the gateway's closes (drain, a lost broker, a framing error) are
+    /// followed.
+    relay_only: bool,
 }
 
 impl Session {
@@ -288,7 +293,18 @@ impl Session {
             denials: Vec::new(),
             frames: (0, 0),
             backend_later: Outbox::default(),
+            relay_only: false,
         }
+    }
+
+    /// A session the broker authorises: an internal user's, whose backend connection is
+    /// logged in with the user's own credentials. The gateway makes no per-method decision
+    /// (RabbitMQ enforces the user's permissions); framing, the bounds of the relay and the
+    /// gateway's closes still apply.
+    pub fn broker_authorised(cfg: SessionConfig) -> Self {
+        let mut s = Session::new(cfg, Permissions::from_scopes(&[]));
+        s.relay_only = true;
+        s
     }
 
     /// Frames the session wrote for the backend while handling backend input; the relay
@@ -670,6 +686,16 @@ impl Session {
                 }
             }
             return Step::Drop;
+        }
+        if self.relay_only {
+            if ch == 0
+                && h.frame_type == frame::METHOD
+                && method::ids(payload) == Some(id::CONNECTION_CLOSE)
+            {
+                self.connection_closing = true;
+                self.client_closed = true;
+            }
+            return Step::Forward;
         }
         match h.frame_type {
             frame::HEADER => return self.client_content_header(ch, payload, to_backend, to_client),
@@ -1759,6 +1785,9 @@ impl Session {
     /// A broker close (channel or connection) whose text names the gateway's service user
     /// gets the client's user name instead.
     fn hide_service_user(&self, ch: u16, payload: &[u8]) -> BackendStep {
+        if self.relay_only {
+            return BackendStep::Forward; // the broker's user is the client's own
+        }
         let Some(close) = Close::parse(payload) else {
             return BackendStep::Forward;
         };

@@ -2158,3 +2158,58 @@ fn the_brokers_second_closes_come_before_the_gateways_answers_for_refused_method
         "the refused bind's, last"
     );
 }
+
+/// An internal user's session: the broker authorises it, so everything the client sends is
+/// relayed as it came, whatever a token session would refuse or rewrite (no permissions at
+/// all here), and the broker's frames come back unchanged, closes naming the user included.
+#[test]
+fn a_broker_authorised_session_relays_every_frame_unchanged() {
+    let mut input = channel_open(1);
+    input.extend(queue_declare(1, "q"));
+    input.extend(publish(1, "amq.topic", "a.b", &[7u8; 2500], Some("someone-else")));
+    input.extend(method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::UpdateSecret(
+            connection::UpdateSecret {
+                new_secret: "new-password".into(),
+                reason: "refresh".into(),
+            },
+        )),
+    ));
+    input.extend(channel_close(1, 200, "bye"));
+    for step in [input.len(), 7, 1] {
+        let mut s = Session::broker_authorised(config());
+        let (to_b, to_c) = client(&mut s, &input, step);
+        assert_eq!(to_b, input, "relayed as sent (step {step})");
+        assert!(to_c.is_empty(), "the gateway answers nothing itself");
+        let refused = channel_close(
+            1,
+            403,
+            "ACCESS_REFUSED - access to queue 'q' in vhost '/' refused for user 'alice'",
+        );
+        assert_eq!(backend(&mut s, &refused), refused);
+        assert!(s.take_denials().is_empty());
+    }
+    // The connection's own close is followed: afterwards only the close-ok is relayed.
+    let mut s = Session::broker_authorised(config());
+    let close = method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+            reply_code: 200,
+            reply_text: "bye".into(),
+            class_id: 0,
+            method_id: 0,
+        })),
+    );
+    let (to_b, _) = client(&mut s, &close, 1 << 20);
+    assert_eq!(to_b, close);
+    let (to_b, _) = client(&mut s, &queue_declare(1, "late"), 1 << 20);
+    assert!(to_b.is_empty(), "nothing after the client's connection.close");
+    // The gateway's own closes still apply: a drain closes both sides.
+    let mut s = Session::broker_authorised(config());
+    let (mut to_c, mut to_b) = (Outbox::default(), Outbox::default());
+    s.force_close("CONNECTION_FORCED - shutdown", &mut to_c, &mut to_b);
+    assert!(!drain(&mut to_c).is_empty() && !drain(&mut to_b).is_empty());
+    let (to_b, _) = client(&mut s, &channel_open(2), 1 << 20);
+    assert!(to_b.is_empty());
+}
