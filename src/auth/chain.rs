@@ -91,7 +91,10 @@ impl Default for PasswordBackoff {
 }
 
 fn key(username: &str, ip: IpAddr) -> ([u8; 32], IpAddr) {
-    (Sha256::digest(username.as_bytes()).into(), ip.to_canonical())
+    (
+        Sha256::digest(username.as_bytes()).into(),
+        ip.to_canonical(),
+    )
 }
 
 impl PasswordBackoff {
@@ -133,7 +136,12 @@ mod tests {
             loopback_users: loopback.iter().map(|s| s.to_string()).collect(),
             sources: sources
                 .iter()
-                .map(|(u, nets)| (u.to_string(), nets.iter().map(|n| n.parse().unwrap()).collect()))
+                .map(|(u, nets)| {
+                    (
+                        u.to_string(),
+                        nets.iter().map(|n| n.parse().unwrap()).collect(),
+                    )
+                })
                 .collect(),
         }
     }
@@ -144,7 +152,13 @@ mod tests {
         for ip in ["127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1"] {
             assert_eq!(r.check("guest", ip.parse().unwrap()), Ok(()), "{ip}");
         }
-        for ip in ["10.0.0.1", "192.0.2.2", "::ffff:10.0.0.1", "fd00::2", "0.0.0.0"] {
+        for ip in [
+            "10.0.0.1",
+            "192.0.2.2",
+            "::ffff:10.0.0.1",
+            "fd00::2",
+            "0.0.0.0",
+        ] {
             assert_eq!(
                 r.check("guest", ip.parse().unwrap()),
                 Err(SourceRefusal::Loopback),
@@ -154,14 +168,20 @@ mod tests {
         // Names match exactly, as RabbitMQ's list membership does.
         assert_eq!(r.check("Guest", "10.0.0.1".parse().unwrap()), Ok(()));
         assert_eq!(r.check("guest2", "10.0.0.1".parse().unwrap()), Ok(()));
-        assert_eq!(rules(&[], &[]).check("guest", "10.0.0.1".parse().unwrap()), Ok(()));
+        assert_eq!(
+            rules(&[], &[]).check("guest", "10.0.0.1".parse().unwrap()),
+            Ok(())
+        );
     }
 
     #[test]
     fn source_networks_allow_only_their_addresses() {
         let r = rules(&[], &[("monitor", &["10.0.0.0/8", "2001:db8::/32"])]);
         assert_eq!(r.check("monitor", "10.9.8.7".parse().unwrap()), Ok(()));
-        assert_eq!(r.check("monitor", "::ffff:10.9.8.7".parse().unwrap()), Ok(()));
+        assert_eq!(
+            r.check("monitor", "::ffff:10.9.8.7".parse().unwrap()),
+            Ok(())
+        );
         assert_eq!(r.check("monitor", "2001:db8::1".parse().unwrap()), Ok(()));
         assert_eq!(
             r.check("monitor", "127.0.0.1".parse().unwrap()),

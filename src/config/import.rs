@@ -749,7 +749,10 @@ management.oauth_enabled = true
             doc["auth"]["backends"].as_array().unwrap(),
             &vec![toml::Value::from("oauth2"), toml::Value::from("internal")]
         );
-        assert!(doc["auth"].get("loopback_users").is_none(), "RabbitMQ's default stays");
+        assert!(
+            doc["auth"].get("loopback_users").is_none(),
+            "RabbitMQ's default stays"
+        );
     }
 
     #[test]
@@ -773,7 +776,11 @@ management.oauth_enabled = true
         let noted: Vec<&str> = out.notes.iter().map(|n| n.key.as_str()).collect();
         assert_eq!(
             noted,
-            ["auth_backends.3", "auth_backends.4.authn", "loopback_users.x"]
+            [
+                "auth_backends.3",
+                "auth_backends.4.authn",
+                "loopback_users.x"
+            ]
         );
         let none = import(
             "loopback_users = none\nauth_oauth2.resource_server_id = r\nauth_oauth2.jwks_url = https://i/j\n",

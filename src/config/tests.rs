@@ -555,6 +555,11 @@ fn the_example_files_are_valid() {
         }
     }
     let c = load_with(&dir.join("amazon-mq-iam.toml"), CheckFiles::No).unwrap();
+    use crate::config::AuthBackend::{Internal, OAuth2};
+    assert_eq!(c.auth.backends, [OAuth2, Internal]);
+    assert_eq!(c.auth.loopback_users, ["guest", "monitoring"]);
+    let defaults = load_with(&dir.join("gateway.example.toml"), CheckFiles::No).unwrap();
+    assert_eq!(defaults.auth, crate::config::AuthConfig::default());
     let o = &c.oauth2;
     assert_eq!(
         (o.resource_server_id.as_str(), o.scope_prefix.as_str()),
@@ -856,4 +861,35 @@ fn worker_threads_default_to_the_runtime_and_are_bounded() {
         let errors = parse_err(&minimal_with("runtime", bad));
         assert_eq!(keys(&errors), ["runtime.worker_threads"], "{bad}: {errors}");
     }
+}
+
+#[test]
+fn the_auth_chain_is_checked() {
+    let (c, _) = parse_ok(MINIMAL);
+    assert_eq!(c.auth.backends, [crate::config::AuthBackend::OAuth2]);
+    assert_eq!(c.auth.loopback_users, ["guest"]);
+    let (c, _) = parse_ok(&format!(
+        "{MINIMAL}\n[auth]\nbackends = [\"rabbit_auth_backend_internal\", \"oauth2\"]\nloopback_users = []\n[auth.sources]\nmon = [\"10.0.0.0/8\", \"::1\"]\n"
+    ));
+    use crate::config::AuthBackend::{Internal, OAuth2};
+    assert_eq!(c.auth.backends, [Internal, OAuth2]);
+    assert!(c.auth.loopback_users.is_empty());
+    assert_eq!(c.auth.sources["mon"].len(), 2);
+    let errors = parse_err(&format!(
+        "{MINIMAL}\n[auth]\nbackends = [\"ldap\", \"oauth2\", \"oauth2\"]\n[auth.sources]\nmon = [\"10.0.0.0/33\"]\nnone = []\n"
+    ))
+    .to_string();
+    for needle in [
+        "\"ldap\" is not",
+        "\"oauth2\" is listed twice",
+        "\"10.0.0.0/33\" is not an IP address",
+        "auth.sources.none: must list at least one network",
+    ] {
+        assert!(errors.contains(needle), "{needle} in:\n{errors}");
+    }
+    assert!(
+        parse_err(&format!("{MINIMAL}\n[auth]\nbackends = []\n"))
+            .to_string()
+            .contains("at least one backend")
+    );
 }

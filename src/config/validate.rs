@@ -11,11 +11,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::raw::{
-    RawAdmin, RawAliasValue, RawAuth, RawBackend, RawConfig, RawListener, RawLog, RawOAuth2, RawPolicy,
+    RawAdmin, RawAliasValue, RawAuth, RawBackend, RawConfig, RawListener, RawLog, RawOAuth2,
+    RawPolicy,
 };
 use super::{
-    AdminConfig, AuditSink, AuthBackend, AuthConfig, BackendConfig, BackendNode, BackendTlsConfig, CheckFiles, Config,
-    ConfigError, ConfigErrors, DEFAULT_ADMIN_ADDRESS, DEFAULT_ALGORITHMS,
+    AdminConfig, AuditSink, AuthBackend, AuthConfig, BackendConfig, BackendNode, BackendTlsConfig,
+    CheckFiles, Config, ConfigError, ConfigErrors, DEFAULT_ADMIN_ADDRESS, DEFAULT_ALGORITHMS,
     DEFAULT_AUTH_FAILURE_DELAY_MS, DEFAULT_BACKEND_CONNECT_TIMEOUT_MS,
     DEFAULT_BACKEND_MAX_CONNECTING, DEFAULT_BACKEND_NODE, DEFAULT_CHANNEL_MAX, DEFAULT_CHECK_IAT,
     DEFAULT_CHECK_NBF, DEFAULT_DRAIN_DEADLINE_MS, DEFAULT_DRAIN_PERIOD_MS, DEFAULT_FRAME_MAX,
@@ -691,7 +692,10 @@ impl Checker<'_> {
         for (user, nets) in raw.sources.unwrap_or_default() {
             let key = table_key("auth.sources", &user);
             if nets.is_empty() {
-                self.error(&key, "must list at least one network (an address or a CIDR block)");
+                self.error(
+                    &key,
+                    "must list at least one network (an address or a CIDR block)",
+                );
             }
             let mut parsed = Vec::new();
             for n in &nets {

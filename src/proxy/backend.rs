@@ -228,10 +228,17 @@ pub async fn open(
     client_properties: &[u8],
     metrics: &Metrics,
 ) -> Result<Backend, BackendError> {
-    login(cfg, tls, balancer, Login::Service, client_properties, metrics)
-        .await?
-        .open(vhost, client, cfg.connect_timeout, metrics)
-        .await
+    login(
+        cfg,
+        tls,
+        balancer,
+        Login::Service,
+        client_properties,
+        metrics,
+    )
+    .await?
+    .open(vhost, client, cfg.connect_timeout, metrics)
+    .await
 }
 
 /// Connects to the first reachable node and logs in with `who`: the broker's answer to

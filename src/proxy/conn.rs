@@ -17,8 +17,8 @@ use crate::amqp::handshake::{ClientHandshake, ClientProperties, Credentials, Ste
 use crate::amqp::method::reply;
 use crate::amqp::session::{Limits, Session, SessionConfig};
 use crate::auth::{Identity, jwt_shaped, token_id};
-use crate::config::AuthBackend;
 use crate::authz::Denial;
+use crate::config::AuthBackend;
 
 /// How long a refused client may take to answer our `connection.close`.
 const CLOSE_OK_WAIT: Duration = Duration::from_secs(3);
@@ -44,7 +44,7 @@ enum Authenticated {
 
 /// Who an established session belongs to.
 enum Who {
-    Token(Identity),
+    Token(Box<Identity>),
     Internal(String),
 }
 
@@ -89,7 +89,7 @@ where
         _identity_slot,
     } = est;
     let identity = match who {
-        Who::Token(identity) => identity,
+        Who::Token(identity) => *identity,
         Who::Internal(username) => {
             let end = relay_internal(
                 stream,
@@ -755,7 +755,7 @@ where
                 .inc();
             audit_identity(shared, peer, &identity, &vhost, "allow", "ok");
             Ok(Established {
-                who: Who::Token(identity),
+                who: Who::Token(Box::new(identity)),
                 vhost,
                 backend,
                 client_leftover: leftover,

@@ -550,6 +550,9 @@ def proxy_shim(target_port: int, source: str, source_port: int = 40000):
             client.settimeout(None)
             upstream = socket.create_connection(("127.0.0.1", target_port), timeout=5)
             upstream.settimeout(None)
+            # No Nagle: with delayed ACKs it would add up to 40 ms to small exchanges.
+            for s in (client, upstream):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             upstream.sendall(header)
             socks.extend((client, upstream))
             for a, b in ((client, upstream), (upstream, client)):

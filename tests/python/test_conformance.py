@@ -35,6 +35,7 @@ import re
 import signal
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -274,6 +275,9 @@ class Case:
     username: str = ""
     vhost: str = "/"
     note: str = ""
+    # The client's address: the gateway reads it from a PROXY header, the reference node
+    # from the listener the client reached (its loopback address or REF_REMOTE).
+    source: str = "127.0.0.1"
 
 
 # oauth_matrix.py's four operations
@@ -525,8 +529,49 @@ def profile_cases() -> list[Case]:
     ]
 
 
-CASES = oauth_matrix_cases() + method_cases() + profile_cases()
-PROFILE_ORDER = ["base", "pinned", "aliases", "aliases-extra"]
+# Internal users (`[auth] backends = ["oauth2", "internal"]` on the gateway, the same chain
+# on the reference node), created on both nodes for the run.
+I_FULL, I_WRONG, I_LIMITED = f"{P}-ifull", f"{P}-iwrong", f"{P}-ilim"
+I_TWIN, I_EXPIRED, I_GARBAGE = f"{P}-itwin", f"{P}-iexpired", f"{P}-igarbage"
+I_PASSWORD = uuid.uuid4().hex
+I_VHOST = f"{P}-ivh"
+# Passwords that fail as tokens: an expired token with a valid signature, and a JWT-shaped
+# string with an `alg: none` header and no signature.
+I_EXPIRED_TOKEN = ""  # minted when the users are made (mint needs the key loaded)
+I_GARBAGE_JWT = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.not-a-signature"
+I_LIM_Q = f"{P}-ilim-q"
+REMOTE_SOURCE = "203.0.113.9"
+
+
+def internal_cases() -> list[Case]:
+    A = [op("qdeclare", Q39), op("publish", "", Q39), op("get", Q39)]
+    pw = lambda: I_PASSWORD  # noqa: E731
+    return [
+        Case("i-internal-user", pw, A, profile="internal", username=I_FULL),
+        Case("i-wrong-password", lambda: "wrong", A, profile="internal", username=I_WRONG),
+        Case("i-unknown-user", pw, A, profile="internal", username=f"{P}-nobody"),
+        Case("i-guest-loopback", lambda: "guest", [op("get", Q39)], profile="internal",
+             username="guest"),
+        Case("i-guest-remote", lambda: "guest", [op("get", Q39)], profile="internal",
+             username="guest", source=REMOTE_SOURCE),
+        Case("i-limited-user", pw,
+             [op("qdeclare", Q39), op("qdeclare", I_LIM_Q), op("get", Q39),
+              op("publish", "amq.topic", "a.b"), op("get", I_LIM_Q)],
+             profile="internal", username=I_LIMITED),
+        Case("i-no-vhost-access", pw, A, profile="internal", username=I_LIMITED, vhost=I_VHOST),
+        Case("i-expired-token-falls-through", lambda: I_EXPIRED_TOKEN, A, profile="internal",
+             username=I_EXPIRED),
+        Case("i-garbage-jwt-falls-through", lambda: I_GARBAGE_JWT, A, profile="internal",
+             username=I_GARBAGE),
+        # The internal user I_TWIN has no permissions: only the token's user can do this.
+        Case("i-token-wins-over-same-name", lambda: mint(sub=I_TWIN), A, profile="internal",
+             username=I_TWIN),
+        Case("i-same-name-own-password", pw, A, profile="internal", username=I_TWIN),
+    ]
+
+
+CASES = oauth_matrix_cases() + method_cases() + profile_cases() + internal_cases()
+PROFILE_ORDER = ["base", "pinned", "aliases", "aliases-extra", "internal"]
 CASES.sort(key=lambda c: PROFILE_ORDER.index(c.profile))  # stable: keeps the order within
 
 
@@ -565,9 +610,17 @@ def load_differences() -> dict[tuple[str, str], Difference]:
 # the two sides
 
 
-def ref_params(username: str, token: str, vhost: str = "/") -> pika.ConnectionParameters:
+def ref_params(username: str, token: str, vhost: str = "/",
+               source: str = "127.0.0.1") -> pika.ConnectionParameters:
+    host = "127.0.0.1"
+    if source != "127.0.0.1":
+        # RabbitMQ's loopback check reads the address of the listener the client reached.
+        assert REF_REMOTE != "none", (
+            "the reference node has no non-loopback listener (no global IPv4 address found; "
+            "set REFERENCE_NODE_REMOTE_ADDRESS)")
+        host = REF_REMOTE
     return pika.ConnectionParameters(
-        host="127.0.0.1", port=REF_PORT, virtual_host=vhost,
+        host=host, port=REF_PORT, virtual_host=vhost,
         credentials=pika.PlainCredentials(username, token),
         connection_attempts=1, retry_delay=0, socket_timeout=5, stack_timeout=10,
         blocked_connection_timeout=10)
@@ -600,10 +653,15 @@ def gateway_config(dir_: Path, port: int, profile: str) -> Path:
         lines.append(r"additional_scopes_key = 'https://sts\.amazonaws\.com/'")
     if profile == "pinned":
         lines.append(f"issuer = {_toml_str(ISSUER)}")
+    if profile == "internal":
+        # Behind a load balancer in miniature: the PROXY header carries the case's source.
+        lines.insert(lines.index("auth_failure_delay_ms = 100") + 1, "proxy_protocol = true")
     lines += ["", "[oauth2.signing_keys]", f"{KID} = {_toml_str(str(FIXTURES / 'rsa-public.pem'))}"]
     if aliases:
         lines += ["", "[oauth2.scope_aliases]"]
         lines += [f"{_toml_str(k)} = {json.dumps(v)}" for k, v in ALIASES.items()]
+    # The reference node's chain: tokens first, then the internal users.
+    lines += ["", "[auth]", 'backends = ["oauth2", "internal"]']
     lines += ["", "[admin]", f'address = "127.0.0.1:{_free_port()}"',
               "", "[log]", 'level = "info,amqp_iam_gateway=debug"', ""]
     path = dir_ / "gateway.toml"
@@ -629,6 +687,47 @@ def management(method: str, path: str, body: dict | None = None) -> None:
                  "authorization": "Basic " + base64.b64encode(b"guest:guest").decode()})
     with urllib.request.urlopen(req, timeout=10):
         pass
+
+
+def reference_env() -> dict[str, str]:
+    r = subprocess.run([str(REF_SCRIPT), "env"], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "REFERENCE_NODE_PORT": str(REF_PORT)})
+    assert r.returncode == 0, r.stderr
+    return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+
+
+REF_REMOTE = reference_env().get("REMOTE", "none")
+
+
+@contextlib.contextmanager
+def internal_users():
+    """The internal users of the `internal` cases, on the reference node and on the
+    gateway's backend (the default node), and a vhost I_LIMITED has no access to."""
+    global I_EXPIRED_TOKEN
+    I_EXPIRED_TOKEN = mint(sub=I_EXPIRED, exp_in=-600)
+    allow = (".*", ".*", ".*")
+    users = [(I_FULL, I_PASSWORD, allow), (I_WRONG, I_PASSWORD, allow),
+             (I_LIMITED, I_PASSWORD, (f"^{P}-ilim.*",) * 3), (I_TWIN, I_PASSWORD, None),
+             (I_EXPIRED, I_EXPIRED_TOKEN, allow), (I_GARBAGE, I_GARBAGE_JWT, allow)]
+    q = urllib.parse.quote
+    try:
+        management("PUT", f"/api/vhosts/{q(I_VHOST, safe='')}")
+        reference_ctl("add_vhost", I_VHOST)
+        for name, password, perms in users:
+            management("PUT", f"/api/users/{q(name, safe='')}", {"password": password, "tags": ""})
+            reference_ctl("add_user", name, password)
+            if perms:
+                c, w, r = perms
+                management("PUT", f"/api/permissions/%2F/{q(name, safe='')}",
+                           {"configure": c, "write": w, "read": r})
+                reference_ctl("set_permissions", "-p", "/", name, c, w, r)
+        yield
+    finally:
+        for name, _, _ in users:
+            with contextlib.suppress(Exception):
+                management("DELETE", f"/api/users/{q(name, safe='')}")
+        with contextlib.suppress(Exception):
+            management("DELETE", f"/api/vhosts/{q(I_VHOST, safe='')}")
 
 
 @contextlib.contextmanager
@@ -664,6 +763,7 @@ def set_reference_profile(profile: str) -> None:
     no_aliases = f"application:unset_env({app}, scope_aliases)"
     exprs = {
         "base": [extra, no_aliases],
+        "internal": [extra, no_aliases],
         "pinned": [extra, no_aliases],
         "aliases": [no_extra, set_aliases],
         "aliases-extra": [extra, set_aliases],
@@ -752,6 +852,7 @@ def conformance(tmp_path_factory):
                                               capture_output=True))
     with stack:
         stack.enter_context(service_user())
+        stack.enter_context(internal_users())
         # One gateway per profile.
         gateways = {}
         for profile in PROFILE_ORDER:
@@ -774,8 +875,13 @@ def conformance(tmp_path_factory):
                 current = case.profile
             token = case.token()
             gw = gateways[case.profile]
-            ref_out = run_case(lambda: pika.BlockingConnection(ref_params(case.username, token, case.vhost)), case)
-            gw_out = run_case(lambda: pika.BlockingConnection(_gw_params(gw, case.username, token, case.vhost)), case)
+            gw_port = gw.port
+            if case.profile == "internal":
+                gw_port = stack.enter_context(conftest.proxy_shim(gw.port, case.source))
+            ref_out = run_case(lambda: pika.BlockingConnection(
+                ref_params(case.username, token, case.vhost, case.source)), case)
+            gw_out = run_case(lambda: pika.BlockingConnection(
+                _gw_params(gw, case.username, token, case.vhost, gw_port)), case)
             rows.append(judge(case, ref_out, gw_out, diffs_doc))
         set_reference_profile("base")
 
@@ -791,8 +897,9 @@ def conformance(tmp_path_factory):
                "report": report}
 
 
-def _gw_params(gw, username: str, token: str, vhost: str) -> pika.ConnectionParameters:
+def _gw_params(gw, username: str, token: str, vhost: str, port: int) -> pika.ConnectionParameters:
     p = gw.params(token, vhost)
+    p.port = port
     p.credentials = pika.PlainCredentials(username, token)
     p.socket_timeout = 5
     p.stack_timeout = 10

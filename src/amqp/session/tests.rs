@@ -2166,7 +2166,13 @@ fn the_brokers_second_closes_come_before_the_gateways_answers_for_refused_method
 fn a_broker_authorised_session_relays_every_frame_unchanged() {
     let mut input = channel_open(1);
     input.extend(queue_declare(1, "q"));
-    input.extend(publish(1, "amq.topic", "a.b", &[7u8; 2500], Some("someone-else")));
+    input.extend(publish(
+        1,
+        "amq.topic",
+        "a.b",
+        &[7u8; 2500],
+        Some("someone-else"),
+    ));
     input.extend(method(
         0,
         AMQPClass::Connection(connection::AMQPMethod::UpdateSecret(
@@ -2204,7 +2210,10 @@ fn a_broker_authorised_session_relays_every_frame_unchanged() {
     let (to_b, _) = client(&mut s, &close, 1 << 20);
     assert_eq!(to_b, close);
     let (to_b, _) = client(&mut s, &queue_declare(1, "late"), 1 << 20);
-    assert!(to_b.is_empty(), "nothing after the client's connection.close");
+    assert!(
+        to_b.is_empty(),
+        "nothing after the client's connection.close"
+    );
     // The gateway's own closes still apply: a drain closes both sides.
     let mut s = Session::broker_authorised(config());
     let (mut to_c, mut to_b) = (Outbox::default(), Outbox::default());
