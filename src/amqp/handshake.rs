@@ -109,11 +109,12 @@ impl ClientProperties {
     /// length prefix): the client's, first entry of each key only, without
     /// `connection_name` and `client_address` (which the gateway sets: the client's own
     /// name with `identity` appended, and `peer`), within [`BACKEND_PROPERTIES_BUDGET`]
-    /// (entries that do not fit are left out), and with `consumer_cancel_notify` among the
-    /// capabilities so that the broker tells the gateway about every consumer it cancels
-    /// (the session passes those on only to clients that asked), and with
-    /// `authentication_failure_close`.
-    pub fn for_backend(&self, identity: &str, peer: &str) -> Vec<u8> {
+    /// (entries that do not fit are left out), and with `authentication_failure_close`
+    /// among the capabilities. With `follow_cancels` (token sessions), also with
+    /// `consumer_cancel_notify`, so that the broker tells the gateway about every consumer
+    /// it cancels (the session passes those on only to clients that asked); without (a
+    /// session relayed unchecked), the client's own value stands.
+    pub fn for_backend(&self, identity: &str, peer: &str, follow_cancels: bool) -> Vec<u8> {
         let t = self.table();
         let name = match self.text("connection_name") {
             Some(own) => format!("{own} [{identity}]"),
@@ -124,7 +125,7 @@ impl ClientProperties {
         let mut seen: Vec<&[u8]> = Vec::new();
         for (k, v) in client_caps.entries() {
             if seen.contains(&k)
-                || k == b"consumer_cancel_notify"
+                || (follow_cancels && k == b"consumer_cancel_notify")
                 || k == b"authentication_failure_close"
             {
                 continue;
@@ -137,7 +138,9 @@ impl ClientProperties {
                 break;
             }
         }
-        caps.bool("consumer_cancel_notify", true);
+        if follow_cancels {
+            caps.bool("consumer_cancel_notify", true);
+        }
         // A refused login (an internal user's password) is then a `connection.close` the
         // gateway can pass on, not a silent hang-up.
         caps.bool("authentication_failure_close", true);

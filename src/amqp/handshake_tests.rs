@@ -440,7 +440,7 @@ fn backend_properties_keep_first_entries_within_a_budget() {
     caps.bool("authentication_failure_close", false);
     w.table("capabilities", &caps);
     let p = ClientProperties::new(w.entries()).unwrap();
-    let wire = p.for_backend("alice via gw", "10.0.0.1:5555");
+    let wire = p.for_backend("alice via gw", "10.0.0.1:5555", true);
     assert!(wire.len() <= 4 + BACKEND_PROPERTIES_BUDGET);
     let (t, _) = table::read(&wire).unwrap();
     assert_eq!(t.get("product"), Some(Value::LongStr(b"client")));
@@ -464,4 +464,10 @@ fn backend_properties_keep_first_entries_within_a_budget() {
         caps.flag("authentication_failure_close"),
         "a refused login of an internal user comes as a close to pass on"
     );
+    // A session relayed unchecked keeps the client's own cancel-notify choice.
+    let wire = p.for_backend("alice", "10.0.0.1:5555", false);
+    let (t, _) = table::read(&wire).unwrap();
+    let caps = t.table("capabilities").unwrap();
+    assert_eq!(caps.get("consumer_cancel_notify"), Some(Value::Bool(false)));
+    assert!(caps.flag("authentication_failure_close"));
 }

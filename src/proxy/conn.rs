@@ -396,7 +396,7 @@ async fn login_internal(
     );
     let props = creds
         .client_properties
-        .for_backend(&name, &peer.to_string());
+        .for_backend(&name, &peer.to_string(), false);
     let timer = shared.metrics.phase("backend_login").start_timer();
     let logged_in = backend::login(
         &shared.cfg.backend,
@@ -731,7 +731,7 @@ where
         "{} via amqp-iam-gateway from {peer} (token {})",
         identity.username, identity.token_id
     );
-    let props = client_props.for_backend(&name, &peer.to_string());
+    let props = client_props.for_backend(&name, &peer.to_string(), true);
     let timer = shared.metrics.phase("backend_connect").start_timer();
     let opened = backend::open(
         &shared.cfg.backend,

@@ -118,8 +118,11 @@ def test_imported_tutorial_conf_authorises_the_same_way(dev_gateway, tmp_path):
     binary = str(gateway_binary())
     r = subprocess.run([binary, "import-rabbitmq-conf", str(conf)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
-    for key in ("auth_backends.1", "auth_oauth2.https.hostname_verification", "management.oauth_enabled"):
+    for key in ("auth_oauth2.https.hostname_verification", "management.oauth_enabled"):
         assert key in r.stderr, f"{key} is reported, not dropped silently"
+    # The chain carries over: tokens first, then the broker's internal users.
+    assert "auth_backends" not in r.stderr, r.stderr
+    assert '[auth]\nbackends = ["oauth2", "internal"]' in r.stdout, r.stdout
     # The import's [listener]/[backend] are templates: point them at this machine.
     toml = r.stdout
     port = _free_port()

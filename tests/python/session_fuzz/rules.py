@@ -653,9 +653,15 @@ def answered_second_close(d, c: Ctx) -> bool:
     if d.ch != 0:
         # On the channel: one side's runner took that close for its own (and answered it),
         # the other's recorded it as the old channel's; what follows differs.
-        return d.ref is not None and d.gw is not None and any(
-            seconds(a, ea["n"], True) and seconds(b, eb["n"], False)
-            for a, ea, b, eb in ((c.ref, d.ref, c.gw, d.gw), (c.gw, d.gw, c.ref, d.ref)))
+        pairs = ((c.ref, d.ref, c.gw, d.gw), (c.gw, d.gw, c.ref, d.ref))
+        if d.ref is not None and d.gw is not None:
+            return any(seconds(a, ea["n"], True) and seconds(b, eb["n"], False)
+                       for a, ea, b, eb in pairs)
+        # Or it came while the runner's own channel.close was out: a crossing close, taken
+        # as the answer, so that side has no close-ok where the other has one.
+        return any(ea is None and eb is not None and eb["kind"] == "reply"
+                   and seconds(a, 1 << 62, True) and seconds(b, eb["n"], False)
+                   for a, ea, b, eb in pairs)
     for mine, side in ((d.ref, c.ref), (d.gw, c.gw)):
         if mine is None or mine["kind"] != "conn-close" or mine["data"][:3] != [
                 504, "CHANNEL_ERROR - expected 'channel.open'", "channel.close-ok"]:
