@@ -48,6 +48,7 @@ pub mod id {
     pub const CONNECTION_CLOSE: (u16, u16) = (10, 50);
     pub const CONNECTION_CLOSE_OK: (u16, u16) = (10, 51);
     pub const CONNECTION_UPDATE_SECRET: (u16, u16) = (10, 70);
+    pub const CONNECTION_UPDATE_SECRET_OK: (u16, u16) = (10, 71);
     pub const CHANNEL_OPEN: (u16, u16) = (20, 10);
     pub const CHANNEL_OPEN_OK: (u16, u16) = (20, 11);
     pub const CHANNEL_CLOSE: (u16, u16) = (20, 40);
@@ -773,6 +774,17 @@ pub fn connection_close_ok(out: &mut BytesMut) {
         0,
         AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
     );
+}
+
+/// Appends `connection.update-secret` (10.70): `secret` as the new secret (a long
+/// string, so a token of any size fits the negotiated frame size), `reason` as given.
+pub fn update_secret(out: &mut BytesMut, secret: &[u8], reason: &str) {
+    let mut p = Vec::with_capacity(16 + secret.len() + reason.len());
+    p.extend_from_slice(&[0, 10, 0, 70]);
+    p.extend_from_slice(&(secret.len() as u32).to_be_bytes());
+    p.extend_from_slice(secret);
+    put_short(&mut p, reason.as_bytes());
+    frame::write_frame(out, frame::METHOD, 0, &p);
 }
 
 /// Appends `connection.update-secret-ok` (10.71).

@@ -22,6 +22,7 @@
 //!   cannot make the gateway spend RSA at line rate.
 
 pub mod chain;
+pub mod exchange;
 pub mod jwt;
 pub mod keys;
 pub mod policy;

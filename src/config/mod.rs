@@ -304,6 +304,33 @@ pub struct BackendConfig {
     pub balance: crate::proxy::balancer::Policy,
     /// TLS to the nodes (`backend.tls = true`); `None`: plain AMQP.
     pub tls: Option<BackendTlsConfig>,
+    /// How token sessions log in to the broker.
+    pub auth: BackendAuth,
+}
+
+/// `backend.auth`: whose credentials a token session's backend connection carries.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum BackendAuth {
+    /// The service user (`backend.username`), which holds every right: the gateway is the
+    /// only guard.
+    #[default]
+    ServiceUser,
+    /// A token the gateway mints for each client (`[backend.token]`), which the broker's
+    /// OAuth 2.0 plugin verifies: RabbitMQ enforces the same permissions behind the gateway.
+    Token(BackendTokenConfig),
+}
+
+/// `[backend.token]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendTokenConfig {
+    /// PEM private key (RSA, or EC P-256), readable by its owner only.
+    pub signing_key: PathBuf,
+    /// The `kid` of the minted tokens: the name the broker knows the public key by.
+    pub kid: String,
+    /// The broker's `auth_oauth2.resource_server_id`: the `aud` of the minted tokens.
+    pub resource_server_id: String,
+    /// The broker's scope prefix; default `<resource_server_id>.`.
+    pub scope_prefix: String,
 }
 
 /// `backend.tls_*`: TLS from the gateway to the RabbitMQ nodes.
@@ -335,6 +362,7 @@ impl fmt::Debug for BackendConfig {
             )
             .field("balance", &self.balance)
             .field("tls", &self.tls)
+            .field("auth", &self.auth)
             .finish()
     }
 }

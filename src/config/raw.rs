@@ -84,6 +84,18 @@ pub(super) struct RawBackend {
     pub tls_cert: Option<String>,
     pub tls_key: Option<String>,
     pub tls_server_name: Option<String>,
+    pub auth: Option<String>,
+    pub token: Option<RawBackendToken>,
+}
+
+/// `[backend.token]`: the gateway's own tokens for the broker (`backend.auth = "token"`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBackendToken {
+    pub signing_key: Option<String>,
+    pub kid: Option<String>,
+    pub resource_server_id: Option<String>,
+    pub scope_prefix: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -893,3 +893,43 @@ fn the_auth_chain_is_checked() {
             .contains("at least one backend")
     );
 }
+
+#[test]
+fn backend_token_mode_is_checked() {
+    use crate::config::BackendAuth;
+    let (c, _) = parse_ok(MINIMAL);
+    assert_eq!(c.backend.auth, BackendAuth::ServiceUser);
+    let token = |auth: &str, table: &str| {
+        format!(
+            "{}\n[backend.token]\n{table}",
+            minimal_with("backend", &format!("auth = \"{auth}\"\n"))
+        )
+    };
+    let (c, dir) = parse_ok(&token(
+        "token",
+        "signing_key = \"certs/server-key.pem\"\nkid = \"gw-1\"\n",
+    ));
+    let BackendAuth::Token(t) = &c.backend.auth else {
+        panic!("{:?}", c.backend.auth)
+    };
+    assert_eq!(t.signing_key, dir.join("certs/server-key.pem"));
+    assert_eq!(
+        (
+            t.kid.as_str(),
+            t.resource_server_id.as_str(),
+            t.scope_prefix.as_str()
+        ),
+        ("gw-1", "rabbitmq", "rabbitmq.")
+    );
+    let errors = parse_err(&minimal_with("backend", "auth = \"token\"\n")).to_string();
+    for needle in [
+        "backend.token.signing_key: is required",
+        "backend.token.kid",
+    ] {
+        assert!(errors.contains(needle), "{needle} in:\n{errors}");
+    }
+    let errors = parse_err(&token("tokens", "kid = \"k\"\n")).to_string();
+    assert!(errors.contains("\"tokens\" is not"), "{errors}");
+    let errors = parse_err(&token("service_user", "kid = \"k\"\n")).to_string();
+    assert!(errors.contains("only with backend.auth"), "{errors}");
+}

@@ -11,24 +11,25 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::raw::{
-    RawAdmin, RawAliasValue, RawAuth, RawBackend, RawConfig, RawListener, RawLog, RawOAuth2,
-    RawPolicy,
+    RawAdmin, RawAliasValue, RawAuth, RawBackend, RawBackendToken, RawConfig, RawListener, RawLog,
+    RawOAuth2, RawPolicy,
 };
 use super::{
-    AdminConfig, AuditSink, AuthBackend, AuthConfig, BackendConfig, BackendNode, BackendTlsConfig,
-    CheckFiles, Config, ConfigError, ConfigErrors, DEFAULT_ADMIN_ADDRESS, DEFAULT_ALGORITHMS,
-    DEFAULT_AUTH_FAILURE_DELAY_MS, DEFAULT_BACKEND_CONNECT_TIMEOUT_MS,
-    DEFAULT_BACKEND_MAX_CONNECTING, DEFAULT_BACKEND_NODE, DEFAULT_CHANNEL_MAX, DEFAULT_CHECK_IAT,
-    DEFAULT_CHECK_NBF, DEFAULT_DRAIN_DEADLINE_MS, DEFAULT_DRAIN_PERIOD_MS, DEFAULT_FRAME_MAX,
-    DEFAULT_HANDSHAKE_TIMEOUT_MS, DEFAULT_HEARTBEAT_SECS, DEFAULT_HTTP_TIMEOUT_MS,
-    DEFAULT_JWKS_MIN_REFETCH_INTERVAL_MS, DEFAULT_JWKS_REFRESH_SECONDS, DEFAULT_LEEWAY_SECONDS,
-    DEFAULT_LISTENER_ADDRESS, DEFAULT_LOG_FORMAT, DEFAULT_LOG_LEVEL, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_PREAUTH_FRAME, DEFAULT_PREFERRED_USERNAME_CLAIMS, DEFAULT_REQUIRE_EXP,
-    DEFAULT_VERIFY_AUD, JwtAlgorithm, ListenerConfig, LogConfig, LogFormat,
-    MAX_AUTH_FAILURE_DELAY_MS, MAX_BACKEND_CONNECT_TIMEOUT_MS, MAX_BACKEND_MAX_CONNECTING,
-    MAX_DRAIN_MS, MAX_FRAME_MAX, MAX_HANDSHAKE_TIMEOUT_MS, MAX_HTTP_TIMEOUT_MS,
-    MAX_JWKS_MIN_REFETCH_INTERVAL_MS, MAX_JWKS_REFRESH_SECONDS, MAX_LEEWAY_SECONDS,
-    MAX_MAX_PREAUTH_FRAME, MIN_FRAME_MAX, MIN_MAX_PREAUTH_FRAME, OAuth2Config, TlsListenerConfig,
+    AdminConfig, AuditSink, AuthBackend, AuthConfig, BackendAuth, BackendConfig, BackendNode,
+    BackendTlsConfig, BackendTokenConfig, CheckFiles, Config, ConfigError, ConfigErrors,
+    DEFAULT_ADMIN_ADDRESS, DEFAULT_ALGORITHMS, DEFAULT_AUTH_FAILURE_DELAY_MS,
+    DEFAULT_BACKEND_CONNECT_TIMEOUT_MS, DEFAULT_BACKEND_MAX_CONNECTING, DEFAULT_BACKEND_NODE,
+    DEFAULT_CHANNEL_MAX, DEFAULT_CHECK_IAT, DEFAULT_CHECK_NBF, DEFAULT_DRAIN_DEADLINE_MS,
+    DEFAULT_DRAIN_PERIOD_MS, DEFAULT_FRAME_MAX, DEFAULT_HANDSHAKE_TIMEOUT_MS,
+    DEFAULT_HEARTBEAT_SECS, DEFAULT_HTTP_TIMEOUT_MS, DEFAULT_JWKS_MIN_REFETCH_INTERVAL_MS,
+    DEFAULT_JWKS_REFRESH_SECONDS, DEFAULT_LEEWAY_SECONDS, DEFAULT_LISTENER_ADDRESS,
+    DEFAULT_LOG_FORMAT, DEFAULT_LOG_LEVEL, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PREAUTH_FRAME,
+    DEFAULT_PREFERRED_USERNAME_CLAIMS, DEFAULT_REQUIRE_EXP, DEFAULT_VERIFY_AUD, JwtAlgorithm,
+    ListenerConfig, LogConfig, LogFormat, MAX_AUTH_FAILURE_DELAY_MS,
+    MAX_BACKEND_CONNECT_TIMEOUT_MS, MAX_BACKEND_MAX_CONNECTING, MAX_DRAIN_MS, MAX_FRAME_MAX,
+    MAX_HANDSHAKE_TIMEOUT_MS, MAX_HTTP_TIMEOUT_MS, MAX_JWKS_MIN_REFETCH_INTERVAL_MS,
+    MAX_JWKS_REFRESH_SECONDS, MAX_LEEWAY_SECONDS, MAX_MAX_PREAUTH_FRAME, MIN_FRAME_MAX,
+    MIN_MAX_PREAUTH_FRAME, OAuth2Config, TlsListenerConfig,
 };
 use super::{
     DEFAULT_CONSUMER_MAX_PER_CHANNEL, DEFAULT_CONSUMER_MAX_PER_CONNECTION,
@@ -271,7 +272,9 @@ impl Checker<'_> {
             }
         });
         let tls = self.backend_tls(&raw_tls, &nodes);
+        let auth = self.backend_auth(raw.auth.as_deref(), raw.token);
         BackendConfig {
+            auth,
             nodes,
             username,
             password,
@@ -714,6 +717,63 @@ impl Checker<'_> {
             auth.sources.insert(user, parsed);
         }
         auth
+    }
+
+    fn backend_auth(&mut self, auth: Option<&str>, raw: Option<RawBackendToken>) -> BackendAuth {
+        match auth {
+            None | Some("service_user") => {
+                if raw.is_some() {
+                    self.error(
+                        "backend.token",
+                        "is used only with backend.auth = \"token\"",
+                    );
+                }
+                BackendAuth::ServiceUser
+            }
+            Some("token") => {
+                let raw = raw.unwrap_or_default();
+                let signing_key = match raw.signing_key {
+                    Some(p) => self.file("backend.token.signing_key", &p),
+                    None => {
+                        self.error(
+                            "backend.token.signing_key",
+                            "is required with backend.auth = \"token\"",
+                        );
+                        PathBuf::new()
+                    }
+                };
+                let kid = self.required_text("backend.token.kid", raw.kid);
+                let resource_server_id = raw
+                    .resource_server_id
+                    .unwrap_or_else(|| "rabbitmq".to_owned());
+                if resource_server_id.is_empty() || resource_server_id.contains(char::is_whitespace)
+                {
+                    self.error(
+                        "backend.token.resource_server_id",
+                        "must be non-empty, without whitespace",
+                    );
+                }
+                let scope_prefix = raw
+                    .scope_prefix
+                    .unwrap_or_else(|| format!("{resource_server_id}."));
+                if scope_prefix.contains(char::is_whitespace) {
+                    self.error("backend.token.scope_prefix", "must not contain whitespace");
+                }
+                BackendAuth::Token(BackendTokenConfig {
+                    signing_key,
+                    kid,
+                    resource_server_id,
+                    scope_prefix,
+                })
+            }
+            Some(other) => {
+                self.error(
+                    "backend.auth",
+                    format!("{other:?} is not \"service_user\" or \"token\""),
+                );
+                BackendAuth::ServiceUser
+            }
+        }
     }
 
     fn admin(&mut self, raw: RawAdmin) -> AdminConfig {

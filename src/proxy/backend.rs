@@ -202,6 +202,9 @@ pub enum Login<'a> {
         mechanism: &'a str,
         response: &'a [u8],
     },
+    /// A token the gateway minted for the client (`backend.auth = "token"`): PLAIN with an
+    /// empty user name and the token as the password, as RabbitMQ's OAuth 2.0 plugin takes.
+    Token(&'a str),
 }
 
 /// A backend connection past `connection.start-ok`: the broker accepted the login and sent
@@ -217,28 +220,57 @@ pub struct LoggedIn {
     offered: (u16, u32),
 }
 
-/// Connects to the first reachable node and opens `vhost` on it with the service user.
+impl Backend {
+    /// Sends `connection.update-secret` with `token` and waits, within `timeout`, for the
+    /// broker's `update-secret-ok`, before anything is relayed (the login with a minimal
+    /// token, then the full one). A refusal is [`BackendError::Refused`].
+    pub async fn update_secret(
+        &mut self,
+        token: &str,
+        timeout: std::time::Duration,
+    ) -> Result<(), BackendError> {
+        let mut out = BytesMut::new();
+        method::update_secret(
+            &mut out,
+            token.as_bytes(),
+            "amqp-iam-gateway: full permissions",
+        );
+        let exchange = async {
+            self.stream
+                .write_all(&out)
+                .await
+                .map_err(|e| BackendError::Protocol(e.to_string()))?;
+            expect(
+                &mut self.stream,
+                &mut self.leftover,
+                id::CONNECTION_UPDATE_SECRET_OK,
+            )
+            .await
+            .map(drop)
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or_else(|_| Err(BackendError::Protocol("update-secret timed out".into())))
+    }
+}
+
+/// Connects to the first reachable node, logs in as `who` and opens `vhost` on it.
 /// `tls` is the connector built from `cfg.tls` ([`tls_connector`]), `None` for plain AMQP.
+#[allow(clippy::too_many_arguments)]
 pub async fn open(
     cfg: &BackendConfig,
     tls: Option<&TlsConnector>,
     balancer: &Arc<Balancer>,
+    who: Login<'_>,
     vhost: &str,
     client: Tuning,
     client_properties: &[u8],
     metrics: &Metrics,
 ) -> Result<Backend, BackendError> {
-    login(
-        cfg,
-        tls,
-        balancer,
-        Login::Service,
-        client_properties,
-        metrics,
-    )
-    .await?
-    .open(vhost, client, cfg.connect_timeout, metrics)
-    .await
+    login(cfg, tls, balancer, who, client_properties, metrics)
+        .await?
+        .open(vhost, client, cfg.connect_timeout, metrics)
+        .await
 }
 
 /// Connects to the first reachable node and logs in with `who`: the broker's answer to
@@ -399,6 +431,12 @@ async fn start_ok(
             mechanism,
             response,
         } => method::connection_start_ok(&mut out, client_properties, mechanism, response, "en_US"),
+        Login::Token(token) => {
+            let mut response = Vec::with_capacity(token.len() + 2);
+            response.extend_from_slice(b"\0\0");
+            response.extend_from_slice(token.as_bytes());
+            method::connection_start_ok(&mut out, client_properties, "PLAIN", &response, "en_US");
+        }
     }
     s.write_all(&out).await.map_err(io)?;
 

@@ -16,6 +16,7 @@ use crate::admin::audit::AuditEvent;
 use crate::amqp::handshake::{ClientHandshake, ClientProperties, Credentials, Step};
 use crate::amqp::method::reply;
 use crate::amqp::session::{Limits, Session, SessionConfig};
+use crate::auth::exchange::{BackendMinter, Subject};
 use crate::auth::{Identity, jwt_shaped, token_id};
 use crate::authz::Denial;
 use crate::config::AuthBackend;
@@ -223,7 +224,7 @@ where
                 // backend accepted it; the refusal is the same as for a wrong password.
                 if let Err(r) = shared.sources.check(username, peer.ip()) {
                     tracing::info!(
-                        %peer, user = %username, backend = backend.as_str(), reason = r.reason(),
+                        %peer, user = ?username, backend = backend.as_str(), reason = r.reason(),
                         "login refused from this source"
                     );
                     let label = match &who {
@@ -340,7 +341,7 @@ async fn login(
             AuthBackend::Internal => {
                 let (reason, close) = match login_internal(peer, shared, creds).await {
                     Ok(login) => {
-                        tracing::debug!(%peer, user = %creds.username, node = login.node(), "internal user accepted by the broker");
+                        tracing::debug!(%peer, user = ?creds.username, node = login.node(), "internal user accepted by the broker");
                         return Ok(Authenticated::Internal {
                             username: creds.username.clone(),
                             login,
@@ -348,8 +349,9 @@ async fn login(
                     }
                     Err(refused) => refused,
                 };
+                // Debug-quoted: the name is the unauthenticated client's, newlines and all.
                 tracing::info!(
-                    %peer, backend = "internal", user = %creds.username, reason,
+                    %peer, backend = "internal", user = ?creds.username, reason,
                     mechanism = creds.mechanism.as_str(), "login refused"
                 );
                 shared
@@ -438,7 +440,7 @@ async fn login_internal(
             Err(("refused", Some(close)))
         }
         Err(e) => {
-            tracing::warn!(%peer, user = %creds.username, error = %e, "backend login failed");
+            tracing::warn!(%peer, user = ?creds.username, error = %e, "backend login failed");
             Err(("backend_unavailable", None))
         }
     }
@@ -732,17 +734,48 @@ where
         identity.username, identity.token_id
     );
     let props = client_props.for_backend(&name, &peer.to_string(), true);
+    // With backend tokens: the client's own token, exchanged; a minimal one for the login
+    // when the full one would not fit RabbitMQ's 4096-byte frames before tuning (before
+    // 4.1), the full one then follows in update-secret.
+    let tokens = shared
+        .minter
+        .as_ref()
+        .map(|m| backend_tokens(m, &identity, &vhost, props.len()));
+    let who = match &tokens {
+        None => Login::Service,
+        Some(Ok((login, _))) => Login::Token(login),
+        Some(Err(e)) => {
+            tracing::error!(%peer, user = %identity.username, error = %e, "backend token not minted");
+            Login::Service
+        }
+    };
     let timer = shared.metrics.phase("backend_connect").start_timer();
-    let opened = backend::open(
-        &shared.cfg.backend,
-        shared.backend_tls.as_ref(),
-        &shared.balancer,
-        &vhost,
-        tuning,
-        &props,
-        &shared.metrics,
-    )
-    .await;
+    let opened = match (who, &tokens) {
+        (Login::Service, Some(Err(_))) => Err(BackendError::Protocol(
+            "no backend token could be minted".into(),
+        )),
+        (who, _) => {
+            let mut opened = backend::open(
+                &shared.cfg.backend,
+                shared.backend_tls.as_ref(),
+                &shared.balancer,
+                who,
+                &vhost,
+                tuning,
+                &props,
+                &shared.metrics,
+            )
+            .await;
+            if let (Ok(b), Some(Ok((_, Some(full))))) = (&mut opened, &tokens)
+                && let Err(e) = b
+                    .update_secret(full, shared.cfg.backend.connect_timeout)
+                    .await
+            {
+                opened = Err(e);
+            }
+            opened
+        }
+    };
     timer.observe_duration();
     match opened {
         Ok(backend) => {
@@ -827,6 +860,44 @@ async fn refuse_open<S>(
     wait_close_ok(stream, hs, CLOSE_OK_WAIT).await;
 }
 
+/// What a backend token is minted for.
+fn subject(id: &Identity) -> Subject<'_> {
+    Subject {
+        username: &id.username,
+        scopes: &id.scopes,
+        exp: id.exp,
+    }
+}
+
+/// A fresh `jti` for a backend token.
+fn jti() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// RabbitMQ before 4.1 takes frames of at most 4096 bytes until the connection is tuned.
+const PRE_TUNE_FRAME_MAX: usize = 4096;
+
+/// The backend tokens for `id`: the one to log in with, and the full one to send in
+/// `update-secret` right after when the login token is the minimal one (the full one
+/// would not fit a pre-tune frame next to `properties_len` bytes of client properties).
+fn backend_tokens(
+    m: &BackendMinter,
+    id: &Identity,
+    vhost: &str,
+    properties_len: usize,
+) -> Result<(String, Option<String>), jsonwebtoken::errors::Error> {
+    let now = now_secs();
+    let who = subject(id);
+    let full = m.sign(&m.claims(&who, now, &jti()))?;
+    // start-ok: frame header and end (8), ids (4), "PLAIN" and "en_US" with their lengths
+    // (12), the response's length and its two NULs (6).
+    if full.len() + properties_len + 30 <= PRE_TUNE_FRAME_MAX {
+        return Ok((full, None));
+    }
+    let minimal = m.sign(&m.minimal_claims(&who, vhost, now, &jti()))?;
+    Ok((minimal, Some(full)))
+}
+
 /// An audit record about an authenticated client.
 fn audit_identity(
     shared: &Shared,
@@ -874,7 +945,17 @@ fn secret_verifier(
             {
                 Ok(id) if id.username == username => {
                     tracing::info!(%peer, user = %username, %vhost, token = %id.token_id, "secret updated");
-                    Ok((id.permissions, expiry_instant(id.exp)))
+                    let backend_secret = match &shared.minter {
+                        None => None,
+                        Some(m) => match m.sign(&m.claims(&subject(&id), now_secs(), &jti())) {
+                            Ok(t) => Some(t),
+                            Err(e) => {
+                                tracing::error!(%peer, user = %username, error = %e, "backend token not minted");
+                                return Err(refused);
+                            }
+                        },
+                    };
+                    Ok((id.permissions, expiry_instant(id.exp), backend_secret))
                 }
                 Ok(id) => {
                     tracing::info!(%peer, user = %username, new_user = %id.username, "update-secret refused: username changed");

@@ -34,6 +34,7 @@ use crate::amqp::handshake::HandshakeSettings;
 use crate::amqp::session::ExchangeEpochs;
 use crate::auth::Authenticators;
 use crate::auth::chain::{PasswordBackoff, SourceRules};
+use crate::auth::exchange::BackendMinter;
 use crate::config::Config;
 use exchange_types::ExchangeTypes;
 use readahead::ReadAhead;
@@ -57,6 +58,8 @@ pub(crate) struct Shared {
     pub sources: SourceRules,
     /// Failed internal logins, kept across reloads.
     pub password_backoff: Arc<PasswordBackoff>,
+    /// Mints the backend tokens (`backend.auth = "token"`).
+    pub minter: Option<Arc<BackendMinter>>,
 }
 
 /// Where a graceful shutdown is.
@@ -278,7 +281,12 @@ async fn build(
         l.handshakes_per_second_per_source,
     );
     let password_backoff = prev.map_or_else(Arc::default, |p| p.password_backoff.clone());
+    let minter = match &cfg.backend.auth {
+        crate::config::BackendAuth::ServiceUser => None,
+        crate::config::BackendAuth::Token(t) => Some(Arc::new(backend_minter(t)?)),
+    };
     let shared = Shared {
+        minter,
         sources: SourceRules::new(&cfg.auth),
         password_backoff,
         cfg,
@@ -294,6 +302,30 @@ async fn build(
         backend_tls,
     };
     Ok((shared, tls))
+}
+
+/// Reads `[backend.token]`'s private key, which only its owner may read.
+fn backend_minter(t: &crate::config::BackendTokenConfig) -> Result<BackendMinter, String> {
+    let path = &t.signing_key;
+    let what =
+        |e: &dyn std::fmt::Display| format!("backend.token.signing_key {}: {e}", path.display());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(|e| what(&e))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(what(&format!(
+                "readable by others (mode {:o}): run `chmod 600` on it",
+                mode & 0o777
+            )));
+        }
+    }
+    let pem = std::fs::read(path).map_err(|e| what(&e))?;
+    BackendMinter::from_pem(&pem, &t.kid, &t.resource_server_id, &t.scope_prefix)
+        .map_err(|e| what(&e))
 }
 
 impl Gateway {

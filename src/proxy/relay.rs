@@ -37,8 +37,9 @@ const MAX_IOVECS: usize = 64;
 /// is closed anyway (a client that stops reading must not keep the task alive).
 pub const CLOSE_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// A refreshed token's outcome: new permissions and expiry, or the close text.
-pub type SecretOutcome = Result<(Permissions, Option<Instant>), String>;
+/// A refreshed token's outcome: new permissions, expiry and (with backend tokens) the
+/// broker's new token, or the close text.
+pub type SecretOutcome = Result<(Permissions, Option<Instant>, Option<String>), String>;
 /// Verifies an update-secret token.
 pub type SecretVerifier =
     Box<dyn Fn(String) -> Pin<Box<dyn Future<Output = SecretOutcome> + Send>> + Send + Sync>;
@@ -265,12 +266,18 @@ where
                 && let Poll::Ready(outcome) = f.as_mut().poll(cx)
             {
                 self.secret = None;
-                let outcome = outcome.map(|(perms, exp)| {
+                let mut backend_secret = None;
+                let outcome = outcome.map(|(perms, exp, secret)| {
                     self.expiry = exp.map(|at| Box::pin(tokio::time::sleep_until(at)));
+                    backend_secret = secret;
                     perms
                 });
-                self.session
-                    .secret_updated(outcome, &mut self.client.out, &mut self.backend.out);
+                self.session.secret_updated_with(
+                    outcome,
+                    backend_secret,
+                    &mut self.client.out,
+                    &mut self.backend.out,
+                );
                 progress = true;
             }
             if let Some((_, f)) = &mut self.lookup

@@ -1925,6 +1925,19 @@ impl Session {
         to_client: &mut Outbox,
         to_backend: &mut Outbox,
     ) {
+        self.secret_updated_with(outcome, None, to_client, to_backend)
+    }
+
+    /// [`Session::secret_updated`], with the backend's own new token when the broker
+    /// verifies one too (`backend.auth = "token"`): then the broker gets `update-secret`
+    /// with it, and its answer (`update-secret-ok`, or its refusal) is the client's.
+    pub fn secret_updated_with(
+        &mut self,
+        outcome: Result<Permissions, String>,
+        backend_secret: Option<String>,
+        to_client: &mut Outbox,
+        to_backend: &mut Outbox,
+    ) {
         if self.pause == Some(Pause::Secret) {
             self.pause = None;
         }
@@ -1933,7 +1946,11 @@ impl Session {
             Ok(p) if p.vhost_access(&self.vhost) => {
                 // RabbitMQ answers first, then each channel re-checks its consumers.
                 self.permissions = p;
-                to_client.frame(method::update_secret_ok);
+                match backend_secret {
+                    Some(token) => to_backend
+                        .frame(|b| method::update_secret(b, token.as_bytes(), "client refresh")),
+                    None => to_client.frame(method::update_secret_ok),
+                }
                 self.cancel_unreadable_consumers(to_client, to_backend);
             }
             Ok(_) => {
