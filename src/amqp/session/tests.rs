@@ -2222,3 +2222,41 @@ fn a_broker_authorised_session_relays_every_frame_unchanged() {
     let (to_b, _) = client(&mut s, &channel_open(2), 1 << 20);
     assert!(to_b.is_empty());
 }
+
+/// With backend tokens, a refreshed client token becomes an update-secret to the broker
+/// with the gateway's new token, and the client's answer is the broker's: the gateway
+/// writes no update-secret-ok of its own, and the broker's is relayed unchanged.
+#[test]
+fn with_backend_tokens_the_broker_gets_the_new_secret_and_answers_the_client() {
+    let mut s = session(&ALL);
+    let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
+    s.secret_updated_with(
+        Ok(perms(&ALL)),
+        Some("minted.backend.token".into()),
+        &mut to_c,
+        &mut to_b,
+    );
+    assert!(
+        drain(&mut to_c).is_empty(),
+        "the broker answers, not the gateway"
+    );
+    let sent = methods(&drain(&mut to_b));
+    let [(0, AMQPClass::Connection(connection::AMQPMethod::UpdateSecret(u)))] = sent.as_slice()
+    else {
+        panic!("{sent:?}")
+    };
+    assert_eq!(u.new_secret.as_bytes(), b"minted.backend.token");
+    let ok = method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::UpdateSecretOk(
+            connection::UpdateSecretOk {},
+        )),
+    );
+    assert_eq!(backend(&mut s, &ok), ok);
+    // Without a backend token the gateway answers itself, as before.
+    let mut s = session(&ALL);
+    let (mut to_b, mut to_c) = (Outbox::default(), Outbox::default());
+    s.secret_updated(Ok(perms(&ALL)), &mut to_c, &mut to_b);
+    assert!(drain(&mut to_b).is_empty());
+    assert_eq!(drain(&mut to_c), ok);
+}
