@@ -326,3 +326,33 @@ def test_the_default_chain_has_tokens_only(gateway):
             ssl_options=pika.SSLOptions(gateway.ssl_context(), "localhost"),
             connection_attempts=1, socket_timeout=10)))
     assert got.endswith(LOGIN_REFUSED), got
+
+
+def test_an_internal_users_session_is_drained_like_a_token_session(tmp_path):
+    """SIGTERM: the internal user's session keeps working for the drain period, then gets
+    the 320 RabbitMQ sends when a node shuts down, from the gateway (the session is relayed
+    unchecked, but the gateway's own closes still apply)."""
+    import signal
+
+    ca = _write_tls(tmp_path)
+    port = _free_port()
+    cfg = _write_config(tmp_path, port, _free_port())
+    cfg.write_text(cfg.read_text().replace(
+        "auth_failure_delay_ms = 300",
+        "auth_failure_delay_ms = 300\ndrain_period_ms = 600\ndrain_deadline_ms = 8000",
+    ) + '\n[auth]\nbackends = ["oauth2", "internal"]\n')
+    with run_gateway(tmp_path, cfg, port, ca) as g:
+        conn = pika.BlockingConnection(params(g, port, "guest", "guest"))
+        ch = conn.channel()
+        ch.queue_declare(f"iu-drain-{RUN}", exclusive=True)
+        sent = time.monotonic()
+        g.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        ch.basic_qos(prefetch_count=1)  # still relayed during the drain period
+        with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as closed:
+            while time.monotonic() - sent < 8:
+                conn.process_data_events(time_limit=0.1)
+        assert (closed.value.reply_code, closed.value.reply_text) == (
+            320, "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'")
+        assert time.monotonic() - sent >= 0.55
+        assert g.proc.wait(timeout=10) == 0, g.log()
