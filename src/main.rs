@@ -82,6 +82,16 @@ enum Command {
         #[arg(long)]
         issuer_url: Option<String>,
     },
+    /// With `backend.auth = "token"`: write the public key of `[backend.token]`'s signing
+    /// key to --public-key, and print the rabbitmq.conf lines that make the broker accept
+    /// the gateway's backend tokens.
+    BackendSetup {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Where to write the public key (PEM), as the broker will read it.
+        #[arg(long)]
+        public_key: PathBuf,
+    },
     /// Convert the auth_oauth2.* lines of a rabbitmq.conf into gateway TOML (standard
     /// output); lines that are not converted are reported on standard error.
     ImportRabbitmqConf {
@@ -198,6 +208,7 @@ fn main() -> ExitCode {
             token,
             json,
         } => explain(&config, token, json),
+        Command::BackendSetup { config, public_key } => backend_setup(&config, &public_key),
         Command::ImportRabbitmqConf { file } => match std::fs::read_to_string(&file) {
             Ok(conf) => {
                 let (toml, report) = amqp_iam_gateway::cli::import_rabbitmq_conf(&conf);
@@ -457,4 +468,36 @@ fn sts_emulator(
             }
         }
     })
+}
+
+/// `backend-setup`: the broker's side of `backend.auth = "token"`.
+fn backend_setup(config: &std::path::Path, public_key: &std::path::Path) -> ExitCode {
+    use amqp_iam_gateway::auth::exchange;
+    let run = || -> Result<String, String> {
+        let cfg = config::load(config)
+            .map_err(|e| format!("{}: invalid configuration:\n{e}", config.display()))?;
+        let config::BackendAuth::Token(t) = &cfg.backend.auth else {
+            return Err(format!(
+                "{}: backend.auth is not \"token\": the broker needs no key",
+                config.display()
+            ));
+        };
+        let private = exchange::read_private_key(&t.signing_key)
+            .map_err(|e| format!("backend.token.signing_key {e}"))?;
+        let pem = exchange::public_key_pem(&private)
+            .map_err(|e| format!("backend.token.signing_key {}: {e}", t.signing_key.display()))?;
+        std::fs::write(public_key, pem).map_err(|e| format!("{}: {e}", public_key.display()))?;
+        let internal = cfg.auth.backends.contains(&config::AuthBackend::Internal);
+        Ok(exchange::rabbitmq_conf(t, public_key, internal))
+    };
+    match run() {
+        Ok(conf) => {
+            print!("{conf}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
 }

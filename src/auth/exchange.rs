@@ -10,8 +10,10 @@
 //! - `iat`, `exp` (the client token's, or `iat` + [`DEFAULT_LIFETIME`] without one), `jti`;
 //! - signed with a key the gateway holds for this purpose alone, named by its `kid`.
 //!
-//! The claims are built by [`BackendMinter::claims`], which is pure; [`BackendMinter::mint`]
-//! signs them. Neither logs anything: a minted token is a credential.
+//! The claims are built by [`BackendMinter::claims`], which is pure; [`BackendMinter::sign`]
+//! signs them. Neither logs anything: a minted token is a credential. [`read_private_key`]
+//! is the only IO here (the key file, refused when others may read it); [`rabbitmq_conf`]
+//! and [`public_key_pem`] are the broker's side of the set-up.
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
@@ -118,6 +120,70 @@ impl BackendMinter {
     }
 }
 
+/// Reads the private key file of `[backend.token]`, refusing one its group or others may
+/// read (the gateway's key for the broker is as sensitive as the service user's password).
+pub fn read_private_key(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    let what = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(|e| what(&e))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(what(&format!(
+                "readable by others (mode {:o}): run `chmod 600` on it",
+                mode & 0o777
+            )));
+        }
+    }
+    std::fs::read(path).map_err(|e| what(&e))
+}
+
+/// The public key of a PEM private key, as a PEM `PUBLIC KEY` (SubjectPublicKeyInfo): what
+/// the broker's `auth_oauth2.signing_keys.<kid>` names.
+pub fn public_key_pem(private_pem: &[u8]) -> Result<String, String> {
+    let text = std::str::from_utf8(private_pem).map_err(|_| "not a PEM file".to_owned())?;
+    rcgen::KeyPair::from_pem(text)
+        .map(|k| k.public_key_pem())
+        .map_err(|e| format!("not a private key rcgen can read: {e}"))
+}
+
+/// The `rabbitmq.conf` lines that make a broker accept the gateway's backend tokens, with
+/// the public key at `public_key_path` and `internal` users after tokens when they log in
+/// too.
+pub fn rabbitmq_conf(
+    cfg: &crate::config::BackendTokenConfig,
+    public_key_path: &std::path::Path,
+    internal_users: bool,
+) -> String {
+    let mut t = String::from(
+        "## Backend tokens from amqp-iam-gateway (backend.auth = \"token\"). Also run:\n\
+         ##   rabbitmq-plugins enable rabbitmq_auth_backend_oauth2\n\
+         auth_backends.1 = rabbit_auth_backend_oauth2\n",
+    );
+    if internal_users {
+        t.push_str("auth_backends.2 = internal\n");
+    }
+    t.push_str(&format!(
+        "auth_oauth2.resource_server_id = {}\n",
+        cfg.resource_server_id
+    ));
+    if cfg.scope_prefix != format!("{}.", cfg.resource_server_id) {
+        t.push_str(&format!(
+            "auth_oauth2.scope_prefix = {}\n",
+            cfg.scope_prefix
+        ));
+    }
+    t.push_str(&format!(
+        "auth_oauth2.signing_keys.{} = {}\n",
+        cfg.kid,
+        public_key_path.display()
+    ));
+    t
+}
+
 /// What a vhost name needs escaped to stand in a scope's `<vhost>/<name>` form: `/` (the
 /// separator), `%` (the escape itself), `*` (a wildcard) and spaces (scope separators).
 const RESERVED: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
@@ -186,6 +252,50 @@ mod tests {
             assert!(p.vhost_access(vhost), "{vhost}: {scopes:?}");
             assert!(!p.vhost_access(&format!("{vhost}x")), "{vhost}");
         }
+    }
+
+    #[test]
+    fn the_brokers_set_up_names_the_public_key_of_the_signing_key() {
+        let private = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/rsa-private.pem"
+        ))
+        .unwrap();
+        let public = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/rsa-public.pem"
+        ))
+        .unwrap();
+        let squash = |s: &str| s.split_whitespace().collect::<String>();
+        assert_eq!(squash(&public_key_pem(&private).unwrap()), squash(&public));
+        let cfg = crate::config::BackendTokenConfig {
+            signing_key: "k.pem".into(),
+            kid: "gw-1".into(),
+            resource_server_id: "rabbitmq".into(),
+            scope_prefix: "rabbitmq.".into(),
+        };
+        let conf = rabbitmq_conf(&cfg, std::path::Path::new("/etc/rabbitmq/gw-1.pem"), true);
+        let lines: Vec<&str> = conf.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            lines,
+            [
+                "auth_backends.1 = rabbit_auth_backend_oauth2",
+                "auth_backends.2 = internal",
+                "auth_oauth2.resource_server_id = rabbitmq",
+                "auth_oauth2.signing_keys.gw-1 = /etc/rabbitmq/gw-1.pem",
+            ]
+        );
+        let other = crate::config::BackendTokenConfig {
+            scope_prefix: "rabbitmq/".into(),
+            ..cfg
+        };
+        assert!(
+            rabbitmq_conf(&other, std::path::Path::new("p"), false)
+                .contains("\nauth_oauth2.scope_prefix = rabbitmq/\n")
+        );
+        // The importer reads these lines back into the same settings.
+        let imported = crate::config::import::import(&conf);
+        assert!(imported.toml.contains("resource_server_id = \"rabbitmq\""));
     }
 
     #[test]

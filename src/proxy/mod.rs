@@ -304,28 +304,12 @@ async fn build(
     Ok((shared, tls))
 }
 
-/// Reads `[backend.token]`'s private key, which only its owner may read.
+/// The backend token minter of `[backend.token]`.
 fn backend_minter(t: &crate::config::BackendTokenConfig) -> Result<BackendMinter, String> {
-    let path = &t.signing_key;
-    let what =
-        |e: &dyn std::fmt::Display| format!("backend.token.signing_key {}: {e}", path.display());
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path)
-            .map_err(|e| what(&e))?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            return Err(what(&format!(
-                "readable by others (mode {:o}): run `chmod 600` on it",
-                mode & 0o777
-            )));
-        }
-    }
-    let pem = std::fs::read(path).map_err(|e| what(&e))?;
+    let what = |e: String| format!("backend.token.signing_key {e}");
+    let pem = crate::auth::exchange::read_private_key(&t.signing_key).map_err(what)?;
     BackendMinter::from_pem(&pem, &t.kid, &t.resource_server_id, &t.scope_prefix)
-        .map_err(|e| what(&e))
+        .map_err(|e| what(format!("{}: {e}", t.signing_key.display())))
 }
 
 impl Gateway {

@@ -118,3 +118,30 @@ def test_update_secret_reaches_the_broker_and_another_users_token_is_refused(gw)
     finally:
         if conn.is_open:
             conn.close()
+
+
+def test_backend_setup_prints_the_brokers_lines_and_writes_the_public_key(gw, tmp_path):
+    binary = str(conftest.gateway_binary())
+    config = gw.workdir / "gateway.toml"
+    public = tmp_path / "gateway-backend.pem"
+    r = subprocess.run([binary, "backend-setup", "--config", str(config), "--public-key", str(public)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if not line.startswith("#")]
+    assert lines == [
+        "auth_backends.1 = rabbit_auth_backend_oauth2",
+        "auth_oauth2.resource_server_id = rabbitmq",
+        f"auth_oauth2.signing_keys.test-rsa = {public}",
+    ], r.stdout
+    # The key the reference node verifies the gateway's tokens with.
+    squash = lambda s: "".join(s.split())  # noqa: E731
+    assert squash(public.read_text()) == squash((FIXTURES / "rsa-public.pem").read_text())
+    # A signing key that others may read is refused, here and at start.
+    key = gw.workdir / "backend-token.pem"
+    key.chmod(0o644)
+    try:
+        r = subprocess.run([binary, "backend-setup", "--config", str(config), "--public-key",
+                            str(public)], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1 and "readable by others (mode 644)" in r.stderr, r.stderr
+    finally:
+        key.chmod(0o600)
