@@ -17,7 +17,9 @@ use std::time::Instant;
 use moka::future::Cache;
 use sha2::{Digest, Sha256};
 
-use super::{FAILED_TOKEN_CACHE_SIZE, FAILURE_BACKOFF_MAX, FAILURE_BACKOFF_MIN};
+#[cfg(test)]
+use super::FAILURE_BACKOFF_MIN;
+use super::{FAILED_TOKEN_CACHE_SIZE, FAILURE_BACKOFF_MAX};
 use crate::config::AuthConfig;
 
 /// Why a login that a backend accepted is refused for its source.
@@ -114,10 +116,7 @@ impl PasswordBackoff {
             .get(&k)
             .await
             .map_or(1, |f| f.failures.saturating_add(1));
-        let backoff = FAILURE_BACKOFF_MIN
-            .saturating_mul(1 << (failures - 1).min(16))
-            .min(FAILURE_BACKOFF_MAX);
-        let until = Instant::now() + backoff;
+        let until = Instant::now() + super::backoff_after(failures);
         self.failed.insert(k, Failure { failures, until }).await;
     }
 

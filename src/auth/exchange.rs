@@ -98,7 +98,10 @@ impl BackendMinter {
     /// uses. For a login whose full token would not fit the broker's pre-tune frame limit
     /// (4096 bytes before RabbitMQ 4.1); the full token follows in `update-secret`.
     pub fn minimal_claims(&self, who: &Subject<'_>, vhost: &str, now: i64, jti: &str) -> Value {
-        let vhost = percent_encoding::utf8_percent_encode(vhost, RESERVED).to_string();
+        // As the management API lookups encode names: the matcher URL-decodes every part.
+        let vhost =
+            percent_encoding::utf8_percent_encode(vhost, percent_encoding::NON_ALPHANUMERIC)
+                .to_string();
         let only = [format!("read:{vhost}/amq.gateway.login-only")];
         self.claims(
             &Subject {
@@ -183,14 +186,6 @@ pub fn rabbitmq_conf(
     ));
     t
 }
-
-/// What a vhost name needs escaped to stand in a scope's `<vhost>/<name>` form: `/` (the
-/// separator), `%` (the escape itself), `*` (a wildcard) and spaces (scope separators).
-const RESERVED: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
-    .add(b'/')
-    .add(b'%')
-    .add(b'*')
-    .add(b' ');
 
 #[cfg(test)]
 mod tests {

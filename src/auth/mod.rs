@@ -75,6 +75,14 @@ pub const FAILED_TOKEN_CACHE_SIZE: u64 = 100_000;
 pub const FAILURE_BACKOFF_MIN: Duration = Duration::from_secs(1);
 pub const FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
+/// The back-off after the `failures`-th failure in a row (from 1): 1 s doubling to 60 s.
+/// Failed tokens and failed internal passwords (`chain::PasswordBackoff`) share it.
+pub(crate) fn backoff_after(failures: u32) -> Duration {
+    FAILURE_BACKOFF_MIN
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(FAILURE_BACKOFF_MAX)
+}
+
 /// Counters of the authenticator, shared across reloads; the metrics scrape copies them.
 #[derive(Debug, Default)]
 pub struct AuthStats {
@@ -204,12 +212,9 @@ impl Authenticator {
                 .get(&key)
                 .await
                 .map_or(1, |f| f.failures.saturating_add(1));
-            let backoff = FAILURE_BACKOFF_MIN
-                .saturating_mul(1 << (failures - 1).min(16))
-                .min(FAILURE_BACKOFF_MAX);
             let failure = Failure {
                 failures,
-                until: Instant::now() + backoff,
+                until: Instant::now() + backoff_after(failures),
                 reason: e.reason(),
             };
             self.failed.insert(key, failure).await;

@@ -680,13 +680,7 @@ MANAGEMENT_URL = "http://127.0.0.1:15672"
 
 
 def management(method: str, path: str, body: dict | None = None) -> None:
-    req = urllib.request.Request(
-        MANAGEMENT_URL + path, method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"content-type": "application/json",
-                 "authorization": "Basic " + base64.b64encode(b"guest:guest").decode()})
-    with urllib.request.urlopen(req, timeout=10):
-        pass
+    conftest.management_api(method, path, body, base=MANAGEMENT_URL)
 
 
 def reference_env() -> dict[str, str]:
