@@ -88,6 +88,13 @@ pub const DEFAULT_BACKEND_NODE: &str = "127.0.0.1:5672";
 pub const DEFAULT_BACKEND_CONNECT_TIMEOUT_MS: u64 = 5_000;
 /// Upper bound of `backend.connect_timeout_ms`: an authenticated client waits on it.
 pub const MAX_BACKEND_CONNECT_TIMEOUT_MS: u64 = 300_000;
+/// `backend.close_timeout_ms`: how long the broker may leave a `channel.close` of the
+/// gateway's unanswered before the connection ends with `541` (RabbitMQ answers at once,
+/// unless its channel crashed). Twice RabbitMQ's own `channel_operation_timeout`.
+pub const DEFAULT_BACKEND_CLOSE_TIMEOUT_MS: u64 = 30_000;
+/// Bounds of `backend.close_timeout_ms`.
+pub const MIN_BACKEND_CLOSE_TIMEOUT_MS: u64 = 100;
+pub const MAX_BACKEND_CLOSE_TIMEOUT_MS: u64 = 600_000;
 /// `backend.max_connecting`: connects in progress to one node at a time. Well under
 /// RabbitMQ's listen backlog (128), so a reconnection storm queues in the gateway instead of
 /// overflowing the node's accept queue (dropped SYNs come back only after 1 s, 3 s, 7 s).
@@ -289,6 +296,10 @@ pub struct BackendConfig {
     pub username: String,
     pub password: String,
     pub connect_timeout: Duration,
+    /// How long the broker may leave a `channel.close` of the gateway's unanswered (while
+    /// it is not blocked by an alarm) before the client is told its refusal and the
+    /// connection ends with `541 INTERNAL_ERROR`.
+    pub close_timeout: Duration,
     /// Connects (TCP, TLS and AMQP handshake) in progress to one node at a time; more wait
     /// for a slot, for at most `connect_timeout`.
     pub max_connecting: usize,
@@ -353,6 +364,7 @@ impl fmt::Debug for BackendConfig {
             .field("username", &self.username)
             .field("password", &"<redacted>")
             .field("connect_timeout", &self.connect_timeout)
+            .field("close_timeout", &self.close_timeout)
             .field("max_connecting", &self.max_connecting)
             .field("management_url", &self.management_url)
             .field("exchange_type_ttl", &self.exchange_type_ttl)

@@ -74,6 +74,7 @@ pub(super) struct RawBackend {
     pub username: Option<String>,
     pub password: Option<String>,
     pub connect_timeout_ms: Option<u64>,
+    pub close_timeout_ms: Option<u64>,
     pub max_connecting: Option<u64>,
     pub management_url: Option<String>,
     pub exchange_type_ttl_ms: Option<u64>,

@@ -102,6 +102,7 @@ fn defaults_apply_to_a_minimal_file() {
         }]
     );
     assert_eq!(b.connect_timeout, Duration::from_secs(5));
+    assert_eq!(b.close_timeout, Duration::from_secs(30));
     assert_eq!(b.max_connecting, 32);
     assert_eq!(b.exchange_type_ttl, Duration::from_secs(10));
     assert_eq!(b.exchange_lookups_per_second, 10);
@@ -149,6 +150,7 @@ nodes = ["rabbit-1.internal:5672", "10.0.0.2:5673", "[::1]:5672"]
 username = "gateway"
 password = "secret"
 connect_timeout_ms = 750
+close_timeout_ms = 2500
 max_connecting = 8
 management_url = "http://127.0.0.1:15672"
 
@@ -206,6 +208,7 @@ format = "json"
     );
     assert_eq!(b.nodes[2].host, "::1");
     assert_eq!(b.connect_timeout, Duration::from_millis(750));
+    assert_eq!(b.close_timeout, Duration::from_millis(2500));
     assert_eq!(b.max_connecting, 8);
     assert!(
         !format!("{b:?}").contains("secret"),
@@ -308,6 +311,7 @@ consumer_max_per_connection = 1000001
 nodes = ["amqp://rabbit:5672", "rabbit"]
 password = ""
 max_connecting = 0
+close_timeout_ms = 99
 exchange_type_ttl_ms = 10
 exchange_lookups_per_second = 0
 
@@ -333,6 +337,7 @@ format = "yaml"
         "backend.nodes[1]",
         "backend.username",
         "backend.password",
+        "backend.close_timeout_ms",
         "backend.max_connecting",
         "backend.exchange_type_ttl_ms",
         "backend.exchange_lookups_per_second",

@@ -59,6 +59,10 @@ pub struct Hooks {
     /// How often learnt exchange types are forgotten (their time to live), when `lookup`
     /// is set.
     pub forget_kinds_every: std::time::Duration,
+    /// How long the broker may leave a `channel.close` of the gateway's unanswered (while
+    /// it is not blocked by an alarm) before the connection ends with `541`
+    /// (`backend.close_timeout_ms`; see `Session::awaits_broker_close`).
+    pub broker_close_timeout: std::time::Duration,
     pub on_denial: DenialReporter,
     pub traffic: Option<Traffic>,
     /// Completes when the gateway shuts down: the client is sent `320` and the relay ends.
@@ -116,6 +120,7 @@ where
         expired: false,
         fail: None,
         close_deadline: None,
+        broker_close_wait: None,
         secret: None,
         lookup: None,
         forget: hooks.lookup.as_ref().map(|_| {
@@ -227,6 +232,9 @@ struct Relay<C, B> {
     /// A fatal session error: the close frame is queued, the relay ends once it is sent.
     fail: Option<String>,
     close_deadline: Option<Pin<Box<Sleep>>>,
+    /// Runs while the broker owes the gateway a `close-ok` (see
+    /// [`Hooks::broker_close_timeout`]).
+    broker_close_wait: Option<Pin<Box<Sleep>>>,
     secret: Option<Pin<Box<dyn Future<Output = SecretOutcome> + Send>>>,
     lookup: Option<(String, PendingLookup)>,
     /// Ticks every `forget_kinds_every` to make the session forget learnt exchange types.
@@ -325,6 +333,7 @@ where
                 }
                 Poll::Pending => {}
             }
+            progress |= self.bound_broker_close_wait(cx);
             if let Some(t) = &self.hooks.traffic {
                 let (c, b) = self.session.take_frame_counts();
                 t.frames_in.inc_by(c);
@@ -429,6 +438,36 @@ where
         Ok(progress)
     }
 
+    /// Times the broker's answer to the gateway's own `channel.close`s; when it is overdue,
+    /// the session tells the client and closes both sides. Returns whether it did.
+    fn bound_broker_close_wait(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.session.awaits_broker_close() {
+            self.broker_close_wait = None;
+            return false;
+        }
+        let timeout = self.hooks.broker_close_timeout;
+        let wait = self
+            .broker_close_wait
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if wait.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        self.broker_close_wait = None;
+        tracing::warn!(
+            timeout_ms = timeout.as_millis() as u64,
+            "the broker did not answer the gateway's channel.close: closing the connection"
+        );
+        let ms = timeout.as_millis();
+        let waited = if ms.is_multiple_of(1000) {
+            format!("{} s", ms / 1000)
+        } else {
+            format!("{ms} ms")
+        };
+        self.session
+            .broker_silent(&waited, &mut self.client.out, &mut self.backend.out);
+        true
+    }
+
     /// Ends the relay after a protocol violation, once the close frame the session
     /// queued for the client is sent.
     fn fatal(&mut self, e: SessionError) {
@@ -474,7 +513,7 @@ mod tests {
     use super::*;
     use crate::amqp::method;
     use crate::authz::Permissions;
-    use tokio::io::{AsyncReadExt, ReadBuf};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf};
 
     /// A broker that has sent `data` (its connection.close) and reset the connection: reads
     /// yield `data`, then ECONNRESET; every write fails with ECONNRESET.
@@ -529,6 +568,7 @@ mod tests {
             verifier: Box::new(|_| Box::pin(async { Err("unused".to_owned()) })),
             lookup: None,
             forget_kinds_every: std::time::Duration::from_secs(10),
+            broker_close_timeout: std::time::Duration::from_secs(30),
             on_denial: Box::new(|_| {}),
             traffic: None,
             shutdown: None,
@@ -573,6 +613,112 @@ mod tests {
             "the socket stays open until the client has taken the close"
         );
         drop(peer); // the client closes
+        let (end, _) = relay.await.unwrap();
+        assert!(matches!(end, RelayEnd::ClientClosed), "{end:?}");
+    }
+
+    /// The broker's channel crashed while a refusal's close was on its way (RabbitMQ
+    /// 3.10.8, found by the session fuzzer): the close is never answered. After
+    /// `broker_close_timeout` the client gets its refusal and a `541`, instead of
+    /// waiting for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_close_the_broker_never_answers_ends_the_connection_after_the_timeout() {
+        const BROKER_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+        use amq_protocol::protocol::{AMQPClass, channel, queue};
+        let (client, mut peer) = tokio::io::duplex(64 * 1024);
+        let (backend, mut broker) = tokio::io::duplex(64 * 1024);
+        let hooks = Hooks {
+            verifier: Box::new(|_| Box::pin(async { Err("unused".to_owned()) })),
+            lookup: None,
+            forget_kinds_every: std::time::Duration::from_secs(3600),
+            broker_close_timeout: BROKER_CLOSE_TIMEOUT,
+            on_denial: Box::new(|_| {}),
+            traffic: None,
+            shutdown: None,
+        };
+        let session = Session::new(
+            crate::amqp::session::SessionConfig {
+                username: "u".into(),
+                service_user: "svc".into(),
+                vhost: "/".into(),
+                frame_max: 131_072,
+                channel_max: 2047,
+                limits: Default::default(),
+                seed: 0,
+                epochs: crate::amqp::session::ExchangeEpochs::new(),
+                lookups: false,
+                cancel_notify: false,
+            },
+            Permissions::from_scopes(&["rabbitmq.read:*/*".to_owned()]),
+        );
+        let relay = tokio::spawn(run(
+            client,
+            backend,
+            BytesMut::new(),
+            BytesMut::new(),
+            session,
+            None,
+            hooks,
+        ));
+        let mut b = BytesMut::new();
+        method::encode(
+            &mut b,
+            1,
+            AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
+        );
+        peer.write_all(&b).await.unwrap();
+        let mut buf = [0u8; 4096];
+        let n = broker.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], &b[..], "the open goes to the broker");
+        let mut ok = BytesMut::new();
+        method::encode(
+            &mut ok,
+            1,
+            AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
+        );
+        broker.write_all(&ok).await.unwrap();
+        let n = peer.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], &ok[..]);
+        let mut declare = BytesMut::new();
+        method::encode(
+            &mut declare,
+            1,
+            AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+                queue: "forbidden".into(),
+                ..Default::default()
+            })),
+        );
+        let started = Instant::now();
+        peer.write_all(&declare).await.unwrap();
+        let n = broker.read(&mut buf).await.unwrap();
+        assert!(
+            buf[..n].windows(14).any(|w| w == b"access refusal"),
+            "the gateway's close goes to the broker"
+        );
+        // The broker says nothing more. The client hears of its refusal, then of the end.
+        let mut got = Vec::new();
+        let heard = tokio::time::timeout(4 * BROKER_CLOSE_TIMEOUT, async {
+            while !got.windows(14).any(|w| w == b"INTERNAL_ERROR") {
+                let n = peer.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed without a word: {got:?}");
+                got.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await;
+        assert!(heard.is_ok(), "the client waits for ever: {got:?}");
+        assert!(started.elapsed() >= BROKER_CLOSE_TIMEOUT);
+        let refusal = got
+            .windows(14)
+            .position(|w| w == b"ACCESS_REFUSED")
+            .expect("the refusal reaches the client");
+        let end = got
+            .windows(14)
+            .position(|w| w == b"INTERNAL_ERROR")
+            .unwrap();
+        assert!(refusal < end, "the refusal comes first");
+        let n = broker.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the broker gets a connection.close");
+        drop(peer);
         let (end, _) = relay.await.unwrap();
         assert!(matches!(end, RelayEnd::ClientClosed), "{end:?}");
     }

@@ -332,16 +332,18 @@ impl Channel {
         (consumers, pending)
     }
 
-    /// The client sent `channel.close`: what the broker's channel held goes with it, but
-    /// the consumers the gateway revoked stay until the broker's `close-ok`, so that
+    /// The client sent `channel.close`: the consumers go with the channel, but the
+    /// consumers the gateway revoked stay until the broker's `close-ok`, so that
     /// deliveries still on their way for them are dropped and one whose `consume-ok` is
-    /// still to come is announced cancelled. Returns what [`Channel::clear`] returns.
-    pub fn close_by_client(&mut self) -> (usize, usize) {
+    /// still to come is announced cancelled. The replies the gateway awaits stay too: the
+    /// broker answers the methods before the close first (a hidden `declare-ok` must not
+    /// reach the client), and they go with the broker's `close-ok` or its own
+    /// `channel.close`. Returns the consumers dropped, for the connection's count.
+    pub fn close_by_client(&mut self) -> usize {
         let before = self.consumers.len();
         self.consumers
             .retain(|_, c| c.state == ConsumerState::Cancelled);
-        let pending = self.queue_oks.clear() + self.exchange_oks.clear();
-        (before - self.consumers.len(), pending)
+        before - self.consumers.len()
     }
 
     /// Nothing left to wait for: the entry can go.

@@ -258,6 +258,13 @@ pub struct Session {
     /// close handshake and the gateway's closes (drain, a lost broker, a framing error) are
     /// followed.
     relay_only: bool,
+    /// `channel.close-ok`s the broker owes for the gateway's own closes, on all channels
+    /// (the sum of [`Channel::owed_close_oks`]): while any is owed, the relay bounds the
+    /// wait (see [`Session::awaits_broker_close`]).
+    owed_close_oks: usize,
+    /// The broker sent `connection.blocked` (a resource alarm) and not yet `unblocked`:
+    /// it reads nothing meanwhile, so its silence is no fault.
+    broker_blocked: bool,
 }
 
 impl Session {
@@ -294,6 +301,8 @@ impl Session {
             frames: (0, 0),
             backend_later: Outbox::default(),
             relay_only: false,
+            owed_close_oks: 0,
+            broker_blocked: false,
         }
     }
 
@@ -976,9 +985,8 @@ impl Session {
             ClientMethod::ChannelClose => {
                 let c = self.channel(ch);
                 c.state = State::ClientClosed;
-                let (consumers, pending) = c.close_by_client();
+                let consumers = c.close_by_client();
                 self.consumers -= consumers;
-                self.pending -= pending;
                 Step::Forward
             }
             ClientMethod::ExchangeDeclare(d) => {
@@ -1355,6 +1363,7 @@ impl Session {
                 0,
             )
         });
+        self.owed_close_oks += 1;
         let c = self.channel(ch);
         c.owed_close_oks += 1;
         c.held = None;
@@ -1385,7 +1394,9 @@ impl Session {
                 )
             });
             c.owed_close_oks = 1;
+            self.owed_close_oks += 1;
         }
+        let c = self.channel(ch);
         if c.deferred.len() < MAX_OWED {
             c.deferred.push(o);
         }
@@ -1394,8 +1405,8 @@ impl Session {
     /// The broker answered a close from the gateway on `ch`, which is closing (by the
     /// broker or by both sides): the answers deferred until then are due.
     fn gateway_close_answered(&mut self, ch: u16, to_client: &mut Outbox) {
+        self.close_ok_came(ch);
         let c = self.channel(ch);
-        c.owed_close_oks = c.owed_close_oks.saturating_sub(1);
         if c.owed_close_oks == 0 && !c.deferred.is_empty() {
             let deferred = std::mem::take(&mut c.deferred);
             let no_queue = c.last_queue == LastQueue::None;
@@ -1432,6 +1443,16 @@ impl Session {
                     denial.method_id,
                 )
             });
+        }
+    }
+
+    /// The broker answered one of the gateway's own closes on `ch` (if one was owed).
+    fn close_ok_came(&mut self, ch: u16) {
+        if let Some(c) = self.channels.get_mut(&ch)
+            && c.owed_close_oks > 0
+        {
+            c.owed_close_oks -= 1;
+            self.owed_close_oks = self.owed_close_oks.saturating_sub(1);
         }
     }
 
@@ -1481,6 +1502,11 @@ impl Session {
                 to_client.push(close);
                 return BackendStep::Drop;
             }
+            match ids {
+                Some(id::CONNECTION_BLOCKED) => self.broker_blocked = true,
+                Some(id::CONNECTION_UNBLOCKED) => self.broker_blocked = false,
+                _ => {}
+            }
             return BackendStep::Forward;
         }
         let Some(ids) = ids else {
@@ -1521,8 +1547,8 @@ impl Session {
         match c.state.phase() {
             Phase::Open | Phase::Refusing => self.backend_reply(ch, ids, payload, to_client),
             Phase::ClientClosing => {
-                if ids == id::CHANNEL_CLOSE_OK && c.owed_close_oks > 0 {
-                    c.owed_close_oks -= 1;
+                if ids == id::CHANNEL_CLOSE_OK {
+                    self.close_ok_came(ch);
                 }
                 // The client must see nothing more on a channel the gateway closed.
                 BackendStep::Drop
@@ -1547,8 +1573,13 @@ impl Session {
                     c.broker_close_relayed = true;
                     self.clear_channel(ch);
                     return self.hide_service_user(ch, payload);
-                } else if ids == id::BASIC_CONSUME_OK {
-                    self.consume_ok(ch, payload, to_client);
+                } else if matches!(
+                    ids,
+                    id::BASIC_CONSUME_OK | id::QUEUE_DECLARE_OK | id::EXCHANGE_DECLARE_OK
+                ) {
+                    // Answers to methods before the client's close: read as on an open
+                    // channel (a hidden `declare-ok` stays hidden).
+                    return self.backend_reply(ch, ids, payload, to_client);
                 }
                 BackendStep::Forward
             }
@@ -1628,7 +1659,10 @@ impl Session {
                 let no_queue = c.last_queue == LastQueue::None;
                 // The broker has processed everything before the refused method: now the
                 // client is told.
-                c.owed_close_oks = c.owed_close_oks.saturating_sub(1);
+                if c.owed_close_oks > 0 {
+                    c.owed_close_oks -= 1;
+                    self.owed_close_oks = self.owed_close_oks.saturating_sub(1);
+                }
                 to_client.frame(|b| {
                     method::channel_close(
                         b,
@@ -1886,6 +1920,31 @@ impl Session {
             to_client,
             to_backend,
         );
+    }
+
+    /// Whether the gateway waits for the broker to answer a `channel.close` of its own (a
+    /// refusal, or the answers owed after a broker error), on a connection the broker
+    /// is reading. RabbitMQ answers one at once, but a channel process that crashed while
+    /// closing is never heard from again (3.10.8's `consumer_monitor` `badkey` when a
+    /// `basic.cancel` with `nowait` overtakes its consumer's `consume-ok`): the refused
+    /// client would wait for ever, and a reopen of the channel with it. The relay times
+    /// the wait and then calls [`Session::broker_silent`].
+    pub fn awaits_broker_close(&self) -> bool {
+        self.owed_close_oks > 0 && !self.broker_blocked && !self.connection_over()
+    }
+
+    /// The broker left a close of the gateway's unanswered for `waited`: the refusals it
+    /// held reach the client, and the connection ends with `541 INTERNAL_ERROR` (what
+    /// RabbitMQ gives when a channel fails), its channels being in a state nobody knows.
+    pub fn broker_silent(&mut self, waited: &str, to_client: &mut Outbox, to_backend: &mut Outbox) {
+        if self.connection_over() {
+            return;
+        }
+        self.tell_pending_refusals(to_client);
+        let text = format!(
+            "INTERNAL_ERROR - gateway: the broker did not answer channel.close within {waited}"
+        );
+        self.close_both_with(reply::INTERNAL_ERROR, &text, (0, 0), to_client, to_backend);
     }
 
     /// Whether the client was sent a `connection.close` (by the gateway: expiry, refused

@@ -2260,3 +2260,125 @@ fn with_backend_tokens_the_broker_gets_the_new_secret_and_answers_the_client() {
     assert!(drain(&mut to_b).is_empty());
     assert_eq!(drain(&mut to_c), ok);
 }
+
+/// Regression (session fuzzer, seed 505050): RabbitMQ 3.10.8's channel crashes without a
+/// word when a `basic.cancel` with `nowait` overtakes its consumer's `consume-ok`
+/// (`badkey` in `consumer_monitor`) while a close of the gateway's is on its way, so that
+/// close is never answered. The wait is bounded by the relay: then the client gets the
+/// refusal it was owed, and the connection ends with 541.
+#[test]
+fn a_broker_that_never_answers_a_refusals_close_still_lets_the_client_hear_of_it() {
+    let mut s = session(&["read:*/*", "configure:*/*", "write:*/q*"]);
+    assert!(!s.awaits_broker_close());
+    opened(&mut s, 1);
+    let (to_b, to_c) = client(&mut s, &publish(1, "amq.topic", "a.b", b"m", None), 1 << 20);
+    assert!(to_c.is_empty() && is_backend_close(&to_b, 1));
+    assert!(s.awaits_broker_close());
+    let (mut to_c, mut to_b) = (Outbox::default(), Outbox::default());
+    s.broker_silent("30 s", &mut to_c, &mut to_b);
+    let (to_c, to_b) = (drain(&mut to_c), drain(&mut to_b));
+    let sent = methods(&to_c);
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_eq!(channel_closed(&to_c, 1).0, 403, "the refusal first");
+    match &sent[1] {
+        (0, AMQPClass::Connection(connection::AMQPMethod::Close(c))) => {
+            assert_eq!(c.reply_code, 541);
+            assert!(
+                c.reply_text
+                    .as_str()
+                    .contains("did not answer channel.close")
+            );
+        }
+        other => panic!("expected connection.close: {other:?}"),
+    }
+    assert_eq!(connection_close(&to_b).reply_code, 200);
+    assert!(!s.awaits_broker_close(), "the connection is over");
+}
+
+#[test]
+fn an_answered_close_ends_the_wait_and_an_alarm_suspends_it() {
+    let mut s = session(&["read:*/*"]);
+    opened(&mut s, 1);
+    opened(&mut s, 2);
+    client(&mut s, &queue_declare(1, "forbidden"), 1 << 20);
+    client(&mut s, &queue_declare(2, "forbidden"), 1 << 20);
+    assert!(s.awaits_broker_close());
+    let blocked = method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Blocked(connection::Blocked {
+            reason: "low on memory".into(),
+        })),
+    );
+    assert_eq!(backend(&mut s, &blocked), blocked);
+    assert!(
+        !s.awaits_broker_close(),
+        "a blocked broker reads nothing: no fault"
+    );
+    let unblocked = method(
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Unblocked(connection::Unblocked {})),
+    );
+    assert_eq!(backend(&mut s, &unblocked), unblocked);
+    assert!(s.awaits_broker_close());
+    assert_eq!(channel_closed(&backend(&mut s, &close_ok(1)), 1).0, 403);
+    assert!(s.awaits_broker_close(), "channel 2's close is still owed");
+    assert_eq!(channel_closed(&backend(&mut s, &close_ok(2)), 2).0, 403);
+    assert!(!s.awaits_broker_close());
+    // The gateway's close after a broker error (a second close) is owed too.
+    opened_again(&mut s, 1);
+    backend(
+        &mut s,
+        &channel_close(1, 404, "NOT_FOUND - no queue 'x' in vhost '/'"),
+    );
+    let (to_b, _) = client(&mut s, &channel_close(1, 200, "bye"), 1 << 20);
+    assert!(is_backend_close(&to_b, 1));
+    assert!(s.awaits_broker_close());
+    backend(&mut s, &close_ok(1));
+    assert!(!s.awaits_broker_close());
+}
+
+/// The client takes the gateway's refusal (close-ok) and opens the channel again.
+fn opened_again(s: &mut Session, ch: u16) {
+    client(s, &close_ok(ch), 1 << 20);
+    opened(s, ch);
+}
+
+/// Regression (session fuzzer, seed 616161): a client's `channel.close` made the gateway
+/// forget the `declare-ok`s it awaited, so the one it had asked for in place of a
+/// `nowait` declare reached the client, which took it for the answer to its next declare.
+#[test]
+fn a_hidden_declare_ok_stays_hidden_when_the_client_closes_the_channel() {
+    let mut s = session(&["configure:*/*", "read:*/*", "write:*/*"]);
+    opened(&mut s, 1);
+    let mut input = queue_declare(1, "qc");
+    input.extend(queue_declare_with(1, "qc", false, true));
+    input.extend(queue_declare(1, "qb"));
+    input.extend(channel_close(1, 200, "bye"));
+    let (to_b, to_c) = client(&mut s, &input, 7);
+    assert!(to_c.is_empty());
+    assert_eq!(methods(&to_b).len(), 4);
+    assert_eq!(backend(&mut s, &declare_ok(1, "qc")), declare_ok(1, "qc"));
+    assert!(
+        backend(&mut s, &declare_ok(1, "qc")).is_empty(),
+        "asked by the gateway"
+    );
+    assert_eq!(backend(&mut s, &declare_ok(1, "qb")), declare_ok(1, "qb"));
+    assert_eq!(backend(&mut s, &close_ok(1)), close_ok(1));
+    assert!(s.channels.is_empty());
+    assert_eq!(s.pending, 0);
+}
+
+/// The broker's error crossing the client's close ends the awaited replies with it.
+#[test]
+fn a_broker_error_crossing_the_clients_close_forgets_the_awaited_replies() {
+    let mut s = session(&["configure:*/*", "read:*/*", "write:*/*"]);
+    opened(&mut s, 1);
+    let mut input = queue_declare_with(1, "qb", false, true);
+    input.extend(exchange_declare(1, "xa", "fanout"));
+    input.extend(channel_close(1, 200, "bye"));
+    client(&mut s, &input, 1 << 20);
+    assert_eq!(s.pending, 2);
+    let gone = channel_close(1, 406, "PRECONDITION_FAILED - inequivalent arg 'durable'");
+    assert_eq!(backend(&mut s, &gone), gone);
+    assert_eq!(s.pending, 0);
+}

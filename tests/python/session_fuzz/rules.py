@@ -614,17 +614,26 @@ def lost_before_close_ok(d, c: Ctx) -> bool:
                and e["ch"] == d.ch for e in (d.ref, d.gw)) and d.ref["step"] == d.gw["step"]
 
 
+GATEWAY_541 = "INTERNAL_ERROR - gateway: the broker did not answer channel.close"
+
+
 def broker_internal_error(d, c: Ctx) -> bool:
     """R-BROKER-541 (race): one side's connection was closed with `541 INTERNAL_ERROR`,
     after a step that pipelined a `basic.consume` and a `basic.cancel` of the same tag on
-    one channel. The gateway never sends 541: it is RabbitMQ 3.10.8's own crash on that
-    pipeline (`badkey` in its channel, reproduced straight against the broker), relayed as
-    it comes; whether the broker crashes depends on timing, so either side may show it."""
+    one channel. It is RabbitMQ 3.10.8's own crash on that pipeline (`badkey` in its
+    channel's `consumer_monitor`, reproduced straight against the broker): relayed as it
+    comes, or, when the channel died while a refusal's close of the gateway's was on its
+    way, the gateway's own 541 once that close went unanswered for
+    `backend.close_timeout_ms` (the refusal reached the client first). Whether the broker
+    crashes depends on timing, so either side may show it."""
     if d.kind != "ordered" or d.ch != 0:
         return False
     mine = [e for e in (d.ref, d.gw) if e is not None]
     crash = [e for e in mine if e["kind"] == "conn-close" and e["data"][0] == 541]
-    if len(crash) != 1 or len(mine) == 2 and mine[0]["kind"] == mine[1]["kind"] == "conn-close":
+    # Both sides crashed: their texts differ (RabbitMQ's bare one, the gateway's own).
+    both = len(crash) == 2 and any(e["data"][1].startswith(GATEWAY_541) for e in crash)
+    if not crash or len(crash) == 2 and not both or len(crash) == 1 and len(mine) == 2 \
+            and mine[0]["kind"] == mine[1]["kind"] == "conn-close":
         return False
     for i, step in enumerate(c.seq["steps"][:crash[0]["step"] + 1]):
         first = _unwaited_from(c, i)
