@@ -134,6 +134,8 @@ command -v cargo >/dev/null 2>&1 || die "cargo not found"
 TARGET_DIR="$(cargo metadata --format-version 1 --no-deps |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
 build=(cargo build -q --bin amqp-iam-gateway)
+# scripts/test.sh sets the features of its build, so that the smoke reuses it.
+[[ -n ${GATEWAY_FEATURES:-} ]] && build+=(--features "$GATEWAY_FEATURES")
 [[ -n ${LOADGEN:-} ]] || build+=(--example loadgen)
 [[ $PROFILE == release ]] && build+=(--release)
 log "building (${build[*]})"

@@ -33,10 +33,15 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Validate a config file, reporting every problem at once.
+    /// Validate a config file, reporting every problem at once; with backend tokens, also
+    /// ask the broker whether it accepts them (`--offline`: the file only).
     CheckConfig {
         #[arg(long, short)]
         config: PathBuf,
+        /// Do not ask the broker whether it accepts the gateway's backend tokens
+        /// (`backend.auth = "token"`): check the file only.
+        #[arg(long)]
+        offline: bool,
     },
     /// Verify a token against a config and show the username, tags and scopes it gets, and
     /// which claim or alias produced each scope. Exit 1 when the token is refused.
@@ -129,10 +134,33 @@ fn main() -> ExitCode {
         return dev_mode();
     };
     match command {
-        Command::CheckConfig { config } => match config::load(&config) {
-            Ok(_) => {
+        Command::CheckConfig { config, offline } => match config::load(&config) {
+            Ok(cfg) => {
                 println!("{}: OK", config.display());
-                ExitCode::SUCCESS
+                if offline {
+                    return ExitCode::SUCCESS;
+                }
+                let probed = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map(|rt| {
+                        rt.block_on(amqp_iam_gateway::proxy::token_probe::probe_config(&cfg))
+                    });
+                match probed {
+                    Ok(None) => ExitCode::SUCCESS,
+                    Ok(Some(Ok(node))) => {
+                        println!("backend tokens: {node} accepts them");
+                        ExitCode::SUCCESS
+                    }
+                    Ok(Some(Err(why))) => {
+                        eprintln!("backend tokens: {why}");
+                        ExitCode::FAILURE
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
             }
             Err(errors) => {
                 eprintln!("{}: invalid configuration:\n{errors}", config.display());

@@ -1,5 +1,6 @@
 //! The admin HTTP listener: `/metrics` (Prometheus text), `/healthz` (the process is
-//! alive) and `/readyz` (keys loaded, a backend node reachable, TLS material loaded), with
+//! alive) and `/readyz` (keys loaded, a backend node reachable, TLS material loaded, and
+//! with backend tokens the broker accepting them), with
 //! a short body that says why when not ready. Also the metrics and the audit log.
 
 pub mod audit;
@@ -17,7 +18,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::proxy::Live;
+use crate::proxy::{Live, token_probe};
 
 /// Bound on reading a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -109,14 +110,34 @@ async fn ready(r: &Live) -> Result<(), String> {
         }
     }
     let mut errors = Vec::new();
+    let mut reachable = false;
     for node in shared.cfg.backend.nodes.iter().map(|n| n.to_string()) {
         match tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect(&node)).await {
-            Ok(Ok(_)) => return Ok(()),
+            Ok(Ok(_)) => {
+                reachable = true;
+                break;
+            }
             Ok(Err(e)) => errors.push(format!("{node}: {e}")),
             Err(_) => errors.push(format!("{node}: timed out")),
         }
     }
-    Err(format!("no backend node reachable ({})", errors.join("; ")))
+    if !reachable {
+        return Err(format!("no backend node reachable ({})", errors.join("; ")));
+    }
+    // With backend tokens: does the broker accept them? (Asked at most every
+    // `PROBE_EVERY`.)
+    if let Some(minter) = &shared.minter {
+        let b = &shared.cfg.backend;
+        let run = token_probe::probe(
+            b,
+            shared.backend_tls.as_ref(),
+            &shared.balancer,
+            minter,
+            &shared.metrics,
+        );
+        shared.token_probe.get(run).await?;
+    }
+    Ok(())
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {

@@ -77,6 +77,11 @@ impl BackendMinter {
         &self.kid
     }
 
+    /// The `aud` of the minted tokens: the broker's `resource_server_id`.
+    pub fn audience(&self) -> &str {
+        &self.audience
+    }
+
     /// The claims of the backend token for `who`, issued at `now` with `jti`.
     pub fn claims(&self, who: &Subject<'_>, now: i64, jti: &str) -> Value {
         let scope: Vec<String> = who

@@ -179,6 +179,18 @@ pub struct Config {
     pub log: LogConfig,
     pub runtime: RuntimeConfig,
     pub auth: AuthConfig,
+    #[cfg(feature = "test-switches")]
+    pub testing: TestingConfig,
+}
+
+/// `[testing]`: switches that exist in test builds only (the `test-switches` feature).
+#[cfg(feature = "test-switches")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestingConfig {
+    /// `false`: token sessions skip the gateway's per-method decisions, leaving them to the
+    /// broker (which then must verify backend tokens: `backend.auth = "token"` is required).
+    /// Default `true`.
+    pub gateway_decisions: bool,
 }
 
 /// An authentication backend of the chain, RabbitMQ's `auth_backends`.

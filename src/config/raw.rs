@@ -26,6 +26,19 @@ pub(super) struct RawConfig {
     pub runtime: RawRuntime,
     #[serde(default)]
     pub auth: RawAuth,
+    /// Test builds only (the `test-switches` feature): elsewhere `[testing]` is an unknown
+    /// section, an error.
+    #[cfg(feature = "test-switches")]
+    #[serde(default)]
+    pub testing: RawTesting,
+}
+
+/// `[testing]` (the `test-switches` feature only).
+#[cfg(feature = "test-switches")]
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTesting {
+    pub gateway_decisions: Option<bool>,
 }
 
 /// `[auth]`: the authentication backend chain and the users restricted by source.

@@ -938,3 +938,19 @@ fn backend_token_mode_is_checked() {
     let errors = parse_err(&token("service_user", "kid = \"k\"\n")).to_string();
     assert!(errors.contains("only with backend.auth"), "{errors}");
 }
+
+#[cfg(feature = "test-switches")]
+#[test]
+fn the_test_switch_needs_backend_tokens() {
+    let (c, _) = parse_ok(MINIMAL);
+    assert!(c.testing.gateway_decisions, "on by default");
+    let e = parse_err(&minimal_with("testing", "gateway_decisions = false"));
+    assert!(e.to_string().contains("testing.gateway_decisions"), "{e}");
+}
+
+#[cfg(not(feature = "test-switches"))]
+#[test]
+fn the_test_switch_does_not_exist_outside_test_builds() {
+    let e = parse_err(&minimal_with("testing", "gateway_decisions = false"));
+    assert!(e.to_string().contains("testing"), "{e}");
+}

@@ -67,6 +67,17 @@ pub(super) fn validate(
             .map(|n| c.bounded("runtime.worker_threads", Some(n), 1, 1, MAX_WORKER_THREADS)),
     };
     let auth = c.auth(raw.auth);
+    #[cfg(feature = "test-switches")]
+    let testing = {
+        let gateway_decisions = raw.testing.gateway_decisions.unwrap_or(true);
+        if !gateway_decisions && !matches!(backend.auth, super::BackendAuth::Token(_)) {
+            c.error(
+                "testing.gateway_decisions",
+                "false needs backend.auth = \"token\": without it nothing would decide",
+            );
+        }
+        super::TestingConfig { gateway_decisions }
+    };
     c.address_conflicts(&listener, &admin);
     if c.errors.is_empty() {
         Ok(Config {
@@ -77,6 +88,8 @@ pub(super) fn validate(
             log,
             runtime,
             auth,
+            #[cfg(feature = "test-switches")]
+            testing,
         })
     } else {
         Err(ConfigErrors(c.errors))

@@ -131,6 +131,14 @@ where
         },
         identity.permissions,
     );
+    #[cfg(feature = "test-switches")]
+    let session = {
+        let mut session = session;
+        if !shared.cfg.testing.gateway_decisions {
+            session.leave_decisions_to_broker();
+        }
+        session
+    };
     let verifier = secret_verifier(
         shared.clone(),
         identity.username.clone(),

@@ -18,6 +18,7 @@ pub mod limits;
 pub mod proxy_protocol;
 pub mod readahead;
 pub mod relay;
+pub mod token_probe;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,6 +61,8 @@ pub(crate) struct Shared {
     pub password_backoff: Arc<PasswordBackoff>,
     /// Mints the backend tokens (`backend.auth = "token"`).
     pub minter: Option<Arc<BackendMinter>>,
+    /// Whether the broker accepts those tokens, as `/readyz` last found out.
+    pub token_probe: Arc<token_probe::ProbeCache>,
 }
 
 /// Where a graceful shutdown is.
@@ -285,8 +288,16 @@ async fn build(
         crate::config::BackendAuth::ServiceUser => None,
         crate::config::BackendAuth::Token(t) => Some(Arc::new(backend_minter(t)?)),
     };
+    #[cfg(feature = "test-switches")]
+    if !cfg.testing.gateway_decisions {
+        tracing::warn!(
+            "TEST BUILD: [testing] gateway_decisions = false: the gateway makes no per-method \
+             decision; the broker alone authorises token sessions"
+        );
+    }
     let shared = Shared {
         minter,
+        token_probe: Arc::default(),
         sources: SourceRules::new(&cfg.auth),
         password_backoff,
         cfg,
@@ -305,7 +316,9 @@ async fn build(
 }
 
 /// The backend token minter of `[backend.token]`.
-fn backend_minter(t: &crate::config::BackendTokenConfig) -> Result<BackendMinter, String> {
+pub(crate) fn backend_minter(
+    t: &crate::config::BackendTokenConfig,
+) -> Result<BackendMinter, String> {
     let what = |e: String| format!("backend.token.signing_key {e}");
     let pem = crate::auth::exchange::read_private_key(&t.signing_key).map_err(what)?;
     BackendMinter::from_pem(&pem, &t.kid, &t.resource_server_id, &t.scope_prefix)

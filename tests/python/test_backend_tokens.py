@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
+import time
+import urllib.error
+import urllib.request
 import uuid
 
 import pika
@@ -145,3 +149,68 @@ def test_backend_setup_prints_the_brokers_lines_and_writes_the_public_key(gw, tm
         assert r.returncode == 1 and "readable by others (mode 644)" in r.stderr, r.stderr
     finally:
         key.chmod(0o600)
+
+
+def readyz(admin_port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=15) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def admin_port_of(config) -> int:
+    return int(re.search(r'\[admin\]\naddress = "127\.0\.0\.1:(\d+)"', config.read_text()).group(1))
+
+
+def test_check_config_and_readyz_find_the_broker_accepts_the_tokens(gw):
+    config = gw.workdir / "gateway.toml"
+    r = subprocess.run([str(conftest.gateway_binary()), "check-config", "--config", str(config)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"backend tokens: 127.0.0.1:{REF_PORT} accepts them" in r.stdout, r.stdout
+    assert readyz(admin_port_of(config)) == (200, "ready\n")
+
+
+def test_a_broker_without_the_plugin_is_named_by_check_config_and_readyz(gw, tmp_path):
+    """The default node runs no oauth2 plugin: the gateway says so before any client fails."""
+    text = (gw.workdir / "gateway.toml").read_text().replace(
+        f'nodes = ["127.0.0.1:{REF_PORT}"]', f'nodes = ["{conftest.BACKEND_NODE}"]'
+    ).replace('username = "unused"\npassword = "unused"\n',
+              'username = "guest"\npassword = "guest"\n'
+              'management_url = "http://127.0.0.1:15672"\n')
+    admin = _free_port()
+    text = re.sub(r'\[admin\]\naddress = "127\.0\.0\.1:\d+"', f'[admin]\naddress = "127.0.0.1:{admin}"', text)
+    port = _free_port()
+    text = re.sub(r'(?m)^address = "127\.0\.0\.1:\d+"\ntls_cert', f'address = "127.0.0.1:{port}"\ntls_cert', text)
+    shutil.copy(gw.workdir / "server.pem", tmp_path / "server.pem")
+    shutil.copy(gw.workdir / "server-key.pem", tmp_path / "server-key.pem")
+    config = tmp_path / "gateway.toml"
+    config.write_text(text)
+    binary = str(conftest.gateway_binary())
+    r = subprocess.run([binary, "check-config", "--config", str(config)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "the plugin rabbitmq_auth_backend_oauth2 is not enabled on rabbit@" in r.stderr, r.stderr
+    assert "rabbitmq-plugins enable rabbitmq_auth_backend_oauth2" in r.stderr, r.stderr
+    r = subprocess.run([binary, "check-config", "--offline", "--config", str(config)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([binary, "serve", "--config", str(config)], cwd=tmp_path,
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                code, body = readyz(admin)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                time.sleep(0.2)
+        assert code == 503, body
+        assert "not ready: the broker refuses the gateway's backend tokens" in body, body
+        assert "is not enabled on rabbit@" in body, body
+    finally:
+        conftest.stop_process(proc)
+        log.close()

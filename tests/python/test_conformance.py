@@ -881,6 +881,7 @@ def conformance(tmp_path_factory):
                 _gw_params(gw, case.username, token, case.vhost, gw_port)), case)
             rows.append(judge(case, ref_out, gw_out, diffs_doc))
         set_reference_profile("base")
+        broker_only = broker_only_pass(stack, tmp_path_factory, holders[0])
 
         # Documented rows that no case produced.
         seen = {(row.case.id, d[0]) for row in rows for d in row.diffs}
@@ -891,7 +892,7 @@ def conformance(tmp_path_factory):
         (REPO_ROOT / "target" / "conformance-report.txt").write_text(report)
         conftest.TERMINAL_REPORTS.append(("differential conformance (reference node vs gateway)", report))
         yield {"rows": {row.case.id: row for row in rows}, "stale": stale, "ids": ids,
-               "report": report}
+               "report": report, "broker_only": broker_only}
 
 
 def _gw_params(gw, username: str, token: str, vhost: str, port: int) -> pika.ConnectionParameters:
@@ -971,18 +972,95 @@ def setup_resources():
     ref_admin = pika.BlockingConnection(ref_params("", mint(ADMIN_SCOPES, exp_in=3600, sub="admin")))
     gw_admin = pika.BlockingConnection(backend_params())
     for conn in (ref_admin, gw_admin):
-        ch = conn.channel()
-        for name in (Q39, n("{P}-q")):
-            ch.queue_declare(name)
-            ch.queue_purge(name)
-        for name, type_, internal in (("{P}-xd", "direct", False), ("{P}-xt", "topic", False),
-                                      ("{P}-xf", "fanout", False), ("{P}-xint", "direct", True),
-                                      ("{P}-xdest", "direct", False)):
-            ch.exchange_declare(n(name), type_, internal=internal)
-        ch.queue_declare(n("{P}-qdlx-old"), arguments={"x-dead-letter-exchange": n("{P}-xd")})
-        ch.exchange_declare(n("{P}-xae-old"), "direct", arguments={"alternate-exchange": n("{P}-xd")})
-        ch.queue_declare(n("{P}-excl"), exclusive=True)
+        declare_resources(conn.channel())
+        conn.channel().queue_declare(n("{P}-excl"), exclusive=True)
     return [ref_admin, gw_admin]
+
+
+def declare_resources(ch) -> None:
+    for name in (Q39, n("{P}-q")):
+        ch.queue_declare(name)
+        ch.queue_purge(name)
+    for name, type_, internal in (("{P}-xd", "direct", False), ("{P}-xt", "topic", False),
+                                  ("{P}-xf", "fanout", False), ("{P}-xint", "direct", True),
+                                  ("{P}-xdest", "direct", False)):
+        ch.exchange_declare(n(name), type_, internal=internal)
+    ch.queue_declare(n("{P}-qdlx-old"), arguments={"x-dead-letter-exchange": n("{P}-xd")})
+    ch.exchange_declare(n("{P}-xae-old"), "direct", arguments={"alternate-exchange": n("{P}-xd")})
+
+
+def case_resources() -> set[str]:
+    """Every queue and exchange name the cases use or create (but the exclusive queue)."""
+    names = {Q39}
+    for case in CASES:
+        for o in case.ops:
+            names.update(a for a in o.args if isinstance(a, str) and RUN in a)
+    names.update(n(x) for x in ("{P}-q", "{P}-xd", "{P}-xt", "{P}-xf", "{P}-xint", "{P}-xdest",
+                                "{P}-qdlx-old", "{P}-xae-old"))
+    names.discard(n("{P}-excl"))
+    return names
+
+
+def delete_resources(conn, names) -> None:
+    for name in sorted(names):
+        for kind in ("queue", "exchange"):
+            with contextlib.suppress(Exception):
+                ch = conn.channel()
+                (ch.queue_delete if kind == "queue" else ch.exchange_delete)(name)
+                ch.close()
+
+
+# --------------------------------------------------------------------------------------
+# the second guard alone (backend tokens, the gateway's decisions switched off)
+
+# The token profile's cases, run again through a gateway that exchanges each client token
+# for one of its own (`backend.auth = "token"`) and, in this test build only (the
+# `test-switches` feature, `[testing] gateway_decisions = false`), makes no per-method
+# decision: the reference node, which verifies the gateway's tokens with the same key,
+# decides alone. It must decide as it does for the client's own token.
+BROKER_ONLY_PROFILE = "base"
+
+
+def broker_only_config(dir_: Path, port: int, admin_port: int) -> Path:
+    key = dir_ / "backend-token.pem"
+    key.write_bytes((FIXTURES / "rsa-private.pem").read_bytes())
+    key.chmod(0o600)
+    text = gateway_config(dir_, port, BROKER_ONLY_PROFILE).read_text()
+    text = text.replace(f"nodes = [{_toml_str(conftest.BACKEND_NODE)}]",
+                        f'nodes = ["127.0.0.1:{REF_PORT}"]', 1)
+    text = text.replace(f"management_url = {_toml_str(MANAGEMENT_URL)}\n", "", 1)
+    text = text.replace("[oauth2]\n", 'auth = "token"\n\n[backend.token]\n'
+                        f"signing_key = {_toml_str(str(key))}\nkid = \"{KID}\"\n"
+                        'resource_server_id = "rabbitmq"\n\n[oauth2]\n', 1)
+    text = re.sub(r'(?m)^address = "127\.0\.0\.1:\d+"\n(?=\n\[log\])',
+                  f'address = "127.0.0.1:{admin_port}"\n', text)
+    text += "\n[testing]\ngateway_decisions = false\n"
+    path = dir_ / "gateway.toml"
+    path.write_text(text)
+    return path
+
+
+def broker_only_pass(stack, tmp_path_factory, ref_admin) -> dict:
+    workdir = tmp_path_factory.mktemp("conformance-gw-broker-only")
+    ca = _write_tls(workdir)
+    port, admin_port = _free_port(), _free_port()
+    gw = stack.enter_context(run_gateway(workdir, broker_only_config(workdir, port, admin_port),
+                                         port, ca))
+    set_reference_profile(BROKER_ONLY_PROFILE)
+    # The reference node as the main pass found it: what its cases created goes, the
+    # resources come back; the cases then run in the same order from the same state.
+    delete_resources(ref_admin, case_resources())
+    declare_resources(ref_admin.channel())
+    outcomes = {}
+    for case in CASES:
+        if case.profile != BROKER_ONLY_PROFILE:
+            continue
+        token = case.token()
+        outcomes[case.id] = run_case(lambda: pika.BlockingConnection(
+            _gw_params(gw, case.username, token, case.vhost, gw.port)), case)
+    denials = sum(float(line.split()[-1]) for line in conftest.metrics_text(admin_port).splitlines()
+                  if line.startswith("amqp_iam_gateway_authorization_denials_total"))
+    return {"outcomes": outcomes, "gateway_denials": denials}
 
 
 def cleanup_resources(holders) -> None:
@@ -991,23 +1069,12 @@ def cleanup_resources(holders) -> None:
             conn.close()
     # The reference node is stopped (and its database dropped at the next start); the
     # default node keeps what the cases created on it.
-    names = {Q39}
-    for case in CASES:
-        for o in case.ops:
-            names.update(a for a in o.args if isinstance(a, str) and RUN in a)
-    names.update(n(x) for x in ("{P}-q", "{P}-xd", "{P}-xt", "{P}-xf", "{P}-xint", "{P}-xdest",
-                                "{P}-qdlx-old", "{P}-xae-old"))
     try:
         conn = pika.BlockingConnection(backend_params())
     except Exception:  # noqa: BLE001
         return
     with contextlib.closing(conn):
-        for name in sorted(names):
-            for kind in ("queue", "exchange"):
-                with contextlib.suppress(Exception):
-                    ch = conn.channel()
-                    (ch.queue_delete if kind == "queue" else ch.exchange_delete)(name)
-                    ch.close()
+        delete_resources(conn, case_resources())
 
 
 # --------------------------------------------------------------------------------------
@@ -1044,3 +1111,26 @@ def test_no_stale_differences(conformance):
     assert not conformance["stale"], (
         "documented differences no longer observed (update tests/conformance/differences.md): "
         f"{conformance['stale']}")
+
+
+@pytest.mark.parametrize("case_id", [c.id for c in CASES if c.profile == BROKER_ONLY_PROFILE])
+def test_the_broker_alone_decides_as_for_the_clients_own_token(conformance, case_id):
+    """Backend tokens, the gateway's per-method decisions switched off (a test build): every
+    operation the reference node refuses for the client's token, it refuses for the
+    gateway's token too, and everything it allows still works. The login is the gateway's
+    either way, so the connect outcome is the gateway's own."""
+    row: Row = conformance["rows"][case_id]
+    bo: Outcome = conformance["broker_only"]["outcomes"][case_id]
+    assert bo.connect == row.gw.connect, (bo, row.gw)
+    if bo.connect == "OK" and row.ref.connect == "OK":
+        assert bo.ops == row.ref.ops, (
+            f"broker alone: {_summary(bo, row.case)}\nreference:    {_summary(row.ref, row.case)}")
+
+
+def test_the_refusals_behind_the_gateway_are_rabbitmqs_own(conformance):
+    """The pass above refused operations while the gateway refused none: each refusal came
+    from RabbitMQ, verifying the gateway's token."""
+    bo = conformance["broker_only"]
+    assert bo["gateway_denials"] == 0
+    refused = [(cid, r) for cid, o in bo["outcomes"].items() for r in o.ops if r.startswith("403")]
+    assert len(refused) >= 30, refused

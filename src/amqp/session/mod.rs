@@ -265,6 +265,9 @@ pub struct Session {
     /// The broker sent `connection.blocked` (a resource alarm) and not yet `unblocked`:
     /// it reads nothing meanwhile, so its silence is no fault.
     broker_blocked: bool,
+    /// Test builds only: every per-method decision is left to the broker.
+    #[cfg(feature = "test-switches")]
+    broker_decides: bool,
 }
 
 impl Session {
@@ -303,6 +306,8 @@ impl Session {
             relay_only: false,
             owed_close_oks: 0,
             broker_blocked: false,
+            #[cfg(feature = "test-switches")]
+            broker_decides: false,
         }
     }
 
@@ -314,6 +319,22 @@ impl Session {
         let mut s = Session::new(cfg, Permissions::from_scopes(&[]));
         s.relay_only = true;
         s
+    }
+
+    /// Test builds only (the `test-switches` feature): the gateway makes no per-method
+    /// decision, so that a test can show the broker refusing on its own.
+    #[cfg(feature = "test-switches")]
+    pub fn leave_decisions_to_broker(&mut self) {
+        self.broker_decides = true;
+    }
+
+    /// [`authz::decide`], the one place the session asks for a decision.
+    fn decide(&self, op: &Operation<'_>, ids: (u16, u16)) -> Verdict {
+        #[cfg(feature = "test-switches")]
+        if self.broker_decides {
+            return Verdict::Permit;
+        }
+        authz::decide(&self.permissions, &self.context(), op, ids)
     }
 
     /// Frames the session wrote for the backend while handling backend input; the relay
@@ -932,7 +953,7 @@ impl Session {
         named_empty: bool,
         to_backend: &mut Outbox,
     ) -> Result<(), Step> {
-        let verdict = authz::decide(&self.permissions, &self.context(), op, ids);
+        let verdict = self.decide(op, ids);
         self.exchanges.decided();
         match verdict {
             Verdict::Permit => Ok(()),
@@ -1315,7 +1336,7 @@ impl Session {
             user_id: props.user_id,
             extra_routing_keys: &extra,
         };
-        let verdict = authz::decide(&self.permissions, &self.context(), &op, id::BASIC_PUBLISH);
+        let verdict = self.decide(&op, id::BASIC_PUBLISH);
         let exchange = p.exchange.to_owned();
         self.exchanges.decided();
         match verdict {

@@ -2382,3 +2382,18 @@ fn a_broker_error_crossing_the_clients_close_forgets_the_awaited_replies() {
     assert_eq!(backend(&mut s, &gone), gone);
     assert_eq!(s.pending, 0);
 }
+
+/// Test builds only: with the decisions left to the broker, a method the token does not
+/// grant goes through (the broker refuses it, verifying its own token).
+#[cfg(feature = "test-switches")]
+#[test]
+fn with_decisions_left_to_the_broker_nothing_is_refused_here() {
+    let mut s = session(&["read:*/*"]);
+    s.leave_decisions_to_broker();
+    opened(&mut s, 1);
+    let declare = queue_declare(1, "forbidden");
+    let (to_b, to_c) = client(&mut s, &declare, 1 << 20);
+    assert_eq!(to_b, declare);
+    assert!(to_c.is_empty());
+    assert!(s.take_denials().is_empty());
+}
