@@ -259,7 +259,15 @@ def dlx_ae_existing(d, c: Ctx) -> bool:
     g = d.gw
     if d.kind != "ordered" or not _is_close(g, 403) or _same_refusal(d):
         return False
-    op = c.op("gw", g.get("op"))
+    # The runner attributes a close to the first in-flight method of its kind that names
+    # what the text names: with two declares of one name in flight (the first `nowait`),
+    # that is the first, though the refused one is the one with the argument.
+    refs = [g.get("op")] + [r for r in g.get("inflight") or [] if r != g.get("op")]
+    return any(_dlx_ae_refusal(d, c, c.op("gw", r), r) for r in refs if r)
+
+
+def _dlx_ae_refusal(d, c: Ctx, op: dict | None, ref: str) -> bool:
+    g = d.gw
     if not op or op["m"] not in ("queue.declare", "exchange.declare") or op["a"].get("passive"):
         return False
     kind = op["m"].split(".")[0]
@@ -272,7 +280,7 @@ def dlx_ae_existing(d, c: Ctx) -> bool:
     m = _RES.match(c.raw_text(g))
     if not m:
         return False
-    for p in c.perms_at(g["op"]):
+    for p in c.perms_at(ref):
         if not p.resource("configure", c.vhost, name):
             continue
         if m.group(2) == kind and m.group(3) == name and (m.group(1) in (None, "read")) \
