@@ -1113,6 +1113,12 @@ def test_no_stale_differences(conformance):
         f"{conformance['stale']}")
 
 
+# Cases whose per-method outcome depends on the user name, which is the gateway's: 3.10.8
+# prefers `client_id` to `sub`, the gateway (as 4.x) takes `sub`, and the backend token
+# carries the gateway's name, which the broker then checks `user_id` against.
+USER_NAME_CASES = {"m-publish-user-id-client-id-order"}
+
+
 @pytest.mark.parametrize("case_id", [c.id for c in CASES if c.profile == BROKER_ONLY_PROFILE])
 def test_the_broker_alone_decides_as_for_the_clients_own_token(conformance, case_id):
     """Backend tokens, the gateway's per-method decisions switched off (a test build): every
@@ -1122,9 +1128,19 @@ def test_the_broker_alone_decides_as_for_the_clients_own_token(conformance, case
     row: Row = conformance["rows"][case_id]
     bo: Outcome = conformance["broker_only"]["outcomes"][case_id]
     assert bo.connect == row.gw.connect, (bo, row.gw)
-    if bo.connect == "OK" and row.ref.connect == "OK":
-        assert bo.ops == row.ref.ops, (
-            f"broker alone: {_summary(bo, row.case)}\nreference:    {_summary(row.ref, row.case)}")
+    if bo.connect != "OK" or row.ref.connect != "OK":
+        return
+    # The connection's own decisions stay the gateway's: the login, and `update-secret`
+    # (verified by the gateway, which refuses another user's or an expired token where
+    # 3.10.8 takes it); per-method decisions are the broker's alone.
+    expected = []
+    for o, r, g in zip(row.case.ops, row.ref.ops, row.gw.ops):
+        expected.append(g if o.kind == "update_secret" or case_id in USER_NAME_CASES else r)
+        if expected[-1].startswith(("conn", "not run")):
+            break
+    assert bo.ops[:len(expected)] == expected, (
+        f"broker alone: {_summary(bo, row.case)}\nexpected:     {' ; '.join(['OK', *expected])}"
+        f"\nreference:    {_summary(row.ref, row.case)}\ngateway:      {_summary(row.gw, row.case)}")
 
 
 def test_the_refusals_behind_the_gateway_are_rabbitmqs_own(conformance):
@@ -1134,3 +1150,7 @@ def test_the_refusals_behind_the_gateway_are_rabbitmqs_own(conformance):
     assert bo["gateway_denials"] == 0
     refused = [(cid, r) for cid, o in bo["outcomes"].items() for r in o.ops if r.startswith("403")]
     assert len(refused) >= 30, refused
+    conftest.TERMINAL_REPORTS.append((
+        "backend tokens, RabbitMQ deciding alone",
+        f"{len(bo['outcomes'])} cases, {len(refused)} operations refused by RabbitMQ, "
+        f"{bo['gateway_denials']:.0f} by the gateway\n"))
