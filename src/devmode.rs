@@ -23,6 +23,8 @@ pub const DEFAULT_TLS_ADDR: &str = "127.0.0.1:5671";
 pub const DEFAULT_PLAIN_ADDR: &str = "127.0.0.1:5674";
 /// The account of the built-in development principals.
 pub const DEV_ACCOUNT: &str = "111122223333";
+/// The `kid` of the development gateway's backend tokens.
+pub const DEV_BACKEND_KID: &str = "amqp-iam-gateway-dev";
 /// The role the Amazon MQ IAM tutorial uses; mapped to full access.
 pub const ADMIN_ROLE: &str = "arn:aws:iam::111122223333:role/RabbitMqAdminRole";
 /// A role mapped to read-only access.
@@ -38,6 +40,22 @@ pub struct DevSettings {
     pub backend: String,
     pub backend_user: String,
     pub backend_password: String,
+    /// Whose credentials the backend connections carry (`AMQP_IAM_GATEWAY_BACKEND_AUTH`).
+    pub backend_auth: DevBackendAuth,
+    /// The backend tokens' signing key; `None`: `backend-token.pem` in the state
+    /// directory, created on first start.
+    pub backend_token_key: Option<PathBuf>,
+    pub backend_token_kid: String,
+}
+
+/// `AMQP_IAM_GATEWAY_BACKEND_AUTH`: `auto` (the default), `token` or `service_user`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DevBackendAuth {
+    /// Backend tokens when the broker accepts them (asked at start), else the service
+    /// user, saying so.
+    Auto,
+    Token,
+    ServiceUser,
 }
 
 impl Default for DevSettings {
@@ -50,6 +68,9 @@ impl Default for DevSettings {
             backend: "127.0.0.1:5672".into(),
             backend_user: "guest".into(),
             backend_password: "guest".into(),
+            backend_auth: DevBackendAuth::Auto,
+            backend_token_key: None,
+            backend_token_kid: DEV_BACKEND_KID.into(),
         }
     }
 }
@@ -59,7 +80,10 @@ impl DevSettings {
     /// `AMQP_IAM_GATEWAY_LISTEN` (AMQPS address), `AMQP_IAM_GATEWAY_PLAIN_LISTEN` (plain
     /// address, `off` to disable), `AMQP_IAM_GATEWAY_ISSUER_LISTEN`,
     /// `AMQP_IAM_GATEWAY_BACKEND` (`host:port`), `AMQP_IAM_GATEWAY_BACKEND_USER`,
-    /// `AMQP_IAM_GATEWAY_BACKEND_PASSWORD`; the state directory as in [`default_state_dir`].
+    /// `AMQP_IAM_GATEWAY_BACKEND_PASSWORD`, `AMQP_IAM_GATEWAY_BACKEND_AUTH` (`auto`, `token`,
+    /// `service_user`), `AMQP_IAM_GATEWAY_BACKEND_TOKEN_KEY` (a PEM private key, mode 600)
+    /// and `AMQP_IAM_GATEWAY_BACKEND_TOKEN_KID`; the state directory as in
+    /// [`default_state_dir`].
     pub fn from_env() -> Result<DevSettings, String> {
         let mut s = DevSettings::default();
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
@@ -88,6 +112,24 @@ impl DevSettings {
         }
         if let Some(v) = var("AMQP_IAM_GATEWAY_BACKEND_PASSWORD") {
             s.backend_password = v;
+        }
+        if let Some(v) = var("AMQP_IAM_GATEWAY_BACKEND_AUTH") {
+            s.backend_auth = match v.as_str() {
+                "auto" => DevBackendAuth::Auto,
+                "token" => DevBackendAuth::Token,
+                "service_user" => DevBackendAuth::ServiceUser,
+                _ => {
+                    return Err(format!(
+                        "AMQP_IAM_GATEWAY_BACKEND_AUTH={v:?}: auto, token or service_user"
+                    ));
+                }
+            };
+        }
+        if let Some(v) = var("AMQP_IAM_GATEWAY_BACKEND_TOKEN_KEY") {
+            s.backend_token_key = Some(PathBuf::from(v));
+        }
+        if let Some(v) = var("AMQP_IAM_GATEWAY_BACKEND_TOKEN_KID") {
+            s.backend_token_kid = v;
         }
         Ok(s)
     }
@@ -203,6 +245,24 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// The backend tokens' signing key: the configured one, or `backend-token.pem` in the
+/// state directory, created (P-256, mode 600) on first start, with its public key beside it
+/// (`backend-token.pub.pem`) for the broker.
+pub fn ensure_backend_key(s: &DevSettings) -> Result<PathBuf, String> {
+    if let Some(k) = &s.backend_token_key {
+        return Ok(k.clone());
+    }
+    let key = s.state_dir.join("backend-token.pem");
+    if !key.exists() {
+        let pair = rcgen::KeyPair::generate().map_err(|e| format!("key generation: {e}"))?;
+        write_private(&key, pair.serialize_pem().as_bytes())?;
+        let public = s.state_dir.join("backend-token.pub.pem");
+        std::fs::write(&public, pair.public_key_pem())
+            .map_err(|e| format!("{}: {e}", public.display()))?;
+    }
+    Ok(key)
+}
+
 /// The issuer URL for an issuer bound at `addr`.
 pub fn issuer_url(addr: SocketAddr) -> String {
     format!("http://{addr}")
@@ -216,10 +276,22 @@ pub fn default_issuer_url() -> Result<String, String> {
 
 /// The gateway config of the development mode, as TOML (also written next to the state
 /// so it can be copied and edited).
-pub fn config_toml(s: &DevSettings, tls: &DevTls) -> String {
+/// `backend_key`: with backend tokens, their signing key.
+pub fn config_toml(s: &DevSettings, tls: &DevTls, backend_key: Option<&Path>) -> String {
     let plain = s
         .plain_addr
         .map(|a| format!("plain_address = \"{a}\"\n"))
+        .unwrap_or_default();
+    let tokens = backend_key
+        .map(|k| {
+            format!(
+                "# RabbitMQ checks every operation too, with a token the gateway mints per client.\n\
+                 auth = \"token\"\n\n[backend.token]\nsigning_key = {key:?}\nkid = {kid:?}\n\
+                 resource_server_id = \"rabbitmq\"\n",
+                key = k.display().to_string(),
+                kid = s.backend_token_kid,
+            )
+        })
         .unwrap_or_default();
     format!(
         r#"# Generated by `amqp-iam-gateway` (development mode). A starting point for a real config:
@@ -234,7 +306,7 @@ nodes = ["{backend}"]
 username = "{user}"
 password = "{password}"
 management_url = "{management}"
-
+{tokens}
 [oauth2]
 resource_server_id = "rabbitmq"
 scope_prefix = "rabbitmq/"
@@ -299,7 +371,7 @@ pub async fn run(
             .unwrap_or(s.issuer_addr),
         ..s
     };
-    let toml = config_toml(&settings, &tls);
+    let (toml, backend) = choose_backend(&settings, &tls).await?;
     let config_path = settings.state_dir.join("gateway.toml");
     std::fs::write(&config_path, &toml).map_err(|e| format!("{}: {e}", config_path.display()))?;
     let cfg: Config = config::parse(&toml, &settings.state_dir).map_err(|e| e.to_string())?;
@@ -308,9 +380,46 @@ pub async fn run(
         .start()
         .await
         .map_err(|e| format!("binding listeners: {e}"))?;
-    print_banner(&settings, &tls, &config_path, &url, bound);
+    print_banner(&settings, &tls, &config_path, &url, bound, &backend);
     shutdown.await;
     Ok(())
+}
+
+/// The config to run with, and the banner's line about the backend: backend tokens when
+/// the broker accepts them (or when asked for), else the service user, saying why the
+/// gateway is then the only guard.
+async fn choose_backend(s: &DevSettings, tls: &DevTls) -> Result<(String, String), String> {
+    let service = || {
+        let user = &s.backend_user;
+        format!("service user {user:?}: the gateway is the only guard")
+    };
+    if s.backend_auth == DevBackendAuth::ServiceUser {
+        return Ok((config_toml(s, tls, None), service()));
+    }
+    let key = ensure_backend_key(s)?;
+    let toml = config_toml(s, tls, Some(&key));
+    let tokens = "tokens: RabbitMQ checks every operation too".to_owned();
+    if s.backend_auth == DevBackendAuth::Token {
+        return Ok((toml, tokens));
+    }
+    let cfg: Config = config::parse(&toml, &s.state_dir).map_err(|e| e.to_string())?;
+    match crate::proxy::token_probe::probe_config(&cfg).await {
+        Some(Ok(_)) => Ok((toml, tokens)),
+        Some(Err(why)) => {
+            let tokens_config = s.state_dir.join("gateway-tokens.toml");
+            tracing::warn!(
+                "backend tokens not in use, the gateway is the only guard: {why}. To let \
+                 RabbitMQ check every operation too: `amqp-iam-gateway backend-setup --config \
+                 {} --public-key <file the broker reads>` writes the public key and prints \
+                 the broker's lines",
+                tokens_config.display()
+            );
+            std::fs::write(&tokens_config, &toml)
+                .map_err(|e| format!("{}: {e}", tokens_config.display()))?;
+            Ok((config_toml(s, tls, None), service()))
+        }
+        None => Ok((toml, tokens)),
+    }
 }
 
 fn print_banner(
@@ -319,13 +428,14 @@ fn print_banner(
     config: &Path,
     issuer: &str,
     bound: crate::proxy::BoundAddrs,
+    backend_auth: &str,
 ) {
     let tls_addr = bound.tls.map_or_else(|| "-".to_owned(), |a| a.to_string());
     let port = bound.tls.map_or(5671, |a| a.port());
     println!(
         r#"amqp-iam-gateway (development mode)
   AMQPS listener   {tls_addr}  (plain AMQP: {plain})
-  backend          amqp://{user}@{backend}
+  backend          {backend}  ({backend_auth})
   STS issuer       {issuer}  (discovery: {issuer}/.well-known/openid-configuration)
   CA certificate   {ca}
   server cert/key  {cert}  {key}
@@ -346,7 +456,6 @@ Connect with an empty username and the token as password, trusting the CA above:
         plain = s
             .plain_addr
             .map_or_else(|| "off".to_owned(), |a| a.to_string()),
-        user = s.backend_user,
         backend = s.backend,
         ca = tls.ca.display(),
         cert = tls.cert.display(),

@@ -516,7 +516,14 @@ fn backend_setup(config: &std::path::Path, public_key: &std::path::Path) -> Exit
             .map_err(|e| format!("backend.token.signing_key {}: {e}", t.signing_key.display()))?;
         std::fs::write(public_key, pem).map_err(|e| format!("{}: {e}", public_key.display()))?;
         let internal = cfg.auth.backends.contains(&config::AuthBackend::Internal);
-        Ok(exchange::rabbitmq_conf(t, public_key, internal))
+        let mut conf = exchange::rabbitmq_conf(t, public_key, internal);
+        // The alternative that follows rotations by itself: the admin listener's JWKS.
+        conf.push_str(&format!(
+            "## Or, instead of the signing key (the broker then follows key rotations):\n\
+             ## auth_oauth2.jwks_url = http://{}/backend-jwks.json\n",
+            cfg.admin.address
+        ));
+        Ok(conf)
     };
     match run() {
         Ok(conf) => {

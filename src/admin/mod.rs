@@ -75,6 +75,15 @@ async fn route(r: &Live, req: Request<Incoming>) -> Response<Full<Bytes>> {
             text(StatusCode::OK, "text/plain; version=0.0.4", body)
         }
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        // Public keys only: what RabbitMQ's `auth_oauth2.jwks_url` reads.
+        "/backend-jwks.json" => match &r.snapshot().0.backend_jwks {
+            Some(jwks) => text(StatusCode::OK, "application/json", jwks.clone()),
+            None => text(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "no backend tokens\n".into(),
+            ),
+        },
         "/readyz" => match ready(r).await {
             Ok(()) => text(StatusCode::OK, "text/plain", "ready\n".into()),
             Err(why) => text(

@@ -158,6 +158,62 @@ pub fn public_key_pem(private_pem: &[u8]) -> Result<String, String> {
         .map_err(|e| format!("not a private key rcgen can read: {e}"))
 }
 
+/// The public key of a PEM private key (PKCS#8, or PKCS#1 RSA / SEC1 P-256) as a JWK named
+/// `kid`, for the JWKS the admin listener serves to the broker (`auth_oauth2.jwks_url`).
+pub fn public_jwk(private_pem: &[u8], kid: &str) -> Result<Value, String> {
+    use aws_lc_rs::signature::{
+        ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair, RsaKeyPair,
+    };
+    use base64::Engine;
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let der = PrivateKeyDer::from_pem_slice(private_pem)
+        .map_err(|e| format!("not a PEM private key: {e}"))?;
+    let rsa = match &der {
+        PrivateKeyDer::Pkcs8(k) => RsaKeyPair::from_pkcs8(k.secret_pkcs8_der()).ok(),
+        PrivateKeyDer::Pkcs1(k) => RsaKeyPair::from_der(k.secret_pkcs1_der()).ok(),
+        _ => None,
+    };
+    if let Some(rsa) = rsa {
+        let public = rsa.public_key();
+        return Ok(json!({
+            "kty": "RSA",
+            "kid": kid,
+            "use": "sig",
+            "alg": "RS256",
+            "n": b64(public.modulus().big_endian_without_leading_zero()),
+            "e": b64(public.exponent().big_endian_without_leading_zero()),
+        }));
+    }
+    let ec = match &der {
+        PrivateKeyDer::Pkcs8(k) => {
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, k.secret_pkcs8_der())
+        }
+        PrivateKeyDer::Sec1(k) => EcdsaKeyPair::from_private_key_der(
+            &ECDSA_P256_SHA256_FIXED_SIGNING,
+            k.secret_sec1_der(),
+        ),
+        _ => return Err("not an RSA or P-256 private key".into()),
+    }
+    .map_err(|e| format!("not an RSA or P-256 private key: {e}"))?;
+    // Uncompressed SEC 1 point: 0x04 || x || y, 32 bytes each.
+    let point = ec.public_key().as_ref();
+    let (x, y) = point
+        .get(1..)
+        .unwrap_or_default()
+        .split_at(32.min(point.len().saturating_sub(1)));
+    Ok(json!({
+        "kty": "EC",
+        "kid": kid,
+        "use": "sig",
+        "alg": "ES256",
+        "crv": "P-256",
+        "x": b64(x),
+        "y": b64(y),
+    }))
+}
+
 /// The `rabbitmq.conf` lines that make a broker accept the gateway's backend tokens, with
 /// the public key at `public_key_path` and `internal` users after tokens when they log in
 /// too.
@@ -204,6 +260,29 @@ mod tests {
         ))
         .unwrap();
         BackendMinter::from_pem(&pem, "gw-1", "rabbitmq", "rabbitmq.").unwrap()
+    }
+
+    /// A token the minter signs verifies with the JWK of its key: RSA and P-256.
+    #[test]
+    fn the_public_jwk_verifies_what_the_minter_signs() {
+        let rsa = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/rsa-private.pem"
+        ))
+        .unwrap();
+        let ec = rcgen::KeyPair::generate().unwrap().serialize_pem();
+        for (pem, alg) in [(rsa, Algorithm::RS256), (ec.into_bytes(), Algorithm::ES256)] {
+            let m = BackendMinter::from_pem(&pem, "gw-1", "rabbitmq", "rabbitmq.").unwrap();
+            let token = m.sign(&json!({"sub": "alice", "aud": "rabbitmq"})).unwrap();
+            let jwk: jsonwebtoken::jwk::Jwk =
+                serde_json::from_value(public_jwk(&pem, "gw-1").unwrap()).unwrap();
+            let key = jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap();
+            let mut v = jsonwebtoken::Validation::new(alg);
+            v.set_audience(&["rabbitmq"]);
+            v.required_spec_claims.clear();
+            jsonwebtoken::decode::<Value>(&token, &key, &v).unwrap();
+        }
+        assert!(public_jwk(b"not a key", "k").is_err());
     }
 
     #[test]
@@ -273,6 +352,7 @@ mod tests {
             kid: "gw-1".into(),
             resource_server_id: "rabbitmq".into(),
             scope_prefix: "rabbitmq.".into(),
+            retired_keys: Default::default(),
         };
         let conf = rabbitmq_conf(&cfg, std::path::Path::new("/etc/rabbitmq/gw-1.pem"), true);
         let lines: Vec<&str> = conf.lines().filter(|l| !l.starts_with('#')).collect();

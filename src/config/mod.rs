@@ -354,6 +354,11 @@ pub struct BackendTokenConfig {
     pub resource_server_id: String,
     /// The broker's scope prefix; default `<resource_server_id>.`.
     pub scope_prefix: String,
+    /// Keys the gateway signed with before (`kid` → PEM private key, owner-only): no longer
+    /// used to sign, still published in the admin listener's JWKS (`/backend-jwks.json`)
+    /// while tokens minted with them may be alive, so that a rotation never leaves the
+    /// broker without a key.
+    pub retired_keys: BTreeMap<String, PathBuf>,
 }
 
 /// `backend.tls_*`: TLS from the gateway to the RabbitMQ nodes.

@@ -110,6 +110,7 @@ pub(super) struct RawBackendToken {
     pub kid: Option<String>,
     pub resource_server_id: Option<String>,
     pub scope_prefix: Option<String>,
+    pub retired_keys: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

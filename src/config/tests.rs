@@ -933,6 +933,25 @@ fn backend_token_mode_is_checked() {
     ] {
         assert!(errors.contains(needle), "{needle} in:\n{errors}");
     }
+    let (c, dir) = parse_ok(&token(
+        "token",
+        "signing_key = \"certs/server-key.pem\"\nkid = \"gw-2\"\n\
+         [backend.token.retired_keys]\ngw-1 = \"certs/server-key.pem\"\n",
+    ));
+    let BackendAuth::Token(t) = &c.backend.auth else {
+        panic!("{:?}", c.backend.auth)
+    };
+    assert_eq!(t.retired_keys["gw-1"], dir.join("certs/server-key.pem"));
+    let errors = parse_err(&token(
+        "token",
+        "signing_key = \"certs/server-key.pem\"\nkid = \"gw-2\"\n\
+         [backend.token.retired_keys]\ngw-2 = \"certs/server-key.pem\"\n",
+    ))
+    .to_string();
+    assert!(
+        errors.contains("backend.token.retired_keys.gw-2: must be non-empty and differ"),
+        "{errors}"
+    );
     let errors = parse_err(&token("tokens", "kid = \"k\"\n")).to_string();
     assert!(errors.contains("\"tokens\" is not"), "{errors}");
     let errors = parse_err(&token("service_user", "kid = \"k\"\n")).to_string();

@@ -780,11 +780,22 @@ impl Checker<'_> {
                 if scope_prefix.contains(char::is_whitespace) {
                     self.error("backend.token.scope_prefix", "must not contain whitespace");
                 }
+                let mut retired_keys = std::collections::BTreeMap::new();
+                for (k, p) in raw.retired_keys.unwrap_or_default() {
+                    let key = format!("backend.token.retired_keys.{k}");
+                    if k == kid || k.is_empty() {
+                        self.error(key, "must be non-empty and differ from backend.token.kid");
+                        continue;
+                    }
+                    let path = self.file(&key, &p);
+                    retired_keys.insert(k, path);
+                }
                 BackendAuth::Token(BackendTokenConfig {
                     signing_key,
                     kid,
                     resource_server_id,
                     scope_prefix,
+                    retired_keys,
                 })
             }
             Some(other) => {

@@ -63,6 +63,9 @@ pub(crate) struct Shared {
     pub minter: Option<Arc<BackendMinter>>,
     /// Whether the broker accepts those tokens, as `/readyz` last found out.
     pub token_probe: Arc<token_probe::ProbeCache>,
+    /// The public keys of the backend tokens (the signing key and the retired ones) as a
+    /// JWKS, served on the admin listener at `/backend-jwks.json`.
+    pub backend_jwks: Option<String>,
 }
 
 /// Where a graceful shutdown is.
@@ -284,9 +287,11 @@ async fn build(
         l.handshakes_per_second_per_source,
     );
     let password_backoff = prev.map_or_else(Arc::default, |p| p.password_backoff.clone());
-    let minter = match &cfg.backend.auth {
-        crate::config::BackendAuth::ServiceUser => None,
-        crate::config::BackendAuth::Token(t) => Some(Arc::new(backend_minter(t)?)),
+    let (minter, backend_jwks) = match &cfg.backend.auth {
+        crate::config::BackendAuth::ServiceUser => (None, None),
+        crate::config::BackendAuth::Token(t) => {
+            (Some(Arc::new(backend_minter(t)?)), Some(backend_jwks(t)?))
+        }
     };
     #[cfg(feature = "test-switches")]
     if !cfg.testing.gateway_decisions {
@@ -298,6 +303,7 @@ async fn build(
     let shared = Shared {
         minter,
         token_probe: Arc::default(),
+        backend_jwks,
         sources: SourceRules::new(&cfg.auth),
         password_backoff,
         cfg,
@@ -323,6 +329,25 @@ pub(crate) fn backend_minter(
     let pem = crate::auth::exchange::read_private_key(&t.signing_key).map_err(what)?;
     BackendMinter::from_pem(&pem, &t.kid, &t.resource_server_id, &t.scope_prefix)
         .map_err(|e| what(format!("{}: {e}", t.signing_key.display())))
+}
+
+/// The JWKS of `[backend.token]`: the signing key's public key and the retired keys'.
+fn backend_jwks(t: &crate::config::BackendTokenConfig) -> Result<String, String> {
+    let mut keys = Vec::new();
+    let current = std::iter::once((&t.kid, &t.signing_key, "backend.token.signing_key"));
+    let retired = t
+        .retired_keys
+        .iter()
+        .map(|(k, p)| (k, p, "backend.token.retired_keys"));
+    for (kid, path, key) in current.chain(retired) {
+        let what = |e: String| format!("{key} {e}");
+        let pem = crate::auth::exchange::read_private_key(path).map_err(what)?;
+        keys.push(
+            crate::auth::exchange::public_jwk(&pem, kid)
+                .map_err(|e| what(format!("{}: {e}", path.display())))?,
+        );
+    }
+    Ok(serde_json::json!({ "keys": keys }).to_string())
 }
 
 impl Gateway {

@@ -14,14 +14,19 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
 import uuid
 
+import json
+
 import pika
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 import conftest
 from conftest import FIXTURES, REPO_ROOT, _free_port, _write_config, _write_tls, mint, run_gateway
@@ -214,3 +219,119 @@ def test_a_broker_without_the_plugin_is_named_by_check_config_and_readyz(gw, tmp
     finally:
         conftest.stop_process(proc)
         log.close()
+
+
+def test_development_mode_uses_backend_tokens_when_the_broker_accepts_them(gw, tmp_path):
+    """Development mode in front of a broker set up for its key (the reference node, with
+    the fixture key as the development key): it asks at start, uses backend tokens, and the
+    broker sees the role's user on the connection."""
+    key = tmp_path / "backend.pem"
+    shutil.copy(FIXTURES / "rsa-private.pem", key)
+    key.chmod(0o600)
+    tls_port, plain_port, issuer_port = _free_port(), _free_port(), _free_port()
+    env = {**os.environ, "NO_COLOR": "1", "AMQP_IAM_GATEWAY_STATE": str(tmp_path / "state"),
+           "AMQP_IAM_GATEWAY_LISTEN": f"127.0.0.1:{tls_port}",
+           "AMQP_IAM_GATEWAY_PLAIN_LISTEN": f"127.0.0.1:{plain_port}",
+           "AMQP_IAM_GATEWAY_ISSUER_LISTEN": f"127.0.0.1:{issuer_port}",
+           "AMQP_IAM_GATEWAY_BACKEND": f"127.0.0.1:{REF_PORT}",
+           "AMQP_IAM_GATEWAY_BACKEND_TOKEN_KEY": str(key),
+           "AMQP_IAM_GATEWAY_BACKEND_TOKEN_KID": "test-rsa"}
+    binary = str(conftest.gateway_binary())
+    out = tmp_path / "dev.out"
+    with open(out, "wb") as f:
+        proc = subprocess.Popen([binary], stdin=subprocess.DEVNULL, stdout=f, stderr=f, env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while "Mint a token" not in out.read_text():
+            assert proc.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.1)
+        banner = out.read_text()
+        assert "tokens: RabbitMQ checks every operation too" in banner, banner
+        r = subprocess.run([binary, "token", "--issuer-url", f"http://127.0.0.1:{issuer_port}"],
+                           env=env, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        conn = pika.BlockingConnection(pika.ConnectionParameters(
+            "127.0.0.1", plain_port, "/", pika.PlainCredentials("", r.stdout.strip()),
+            connection_attempts=1))
+        try:
+            conn.channel().queue_declare("", exclusive=True)
+            users = ref_ctl("list_connections", "user", "--silent").split()
+            assert "arn:aws:iam::111122223333:role/RabbitMqAdminRole" in users, users
+        finally:
+            conn.close()
+    finally:
+        conftest.stop_process(proc)
+
+
+def test_a_rotated_key_reaches_the_broker_through_the_gateways_jwks(gw, tmp_path):
+    """Key rotation with `auth_oauth2.jwks_url` pointing at the gateway's admin listener: the
+    gateway signs with a new key the broker has never seen, and publishes it with the old
+    one (`retired_keys`); the broker fetches the JWKS on the unknown kid and accepts the new
+    tokens, and the old kid stays valid meanwhile."""
+    new = tmp_path / "new.pem"
+    new.write_bytes(rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    new.chmod(0o600)
+    old = gw.workdir / "backend-token.pem"
+    kid = f"gw-rotated-{RUN}"
+    admin, port = _free_port(), _free_port()
+    text = (gw.workdir / "gateway.toml").read_text()
+    text = text.replace(f'signing_key = "{old}"\nkid = "test-rsa"',
+                        f'signing_key = "{new}"\nkid = "{kid}"')
+    text = text.replace("\n[oauth2]\n", f'\n[backend.token.retired_keys]\ntest-rsa = "{old}"\n'
+                        "\n[oauth2]\n", 1)
+    text = re.sub(r'\[admin\]\naddress = "127\.0\.0\.1:\d+"', f'[admin]\naddress = "127.0.0.1:{admin}"', text)
+    text = re.sub(r'(?m)^address = "127\.0\.0\.1:\d+"\ntls_cert', f'address = "127.0.0.1:{port}"\ntls_cert', text)
+    assert f'kid = "{kid}"' in text and "retired_keys" in text, text
+    for name in ("server.pem", "server-key.pem"):
+        shutil.copy(gw.workdir / name, tmp_path / name)
+    config = tmp_path / "gateway.toml"
+    config.write_text(text)
+    app = "rabbitmq_auth_backend_oauth2"
+    url = f"http://127.0.0.1:{admin}/backend-jwks.json"
+    # The broker's key config, kept to be put back; then the JWKS URL beside the static key.
+    ref_ctl("eval", f"{{ok, KC}} = application:get_env({app}, key_config), "
+                    "persistent_term:put(amqp_iam_gateway_test_key_config, KC), "
+                    f'application:set_env({app}, key_config, [{{jwks_url, "{url}"}} | KC]), ok.')
+    try:
+        # Not run_gateway: its check-config would ask the broker before the JWKS is served.
+        with serve_unchecked(tmp_path, config, port, gw.ca_file) as g:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                jwks = json.load(r)
+            assert sorted(k["kid"] for k in jwks["keys"]) == sorted([kid, "test-rsa"]), jwks
+            assert all("d" not in k and "p" not in k for k in jwks["keys"]), "public keys only"
+            user = f"bt-rotated-{RUN}"
+            conn = g.connect(mint(user, scope=SCOPE))
+            try:
+                conn.channel().queue_declare(f"bt-rot-{RUN}", auto_delete=True)
+                assert user in ref_ctl("list_connections", "user", "--silent").split()
+            finally:
+                conn.close()
+        # The old key still verifies (it came with the JWKS): the first gateway's tokens.
+        conn = gw.connect(mint(f"{user}-old", scope=SCOPE))
+        conn.close()
+    finally:
+        ref_ctl("eval", f"application:set_env({app}, key_config, "
+                        "persistent_term:get(amqp_iam_gateway_test_key_config)), ok.")
+
+
+@contextlib.contextmanager
+def serve_unchecked(workdir, config, port, ca_file):
+    log_file = workdir / "serve.log"
+    with open(log_file, "wb") as log:
+        proc = subprocess.Popen([str(conftest.gateway_binary()), "serve", "--config", str(config)],
+                                cwd=workdir, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None, log_file.read_text()
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, log_file.read_text()
+                time.sleep(0.1)
+        yield conftest.Gateway("127.0.0.1", port, ca_file, log_file, proc)
+    finally:
+        conftest.stop_process(proc)

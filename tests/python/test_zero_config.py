@@ -87,6 +87,19 @@ def test_first_run_accepts_a_client_within_seconds(dev_gateway):
     conn.close()
 
 
+def test_a_broker_without_token_support_is_named_and_the_gateway_guards_alone(dev_gateway):
+    """The default node runs no oauth2 plugin: development mode asks it at start, keeps the
+    service user, and says that the gateway is the only guard and what would change that."""
+    state, _, out, _ = dev_gateway
+    banner = out.read_text()
+    assert 'service user "guest": the gateway is the only guard' in banner, banner
+    assert "backend tokens not in use" in banner and "is not enabled on rabbit@" in banner, banner
+    assert (state / "backend-token.pub.pem").exists(), "the public key for the broker is written"
+    assert oct((state / "backend-token.pem").stat().st_mode & 0o777) == "0o600"
+    assert 'auth = "token"' in (state / "gateway-tokens.toml").read_text()
+    assert 'auth = "token"' not in (state / "gateway.toml").read_text()
+
+
 def test_read_only_role_and_rs256(dev_gateway):
     state, env, _, _ = dev_gateway
     token = _token(env, "--role-arn", "arn:aws:iam::111122223333:role/RabbitMqReadOnlyRole", "--alg", "RS256")
