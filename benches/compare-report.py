@@ -4,7 +4,7 @@
     compare-report.py RUNS.jsonl OUT_PREFIX
 
 RUNS.jsonl has one line per load generator run (written by compare.sh): workload, target
-(direct, haproxy, gateway), rep, exit, seconds, rss_before_kib, rss_during_kib and result
+(direct, haproxy, gateway, gateway-tokens), rep, exit, seconds, rss_before_kib, rss_during_kib and result
 (the load generator's JSON, or null). Settings and machine facts come from BENCH_*
 environment variables. Writes OUT_PREFIX.json (settings, machine, every run, the medians)
 and OUT_PREFIX.md (the table and the machine), prints the table, and exits 1 when a run
@@ -17,7 +17,7 @@ import os
 import statistics
 import sys
 
-TARGETS = ("direct", "haproxy", "gateway")
+TARGETS = ("direct", "haproxy", "gateway", "gateway-tokens")
 
 # (workload, metric key in the load generator's JSON, label, higher is better)
 ROWS = [
@@ -176,10 +176,10 @@ def main():
             problems.append("%s %s rep %s: %s" % (run["workload"], run["target"], run["rep"], why))
 
     rows, table = [], []
-    header = ("| workload | metric | direct | haproxy | gateway | haproxy/direct | gateway/direct "
-              "| gateway/haproxy | target | result |")
+    header = ("| workload | metric | direct | haproxy | gateway | gateway-tokens | haproxy/direct "
+              "| gateway/direct | gateway/haproxy | tokens/gateway | target | result |")
     table.append(header)
-    table.append("|---|---|---:|---:|---:|---:|---:|---:|---|---|")
+    table.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for workload, key, label, higher in ROWS:
         if workloads and workload not in workloads:
             continue
@@ -196,17 +196,20 @@ def main():
             "haproxy/direct": ratio(cells["haproxy"], cells["direct"]),
             "gateway/direct": ratio(cells["gateway"], cells["direct"]),
             "gateway/haproxy": ratio(cells["gateway"], cells["haproxy"]),
+            # The cost of backend tokens: the same gateway, RabbitMQ checking too.
+            "tokens/gateway": ratio(cells["gateway-tokens"], cells["gateway"]),
         }
         target_text, verdict = judge(workload, key, cells, ratios, smoke)
         better = "higher is better" if higher else "lower is better"
         rows.append({"workload": workload, "metric": key, "unit": label, "better": better,
                      "median": cells, "samples": samples, "ratios": ratios,
                      "target": target_text, "result": verdict})
-        table.append("| %s | %s (%s) | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        table.append("| %s | %s (%s) | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             workload, label, "↑" if higher else "↓",
             fmt(cells["direct"]), fmt(cells["haproxy"]), fmt(cells["gateway"]),
+            fmt(cells["gateway-tokens"]),
             fmt(ratios["haproxy/direct"]), fmt(ratios["gateway/direct"]),
-            fmt(ratios["gateway/haproxy"]), target_text, verdict))
+            fmt(ratios["gateway/haproxy"]), fmt(ratios["tokens/gateway"]), target_text, verdict))
 
     mach = machine()
     notes = [

@@ -3,6 +3,10 @@
 #   (a) direct      amqp://guest:guest@127.0.0.1:5695    plain AMQP, no proxy
 #   (b) haproxy     amqps://guest:guest@localhost:5696   HAProxy terminating TLS, TCP mode
 #   (c) gateway     amqps://@localhost:5697 + token      the gateway: TLS, JWT, authorisation
+#   (d) gateway-tokens  amqps://@localhost:5700 + token  the same, with backend tokens
+#                                                        (backend.auth = "token": RabbitMQ's
+#                                                        OAuth 2.0 plugin checks every
+#                                                        operation again)
 # then a table of medians and ratios against the targets of the performance issue
 # (throughput >= 1.0x HAProxy, >= 0.9x direct at 1 KiB and >= 0.8x at 16 B; latency p50 and
 # p99 <= 1.2x direct; churn >= 1.0x HAProxy; <= 64 KiB of gateway RSS per idle connection).
@@ -75,6 +79,8 @@ HAPROXY_PORT=5696
 GATEWAY_PORT=5697
 STS_PORT=5698
 ADMIN_PORT=5699
+TOKENS_PORT=5700
+TOKENS_ADMIN_PORT=5701
 
 log() { echo "compare: $*" >&2; }
 die() { echo "compare: error: $*" >&2; exit 1; }
@@ -188,7 +194,7 @@ wait_port() { # PORT PID NAME LOG
     done
 }
 
-for p in $HAPROXY_PORT $GATEWAY_PORT $STS_PORT $ADMIN_PORT; do
+for p in $HAPROXY_PORT $GATEWAY_PORT $STS_PORT $ADMIN_PORT $TOKENS_PORT $TOKENS_ADMIN_PORT; do
     port_open "$p" && die "port $p is in use (a previous run still going?)"
 done
 
@@ -310,6 +316,27 @@ PIDS+=("$GATEWAY_PID")
 wait_port $GATEWAY_PORT $GATEWAY_PID gateway "$BENCH/gateway.log"
 log "gateway pid $GATEWAY_PID on 127.0.0.1:$GATEWAY_PORT (${THREADS} tokio worker threads)"
 
+# (d) The same gateway with backend tokens. The node (profile `backend`) runs the OAuth 2.0
+# plugin with tests/fixtures/rsa-public.pem as signing key test-rsa; tokens are added to its
+# auth_backends after the internal users (guest keeps its password), and this gateway signs
+# with the matching private key.
+[[ $(node ctl -q eval 'application:set_env(rabbit, auth_backends,
+        [rabbit_auth_backend_internal, rabbit_auth_backend_oauth2]).') == ok ]] ||
+    die "could not add the oauth2 backend to the benchmark node"
+(umask 077 && cp "$ROOT/tests/fixtures/rsa-private.pem" "$BENCH/backend-token.pem")
+sed -e "s/^address = \"127.0.0.1:$GATEWAY_PORT\"/address = \"127.0.0.1:$TOKENS_PORT\"/" \
+    -e "s/^address = \"127.0.0.1:$ADMIN_PORT\"/address = \"127.0.0.1:$TOKENS_ADMIN_PORT\"/" \
+    -e "s|^password = \"guest\"|password = \"guest\"\nauth = \"token\"\n\n[backend.token]\nsigning_key = \"$BENCH/backend-token.pem\"\nkid = \"test-rsa\"|" \
+    "$BENCH/gateway.toml" >"$BENCH/gateway-tokens.toml"
+"$GW" check-config --config "$BENCH/gateway-tokens.toml" >/dev/null ||
+    die "the benchmark node does not accept the gateway's backend tokens"
+TOKIO_WORKER_THREADS=$THREADS RUST_LOG=info \
+    "$GW" serve --config "$BENCH/gateway-tokens.toml" >"$BENCH/gateway-tokens.log" 2>&1 &
+TOKENS_PID=$!
+PIDS+=("$TOKENS_PID")
+wait_port $TOKENS_PORT $TOKENS_PID gateway-tokens "$BENCH/gateway-tokens.log"
+log "gateway with backend tokens pid $TOKENS_PID on 127.0.0.1:$TOKENS_PORT"
+
 TOKEN="$BENCH/token"
 # A fresh token for each gateway run: the longest a run can take stays far inside its hour.
 mint() {
@@ -328,11 +355,15 @@ target_args() {
     direct) echo "--url amqp://guest:guest@127.0.0.1:$NODE_PORT/%2F" ;;
     haproxy) echo "--url amqps://guest:guest@localhost:$HAPROXY_PORT/%2F --cacert $CA $KX" ;;
     gateway) echo "--url amqps://@localhost:$GATEWAY_PORT/%2F --cacert $CA $KX --password-file $TOKEN" ;;
+    gateway-tokens) echo "--url amqps://@localhost:$TOKENS_PORT/%2F --cacert $CA $KX --password-file $TOKEN" ;;
     esac
 }
 
 target_pid() {
-    case "$1" in direct) echo "$BEAM_PID" ;; haproxy) echo "$HAPROXY_PID" ;; gateway) echo "$GATEWAY_PID" ;; esac
+    case "$1" in
+    direct) echo "$BEAM_PID" ;; haproxy) echo "$HAPROXY_PID" ;; gateway) echo "$GATEWAY_PID" ;;
+    gateway-tokens) echo "$TOKENS_PID" ;;
+    esac
 }
 
 workload_args() {
@@ -363,7 +394,7 @@ run_one() { # WORKLOAD TARGET REP
     local w=$1 target=$2 rep=$3 out="$RUN_DIR/$1.$2.$3" rc=0 t0=$SECONDS
     local -a args
     read -ra args <<<"$(workload_args "$w") $(target_args "$target") --json"
-    [[ $target == gateway ]] && mint
+    [[ $target == gateway* ]] && mint
     if [[ $w == idle ]]; then
         run_idle "$target" "$out" "${args[@]}" || rc=$?
         return 0
@@ -403,7 +434,7 @@ run_idle() { # TARGET OUT ARGS...
     log "idle $target: RSS $before -> ${during:-?} KiB; $(tr -d '\n' <"$out.json" | cut -c1-160)"
 }
 
-TARGETS=(direct haproxy gateway)
+TARGETS=(direct haproxy gateway gateway-tokens)
 for w in "${WORKLOAD_LIST[@]}"; do
     reps=$REPS
     [[ $w == idle ]] && reps=1
@@ -416,7 +447,7 @@ done
 
 # --- 7. report ---------------------------------------------------------------------------
 
-if grep -qiE '\b(DEBUG|TRACE)\b' "$BENCH/gateway.log"; then
+if grep -qiE '\b(DEBUG|TRACE)\b' "$BENCH/gateway.log" "$BENCH/gateway-tokens.log"; then
     log "warning: the gateway log has debug lines"
 fi
 nrun="$(wc -l <"$RUNS")"

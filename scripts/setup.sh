@@ -6,7 +6,9 @@
 #     missing; its service is not started);
 #   - a running RabbitMQ node on 127.0.0.1:5672 with the default `guest` user, which the
 #     test gateway uses as its backend service user, and the management plugin on
-#     127.0.0.1:15672 (the gateway looks exchange types up there);
+#     127.0.0.1:15672 (the gateway looks exchange types up there), and the OAuth 2.0
+#     plugin set up for the development gateway's backend tokens (its key is created in
+#     the gateway's state directory when missing);
 #   - .venv with tests/python/requirements.txt installed;
 #   - amqp-tools (librabbitmq's CLI), Node.js and npm, and tests/node/node_modules from
 #     its lockfile (npm ci) for the client compatibility suite.
@@ -86,6 +88,43 @@ if ! curl -sf -o /dev/null -u guest:guest http://127.0.0.1:15672/api/overview; t
         sleep 1
     done
 fi
+
+# --- backend tokens for development mode ------------------------------------------------
+# The development gateway (`amqp-iam-gateway` with no arguments) mints a token per client for
+# RabbitMQ's OAuth 2.0 plugin, signed with its own key (backend-token.pem in its state
+# directory), so that RabbitMQ checks every operation too. This node gets the plugin,
+# auth_backends = internal then oauth2 (guest and the service users keep their passwords),
+# resource_server_id = rabbitmq, and the key's public half as signing key
+# amqp-iam-gateway-dev. Set at runtime (rabbitmqctl eval): a node restart forgets it until
+# the next run of this script.
+STATE_DIR="${AMQP_IAM_GATEWAY_STATE:-${XDG_STATE_HOME:-${HOME:-.}/.local/state}/amqp-iam-gateway}"
+[[ -n ${AMQP_IAM_GATEWAY_STATE:-} || -n ${XDG_STATE_HOME:-} || -n ${HOME:-} ]] \
+    || STATE_DIR=".amqp-iam-gateway"
+DEV_KEY="$STATE_DIR/backend-token.pem"
+if [[ ! -f $DEV_KEY ]]; then
+    log "creating the development gateway's backend token key ($DEV_KEY)"
+    mkdir -p "$STATE_DIR"
+    (umask 077 && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$DEV_KEY")
+fi
+openssl pkey -in "$DEV_KEY" -pubout -out "$STATE_DIR/backend-token.pub.pem" 2>/dev/null
+if ! rabbitmq-plugins -q list -e -m 2>/dev/null | grep -qx rabbitmq_auth_backend_oauth2; then
+    log "enabling rabbitmq_auth_backend_oauth2 (backend tokens)"
+    rabbitmq-plugins -q enable rabbitmq_auth_backend_oauth2 >/dev/null
+fi
+pem="$(awk '{printf "%s\\n", $0}' "$STATE_DIR/backend-token.pub.pem")"
+out="$(rabbitmqctl -q eval "
+    App = rabbitmq_auth_backend_oauth2,
+    ok = application:set_env(rabbit, auth_backends,
+                             [rabbit_auth_backend_internal, rabbit_auth_backend_oauth2]),
+    ok = application:set_env(App, resource_server_id, <<\"rabbitmq\">>),
+    KC = application:get_env(App, key_config, []),
+    Keys = proplists:get_value(signing_keys, KC, #{}),
+    ok = application:set_env(App, key_config,
+        [{signing_keys, Keys#{<<\"amqp-iam-gateway-dev\">> => {pem, <<\"$pem\">>}}}
+         | proplists:delete(signing_keys, KC)]),
+    ok.")" || die "configuring backend tokens on the node failed: $out"
+[[ $out == ok ]] || die "configuring backend tokens on the node: $out"
+log "RabbitMQ accepts the development gateway's backend tokens (kid amqp-iam-gateway-dev)"
 
 # --- Python venv -----------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ the conformance harness; client tokens are verified by the gateway with the same
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -20,8 +21,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-
-import json
+from pathlib import Path
 
 import pika
 import pytest
@@ -177,8 +177,37 @@ def test_check_config_and_readyz_find_the_broker_accepts_the_tokens(gw):
     assert readyz(admin_port_of(config)) == (200, "ready\n")
 
 
-def test_a_broker_without_the_plugin_is_named_by_check_config_and_readyz(gw, tmp_path):
-    """The default node runs no oauth2 plugin: the gateway says so before any client fails."""
+@contextlib.contextmanager
+def management_stand_in(nodes: list):
+    """A management API that answers `/api/nodes` with `nodes` (no node here lacks the
+    plugin: scripts/setup.sh enables it on the default node for development mode)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = json.dumps(nodes).encode()
+            self.send_response(200 if self.path == "/api/nodes" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def test_a_broker_refusing_the_tokens_is_explained_by_check_config_and_readyz(gw, tmp_path):
+    """The default node does not know the key `test-rsa`: the gateway says so, and what to
+    check, before any client fails; a node without the plugin is named (the management API
+    says which, here a stand-in for a node that lacks it)."""
     text = (gw.workdir / "gateway.toml").read_text().replace(
         f'nodes = ["127.0.0.1:{REF_PORT}"]', f'nodes = ["{conftest.BACKEND_NODE}"]'
     ).replace('username = "unused"\npassword = "unused"\n',
@@ -196,8 +225,20 @@ def test_a_broker_without_the_plugin_is_named_by_check_config_and_readyz(gw, tmp
     r = subprocess.run([binary, "check-config", "--config", str(config)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "the plugin rabbitmq_auth_backend_oauth2 is not enabled on rabbit@" in r.stderr, r.stderr
-    assert "rabbitmq-plugins enable rabbitmq_auth_backend_oauth2" in r.stderr, r.stderr
+    assert ("rabbitmq_auth_backend_oauth2 is enabled, so it is not in auth_backends, or it "
+            'does not know signing key "test-rsa"') in r.stderr, r.stderr
+    assert 'resource_server_id is not "rabbitmq"' in r.stderr, r.stderr
+    with management_stand_in([{"name": "rabbit@without", "enabled_plugins": ["rabbitmq_management"]},
+                              {"name": "rabbit@with",
+                               "enabled_plugins": ["rabbitmq_auth_backend_oauth2"]}]) as url:
+        other = tmp_path / "stand-in.toml"
+        other.write_text(text.replace('management_url = "http://127.0.0.1:15672"',
+                                      f'management_url = "{url}"'))
+        r = subprocess.run([binary, "check-config", "--config", str(other)],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "the plugin rabbitmq_auth_backend_oauth2 is not enabled on rabbit@without " in r.stderr, r.stderr
+    assert "rabbit@with," not in r.stderr and "rabbitmq-plugins enable" in r.stderr, r.stderr
     r = subprocess.run([binary, "check-config", "--offline", "--config", str(config)],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
@@ -215,7 +256,7 @@ def test_a_broker_without_the_plugin_is_named_by_check_config_and_readyz(gw, tmp
                 time.sleep(0.2)
         assert code == 503, body
         assert "not ready: the broker refuses the gateway's backend tokens" in body, body
-        assert "is not enabled on rabbit@" in body, body
+        assert 'does not know signing key "test-rsa"' in body, body
     finally:
         conftest.stop_process(proc)
         log.close()
@@ -333,5 +374,55 @@ def serve_unchecked(workdir, config, port, ca_file):
                 assert time.monotonic() < deadline, log_file.read_text()
                 time.sleep(0.1)
         yield conftest.Gateway("127.0.0.1", port, ca_file, log_file, proc)
+    finally:
+        conftest.stop_process(proc)
+
+
+def default_state_dir() -> Path:
+    """As the binary's `devmode::default_state_dir` (and scripts/setup.sh)."""
+    if os.environ.get("AMQP_IAM_GATEWAY_STATE"):
+        return Path(os.environ["AMQP_IAM_GATEWAY_STATE"])
+    if os.environ.get("XDG_STATE_HOME"):
+        return Path(os.environ["XDG_STATE_HOME"]) / "amqp-iam-gateway"
+    return Path(os.environ["HOME"]) / ".local" / "state" / "amqp-iam-gateway"
+
+
+def test_after_setup_development_mode_uses_backend_tokens_on_the_local_node(tmp_path):
+    """scripts/setup.sh set the local node up for the development key of the default state
+    directory: development mode with that key mints a token per client, RabbitMQ checks
+    every operation too, and the node shows the role on the connection."""
+    key = default_state_dir() / "backend-token.pem"
+    assert key.exists(), f"{key}: run scripts/setup.sh"
+    tls_port, plain_port, issuer_port = _free_port(), _free_port(), _free_port()
+    env = {**os.environ, "NO_COLOR": "1", "AMQP_IAM_GATEWAY_STATE": str(tmp_path / "state"),
+           "AMQP_IAM_GATEWAY_LISTEN": f"127.0.0.1:{tls_port}",
+           "AMQP_IAM_GATEWAY_PLAIN_LISTEN": f"127.0.0.1:{plain_port}",
+           "AMQP_IAM_GATEWAY_ISSUER_LISTEN": f"127.0.0.1:{issuer_port}",
+           "AMQP_IAM_GATEWAY_BACKEND_TOKEN_KEY": str(key)}
+    out = tmp_path / "dev.out"
+    with open(out, "wb") as f:
+        proc = subprocess.Popen([str(conftest.gateway_binary())], stdin=subprocess.DEVNULL, stdout=f,
+                                stderr=f, env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while "Mint a token" not in out.read_text():
+            assert proc.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.1)
+        assert "tokens: RabbitMQ checks every operation too" in out.read_text(), out.read_text()
+        r = subprocess.run([str(conftest.gateway_binary()), "token"], env=env,
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        token = r.stdout.strip()
+        conn = pika.BlockingConnection(pika.ConnectionParameters(
+            "127.0.0.1", plain_port, "/", pika.PlainCredentials("", token), connection_attempts=1))
+        try:
+            conn.channel().queue_declare("", exclusive=True)
+            ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+            users = subprocess.run([ctl, "-q", "list_connections", "user"], capture_output=True,
+                                   text=True, timeout=60).stdout.split()
+            assert "arn:aws:iam::111122223333:role/RabbitMqAdminRole" in users, users
+        finally:
+            conn.close()
     finally:
         conftest.stop_process(proc)
