@@ -51,7 +51,7 @@ step "integration tests (pytest tests/python: Python clients, amqp-tools, Node c
 step "fuzz smoke (scripts/fuzz.sh: every cargo-fuzz target, ${FUZZ_SECONDS:-10} s each)"
 bash scripts/fuzz.sh
 
-step "benchmark smoke (benches/compare.sh --smoke: direct, HAProxy and gateway, debug build)"
+step "benchmark smoke (benches/compare.sh --smoke: direct, HAProxy, the gateway, and the gateway with backend tokens, debug build)"
 bash benches/compare.sh --smoke
 
 STEP="done"
