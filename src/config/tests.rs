@@ -952,6 +952,11 @@ fn backend_token_mode_is_checked() {
         errors.contains("backend.token.retired_keys.gw-2: must be non-empty and differ"),
         "{errors}"
     );
+    // `[backend.token]` without `backend.auth`: backend tokens.
+    let (c, _) = parse_ok(&format!(
+        "{MINIMAL}\n[backend.token]\nsigning_key = \"certs/server-key.pem\"\nkid = \"gw-1\"\n"
+    ));
+    assert!(matches!(c.backend.auth, BackendAuth::Token(_)));
     let errors = parse_err(&token("tokens", "kid = \"k\"\n")).to_string();
     assert!(errors.contains("\"tokens\" is not"), "{errors}");
     let errors = parse_err(&token("service_user", "kid = \"k\"\n")).to_string();

@@ -741,6 +741,9 @@ impl Checker<'_> {
     }
 
     fn backend_auth(&mut self, auth: Option<&str>, raw: Option<RawBackendToken>) -> BackendAuth {
+        // `[backend.token]` alone means backend tokens: the default wherever the broker can
+        // take them, which a key for it says.
+        let auth = auth.or(raw.as_ref().map(|_| "token"));
         match auth {
             None | Some("service_user") => {
                 if raw.is_some() {
