@@ -72,7 +72,7 @@ def gw(tmp_path_factory):
             'username = "unused"\npassword = "unused"\nauth = "token"\n\n'
             f'[backend.token]\nsigning_key = "{key}"\nkid = "test-rsa"\n'
             'resource_server_id = "rabbitmq"\n',
-        )
+        ).replace("[log]\n", f'[log]\naudit = "{workdir / "audit.log"}"\n', 1)
         config.write_text(text)
         g = stack.enter_context(run_gateway(workdir, config, port, ca))
         g.workdir = workdir
@@ -430,13 +430,15 @@ def test_after_setup_development_mode_uses_backend_tokens_on_the_local_node(tmp_
 
 def test_no_token_or_key_reaches_the_log_or_the_metrics(gw):
     """After every test above (logins, update-secret, probes, 310 scopes, a rotation): the
-    gateway's log (debug level) and its metrics hold no JWT and no key. A JWT's header starts
+    gateway's log (debug level), its audit log and its metrics hold no JWT and no key. A JWT's header starts
     with `eyJ` (`{"` in base64url); keys are PEM blocks."""
     conn = gw.connect(mint(f"bt-last-{RUN}", scope=SCOPE))
     conn.close()
     log = gw.log()
     assert "token accepted" in log, "the log is the one of the connections above"
     metrics = conftest.metrics_text(admin_port_of(gw.workdir / "gateway.toml"))
-    for text, where in ((log, "log"), (metrics, "metrics")):
+    audit = (gw.workdir / "audit.log").read_text()
+    assert f"bt-last-{RUN}" in audit, "the audit log has the connections above"
+    for text, where in ((log, "log"), (metrics, "metrics"), (audit, "audit log")):
         assert "eyJ" not in text, f"a JWT in the {where}"
         assert "PRIVATE KEY" not in text and "BEGIN" not in text, f"a key in the {where}"
