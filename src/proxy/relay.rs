@@ -515,6 +515,39 @@ mod tests {
     use crate::authz::Permissions;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf};
 
+    /// Hooks that call out to nothing, and a session with `scopes`.
+    fn hooks_and_session(scopes: &[&str]) -> (Hooks, Session) {
+        let hooks = Hooks {
+            verifier: Box::new(|_| Box::pin(async { Err("unused".to_owned()) })),
+            lookup: None,
+            forget_kinds_every: std::time::Duration::from_secs(3600),
+            broker_close_timeout: BROKER_CLOSE_TIMEOUT,
+            on_denial: Box::new(|_| {}),
+            traffic: None,
+            shutdown: None,
+        };
+        let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+        let session = Session::new(
+            crate::amqp::session::SessionConfig {
+                username: "u".into(),
+                service_user: "svc".into(),
+                vhost: "/".into(),
+                frame_max: 131_072,
+                channel_max: 2047,
+                limits: Default::default(),
+                seed: 0,
+                epochs: crate::amqp::session::ExchangeEpochs::new(),
+                lookups: false,
+                cancel_notify: false,
+            },
+            Permissions::from_scopes(&scopes),
+        );
+        (hooks, session)
+    }
+
+    /// The broker-close bound the tests run with.
+    const BROKER_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
     /// A broker that has sent `data` (its connection.close) and reset the connection: reads
     /// yield `data`, then ECONNRESET; every write fails with ECONNRESET.
     struct ResetBackend(Option<Vec<u8>>);
@@ -564,30 +597,7 @@ mod tests {
         let (client, mut peer) = tokio::io::duplex(64 * 1024);
         // A heartbeat from the client is queued for the broker when its write fails.
         let heartbeat = BytesMut::from(&[8u8, 0, 0, 0, 0, 0, 0, 0xCE][..]);
-        let hooks = Hooks {
-            verifier: Box::new(|_| Box::pin(async { Err("unused".to_owned()) })),
-            lookup: None,
-            forget_kinds_every: std::time::Duration::from_secs(10),
-            broker_close_timeout: std::time::Duration::from_secs(30),
-            on_denial: Box::new(|_| {}),
-            traffic: None,
-            shutdown: None,
-        };
-        let session = Session::new(
-            crate::amqp::session::SessionConfig {
-                username: "u".into(),
-                service_user: "svc".into(),
-                vhost: "/".into(),
-                frame_max: 131_072,
-                channel_max: 2047,
-                limits: Default::default(),
-                seed: 0,
-                epochs: crate::amqp::session::ExchangeEpochs::new(),
-                lookups: false,
-                cancel_notify: false,
-            },
-            Permissions::from_scopes(&[]),
-        );
+        let (hooks, session) = hooks_and_session(&[]);
         let relay = tokio::spawn(run(
             client,
             ResetBackend(Some(close.to_vec())),
@@ -623,34 +633,10 @@ mod tests {
     /// waiting for ever.
     #[tokio::test(start_paused = true)]
     async fn a_close_the_broker_never_answers_ends_the_connection_after_the_timeout() {
-        const BROKER_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
         use amq_protocol::protocol::{AMQPClass, channel, queue};
         let (client, mut peer) = tokio::io::duplex(64 * 1024);
         let (backend, mut broker) = tokio::io::duplex(64 * 1024);
-        let hooks = Hooks {
-            verifier: Box::new(|_| Box::pin(async { Err("unused".to_owned()) })),
-            lookup: None,
-            forget_kinds_every: std::time::Duration::from_secs(3600),
-            broker_close_timeout: BROKER_CLOSE_TIMEOUT,
-            on_denial: Box::new(|_| {}),
-            traffic: None,
-            shutdown: None,
-        };
-        let session = Session::new(
-            crate::amqp::session::SessionConfig {
-                username: "u".into(),
-                service_user: "svc".into(),
-                vhost: "/".into(),
-                frame_max: 131_072,
-                channel_max: 2047,
-                limits: Default::default(),
-                seed: 0,
-                epochs: crate::amqp::session::ExchangeEpochs::new(),
-                lookups: false,
-                cancel_notify: false,
-            },
-            Permissions::from_scopes(&["rabbitmq.read:*/*".to_owned()]),
-        );
+        let (hooks, session) = hooks_and_session(&["rabbitmq.read:*/*"]);
         let relay = tokio::spawn(run(
             client,
             backend,

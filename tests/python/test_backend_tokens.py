@@ -269,31 +269,12 @@ def test_development_mode_uses_backend_tokens_when_the_broker_accepts_them(gw, t
     key = tmp_path / "backend.pem"
     shutil.copy(FIXTURES / "rsa-private.pem", key)
     key.chmod(0o600)
-    tls_port, plain_port, issuer_port = _free_port(), _free_port(), _free_port()
-    env = {**os.environ, "NO_COLOR": "1", "AMQP_IAM_GATEWAY_STATE": str(tmp_path / "state"),
-           "AMQP_IAM_GATEWAY_LISTEN": f"127.0.0.1:{tls_port}",
-           "AMQP_IAM_GATEWAY_PLAIN_LISTEN": f"127.0.0.1:{plain_port}",
-           "AMQP_IAM_GATEWAY_ISSUER_LISTEN": f"127.0.0.1:{issuer_port}",
-           "AMQP_IAM_GATEWAY_BACKEND": f"127.0.0.1:{REF_PORT}",
-           "AMQP_IAM_GATEWAY_BACKEND_TOKEN_KEY": str(key),
-           "AMQP_IAM_GATEWAY_BACKEND_TOKEN_KID": "test-rsa"}
-    binary = str(conftest.gateway_binary())
-    out = tmp_path / "dev.out"
-    with open(out, "wb") as f:
-        proc = subprocess.Popen([binary], stdin=subprocess.DEVNULL, stdout=f, stderr=f, env=env)
-    try:
-        deadline = time.monotonic() + 20
-        while "Mint a token" not in out.read_text():
-            assert proc.poll() is None, out.read_text()
-            assert time.monotonic() < deadline, out.read_text()
-            time.sleep(0.1)
-        banner = out.read_text()
+    with dev_mode(tmp_path, {"AMQP_IAM_GATEWAY_BACKEND": f"127.0.0.1:{REF_PORT}",
+                             "AMQP_IAM_GATEWAY_BACKEND_TOKEN_KEY": str(key),
+                             "AMQP_IAM_GATEWAY_BACKEND_TOKEN_KID": "test-rsa"}) as (banner, plain_port, token):
         assert "tokens: RabbitMQ checks every operation too" in banner, banner
-        r = subprocess.run([binary, "token", "--issuer-url", f"http://127.0.0.1:{issuer_port}"],
-                           env=env, capture_output=True, text=True, timeout=30)
-        assert r.returncode == 0, r.stderr
         conn = pika.BlockingConnection(pika.ConnectionParameters(
-            "127.0.0.1", plain_port, "/", pika.PlainCredentials("", r.stdout.strip()),
+            "127.0.0.1", plain_port, "/", pika.PlainCredentials("", token),
             connection_attempts=1))
         try:
             conn.channel().queue_declare("", exclusive=True)
@@ -301,8 +282,6 @@ def test_development_mode_uses_backend_tokens_when_the_broker_accepts_them(gw, t
             assert "arn:aws:iam::111122223333:role/RabbitMqAdminRole" in users, users
         finally:
             conn.close()
-    finally:
-        conftest.stop_process(proc)
 
 
 def test_a_rotated_key_reaches_the_broker_through_the_gateways_jwks(gw, tmp_path):
@@ -393,27 +372,8 @@ def test_after_setup_development_mode_uses_backend_tokens_on_the_local_node(tmp_
     every operation too, and the node shows the role on the connection."""
     key = default_state_dir() / "backend-token.pem"
     assert key.exists(), f"{key}: run scripts/setup.sh"
-    tls_port, plain_port, issuer_port = _free_port(), _free_port(), _free_port()
-    env = {**os.environ, "NO_COLOR": "1", "AMQP_IAM_GATEWAY_STATE": str(tmp_path / "state"),
-           "AMQP_IAM_GATEWAY_LISTEN": f"127.0.0.1:{tls_port}",
-           "AMQP_IAM_GATEWAY_PLAIN_LISTEN": f"127.0.0.1:{plain_port}",
-           "AMQP_IAM_GATEWAY_ISSUER_LISTEN": f"127.0.0.1:{issuer_port}",
-           "AMQP_IAM_GATEWAY_BACKEND_TOKEN_KEY": str(key)}
-    out = tmp_path / "dev.out"
-    with open(out, "wb") as f:
-        proc = subprocess.Popen([str(conftest.gateway_binary())], stdin=subprocess.DEVNULL, stdout=f,
-                                stderr=f, env=env)
-    try:
-        deadline = time.monotonic() + 20
-        while "Mint a token" not in out.read_text():
-            assert proc.poll() is None, out.read_text()
-            assert time.monotonic() < deadline, out.read_text()
-            time.sleep(0.1)
-        assert "tokens: RabbitMQ checks every operation too" in out.read_text(), out.read_text()
-        r = subprocess.run([str(conftest.gateway_binary()), "token"], env=env,
-                           capture_output=True, text=True, timeout=30)
-        assert r.returncode == 0, r.stderr
-        token = r.stdout.strip()
+    with dev_mode(tmp_path, {"AMQP_IAM_GATEWAY_BACKEND_TOKEN_KEY": str(key)}) as (banner, plain_port, token):
+        assert "tokens: RabbitMQ checks every operation too" in banner, banner
         conn = pika.BlockingConnection(pika.ConnectionParameters(
             "127.0.0.1", plain_port, "/", pika.PlainCredentials("", token), connection_attempts=1))
         try:
@@ -424,8 +384,6 @@ def test_after_setup_development_mode_uses_backend_tokens_on_the_local_node(tmp_
             assert "arn:aws:iam::111122223333:role/RabbitMqAdminRole" in users, users
         finally:
             conn.close()
-    finally:
-        conftest.stop_process(proc)
 
 
 def test_no_token_or_key_reaches_the_log_or_the_metrics(gw):
@@ -442,3 +400,29 @@ def test_no_token_or_key_reaches_the_log_or_the_metrics(gw):
     for text, where in ((log, "log"), (metrics, "metrics"), (audit, "audit log")):
         assert "eyJ" not in text, f"a JWT in the {where}"
         assert "PRIVATE KEY" not in text and "BEGIN" not in text, f"a key in the {where}"
+
+
+@contextlib.contextmanager
+def dev_mode(tmp_path, extra_env: dict):
+    """Development mode on free ports with a fresh state directory and `extra_env`, once its
+    banner is out: yields the banner, the plain port and a token minted for it."""
+    tls_port, plain_port, issuer_port = _free_port(), _free_port(), _free_port()
+    env = {**os.environ, "NO_COLOR": "1", "AMQP_IAM_GATEWAY_STATE": str(tmp_path / "state"),
+           "AMQP_IAM_GATEWAY_LISTEN": f"127.0.0.1:{tls_port}",
+           "AMQP_IAM_GATEWAY_PLAIN_LISTEN": f"127.0.0.1:{plain_port}",
+           "AMQP_IAM_GATEWAY_ISSUER_LISTEN": f"127.0.0.1:{issuer_port}", **extra_env}
+    binary = str(conftest.gateway_binary())
+    out = tmp_path / "dev.out"
+    with open(out, "wb") as f:
+        proc = subprocess.Popen([binary], stdin=subprocess.DEVNULL, stdout=f, stderr=f, env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while "Mint a token" not in out.read_text():
+            assert proc.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.1)
+        r = subprocess.run([binary, "token"], env=env, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        yield out.read_text(), plain_port, r.stdout.strip()
+    finally:
+        conftest.stop_process(proc)
