@@ -21,6 +21,8 @@ pub const DEFAULT_ISSUER_ADDR: &str = "127.0.0.1:8479";
 pub const DEFAULT_TLS_ADDR: &str = "127.0.0.1:5671";
 /// The development gateway's plain listener.
 pub const DEFAULT_PLAIN_ADDR: &str = "127.0.0.1:5674";
+/// The management API listener (with backend tokens only).
+pub const DEFAULT_MANAGEMENT_ADDR: &str = "127.0.0.1:15671";
 /// The account of the built-in development principals.
 pub const DEV_ACCOUNT: &str = "111122223333";
 /// The `kid` of the development gateway's backend tokens.
@@ -37,6 +39,8 @@ pub struct DevSettings {
     pub issuer_addr: SocketAddr,
     pub tls_addr: SocketAddr,
     pub plain_addr: Option<SocketAddr>,
+    /// The management API listener, served when backend tokens are in use.
+    pub management_addr: Option<SocketAddr>,
     pub backend: String,
     pub backend_user: String,
     pub backend_password: String,
@@ -65,6 +69,7 @@ impl Default for DevSettings {
             issuer_addr: parse_addr(DEFAULT_ISSUER_ADDR),
             tls_addr: parse_addr(DEFAULT_TLS_ADDR),
             plain_addr: Some(parse_addr(DEFAULT_PLAIN_ADDR)),
+            management_addr: Some(parse_addr(DEFAULT_MANAGEMENT_ADDR)),
             backend: "127.0.0.1:5672".into(),
             backend_user: "guest".into(),
             backend_password: "guest".into(),
@@ -78,7 +83,8 @@ impl Default for DevSettings {
 impl DevSettings {
     /// The defaults, overridden by environment variables (for containers):
     /// `AMQP_IAM_GATEWAY_LISTEN` (AMQPS address), `AMQP_IAM_GATEWAY_PLAIN_LISTEN` (plain
-    /// address, `off` to disable), `AMQP_IAM_GATEWAY_ISSUER_LISTEN`,
+    /// address, `off` to disable), `AMQP_IAM_GATEWAY_MANAGEMENT_LISTEN` (the management API
+    /// listener, `off` to disable), `AMQP_IAM_GATEWAY_ISSUER_LISTEN`,
     /// `AMQP_IAM_GATEWAY_BACKEND` (`host:port`), `AMQP_IAM_GATEWAY_BACKEND_USER`,
     /// `AMQP_IAM_GATEWAY_BACKEND_PASSWORD`, `AMQP_IAM_GATEWAY_BACKEND_AUTH` (`auto`, `token`,
     /// `service_user`), `AMQP_IAM_GATEWAY_BACKEND_TOKEN_KEY` (a PEM private key, mode 600)
@@ -99,6 +105,13 @@ impl DevSettings {
                 None
             } else {
                 Some(addr("AMQP_IAM_GATEWAY_PLAIN_LISTEN", v)?)
+            };
+        }
+        if let Some(v) = var("AMQP_IAM_GATEWAY_MANAGEMENT_LISTEN") {
+            s.management_addr = if v == "off" {
+                None
+            } else {
+                Some(addr("AMQP_IAM_GATEWAY_MANAGEMENT_LISTEN", v)?)
             };
         }
         if let Some(v) = var("AMQP_IAM_GATEWAY_ISSUER_LISTEN") {
@@ -287,9 +300,16 @@ pub fn config_toml(s: &DevSettings, tls: &DevTls, backend_key: Option<&Path>) ->
             format!(
                 "# RabbitMQ checks every operation too, with a token the gateway mints per client.\n\
                  auth = \"token\"\n\n[backend.token]\nsigning_key = {key:?}\nkid = {kid:?}\n\
-                 resource_server_id = \"rabbitmq\"\n",
+                 resource_server_id = \"rabbitmq\"\n{management}",
                 key = k.display().to_string(),
                 kid = s.backend_token_kid,
+                management = s
+                    .management_addr
+                    .map(|a| format!(
+                        "\n# RabbitMQ's management API (HTTPS, the listener's certificate), with the \
+                         same tokens.\n[management]\naddress = \"{a}\"\n"
+                    ))
+                    .unwrap_or_default(),
             )
         })
         .unwrap_or_default();
@@ -436,6 +456,7 @@ fn print_banner(
         r#"amqp-iam-gateway (development mode)
   AMQPS listener   {tls_addr}  (plain AMQP: {plain})
   backend          {backend}  ({backend_auth})
+  management API   {management}
   STS issuer       {issuer}  (discovery: {issuer}/.well-known/openid-configuration)
   CA certificate   {ca}
   server cert/key  {cert}  {key}
@@ -452,7 +473,17 @@ or with boto3:      boto3.client("sts", endpoint_url="{issuer}", region_name="us
 
 Connect with an empty username and the token as password, trusting the CA above:
   amqps://:$TOKEN@localhost:{port}/%2f
-"#,
+{management_hint}"#,
+        management = bound.management.map_or_else(
+            || "off (it needs backend tokens)".to_owned(),
+            |a| format!("https://{a}  (RabbitMQ's management API and UI, with the same tokens)"),
+        ),
+        management_hint = bound.management.map_or_else(String::new, |a| format!(
+            "\nThe management API and UI, with the token as the password (any user name):\n  \
+             curl --cacert {ca} -u \":$TOKEN\" https://localhost:{port}/api/overview\n",
+            ca = tls.ca.display(),
+            port = a.port(),
+        )),
         plain = s
             .plain_addr
             .map_or_else(|| "off".to_owned(), |a| a.to_string()),

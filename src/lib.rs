@@ -26,6 +26,8 @@
 //! - [`cli`]: the operator commands `explain` and `import-rabbitmq-conf`.
 //! - [`devmode`]: zero-config development mode (embedded issuer + gateway) and `token`.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`; the metrics and the audit log.
+//! - [`mgmt`]: management API requests judged without IO: where credentials are, how a
+//!   request is rewritten for the broker, route names, protected users.
 //! - [`proxy`]: sockets only: listeners, TLS, the per-connection session and the relay.
 //! - [`sts`]: the embedded AWS STS issuer for development and tests: `GetWebIdentityToken`
 //!   over the STS Query API (SigV4 verified), tokens with the AWS shape, persisted keys with
@@ -39,5 +41,6 @@ pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod devmode;
+pub mod mgmt;
 pub mod proxy;
 pub mod sts;

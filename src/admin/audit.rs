@@ -37,6 +37,10 @@ pub struct AuditEvent<'a> {
     /// The authentication backend whose decision it is (`oauth2`, `internal`): the one
     /// that accepted the login, or the last one that refused it.
     pub backend: Option<&'a str>,
+    /// A management API request: its path as a route (`/api/queues/{vhost}/{queue}`).
+    pub path: Option<&'a str>,
+    /// A management API request: the status sent to the client.
+    pub status: Option<u16>,
 }
 
 #[derive(Serialize)]

@@ -42,6 +42,11 @@ pub struct Metrics {
     pub token_cache: IntCounterVec,
     pub signature_verifications: IntCounter,
     pub exchange_lookup_requests: IntCounter,
+    /// Management API requests, by outcome (`token`, `internal`, `anonymous`, `refused`,
+    /// `protected`, …) and status class (`2xx`, …).
+    pub management_requests: IntCounterVec,
+    /// Management API requests in progress.
+    pub management_in_flight: IntGauge,
 }
 
 const NS: &str = "amqp_iam_gateway";
@@ -127,6 +132,19 @@ impl Metrics {
                 &registry,
                 "exchange_type_lookup_requests_total",
                 "Requests made to the management API for exchange types (cache misses).",
+            ),
+            management_requests: counter(
+                &registry,
+                "management_requests_total",
+                "Requests to the management API listener, by outcome (token, internal, anonymous, refused, protected, too_large, overloaded, bad_request, bad_gateway, timeout) and status class.",
+                &["outcome", "status"],
+            ),
+            management_in_flight: register(
+                &registry,
+                IntGauge::with_opts(opts(
+                    "management_requests_in_flight",
+                    "Management API requests in progress.",
+                )),
             ),
             connections_accepted: counter(
                 &registry,

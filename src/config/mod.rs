@@ -179,8 +179,58 @@ pub struct Config {
     pub log: LogConfig,
     pub runtime: RuntimeConfig,
     pub auth: AuthConfig,
+    /// `[management]`; `None`: no management listener.
+    pub management: Option<ManagementConfig>,
     #[cfg(feature = "test-switches")]
     pub testing: TestingConfig,
+}
+
+/// Default `management.address`: the management plugin's TLS port.
+pub const DEFAULT_MANAGEMENT_ADDRESS: &str = "0.0.0.0:15671";
+/// Default `management.max_body_bytes`: RabbitMQ's own `management.http_max_body_size`.
+pub const DEFAULT_MANAGEMENT_MAX_BODY: u64 = 20_000_000;
+pub const MAX_MANAGEMENT_MAX_BODY: u64 = 1 << 30;
+/// Default `management.max_header_bytes` (the request line and headers together; a
+/// token in a Basic header is a few KiB). hyper takes no less than 8 KiB.
+pub const DEFAULT_MANAGEMENT_MAX_HEADER: u64 = 32 * 1024;
+pub const MIN_MANAGEMENT_MAX_HEADER: u64 = 8 * 1024;
+pub const MAX_MANAGEMENT_MAX_HEADER: u64 = 1024 * 1024;
+pub const DEFAULT_MANAGEMENT_HEADER_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_MANAGEMENT_REQUEST_TIMEOUT_MS: u64 = 60_000;
+pub const DEFAULT_MANAGEMENT_IDLE_TIMEOUT_MS: u64 = 30_000;
+pub const DEFAULT_MANAGEMENT_MAX_CONNECTIONS: u64 = 1_024;
+pub const DEFAULT_MANAGEMENT_MAX_CONCURRENT: u64 = 128;
+
+/// `[management]`: the HTTPS listener in front of RabbitMQ's management API. Requests with
+/// a valid token go on with a backend token the gateway mints (`backend.auth = "token"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagementConfig {
+    pub address: SocketAddr,
+    /// Certificate and key (default: the AMQPS listener's).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The broker's management API (default: `backend.management_url`).
+    pub backend_url: String,
+    /// A PROXY v1/v2 header before TLS, as on the AMQPS listener.
+    pub proxy_protocol: bool,
+    /// Largest request body (a definitions import), in bytes.
+    pub max_body_bytes: u64,
+    /// Largest request line plus headers, in bytes.
+    pub max_header_bytes: usize,
+    /// Time to receive a request's headers (and, between requests, how long an idle
+    /// keep-alive connection is kept).
+    pub header_timeout: Duration,
+    /// Time from a request's headers to the broker's response headers, the request body
+    /// included.
+    pub request_timeout: Duration,
+    /// Longest pause inside a response body.
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    /// Requests in progress at once; more get `503`.
+    pub max_concurrent_requests: usize,
+    /// Users that cannot be changed or deleted through the gateway (RabbitMQ 4.2's
+    /// `protected` tag): Amazon MQ's monitoring user, the service user.
+    pub protected_users: Vec<String>,
 }
 
 /// `[testing]`: switches that exist in test builds only (the `test-switches` feature).

@@ -26,6 +26,8 @@ pub(super) struct RawConfig {
     pub runtime: RawRuntime,
     #[serde(default)]
     pub auth: RawAuth,
+    /// `[management]`: absent, no management listener.
+    pub management: Option<RawManagement>,
     /// Test builds only (the `test-switches` feature): elsewhere `[testing]` is an unknown
     /// section, an error.
     #[cfg(feature = "test-switches")]
@@ -220,6 +222,25 @@ impl<'de> Deserialize<'de> for RawAliasValue {
 
         deserializer.deserialize_any(AliasVisitor)
     }
+}
+
+/// `[management]`: the HTTPS listener in front of RabbitMQ's management API.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawManagement {
+    pub address: Option<String>,
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    pub backend_url: Option<String>,
+    pub proxy_protocol: Option<bool>,
+    pub max_body_bytes: Option<u64>,
+    pub max_header_bytes: Option<u64>,
+    pub header_timeout_ms: Option<u64>,
+    pub request_timeout_ms: Option<u64>,
+    pub idle_timeout_ms: Option<u64>,
+    pub max_connections: Option<u64>,
+    pub max_concurrent_requests: Option<u64>,
+    pub protected_users: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use super::raw::{
     RawAdmin, RawAliasValue, RawAuth, RawBackend, RawBackendToken, RawConfig, RawListener, RawLog,
-    RawOAuth2, RawPolicy,
+    RawManagement, RawOAuth2, RawPolicy,
 };
 use super::{
     AdminConfig, AuditSink, AuthBackend, AuthConfig, BackendAuth, BackendConfig, BackendNode,
@@ -30,7 +30,7 @@ use super::{
     MAX_BACKEND_MAX_CONNECTING, MAX_DRAIN_MS, MAX_FRAME_MAX, MAX_HANDSHAKE_TIMEOUT_MS,
     MAX_HTTP_TIMEOUT_MS, MAX_JWKS_MIN_REFETCH_INTERVAL_MS, MAX_JWKS_REFRESH_SECONDS,
     MAX_LEEWAY_SECONDS, MAX_MAX_PREAUTH_FRAME, MIN_BACKEND_CLOSE_TIMEOUT_MS, MIN_FRAME_MAX,
-    MIN_MAX_PREAUTH_FRAME, OAuth2Config, TlsListenerConfig,
+    MIN_MAX_PREAUTH_FRAME, ManagementConfig, OAuth2Config, TlsListenerConfig,
 };
 use super::{
     DEFAULT_CONSUMER_MAX_PER_CHANNEL, DEFAULT_CONSUMER_MAX_PER_CONNECTION,
@@ -67,6 +67,7 @@ pub(super) fn validate(
             .map(|n| c.bounded("runtime.worker_threads", Some(n), 1, 1, MAX_WORKER_THREADS)),
     };
     let auth = c.auth(raw.auth);
+    let management = raw.management.map(|m| c.management(m, &listener, &backend));
     #[cfg(feature = "test-switches")]
     let testing = {
         let gateway_decisions = raw.testing.gateway_decisions.unwrap_or(true);
@@ -79,6 +80,20 @@ pub(super) fn validate(
         super::TestingConfig { gateway_decisions }
     };
     c.address_conflicts(&listener, &admin);
+    if let Some(m) = &management {
+        let mine = Some(m.address);
+        let taken = [
+            listener.tls.as_ref().map(|t| t.address),
+            listener.plain_address,
+            Some(admin.address),
+        ];
+        if m.address.port() != 0 && taken.contains(&mine) {
+            c.error(
+                "management.address",
+                "is the address of another listener of the gateway",
+            );
+        }
+    }
     if c.errors.is_empty() {
         Ok(Config {
             listener,
@@ -88,6 +103,7 @@ pub(super) fn validate(
             log,
             runtime,
             auth,
+            management,
             #[cfg(feature = "test-switches")]
             testing,
         })
@@ -808,6 +824,142 @@ impl Checker<'_> {
                 );
                 BackendAuth::ServiceUser
             }
+        }
+    }
+
+    fn management(
+        &mut self,
+        raw: RawManagement,
+        listener: &ListenerConfig,
+        backend: &BackendConfig,
+    ) -> ManagementConfig {
+        use super::{
+            DEFAULT_MANAGEMENT_ADDRESS, DEFAULT_MANAGEMENT_HEADER_TIMEOUT_MS,
+            DEFAULT_MANAGEMENT_IDLE_TIMEOUT_MS, DEFAULT_MANAGEMENT_MAX_BODY,
+            DEFAULT_MANAGEMENT_MAX_CONCURRENT, DEFAULT_MANAGEMENT_MAX_CONNECTIONS,
+            DEFAULT_MANAGEMENT_MAX_HEADER, DEFAULT_MANAGEMENT_REQUEST_TIMEOUT_MS,
+            MAX_MANAGEMENT_MAX_BODY, MAX_MANAGEMENT_MAX_HEADER, MIN_MANAGEMENT_MAX_HEADER,
+        };
+        let address = self.socket_addr(
+            "management.address",
+            raw.address.as_deref().unwrap_or(DEFAULT_MANAGEMENT_ADDRESS),
+        );
+        let (cert, key) = match (raw.tls_cert, raw.tls_key, &listener.tls) {
+            (Some(c), Some(k), _) => (
+                self.file("management.tls_cert", &c),
+                self.file("management.tls_key", &k),
+            ),
+            (None, None, Some(t)) => (t.cert.clone(), t.key.clone()),
+            (None, None, None) => {
+                self.error(
+                    "management.tls_cert",
+                    "is required: the listener is HTTPS only, and there is no AMQPS listener \
+                     certificate to share",
+                );
+                (PathBuf::new(), PathBuf::new())
+            }
+            _ => {
+                self.error(
+                    "management.tls_cert",
+                    "and management.tls_key go together: set both, or neither to share the \
+                     AMQPS listener's",
+                );
+                (PathBuf::new(), PathBuf::new())
+            }
+        };
+        let backend_url = match raw.backend_url.or_else(|| backend.management_url.clone()) {
+            Some(url) => {
+                if !(url.starts_with("http://") || url.starts_with("https://"))
+                    || url.contains(char::is_whitespace)
+                    || url.parse::<hyper::Uri>().is_err()
+                {
+                    self.error(
+                        "management.backend_url",
+                        format!("{url:?} is not an http:// or https:// URL"),
+                    );
+                }
+                url.trim_end_matches('/').to_owned()
+            }
+            None => {
+                self.error(
+                    "management.backend_url",
+                    "is required (or backend.management_url): where the broker's management \
+                     API listens, e.g. \"http://127.0.0.1:15672\"",
+                );
+                String::new()
+            }
+        };
+        if !matches!(backend.auth, BackendAuth::Token(_)) {
+            self.error(
+                "management",
+                "needs backend.auth = \"token\": requests reach the management API with a \
+                 token the gateway mints for the client, and RabbitMQ checks its tags and \
+                 permissions (see docs/backend-tokens.md)",
+            );
+        }
+        let protected_users = raw.protected_users.unwrap_or_default();
+        if protected_users.iter().any(|u| u.is_empty()) {
+            self.error(
+                "management.protected_users",
+                "a user name must not be empty",
+            );
+        }
+        ManagementConfig {
+            address,
+            cert,
+            key,
+            backend_url,
+            proxy_protocol: raw.proxy_protocol.unwrap_or(false),
+            max_body_bytes: self.bounded(
+                "management.max_body_bytes",
+                raw.max_body_bytes,
+                DEFAULT_MANAGEMENT_MAX_BODY,
+                0,
+                MAX_MANAGEMENT_MAX_BODY,
+            ),
+            max_header_bytes: self.bounded(
+                "management.max_header_bytes",
+                raw.max_header_bytes,
+                DEFAULT_MANAGEMENT_MAX_HEADER as usize,
+                MIN_MANAGEMENT_MAX_HEADER,
+                MAX_MANAGEMENT_MAX_HEADER,
+            ),
+            header_timeout: self.millis(
+                "management.header_timeout_ms",
+                raw.header_timeout_ms,
+                DEFAULT_MANAGEMENT_HEADER_TIMEOUT_MS,
+                100,
+                600_000,
+            ),
+            request_timeout: self.millis(
+                "management.request_timeout_ms",
+                raw.request_timeout_ms,
+                DEFAULT_MANAGEMENT_REQUEST_TIMEOUT_MS,
+                100,
+                3_600_000,
+            ),
+            idle_timeout: self.millis(
+                "management.idle_timeout_ms",
+                raw.idle_timeout_ms,
+                DEFAULT_MANAGEMENT_IDLE_TIMEOUT_MS,
+                100,
+                3_600_000,
+            ),
+            max_connections: self.bounded(
+                "management.max_connections",
+                raw.max_connections,
+                DEFAULT_MANAGEMENT_MAX_CONNECTIONS as usize,
+                1,
+                1_000_000,
+            ),
+            max_concurrent_requests: self.bounded(
+                "management.max_concurrent_requests",
+                raw.max_concurrent_requests,
+                DEFAULT_MANAGEMENT_MAX_CONCURRENT as usize,
+                1,
+                100_000,
+            ),
+            protected_users,
         }
     }
 

@@ -126,6 +126,11 @@ impl AsyncWrite for BackendStream {
 /// aws-lc-rs provider, trusting only the CA(s) in `tls_ca`, with the client certificate
 /// when one is configured.
 pub fn tls_connector(t: &BackendTlsConfig) -> Result<TlsConnector, String> {
+    Ok(TlsConnector::from(Arc::new(tls_client_config(t)?)))
+}
+
+/// The rustls client config of `backend.tls`: its CA, its client certificate.
+pub fn tls_client_config(t: &BackendTlsConfig) -> Result<rustls::ClientConfig, String> {
     let read_certs = |path: &std::path::Path| {
         let certs = CertificateDer::pem_file_iter(path)
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
@@ -157,7 +162,7 @@ pub fn tls_connector(t: &BackendTlsConfig) -> Result<TlsConnector, String> {
                 .map_err(|e| format!("backend TLS client certificate/key: {e}"))?
         }
     };
-    Ok(TlsConnector::from(Arc::new(config)))
+    Ok(config)
 }
 
 /// TCP to `addr`, then TLS when `tls` is set, checking the certificate against

@@ -24,7 +24,7 @@ use crate::config::AuthBackend;
 /// How long a refused client may take to answer our `connection.close`.
 const CLOSE_OK_WAIT: Duration = Duration::from_secs(3);
 
-fn now_secs() -> i64 {
+pub(super) fn now_secs() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
@@ -1036,6 +1036,7 @@ fn denial_reporter(
             method: Some(method),
             resource: Some(&d.resource),
             backend: Some(AuthBackend::OAuth2.as_str()),
+            ..Default::default()
         });
     })
 }

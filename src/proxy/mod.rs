@@ -15,6 +15,7 @@ pub mod balancer;
 mod conn;
 pub mod exchange_types;
 pub mod limits;
+mod management;
 pub mod proxy_protocol;
 pub mod readahead;
 pub mod relay;
@@ -66,6 +67,8 @@ pub(crate) struct Shared {
     /// The public keys of the backend tokens (the signing key and the retired ones) as a
     /// JWKS, served on the admin listener at `/backend-jwks.json`.
     pub backend_jwks: Option<String>,
+    /// The management API listener's TLS, client and minted tokens (`[management]`).
+    pub management: Option<Arc<management::Management>>,
 }
 
 /// Where a graceful shutdown is.
@@ -134,6 +137,7 @@ pub struct BoundAddrs {
     pub tls: Option<SocketAddr>,
     pub plain: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    pub management: Option<SocketAddr>,
 }
 
 /// The configuration in force and everything built from it. A reload builds a new one and
@@ -300,7 +304,15 @@ async fn build(
              decision; the broker alone authorises token sessions"
         );
     }
+    let management = match (&cfg.management, &minter) {
+        (Some(m), Some(minter)) => Some(Arc::new(
+            management::Management::new(m, minter.clone(), &cfg.backend)
+                .map_err(|e| format!("management: {e}"))?,
+        )),
+        _ => None,
+    };
     let shared = Shared {
+        management,
         minter,
         token_probe: Arc::default(),
         backend_jwks,
@@ -402,11 +414,18 @@ impl Gateway {
             tls: None,
             plain: None,
             admin: None,
+            management: None,
         };
         let admin = TcpListener::bind(shared.cfg.admin.address).await?;
         bound.admin = Some(admin.local_addr()?);
         tracing::info!(address = %admin.local_addr()?, "admin listener (/metrics, /healthz, /readyz, POST /reload)");
         tokio::spawn(crate::admin::serve(admin, self.live.clone()));
+        if let Some(m) = &shared.cfg.management {
+            let listener = TcpListener::bind(m.address).await?;
+            bound.management = Some(listener.local_addr()?);
+            tracing::info!(address = %listener.local_addr()?, backend = %m.backend_url, "management API listener (HTTPS)");
+            tokio::spawn(management::serve(listener, self.live.clone()));
+        }
         if let Some(t) = &l.tls {
             let listener = TcpListener::bind(t.address).await?;
             bound.tls = Some(listener.local_addr()?);
@@ -588,6 +607,14 @@ async fn serve_socket(
 
 /// A rustls acceptor for TLS 1.2 and 1.3 with the aws-lc-rs provider.
 pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
+    Ok(TlsAcceptor::from(Arc::new(tls_server_config(cert, key)?)))
+}
+
+/// The rustls server config of [`tls_acceptor`].
+pub(crate) fn tls_server_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<rustls::ServerConfig, String> {
     let certs = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| format!("{}: {e}", cert.display()))?;
@@ -602,5 +629,5 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<Tls
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| format!("TLS certificate/key: {e}"))?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(config)
 }
