@@ -706,7 +706,13 @@ async fn judge(
         }
     }
     if internal_on {
-        let mut o = Outcome::new("internal", "pass", "internal_user");
+        // Why the token backend did not take it, for a JWT-shaped password.
+        let why = if reason != "no_backend" && jwt_shaped(&p.secret) {
+            format!("internal_user (token refused: {reason})")
+        } else {
+            "internal_user".to_owned()
+        };
+        let mut o = Outcome::new("internal", "pass", why);
         o.username = Some(p.username.clone());
         o.backend = Some(AuthBackend::Internal.as_str());
         return Ok((Pass::Internal, o));
