@@ -39,7 +39,7 @@ command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 # benches/compare.sh (and its smoke in test.sh) runs HAProxy as the TLS-terminating baseline.
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
-# The management UI's browser test (tests/python/test_management_ui.py): headless Chromium
+# The management UI's browser test (tests/python/test_management.py): headless Chromium
 # driven through ChromeDriver, both from Debian.
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)

@@ -77,15 +77,12 @@ impl std::fmt::Debug for Presented {
 pub enum Malformed {
     /// Two `Authorization` headers: which one the broker reads is not the gateway's guess.
     TwoAuthorizations,
-    /// An `Authorization` header that is not readable Basic or Bearer.
-    BadAuthorization,
 }
 
 impl Malformed {
     pub fn reason(self) -> &'static str {
         match self {
             Malformed::TwoAuthorizations => "two_authorization_headers",
-            Malformed::BadAuthorization => "bad_authorization_header",
         }
     }
 }
@@ -156,7 +153,10 @@ fn basic_pair(b64: &str) -> Option<(String, String)> {
 
 /// The credentials of a request, from its headers and query (a login form is read apart,
 /// with [`login_form`]). On `/api/definitions`, `?auth=` then `?token=` win over the
-/// header, as in the broker.
+/// header, as in the broker. An `Authorization` header that is not readable Basic or
+/// Bearer is no credentials: the UI sends `authorization: null` to the routes that need
+/// none (`/api/auth`), which the broker ignores; the gateway removes it
+/// ([`Authorization::Remove`]), and the broker answers as to a request without one.
 pub fn credentials(
     headers: &HeaderMap,
     path: &str,
@@ -186,24 +186,24 @@ pub fn credentials(
     if values.next().is_some() {
         return Err(Malformed::TwoAuthorizations);
     }
-    let text = value.to_str().map_err(|_| Malformed::BadAuthorization)?;
-    let (scheme, rest) = text.split_once(' ').ok_or(Malformed::BadAuthorization)?;
+    let Some((scheme, rest)) = value.to_str().ok().and_then(|t| t.split_once(' ')) else {
+        return Ok(None);
+    };
     let rest = rest.trim_start();
     if scheme.eq_ignore_ascii_case("basic") {
-        let (username, secret) = basic_pair(rest).ok_or(Malformed::BadAuthorization)?;
-        Ok(Some(Presented {
+        Ok(basic_pair(rest).map(|(username, secret)| Presented {
             username,
             secret,
             carrier: Carrier::Basic,
         }))
-    } else if scheme.eq_ignore_ascii_case("bearer") && !rest.is_empty() {
+    } else if scheme.eq_ignore_ascii_case("bearer") && !rest.trim_end().is_empty() {
         Ok(Some(Presented {
             username: String::new(),
             secret: rest.trim_end().to_owned(),
             carrier: Carrier::Bearer,
         }))
     } else {
-        Err(Malformed::BadAuthorization)
+        Ok(None)
     }
 }
 
@@ -286,9 +286,19 @@ pub struct Forwarding<'a> {
     pub client: std::net::IpAddr,
     /// The `Host` the client asked for.
     pub host: Option<&'a str>,
-    /// `Authorization` for the broker: `Some` replaces the client's, `None` keeps it
-    /// (an internal user's, or none).
-    pub authorization: Option<HeaderValue>,
+    /// What becomes of the client's `Authorization`.
+    pub authorization: Authorization,
+}
+
+/// The `Authorization` header the broker gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Authorization {
+    /// The gateway's own (a backend token).
+    Replace(HeaderValue),
+    /// The client's, unchanged (an internal user's credentials).
+    Keep,
+    /// None (a request without credentials the gateway could read).
+    Remove,
 }
 
 /// The request headers for the broker: hop-by-hop ones removed, `X-Forwarded-*` and
@@ -306,8 +316,14 @@ pub fn forward_headers(headers: &mut HeaderMap, f: &Forwarding<'_>) {
         headers.remove(n);
     }
     headers.remove(header::HOST);
-    if let Some(auth) = &f.authorization {
-        headers.insert(header::AUTHORIZATION, auth.clone());
+    match &f.authorization {
+        Authorization::Replace(v) => {
+            headers.insert(header::AUTHORIZATION, v.clone());
+        }
+        Authorization::Keep => {}
+        Authorization::Remove => {
+            headers.remove(header::AUTHORIZATION);
+        }
     }
     let ip = f.client.to_canonical();
     let node = match ip {

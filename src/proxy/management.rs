@@ -492,12 +492,18 @@ async fn forward(
     }
 
     // The request for the broker.
-    let mut authorization = None;
+    let mut authorization = match pass {
+        Pass::Anonymous => mgmt::Authorization::Remove,
+        Pass::Internal | Pass::Token(_) => mgmt::Authorization::Keep,
+    };
     let mut query = query;
     let mut login_cookie = None;
     if let Pass::Token(backend_token) = &pass {
         let bearer = format!("Bearer {backend_token}");
-        authorization = HeaderValue::from_str(&bearer).ok();
+        authorization = match HeaderValue::from_str(&bearer) {
+            Ok(v) => mgmt::Authorization::Replace(v),
+            Err(_) => mgmt::Authorization::Remove,
+        };
         if let Some(p) = &presented {
             match p.carrier {
                 Carrier::QueryAuth | Carrier::QueryToken => {
