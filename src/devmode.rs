@@ -336,7 +336,8 @@ additional_scopes_key = 'sub https://sts\.amazonaws\.com/.request_tags.scope'
 
 [oauth2.scope_aliases]
 "{ADMIN_ROLE}" = "rabbitmq/tag:administrator rabbitmq/read:*/* rabbitmq/write:*/* rabbitmq/configure:*/*"
-"{READONLY_ROLE}" = "rabbitmq/read:*/*"
+# `monitoring`: the management UI and API, read-only (AMQP is unaffected by tags).
+"{READONLY_ROLE}" = "rabbitmq/tag:monitoring rabbitmq/read:*/*"
 # A request tag `scope=team-a` (amqp-iam-gateway token --tag scope=team-a) grants team-a.*.
 "team-a" = "rabbitmq/configure:%2F/team-a.* rabbitmq/write:%2F/team-a.* rabbitmq/read:%2F/team-a.*"
 "#,

@@ -282,6 +282,16 @@ def test_development_mode_uses_backend_tokens_when_the_broker_accepts_them(gw, t
             assert "arn:aws:iam::111122223333:role/RabbitMqAdminRole" in users, users
         finally:
             conn.close()
+        # The management API listener, as the banner shows it: the README's (and Amazon MQ
+        # tutorial's) `curl -u ":$TOKEN"`, with the development CA.
+        url = re.search(r"management API\s+(https://\S+)", banner).group(1)
+        ca = re.search(r"CA certificate\s+(\S+)", banner).group(1)
+        assert f"curl --cacert {ca} -u \":$TOKEN\"" in banner, banner
+        out = subprocess.run(["curl", "-s", "--cacert", ca, "-u", f":{token}",
+                              url.replace("127.0.0.1", "localhost") + "/api/whoami"],
+                             capture_output=True, text=True, timeout=30)
+        assert json.loads(out.stdout) == {"name": "arn:aws:iam::111122223333:role/RabbitMqAdminRole",
+                                          "tags": ["administrator"]}, out.stdout + out.stderr
 
 
 def test_a_rotated_key_reaches_the_broker_through_the_gateways_jwks(gw, tmp_path):
@@ -384,6 +394,16 @@ def test_after_setup_development_mode_uses_backend_tokens_on_the_local_node(tmp_
             assert "arn:aws:iam::111122223333:role/RabbitMqAdminRole" in users, users
         finally:
             conn.close()
+        # The management API listener, as the banner shows it: the README's (and Amazon MQ
+        # tutorial's) `curl -u ":$TOKEN"`, with the development CA.
+        url = re.search(r"management API\s+(https://\S+)", banner).group(1)
+        ca = re.search(r"CA certificate\s+(\S+)", banner).group(1)
+        assert f"curl --cacert {ca} -u \":$TOKEN\"" in banner, banner
+        out = subprocess.run(["curl", "-s", "--cacert", ca, "-u", f":{token}",
+                              url.replace("127.0.0.1", "localhost") + "/api/whoami"],
+                             capture_output=True, text=True, timeout=30)
+        assert json.loads(out.stdout) == {"name": "arn:aws:iam::111122223333:role/RabbitMqAdminRole",
+                                          "tags": ["administrator"]}, out.stdout + out.stderr
 
 
 def test_no_token_or_key_reaches_the_log_or_the_metrics(gw):
@@ -408,6 +428,7 @@ def dev_mode(tmp_path, extra_env: dict):
     banner is out: yields the banner, the plain port and a token minted for it."""
     tls_port, plain_port, issuer_port = _free_port(), _free_port(), _free_port()
     env = {**os.environ, "NO_COLOR": "1", "AMQP_IAM_GATEWAY_STATE": str(tmp_path / "state"),
+           "AMQP_IAM_GATEWAY_MANAGEMENT_LISTEN": f"127.0.0.1:{_free_port()}",
            "AMQP_IAM_GATEWAY_LISTEN": f"127.0.0.1:{tls_port}",
            "AMQP_IAM_GATEWAY_PLAIN_LISTEN": f"127.0.0.1:{plain_port}",
            "AMQP_IAM_GATEWAY_ISSUER_LISTEN": f"127.0.0.1:{issuer_port}", **extra_env}
