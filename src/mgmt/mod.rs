@@ -87,25 +87,39 @@ impl Malformed {
     }
 }
 
-/// The path's segments, percent-decoded, without empty ones (`//`, a trailing `/`): the
-/// broker's router must not see a name the gateway read differently. `None` for a segment
-/// that does not decode to UTF-8.
+/// The path's segments, percent-decoded, without empty ones (`//`, a trailing `/`) and
+/// with dot segments resolved (`.` dropped, `..` removing the one before): whatever the
+/// broker's router makes of such a path, a protected user's route is recognised in it.
+/// `None` for a segment that does not decode to UTF-8.
 pub fn segments(path: &str) -> Option<Vec<String>> {
-    path.split('/')
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            percent_encoding::percent_decode_str(s)
-                .decode_utf8()
-                .ok()
-                .map(|c| c.into_owned())
-        })
-        .collect()
+    let mut out: Vec<String> = Vec::new();
+    for s in path.split('/').filter(|s| !s.is_empty()) {
+        let seg = percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .ok()?
+            .into_owned();
+        match seg.as_str() {
+            "." => {}
+            ".." => {
+                out.pop();
+            }
+            _ => out.push(seg),
+        }
+    }
+    Some(out)
 }
 
 /// Whether `path` is `/api/definitions` or `/api/definitions/<vhost>`, where the broker
 /// also reads credentials from the query.
 fn is_definitions(segs: &[String]) -> bool {
     segs.len() >= 2 && segs.len() <= 3 && segs[0] == "api" && segs[1] == "definitions"
+}
+
+/// Whether the broker reads credentials from this path's query (`auth`, `token`): they
+/// must go unless the gateway passes the client's credentials on by choice. An
+/// undecodable path counts as one.
+pub fn query_carries_credentials(path: &str) -> bool {
+    segments(path).is_none_or(|s| is_definitions(&s))
 }
 
 /// The first value of query parameter `name`, decoded as `cow_qs:parse_qs` decodes it

@@ -130,6 +130,21 @@ fn the_debug_form_of_credentials_hides_the_secret() {
 }
 
 #[test]
+fn the_broker_reads_query_credentials_on_definitions_only() {
+    for (path, want) in [
+        ("/api/definitions", true),
+        ("/api/definitions/%2F", true),
+        ("/api//definitions/", true),
+        ("/api/x/../definitions", true),
+        ("/api/%FF", true),
+        ("/api/overview", false),
+        ("/api/definitions/a/b", false),
+    ] {
+        assert_eq!(query_carries_credentials(path), want, "{path}");
+    }
+}
+
+#[test]
 fn query_credentials_are_stripped_and_the_rest_kept() {
     let cases = [
         (Some("download=x.json&auth=dTpw"), Some("download=x.json")),
@@ -246,6 +261,12 @@ fn protected_users_cannot_be_changed_by_any_route() {
         (Method::DELETE, "/api/users/monitor", refuse()),
         (Method::DELETE, "/api/users/mon%69tor/", refuse()),
         (Method::DELETE, "//api//users/monitor", refuse()),
+        (Method::DELETE, "/api/users/x/../monitor", refuse()),
+        (
+            Method::DELETE,
+            "/api/queues/%2E%2E/users/./monitor",
+            refuse(),
+        ),
         (Method::GET, "/api/users/monitor", Protection::Clear),
         (Method::PUT, "/api/users/other", Protection::Clear),
         (Method::PUT, "/api/permissions/%2F/monitor", refuse()),

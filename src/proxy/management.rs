@@ -416,6 +416,17 @@ async fn forward(
     let deadline = Instant::now() + cfg.request_timeout;
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
+    if !path.starts_with('/') {
+        // `OPTIONS *`, CONNECT's authority form: nothing the management API serves.
+        let resp = json_response(
+            StatusCode::BAD_REQUEST,
+            &mgmt::error_body(
+                "bad_request",
+                "gateway: not a path the management API serves",
+            ),
+        );
+        return (resp, Outcome::new("bad_request", "deny", "not_a_path"));
+    }
     let query = parts.uri.query().map(str::to_owned);
     let is_login = parts.method == Method::POST
         && mgmt::segments(&path).is_some_and(|s| s == ["api", "login"]);
@@ -438,7 +449,17 @@ async fn forward(
                 Ok(b) => b,
                 Err(e) => return body_error(e, MAX_LOGIN_FORM as u64),
             };
-            (mgmt::login_form(&form), Either::Buffered(form))
+            match mgmt::login_form(&form) {
+                Some(p) => (Some(p), Either::Buffered(form)),
+                // A form the gateway cannot read is not passed on for the broker to read
+                // differently: RabbitMQ refuses a login without both fields the same way.
+                None => {
+                    return (
+                        login_failed(),
+                        Outcome::new("bad_request", "deny", "login_form"),
+                    );
+                }
+            }
         }
         None => (None, Either::Streaming(body)),
     };
@@ -498,6 +519,10 @@ async fn forward(
     };
     let mut query = query;
     let mut login_cookie = None;
+    if !matches!(pass, Pass::Internal) && mgmt::query_carries_credentials(&path) {
+        // Whatever the gateway could not read there must not reach the broker either.
+        query = mgmt::strip_query_credentials(query.as_deref());
+    }
     if let Pass::Token(backend_token) = &pass {
         let bearer = format!("Bearer {backend_token}");
         authorization = match HeaderValue::from_str(&bearer) {
@@ -506,9 +531,8 @@ async fn forward(
         };
         if let Some(p) = &presented {
             match p.carrier {
-                Carrier::QueryAuth | Carrier::QueryToken => {
-                    query = mgmt::strip_query_credentials(query.as_deref());
-                }
+                // Removed above with any other query credentials.
+                Carrier::QueryAuth | Carrier::QueryToken => {}
                 Carrier::LoginForm => {
                     body = Either::Buffered(
                         mgmt::encode_login_form(&p.username, backend_token).into(),

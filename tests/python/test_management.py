@@ -549,6 +549,32 @@ def test_what_the_broker_receives(echo_gw, mg):
     assert 'amqp_iam_gateway_management_requests_total{outcome="refused",status="4xx"} 2' in metrics
 
 
+def test_credentials_the_gateway_cannot_read_do_not_reach_the_broker(echo_gw):
+    """Without the internal backend, a credential the gateway cannot read (base64 without
+    padding, which a lenient decoder might accept; an unknown scheme) is removed, not passed
+    on for the broker to read its own way: the broker trusts the gateway's address."""
+    Echo.seen.clear()
+    unpadded = base64.b64encode(b"guest:guest").decode().rstrip("=")
+    status, _, body = echo_gw.api.request(
+        "GET", f"/api/definitions?download=x&auth={unpadded}&token=zz",
+        headers={"authorization": "Basic " + unpadded})
+    assert status == 200, body
+    seen = json.loads(body)
+    assert seen["path"] == "/api/definitions?download=x", seen
+    assert "authorization" not in seen["headers"], seen
+    seen = json.loads(echo_gw.api.request("GET", "/api//definitions/%2F?auth=x&a=1")[2])
+    assert seen["path"] == "/api//definitions/%2F?a=1", seen
+    # A `token` there is a token: verified, and refused as any other.
+    n = len(Echo.seen)
+    assert echo_gw.api.request("GET", "/api/x/../definitions?token=y")[0] == 401
+    assert len(Echo.seen) == n
+    # A login form the gateway cannot read is refused, not forwarded.
+    n = len(Echo.seen)
+    status, _, _ = echo_gw.api.request("POST", "/api/login", body=b"user=guest&pass=guest",
+                                       headers={"content-type": "application/x-www-form-urlencoded"})
+    assert status == 401 and len(Echo.seen) == n
+
+
 def test_bodies_stream_and_limits_hold(echo_gw, mg):
     admin = mg.tokens["admin"]
     auth = "Basic " + base64.b64encode(f":{admin}".encode()).decode()
@@ -610,6 +636,19 @@ def test_a_client_that_sends_nothing_is_cut_off(echo_gw):
     s.close()
     assert 1.5 < took < 6, took
     assert data == b"" or data.startswith(b"HTTP/1.1 408"), data
+    # An idle keep-alive connection goes the same way after a request.
+    c = echo_gw.api.conn()
+    c.request("GET", "/")
+    c.getresponse().read()
+    start = time.monotonic()
+    c.sock.settimeout(30)
+    try:
+        rest = c.sock.recv(100)
+    except (ConnectionResetError, ssl.SSLError):
+        rest = b""
+    took = time.monotonic() - start
+    c.close()
+    assert rest == b"" and took < 6, (rest, took)
 
 
 # --------------------------------------------------------------------------------------
