@@ -496,7 +496,10 @@ def echo_gw(tmp_path_factory, mg):
                      'max_concurrent_requests = 2\nrequest_timeout_ms = 2000\nmax_header_bytes = 16384\n'
                      'header_timeout_ms = 2000')
             .replace(str(mg.workdir / "audit.log"), str(workdir / "audit.log"))
-            .replace('backends = ["oauth2", "internal"]', 'backends = ["oauth2"]'))
+            .replace('backends = ["oauth2", "internal"]', 'backends = ["oauth2"]')
+            # The edge policy and the source rules, as for AMQP logins.
+            + f'\n[oauth2.policy]\nmax_lifetime_seconds = 3600\n'
+            f'\n[auth.sources]\n"mg-src-{RUN}" = ["10.0.0.0/8"]\n')
     config = workdir / "gateway.toml"
     config.write_text(text)
     with run_gateway(workdir, config, port, ca) as g:
@@ -540,13 +543,22 @@ def test_what_the_broker_receives(echo_gw, mg):
         status, headers, body = echo_gw.api.request("GET", "/api/overview", tok)
         assert (status, body) == (401, b'{"error":"not_authorized","reason":"Login failed"}')
         assert headers["www-authenticate"] == 'Basic realm="RabbitMQ Management"'
+    # A token the edge policy refuses (lifetime over 3600 s), and a user allowed only from
+    # 10.0.0.0/8 connecting from loopback.
+    too_long = token(f"mg-long-{RUN}", MATRIX["admin"], exp_in=7200)
+    elsewhere = token(f"mg-src-{RUN}", MATRIX["admin"])
+    for tok in (too_long, elsewhere):
+        status, headers, body = echo_gw.api.request("GET", "/api/overview", tok)
+        assert (status, body) == (401, b'{"error":"not_authorized","reason":"Login failed"}')
     assert len(Echo.seen) == n
     time.sleep(0.3)
     audit = [json.loads(line) for line in (echo_gw.workdir / "audit.log").read_text().splitlines()]
-    assert any(r["event"] == "http" and r["decision"] == "deny" and r["reason"] == "expired"
-               and r["status"] == 401 and r["path"] == "/api/overview" for r in audit), audit[-3:]
+    for reason in ("expired", "policy_lifetime", "source_network"):
+        assert any(r["event"] == "http" and r["decision"] == "deny" and r["reason"] == reason
+                   and r["status"] == 401 and r["path"] == "/api/overview" for r in audit), (
+            reason, audit[-4:])
     metrics = conftest.metrics_text(echo_gw.admin_port)
-    assert 'amqp_iam_gateway_management_requests_total{outcome="refused",status="4xx"} 2' in metrics
+    assert 'amqp_iam_gateway_management_requests_total{outcome="refused",status="4xx"} 4' in metrics
 
 
 def test_credentials_the_gateway_cannot_read_do_not_reach_the_broker(echo_gw):
