@@ -633,6 +633,19 @@ async fn forward(
             );
         }
     };
+    if matches!(pass, Pass::Internal)
+        && let Some(p) = &presented
+    {
+        // The broker's verdict on an internal user's password.
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            shared.password_backoff.failed(&p.username, peer.ip()).await;
+        } else if resp.status().is_success() {
+            shared
+                .password_backoff
+                .succeeded(&p.username, peer.ip())
+                .await;
+        }
+    }
     let (mut rparts, rbody) = resp.into_parts();
     mgmt::remove_hop_by_hop(&mut rparts.headers);
     if let Some(value) = login_cookie {
@@ -736,6 +749,29 @@ async fn judge(
         }
     }
     if internal_on {
+        // The broker sees every request come from the gateway, so its own `loopback_users`
+        // check cannot tell: the gateway's, on the client's real address, is the one that
+        // counts (as for AMQP). So is the failed-password back-off (fed from the broker's
+        // answers in `forward`).
+        let refused = match shared.sources.check(&p.username, ip) {
+            Err(r) => Some(r.reason()),
+            Ok(()) if shared.password_backoff.blocked(&p.username, ip).await => {
+                Some("cached_failure")
+            }
+            Ok(()) => None,
+        };
+        if let Some(why) = refused {
+            tracing::info!(%peer, user = ?p.username, backend = "internal", reason = why, carrier = p.carrier.as_str(), "management login refused");
+            shared
+                .metrics
+                .authentications
+                .with_label_values(&["internal", "refused", why])
+                .inc();
+            let mut o = Outcome::new("refused", "deny", why);
+            o.username = Some(p.username.clone());
+            o.backend = Some(AuthBackend::Internal.as_str());
+            return Err(Box::new(o));
+        }
         // Why the token backend did not take it, for a JWT-shaped password.
         let why = if reason != "no_backend" && jwt_shaped(&p.secret) {
             format!("internal_user (token refused: {reason})")

@@ -282,16 +282,6 @@ def test_development_mode_uses_backend_tokens_when_the_broker_accepts_them(gw, t
             assert "arn:aws:iam::111122223333:role/RabbitMqAdminRole" in users, users
         finally:
             conn.close()
-        # The management API listener, as the banner shows it: the README's (and Amazon MQ
-        # tutorial's) `curl -u ":$TOKEN"`, with the development CA.
-        url = re.search(r"management API\s+(https://\S+)", banner).group(1)
-        ca = re.search(r"CA certificate\s+(\S+)", banner).group(1)
-        assert f"curl --cacert {ca} -u \":$TOKEN\"" in banner, banner
-        out = subprocess.run(["curl", "-s", "--cacert", ca, "-u", f":{token}",
-                              url.replace("127.0.0.1", "localhost") + "/api/whoami"],
-                             capture_output=True, text=True, timeout=30)
-        assert json.loads(out.stdout) == {"name": "arn:aws:iam::111122223333:role/RabbitMqAdminRole",
-                                          "tags": ["administrator"]}, out.stdout + out.stderr
 
 
 def test_a_rotated_key_reaches_the_broker_through_the_gateways_jwks(gw, tmp_path):

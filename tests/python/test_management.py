@@ -38,6 +38,8 @@ REF_MGMT = int(os.environ.get("REFERENCE_NODE_MGMT_PORT", "15691"))
 REF_SCRIPT = REPO_ROOT / "scripts" / "reference-node.sh"
 RUN = uuid.uuid4().hex[:6]
 PROTECTED = f"mg-protected-{RUN}"
+# An internal user the gateway admits only from 10.0.0.0/8 (`[auth.sources]`).
+ELSEWHERE = f"mg-elsewhere-{RUN}"
 
 
 def token(sub: str, scope: str, exp_in: int = 600) -> str:
@@ -109,8 +111,11 @@ def mg(tmp_path_factory):
                                                   timeout=150, capture_output=True))
         ref_ctl("add_user", PROTECTED, "pw-" + RUN)
         ref_ctl("set_user_tags", PROTECTED, "monitoring")
-        stack.callback(lambda: subprocess.run([str(REF_SCRIPT), "ctl", "delete_user", PROTECTED],
-                                              env=env, capture_output=True, timeout=60))
+        ref_ctl("add_user", ELSEWHERE, "pw-" + RUN)
+        ref_ctl("set_user_tags", ELSEWHERE, "monitoring")
+        for user in (PROTECTED, ELSEWHERE):
+            stack.callback(lambda u=user: subprocess.run([str(REF_SCRIPT), "ctl", "delete_user", u],
+                                                         env=env, capture_output=True, timeout=60))
         workdir = tmp_path_factory.mktemp("management")
         ca = _write_tls(workdir)
         key = workdir / "backend-token.pem"
@@ -145,6 +150,10 @@ issuer = "{ISSUER}"
 
 [auth]
 backends = ["oauth2", "internal"]
+
+[auth.sources]
+"{ELSEWHERE}" = ["10.0.0.0/8"]
+"mg-src-{RUN}" = ["10.0.0.0/8"]
 
 [management]
 address = "127.0.0.1:{mport}"
@@ -321,6 +330,25 @@ def test_internal_users_pass_and_protected_users_stay(mg):
     bad = base64.b64encode(f"{PROTECTED}:wrong".encode()).decode()
     status, _, body = mg.api.request("GET", "/api/whoami", headers={"authorization": f"Basic {bad}"})
     assert status == 401, body
+    # The broker refused that password: the next try from here, the right password this
+    # time, waits out the back-off (1 s) without reaching the broker.
+    status, _, body = mg.api.request("GET", "/api/whoami", headers={"authorization": f"Basic {basic}"})
+    assert (status, body) == (401, b'{"error":"not_authorized","reason":"Login failed"}')
+    time.sleep(1.2)
+    assert mg.api.request("GET", "/api/whoami", headers={"authorization": f"Basic {basic}"})[0] == 200
+    # The broker sees the gateway's loopback address; the gateway applies the source rules
+    # to the client's own: this user may come only from 10.0.0.0/8.
+    direct = mg.ref.request("GET", "/api/whoami",
+                            headers={"authorization": "Basic " + base64.b64encode(
+                                f"{ELSEWHERE}:pw-{RUN}".encode()).decode()})
+    assert direct[0] == 200, direct
+    via = mg.api.request("GET", "/api/whoami", headers={"authorization": "Basic " + base64.b64encode(
+        f"{ELSEWHERE}:pw-{RUN}".encode()).decode()})
+    assert via[0] == 401, via
+    time.sleep(0.3)
+    audit = (mg.workdir / "audit.log").read_text()
+    assert any(json.loads(line).get("reason") == "source_network" and json.loads(line).get("username") == ELSEWHERE
+               for line in audit.splitlines()), audit[-2000:]
     admin = mg.tokens["admin"]
     refusal = {"error": "bad_request",
                "reason": "Protected users cannot be modified via the HTTP API"}
@@ -497,9 +525,8 @@ def echo_gw(tmp_path_factory, mg):
                      'header_timeout_ms = 2000')
             .replace(str(mg.workdir / "audit.log"), str(workdir / "audit.log"))
             .replace('backends = ["oauth2", "internal"]', 'backends = ["oauth2"]')
-            # The edge policy and the source rules, as for AMQP logins.
-            + f'\n[oauth2.policy]\nmax_lifetime_seconds = 3600\n'
-            f'\n[auth.sources]\n"mg-src-{RUN}" = ["10.0.0.0/8"]\n')
+            # The edge policy (the source rules are the shared config's), as for AMQP logins.
+            + '\n[oauth2.policy]\nmax_lifetime_seconds = 3600\n')
     config = workdir / "gateway.toml"
     config.write_text(text)
     with run_gateway(workdir, config, port, ca) as g:
