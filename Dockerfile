@@ -34,6 +34,6 @@ RUN apt-get update \
 ENV AMQP_IAM_GATEWAY_STATE=/var/lib/amqp-iam-gateway
 COPY --from=builder /usr/local/bin/amqp-iam-gateway /usr/local/bin/amqp-iam-gateway
 USER 10001:10001
-EXPOSE 5671 8479
+EXPOSE 5671 8479 15671
 ENTRYPOINT ["amqp-iam-gateway"]
 CMD ["serve", "--config", "/etc/amqp-iam-gateway/gateway.toml"]
