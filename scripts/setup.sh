@@ -2,8 +2,9 @@
 # Prepares a Debian machine (as root) for the test suite. Idempotent and fast when
 # everything is already there:
 #   - Debian packages: rabbitmq-server, openssl, curl, prometheus (for promtool), python3
-#     with venv, haproxy (benches/compare.sh; apt-get update once, only when something is
-#     missing; its service is not started);
+#     with venv, haproxy (benches/compare.sh; its service is not started), chromium and
+#     chromium-driver (the management UI's browser test); apt-get update once, only when
+#     something is missing;
 #   - a running RabbitMQ node on 127.0.0.1:5672 with the default `guest` user, which the
 #     test gateway uses as its backend service user, and the management plugin on
 #     127.0.0.1:15672 (the gateway looks exchange types up there), and the OAuth 2.0
