@@ -1,6 +1,6 @@
 //! The admin HTTP listener: `/metrics` (Prometheus text), `/healthz` (the process is
-//! alive) and `/readyz` (keys loaded, a backend node reachable, TLS material loaded, and
-//! with backend tokens the broker accepting them), with
+//! alive) and `/readyz` (not draining, keys loaded, a backend node reachable, TLS material
+//! loaded, and with backend tokens the broker accepting them), with
 //! a short body that says why when not ready. Also the metrics and the audit log.
 
 pub mod audit;
@@ -99,6 +99,11 @@ async fn route(r: &Live, req: Request<Incoming>) -> Response<Full<Bytes>> {
 /// Why the gateway cannot serve clients, if it cannot.
 async fn ready(r: &Live) -> Result<(), String> {
     let (shared, _) = r.snapshot();
+    // A load balancer (a Kubernetes readiness probe) stops sending new clients as soon as
+    // the drain begins, while `/healthz` stays up until the process exits.
+    if *shared.drain.borrow() != crate::proxy::DrainState::Running {
+        return Err("draining: no new connections".into());
+    }
     let several = shared.auth.all().len() > 1;
     for a in shared.auth.all() {
         let keys = &a.keys;

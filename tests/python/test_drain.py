@@ -3,6 +3,8 @@
 import signal
 import socket
 import time
+import urllib.error
+import urllib.request
 
 import pika
 import pytest
@@ -14,8 +16,8 @@ DRAIN_PERIOD_S = 0.6
 
 def test_sigterm_drains_with_320_and_exits_0(tmp_path):
     ca = _write_tls(tmp_path)
-    port = _free_port()
-    cfg = _write_config(tmp_path, port, _free_port())
+    port, admin_port = _free_port(), _free_port()
+    cfg = _write_config(tmp_path, port, admin_port)
     text = cfg.read_text().replace(
         "auth_failure_delay_ms = 300",
         f"auth_failure_delay_ms = 300\ndrain_period_ms = {int(DRAIN_PERIOD_S * 1000)}\ndrain_deadline_ms = 8000",
@@ -31,9 +33,21 @@ def test_sigterm_drains_with_320_and_exits_0(tmp_path):
         ch = conn.channel()
         ch.queue_declare(unique("drain"), exclusive=True)
 
+        def status(path):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}{path}", timeout=5) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+
+        assert status("/readyz")[0] == 200
         sent = time.monotonic()
         gw.proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
+        # Readiness fails as soon as the drain begins (a Kubernetes readiness probe takes the
+        # pod out of the Service); liveness does not.
+        assert status("/readyz") == (503, "not ready: draining: no new connections\n")
+        assert status("/healthz")[0] == 200
         # New connections are not accepted any more.
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
