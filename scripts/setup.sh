@@ -3,7 +3,8 @@
 # everything is already there:
 #   - Debian packages: rabbitmq-server, openssl, curl, prometheus (for promtool), python3
 #     with venv, haproxy (benches/compare.sh; its service is not started), chromium and
-#     chromium-driver (the management UI's browser test); apt-get update once, only when
+#     chromium-driver (the management UI's browser test), kubectl (kubernetes-client, to
+#     render deploy/kubernetes); apt-get update once, only when
 #     something is missing;
 #   - a running RabbitMQ node on 127.0.0.1:5672 with the default `guest` user, which the
 #     test gateway uses as its backend service user, and the management plugin on
@@ -44,6 +45,9 @@ command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 # driven through ChromeDriver, both from Debian.
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+# The Kubernetes manifests are rendered with `kubectl kustomize` (tests/python/test_kubernetes.py);
+# any kubectl will do, Debian's is kubernetes-client.
+command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
 if ! command -v python3 >/dev/null 2>&1; then
     missing+=(python3 python3-venv)
 elif ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
