@@ -4,7 +4,8 @@
 #   - Debian packages: rabbitmq-server, openssl, curl, prometheus (for promtool), python3
 #     with venv, haproxy (benches/compare.sh; its service is not started), chromium and
 #     chromium-driver (the management UI's browser test), kubectl (kubernetes-client, to
-#     render deploy/kubernetes); apt-get update once, only when
+#     render deploy/kubernetes), docker.io, docker-compose and debootstrap (the container
+#     tests); apt-get update once, only when
 #     something is missing;
 #   - a running RabbitMQ node on 127.0.0.1:5672 with the default `guest` user, which the
 #     test gateway uses as its backend service user, and the management plugin on
@@ -48,6 +49,11 @@ command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 # The Kubernetes manifests are rendered with `kubectl kustomize` (tests/python/test_kubernetes.py);
 # any kubectl will do, Debian's is kubernetes-client.
 command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
+# The container tests (tests/python/test_containers.py): Docker Engine, Compose v1, and
+# debootstrap for a base image without a registry. dockerd is started by the tests.
+command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 if ! command -v python3 >/dev/null 2>&1; then
     missing+=(python3 python3-venv)
 elif ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then

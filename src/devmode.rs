@@ -276,9 +276,22 @@ pub fn ensure_backend_key(s: &DevSettings) -> Result<PathBuf, String> {
     Ok(key)
 }
 
-/// The issuer URL for an issuer bound at `addr`.
+/// The issuer URL for an issuer bound at `addr`: a loopback URL for an unspecified address
+/// (`0.0.0.0:8479` in a container), since the gateway in the same process reaches it there.
 pub fn issuer_url(addr: SocketAddr) -> String {
-    format!("http://{addr}")
+    format!("http://{}", loopback_if_unspecified(addr))
+}
+
+fn loopback_if_unspecified(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from(([127, 0, 0, 1], addr.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    }
 }
 
 /// The development issuer's URL as `token` and `rotate-keys` should assume it: the
@@ -363,8 +376,8 @@ pub fn open_issuer(state_dir: &Path, issuer_url: &str) -> Result<Issuer, String>
     .map_err(|e| e.to_string())
 }
 
-/// Runs the issuer and the gateway until `shutdown` completes. Returns the gateway config
-/// it used.
+/// Runs the issuer and the gateway until `shutdown` completes, then drains the gateway
+/// (SIGHUP meanwhile reloads the generated config file).
 pub async fn run(
     s: DevSettings,
     shutdown: impl std::future::Future<Output = ()>,
@@ -377,12 +390,7 @@ pub async fn run(
     // The issuer is reached over loopback by the gateway in the same process, whatever
     // address it listens on, so `iss` names a loopback URL.
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
-    let loopback = if bound.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], bound.port()))
-    } else {
-        bound
-    };
-    let url = issuer_url(loopback);
+    let url = issuer_url(bound);
     let issuer = Arc::new(open_issuer(&s.state_dir, &url)?);
     tokio::spawn(sts::serve(issuer, listener));
     let settings = DevSettings {
@@ -396,13 +404,36 @@ pub async fn run(
     let config_path = settings.state_dir.join("gateway.toml");
     std::fs::write(&config_path, &toml).map_err(|e| format!("{}: {e}", config_path.display()))?;
     let cfg: Config = config::parse(&toml, &settings.state_dir).map_err(|e| e.to_string())?;
-    let gateway = Gateway::new(cfg).await?;
+    let gateway = Gateway::new(cfg)
+        .await?
+        .with_config_path(config_path.clone());
+    let drainer = gateway.drainer();
+    let live = gateway.live();
     let bound = gateway
         .start()
         .await
         .map_err(|e| format!("binding listeners: {e}"))?;
     print_banner(&settings, &tls, &config_path, &url, bound, &backend);
+    // SIGHUP reloads the generated config file (edit it to try a setting), as in `serve`.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| format!("installing the SIGHUP handler: {e}"))?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            if let Err(e) = live.reload_from_file().await {
+                tracing::error!("{e}");
+            }
+        }
+    });
     shutdown.await;
+    // As `serve`: no new connections, clients keep going for the drain period, then 320.
+    tracing::info!("shutting down gracefully");
+    let cut = drainer.drain().await;
+    if cut > 0 {
+        tracing::warn!(
+            connections = cut,
+            "drain deadline reached; closing the rest"
+        );
+    }
     Ok(())
 }
 
@@ -588,5 +619,24 @@ pub async fn rotate_keys(issuer_url: &str, now: i64) -> Result<String, String> {
         Ok(body)
     } else {
         Err(format!("{base}: HTTP {status}: {body}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_issuer_url_names_a_loopback_address_for_an_unspecified_one() {
+        // `token` in a container whose issuer listens on 0.0.0.0 must mint the `iss` the
+        // gateway in that container expects (found by the container tests).
+        for (bound, url) in [
+            ("0.0.0.0:8479", "http://127.0.0.1:8479"),
+            ("[::]:8479", "http://[::1]:8479"),
+            ("127.0.0.1:9000", "http://127.0.0.1:9000"),
+            ("10.1.2.3:8479", "http://10.1.2.3:8479"),
+        ] {
+            assert_eq!(issuer_url(bound.parse().unwrap()), url, "{bound}");
+        }
     }
 }

@@ -352,8 +352,12 @@ fn dev_mode() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // SIGTERM (a container's stop) or SIGINT (Ctrl-C): drain, as `serve` does.
     let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+        match shutdown_signal().await {
+            Ok(signal) => tracing::info!(signal, "signal received"),
+            Err(e) => tracing::error!("{e:#}"),
+        }
     };
     let settings = match devmode::DevSettings::from_env() {
         Ok(s) => s,
