@@ -14,7 +14,10 @@ Debian, base images made locally (no registry is reachable here).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import threading
 import shutil
 import ssl
 import subprocess
@@ -26,7 +29,8 @@ from pathlib import Path
 import pika
 import pytest
 
-from conftest import REPO_ROOT, _free_port, gateway_binary
+import conftest
+from conftest import REPO_ROOT, _free_port, _write_tls, gateway_binary, mint
 
 # Debian's client: it builds with BuildKit without the buildx plugin.
 DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else (shutil.which("docker") or "docker")
@@ -222,3 +226,276 @@ def test_serve_with_a_config_file_drains_on_sigterm(stack, tmp_path):
         assert code == "0", docker("logs", name).stderr[-2000:]
     finally:
         docker("rm", "-f", name, check=False)
+
+
+# --------------------------------------------------------------------------------------
+# the scale-out stack: HAProxy (send-proxy-v2) → two gateways → a two-node RabbitMQ cluster
+
+HAPROXY_IMAGE = "amqp-iam-gateway/haproxy:test"
+
+
+class ScaleOut(Stack):
+    def __init__(self, tmp: Path):
+        super().__init__(tmp)
+        self.project = f"aigscale{RUN}"
+        self.env.update({"HAPROXY_IMAGE": HAPROXY_IMAGE, "SCALE_OUT_AMQPS_PORT": str(self.port),
+                         "SCALE_OUT_CONFIG": str(tmp)})
+
+    def compose(self, *args: str, timeout: float = 180, check: bool = True):
+        r = subprocess.run([COMPOSE, "-f", str(REPO_ROOT / "docker-compose.scale-out.yml"), "-p",
+                            self.project, *args], capture_output=True, text=True,
+                           timeout=timeout, env=self.env, cwd=REPO_ROOT)
+        if check:
+            assert r.returncode == 0, f"docker-compose {' '.join(args)}:\n{r.stdout}{r.stderr}"
+        return r
+
+    def audit(self, service: str) -> list[dict]:
+        out = docker("logs", self.container(service)).stdout
+        records = []
+        for line in out.splitlines():
+            with contextlib.suppress(ValueError):
+                if line.startswith("{"):
+                    records.append(json.loads(line))
+        return records
+
+
+@pytest.fixture(scope="module")
+def scale(images, tmp_path_factory):
+    docker("build", "--network", "host", "--build-arg", f"BASE_IMAGE={BASE}", "-t",
+           HAPROXY_IMAGE, "-f", str(REPO_ROOT / "tests" / "containers" / "haproxy.Dockerfile"),
+           str(REPO_ROOT / "tests" / "containers"))
+    cfg = tmp_path_factory.mktemp("scale-out")
+    _write_tls(cfg)
+    shutil.copy(REPO_ROOT / "deploy" / "scale-out" / "gateway.toml", cfg / "gateway.toml")
+    shutil.copy(REPO_ROOT / "tests" / "fixtures" / "rsa-public.pem", cfg / "issuer-public.pem")
+    for f in cfg.iterdir():
+        f.chmod(0o644)  # the gateways run as uid 10001
+    cfg.chmod(0o755)
+    s = ScaleOut(cfg)
+    started = time.monotonic()
+    try:
+        s.compose("up", "-d", "--no-build", timeout=300)
+        # Both nodes in one cluster, both gateways ready behind HAProxy.
+        deadline = time.monotonic() + 120
+        while True:
+            r = docker("exec", s.container("rabbitmq-1"), "rabbitmqctl", "-q", "cluster_status",
+                       "--formatter", "json", check=False)
+            with contextlib.suppress(ValueError):
+                if r.returncode == 0 and len(json.loads(r.stdout)["running_nodes"]) == 2:
+                    break
+            assert time.monotonic() < deadline, r.stdout + r.stderr
+            time.sleep(1)
+        s.up_seconds = time.monotonic() - started
+        yield s
+    finally:
+        logs = s.compose("logs", "--no-color", check=False).stdout
+        (REPO_ROOT / "target" / "scale-out-test.log").write_text(logs)
+        s.compose("down", "-v", "--remove-orphans", timeout=180, check=False)
+
+
+SCALE_SCOPE = "rabbitmq/read:*/* rabbitmq/write:*/* rabbitmq/configure:*/*"
+
+
+def scale_connect(s: ScaleOut, user: str) -> pika.BlockingConnection:
+    ctx = ssl.create_default_context(cafile=str(s.tmp / "ca.pem"))
+    return pika.BlockingConnection(pika.ConnectionParameters(
+        "127.0.0.1", s.port, "/", pika.PlainCredentials("", mint(user, scope=SCALE_SCOPE)),
+        ssl_options=pika.SSLOptions(ctx, "localhost"), connection_attempts=1, heartbeat=0))
+
+
+def accepted_on(s: ScaleOut, service: str, user: str) -> list[dict]:
+    return [r for r in s.audit(service) if r.get("event") == "authentication"
+            and r.get("decision") == "allow" and r.get("username") == user]
+
+
+def test_load_spreads_over_both_gateways_with_the_clients_address(scale):
+    user = f"spread-{RUN}"
+    deadline = time.monotonic() + 30
+    while True:  # HAProxy marks a gateway up after two good health checks
+        try:
+            scale_connect(scale, user).close()
+            break
+        except pika.exceptions.AMQPError:
+            assert time.monotonic() < deadline
+            time.sleep(1)
+    conns = [scale_connect(scale, user) for _ in range(10)]
+    try:
+        time.sleep(0.5)
+        per = {g: accepted_on(scale, g, user) for g in ("gateway-1", "gateway-2")}
+        assert len(per["gateway-1"]) >= 3 and len(per["gateway-2"]) >= 3, {
+            g: len(v) for g, v in per.items()}
+        # The client address is the PROXY header's: where HAProxy saw the client come from
+        # (Docker's port proxy, on the network's gateway address), never HAProxy's own.
+        net = docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.Gateway}} "
+                     "{{.IPAddress}}{{end}}", scale.container("haproxy")).stdout.split()
+        client_ip, haproxy_ip = net[0], net[1]
+        for records in per.values():
+            for r in records:
+                assert r["client"].rsplit(":", 1)[0] == client_ip, (r, net)
+                assert not r["client"].startswith(haproxy_ip + ":")
+    finally:
+        for c in conns:
+            c.close()
+
+
+def payload(i: int) -> bytes:
+    return f"{i}:".encode() + hashlib.sha256(str(i).encode()).hexdigest().encode()
+
+
+class Traffic:
+    """Publishers with confirms and consumers through HAProxy, each reconnecting on any error
+    and republishing what was not confirmed (at least once)."""
+
+    def __init__(self, s: ScaleOut, queue: str, publishers: int = 4, consumers: int = 2):
+        self.s, self.queue = s, queue
+        self.publishers, self.consumers = publishers, consumers
+        self.lock = threading.Lock()
+        self.attempts = 0
+        self.confirmed: set[int] = set()
+        self.received: dict[int, int] = {}
+        self.bad_bodies = 0
+        self.reconnects: list[float] = []
+        self.stop_publishing = threading.Event()
+        self.stop_consuming = threading.Event()
+        self.threads = [threading.Thread(target=self.publish, args=(k,), daemon=True)
+                        for k in range(publishers)]
+        self.threads += [threading.Thread(target=self.consume, daemon=True)
+                         for _ in range(consumers)]
+
+    def connect(self, user: str, failed_at: float | None):
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                conn = scale_connect(self.s, user)
+                if failed_at is not None:
+                    with self.lock:
+                        self.reconnects.append(time.monotonic() - failed_at)
+                return conn
+            except Exception:
+                assert time.monotonic() < deadline, "no reconnect within 60 s"
+                time.sleep(0.1)
+
+    def publish(self, k: int) -> None:
+        conn = self.connect(f"pub-{k}-{RUN}", None)
+        ch = conn.channel()
+        ch.confirm_delivery()
+        i = k
+        while not self.stop_publishing.is_set():
+            try:
+                with self.lock:
+                    self.attempts += 1
+                ch.basic_publish("", self.queue, payload(i),
+                                 properties=pika.BasicProperties(delivery_mode=2, message_id=str(i)))
+                with self.lock:
+                    self.confirmed.add(i)
+                i += self.publishers
+                time.sleep(0.005)
+            except Exception:
+                failed_at = time.monotonic()
+                with contextlib.suppress(Exception):
+                    conn.close()
+                conn = self.connect(f"pub-{k}-{RUN}", failed_at)
+                ch = conn.channel()
+                ch.confirm_delivery()
+        with contextlib.suppress(Exception):
+            conn.close()
+
+    def consume(self) -> None:
+        failed_at = None
+        while not self.stop_consuming.is_set():
+            conn = self.connect(f"sub-{RUN}", failed_at)
+            try:
+                ch = conn.channel()
+                ch.basic_qos(prefetch_count=50)
+                for method, _, body in ch.consume(self.queue, inactivity_timeout=0.3):
+                    if self.stop_consuming.is_set():
+                        break
+                    if method is None:
+                        continue
+                    i = int(body.split(b":", 1)[0])
+                    with self.lock:
+                        self.received[i] = self.received.get(i, 0) + 1
+                        self.bad_bodies += body != payload(i)
+                    ch.basic_ack(method.delivery_tag)
+                with contextlib.suppress(Exception):
+                    conn.close()
+                return
+            except Exception:
+                failed_at = time.monotonic()
+                with contextlib.suppress(Exception):
+                    conn.close()
+
+    def run(self, disrupt, settle: float = 3.0) -> dict:
+        for t in self.threads:
+            t.start()
+        time.sleep(settle)
+        disrupt()
+        time.sleep(settle + 3)
+        self.stop_publishing.set()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with self.lock:
+                if self.confirmed <= self.received.keys():
+                    break
+            time.sleep(0.2)
+        self.stop_consuming.set()
+        for t in self.threads:
+            t.join(timeout=30)
+        with self.lock:
+            missing = self.confirmed - self.received.keys()
+            digest = lambda ids: hashlib.sha256(b"".join(payload(i) for i in sorted(ids))).hexdigest()  # noqa: E731
+            return {
+                "published": self.attempts, "confirmed": len(self.confirmed),
+                "consumed": sum(self.received.values()), "unique": len(self.received),
+                "redelivered": sum(n - 1 for n in self.received.values()),
+                "missing": len(missing), "bad_bodies": self.bad_bodies,
+                "checksum_confirmed": digest(self.confirmed),
+                "checksum_consumed": digest(self.received.keys() & self.confirmed),
+                "reconnects": len(self.reconnects),
+                "reconnect_max_s": round(max(self.reconnects, default=0.0), 3),
+                "reconnect_median_s": round(sorted(self.reconnects)[len(self.reconnects) // 2], 3)
+                if self.reconnects else 0.0,
+            }
+
+
+def wait_gateway_back(s: ScaleOut, service: str) -> None:
+    before = docker("logs", s.container(service)).stderr.count("AMQPS listener")
+    s.compose("start", service)
+    deadline = time.monotonic() + 30
+    while docker("logs", s.container(service)).stderr.count("AMQPS listener") <= before:
+        assert time.monotonic() < deadline, f"{service} did not come back"
+        time.sleep(0.3)
+    time.sleep(2.5)  # HAProxy marks it up after two good health checks, 1 s apart
+
+
+@pytest.mark.parametrize("signal_name,service", [("TERM", "gateway-1"), ("KILL", "gateway-2")])
+def test_a_gateway_stopped_under_load_loses_no_confirmed_message(scale, signal_name, service):
+    queue = f"failover-{signal_name.lower()}-{RUN}"
+    with contextlib.closing(scale_connect(scale, f"setup-{RUN}")) as conn:
+        conn.channel().queue_declare(queue, durable=True)
+    traffic = Traffic(scale, queue)
+    result = traffic.run(lambda: docker("kill", "-s", signal_name, scale.container(service)))
+    conftest.TERMINAL_REPORTS.append((f"scale-out failover, SIG{signal_name} {service}",
+                                      json.dumps(result, indent=1)))
+    (REPO_ROOT / "target" / f"failover-{signal_name.lower()}.json").write_text(json.dumps(result))
+    wait_gateway_back(scale, service)
+    assert result["reconnects"] >= 1, result  # clients were on the stopped gateway
+    assert result["missing"] == 0 and result["bad_bodies"] == 0, result
+    assert result["checksum_consumed"] == result["checksum_confirmed"], result
+    assert result["confirmed"] > 100, result
+
+
+def test_a_stopped_rabbitmq_node_sends_new_connections_to_the_other(scale):
+    scale.compose("stop", "-t", "30", "rabbitmq-2")
+    try:
+        for n in range(6):
+            with contextlib.closing(scale_connect(scale, f"node-{n}-{RUN}")) as conn:
+                ch = conn.channel()
+                q = ch.queue_declare("", exclusive=True).method.queue
+                ch.basic_publish("", q, b"still here")
+                assert ch.basic_get(q, auto_ack=True)[2] == b"still here"
+        nodes = docker("exec", scale.container("rabbitmq-1"), "rabbitmqctl", "-q",
+                       "list_connections", "node").stdout.split()
+        assert "rabbit@rabbitmq-2" not in nodes
+    finally:
+        scale.compose("start", "rabbitmq-2")
