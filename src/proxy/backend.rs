@@ -129,6 +129,18 @@ pub fn tls_connector(t: &BackendTlsConfig) -> Result<TlsConnector, String> {
     Ok(TlsConnector::from(Arc::new(tls_client_config(t)?)))
 }
 
+/// A rustls client config builder for TLS 1.3 and 1.2 with the aws-lc-rs provider, trusting
+/// `roots`: the one way the gateway makes TLS clients.
+pub(crate) fn client_builder(
+    roots: rustls::RootCertStore,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, String> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots))
+}
+
 /// The rustls client config of `backend.tls`: its CA, its client certificate.
 pub fn tls_client_config(t: &BackendTlsConfig) -> Result<rustls::ClientConfig, String> {
     let read_certs = |path: &std::path::Path| {
@@ -146,11 +158,7 @@ pub fn tls_client_config(t: &BackendTlsConfig) -> Result<rustls::ClientConfig, S
             .add(ca)
             .map_err(|e| format!("backend.tls_ca {}: {e}", t.ca.display()))?;
     }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots);
+    let builder = client_builder(roots)?;
     let config = match &t.client_cert {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {

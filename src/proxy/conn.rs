@@ -871,7 +871,7 @@ async fn refuse_open<S>(
 }
 
 /// What a backend token is minted for.
-fn subject(id: &Identity) -> Subject<'_> {
+pub(super) fn subject(id: &Identity) -> Subject<'_> {
     Subject {
         username: &id.username,
         scopes: &id.scopes,
@@ -880,7 +880,7 @@ fn subject(id: &Identity) -> Subject<'_> {
 }
 
 /// A fresh `jti` for a backend token.
-fn jti() -> String {
+pub(super) fn jti() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 

@@ -37,7 +37,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{DrainState, Live, Shared, proxy_protocol, wait_state};
 use crate::admin::audit::AuditEvent;
-use crate::auth::exchange::{BackendMinter, Subject};
+use crate::auth::exchange::BackendMinter;
 use crate::auth::{Identity, jwt_shaped, token_id};
 use crate::config::{AuthBackend, ManagementConfig};
 use crate::mgmt::{self, Carrier, Presented, Protection};
@@ -112,14 +112,9 @@ impl Management {
         {
             return Ok(token);
         }
-        let who = Subject {
-            username: &id.username,
-            scopes: &id.scopes,
-            exp: id.exp,
-        };
         let claims = self
             .minter
-            .claims(&who, now, &format!("{:032x}", rand::random::<u128>()));
+            .claims(&super::conn::subject(id), now, &super::conn::jti());
         let exp = claims["exp"].as_i64().unwrap_or(now);
         let token: Arc<str> = self
             .minter
@@ -138,12 +133,7 @@ fn native_roots_config() -> Result<rustls::ClientConfig, String> {
     for cert in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(cert);
     }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    Ok(super::backend::client_builder(roots)?.with_no_client_auth())
 }
 
 /// Accepts management connections until the shutdown begins. The connection and request

@@ -308,6 +308,34 @@ level = "info,amqp_iam_gateway=debug"
 
 
 # --------------------------------------------------------------------------------------
+# the reference node (scripts/reference-node.sh: RabbitMQ with the OAuth 2.0 plugin)
+
+REF_PORT = int(os.environ.get("REFERENCE_NODE_PORT", "5691"))
+REF_SCRIPT = REPO_ROOT / "scripts" / "reference-node.sh"
+_REF_ENV = {**os.environ, "REFERENCE_NODE_PORT": str(REF_PORT)}
+
+
+def ref_ctl(*args: str, check: bool = True) -> str:
+    """`rabbitmqctl` against the reference node; its output."""
+    r = subprocess.run([str(REF_SCRIPT), "ctl", *args], capture_output=True, text=True,
+                       timeout=60, env=_REF_ENV)
+    assert not check or r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def start_reference_node(stack: contextlib.ExitStack) -> None:
+    """Starts the reference node (a running one with the same configuration is kept) and,
+    unless CONFORMANCE_KEEP_REFERENCE=1, stops it when `stack` closes."""
+    r = subprocess.run([str(REF_SCRIPT), "start"], capture_output=True, text=True,
+                       env=_REF_ENV, timeout=150)
+    if r.returncode != 0:
+        pytest.fail(f"reference-node.sh start failed:\n{r.stdout}{r.stderr}", pytrace=False)
+    if os.environ.get("CONFORMANCE_KEEP_REFERENCE") != "1":
+        stack.callback(lambda: subprocess.run([str(REF_SCRIPT), "stop"], env=_REF_ENV,
+                                              timeout=150, capture_output=True))
+
+
+# --------------------------------------------------------------------------------------
 # the gateway
 
 

@@ -29,10 +29,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 import conftest
-from conftest import FIXTURES, REPO_ROOT, _free_port, _write_config, _write_tls, mint, run_gateway
+from conftest import (FIXTURES, REF_PORT, _free_port, _write_config, _write_tls, mint,
+                      ref_ctl, run_gateway, start_reference_node)
 
-REF_PORT = int(os.environ.get("REFERENCE_NODE_PORT", "5691"))
-REF_SCRIPT = REPO_ROOT / "scripts" / "reference-node.sh"
 RUN = uuid.uuid4().hex[:8]
 SCOPE = (
     "rabbitmq/configure:%2F/bt-* rabbitmq/write:%2F/bt-* rabbitmq/read:%2F/bt-* "
@@ -40,24 +39,10 @@ SCOPE = (
 )
 
 
-def ref_ctl(*args: str) -> str:
-    r = subprocess.run([str(REF_SCRIPT), "ctl", *args], capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "REFERENCE_NODE_PORT": str(REF_PORT)})
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout
-
-
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
-    env = {**os.environ, "REFERENCE_NODE_PORT": str(REF_PORT)}
-    r = subprocess.run([str(REF_SCRIPT), "start"], capture_output=True, text=True, env=env,
-                       timeout=150)
-    if r.returncode != 0:
-        pytest.fail(f"reference-node.sh start failed:\n{r.stdout}{r.stderr}", pytrace=False)
     with contextlib.ExitStack() as stack:
-        if os.environ.get("CONFORMANCE_KEEP_REFERENCE") != "1":
-            stack.callback(lambda: subprocess.run([str(REF_SCRIPT), "stop"], env=env,
-                                                  timeout=150, capture_output=True))
+        start_reference_node(stack)
         workdir = tmp_path_factory.mktemp("backend-tokens")
         ca = _write_tls(workdir)
         key = workdir / "backend-token.pem"

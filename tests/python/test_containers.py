@@ -92,6 +92,10 @@ def images():
 
 
 class Stack:
+    """A compose project of `file` with the test images and free ports."""
+
+    file = REPO_ROOT / "docker-compose.yml"
+
     def __init__(self, tmp: Path):
         self.project = f"aig{RUN}"
         self.port, self.issuer_port, self.mgmt_port = _free_port(), _free_port(), _free_port()
@@ -102,9 +106,10 @@ class Stack:
         self.tmp = tmp
 
     def compose(self, *args: str, timeout: float = 180, check: bool = True):
-        r = subprocess.run([COMPOSE, "-f", str(REPO_ROOT / "docker-compose.yml"), "-p",
-                            self.project, *args], capture_output=True, text=True,
-                           timeout=timeout, env=self.env)
+        # Relative paths in the compose files resolve against the repository root.
+        r = subprocess.run([COMPOSE, "-f", str(self.file), "-p", self.project, *args],
+                           capture_output=True, text=True, timeout=timeout, env=self.env,
+                           cwd=REPO_ROOT)
         if check:
             assert r.returncode == 0, f"docker-compose {' '.join(args)}:\n{r.stdout}{r.stderr}"
         return r
@@ -240,19 +245,13 @@ scale_out = pytest.mark.skipif(os.environ.get("SCALE_OUT_TESTS") != "1",
 
 
 class ScaleOut(Stack):
+    file = REPO_ROOT / "docker-compose.scale-out.yml"
+
     def __init__(self, tmp: Path):
         super().__init__(tmp)
         self.project = f"aigscale{RUN}"
         self.env.update({"HAPROXY_IMAGE": HAPROXY_IMAGE, "SCALE_OUT_AMQPS_PORT": str(self.port),
                          "SCALE_OUT_CONFIG": str(tmp)})
-
-    def compose(self, *args: str, timeout: float = 180, check: bool = True):
-        r = subprocess.run([COMPOSE, "-f", str(REPO_ROOT / "docker-compose.scale-out.yml"), "-p",
-                            self.project, *args], capture_output=True, text=True,
-                           timeout=timeout, env=self.env, cwd=REPO_ROOT)
-        if check:
-            assert r.returncode == 0, f"docker-compose {' '.join(args)}:\n{r.stdout}{r.stderr}"
-        return r
 
     def audit(self, service: str) -> list[dict]:
         out = docker("logs", self.container(service)).stdout

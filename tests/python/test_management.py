@@ -31,11 +31,10 @@ import pika
 import pytest
 
 import conftest
-from conftest import FIXTURES, ISSUER, REPO_ROOT, KID, _free_port, _write_tls, run_gateway, sign_rs256
+from conftest import (FIXTURES, ISSUER, KID, REF_PORT, REPO_ROOT, _free_port, _write_tls, ref_ctl,
+                      run_gateway, sign_rs256, start_reference_node)
 
-REF_PORT = int(os.environ.get("REFERENCE_NODE_PORT", "5691"))
 REF_MGMT = int(os.environ.get("REFERENCE_NODE_MGMT_PORT", "15691"))
-REF_SCRIPT = REPO_ROOT / "scripts" / "reference-node.sh"
 RUN = uuid.uuid4().hex[:6]
 PROTECTED = f"mg-protected-{RUN}"
 # An internal user the gateway admits only from 10.0.0.0/8 (`[auth.sources]`).
@@ -55,17 +54,10 @@ MATRIX = {
     "admin": "rabbitmq.tag:administrator rabbitmq.configure:*/* rabbitmq.write:*/* rabbitmq.read:*/*",
     "monitoring": "rabbitmq.tag:monitoring rabbitmq.read:*/*",
     "management-ro": "rabbitmq.tag:management rabbitmq.read:%2F/*",
-    "limited": f"rabbitmq.tag:management rabbitmq.configure:%2F/mg-* rabbitmq.write:%2F/mg-* "
-               f"rabbitmq.read:%2F/mg-* rabbitmq.write:%2F/amq.default",
+    "limited": "rabbitmq.tag:management rabbitmq.configure:%2F/mg-* rabbitmq.write:%2F/mg-* "
+               "rabbitmq.read:%2F/mg-* rabbitmq.write:%2F/amq.default",
     "no-tag": "rabbitmq.read:*/* rabbitmq.write:*/* rabbitmq.configure:*/*",
 }
-
-
-def ref_ctl(*args: str) -> str:
-    r = subprocess.run([str(REF_SCRIPT), "ctl", *args], capture_output=True, text=True,
-                       timeout=60, env={**os.environ, "REFERENCE_NODE_PORT": str(REF_PORT)})
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout
 
 
 class Api:
@@ -100,22 +92,14 @@ class Api:
 
 @pytest.fixture(scope="module")
 def mg(tmp_path_factory):
-    env = {**os.environ, "REFERENCE_NODE_PORT": str(REF_PORT)}
-    r = subprocess.run([str(REF_SCRIPT), "start"], capture_output=True, text=True, env=env,
-                       timeout=150)
-    if r.returncode != 0:
-        pytest.fail(f"reference-node.sh start failed:\n{r.stdout}{r.stderr}", pytrace=False)
     with contextlib.ExitStack() as stack:
-        if os.environ.get("CONFORMANCE_KEEP_REFERENCE") != "1":
-            stack.callback(lambda: subprocess.run([str(REF_SCRIPT), "stop"], env=env,
-                                                  timeout=150, capture_output=True))
+        start_reference_node(stack)
         ref_ctl("add_user", PROTECTED, "pw-" + RUN)
         ref_ctl("set_user_tags", PROTECTED, "monitoring")
         ref_ctl("add_user", ELSEWHERE, "pw-" + RUN)
         ref_ctl("set_user_tags", ELSEWHERE, "monitoring")
         for user in (PROTECTED, ELSEWHERE):
-            stack.callback(lambda u=user: subprocess.run([str(REF_SCRIPT), "ctl", "delete_user", u],
-                                                         env=env, capture_output=True, timeout=60))
+            stack.callback(lambda u=user: ref_ctl("delete_user", u, check=False))
         workdir = tmp_path_factory.mktemp("management")
         ca = _write_tls(workdir)
         key = workdir / "backend-token.pem"
