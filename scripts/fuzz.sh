@@ -11,6 +11,9 @@
 #   FUZZ_SECONDS   seconds per target                                  [10]
 #   FUZZ_WORK      where each run's corpus grows (a copy of the seeds) [fuzz/target/runs]
 #   FUZZ_NICE      niceness of the fuzzers                             [0]
+#   FUZZ_PROFILE   release (-O, for real runs) or dev (no optimisation, with debug
+#                  assertions and overflow checks: builds in about half the time, runs
+#                  5-30 times slower; the test command's smoke uses it)          [release]
 #
 # It installs cargo-fuzz (a pinned version, about 30 s) when it is missing. cargo-fuzz needs
 # unstable compiler flags; RUSTC_BOOTSTRAP=1 allows them on the stable toolchain. No
@@ -27,6 +30,11 @@ CARGO_FUZZ_VERSION="0.13.2"
 SECONDS_EACH="${FUZZ_SECONDS:-10}"
 WORK="${FUZZ_WORK:-$FUZZ/target/runs}"
 NICE="${FUZZ_NICE:-0}"
+case "${FUZZ_PROFILE:-release}" in
+    release) PROFILE=(-O) ;;
+    dev) PROFILE=(--dev) ;;
+    *) echo "fuzz: FUZZ_PROFILE must be release or dev" >&2; exit 2 ;;
+esac
 export RUSTC_BOOTSTRAP=1
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
@@ -40,8 +48,8 @@ else
     mapfile -t targets < <(cargo fuzz list)
 fi
 
-echo "fuzz: building ${targets[*]}"
-cargo fuzz build --sanitizer none -O
+echo "fuzz: building ${targets[*]} (${FUZZ_PROFILE:-release})"
+cargo fuzz build --sanitizer none "${PROFILE[@]}"
 
 failed=()
 summary=()
@@ -55,7 +63,7 @@ for t in "${targets[@]}"; do
     log="$WORK/$t.log"
     echo "fuzz: $t for ${SECONDS_EACH} s"
     rc=0
-    nice -n "$NICE" cargo fuzz run --sanitizer none -O "$t" "$run" -- \
+    nice -n "$NICE" cargo fuzz run --sanitizer none "${PROFILE[@]}" "$t" "$run" -- \
         -max_total_time="$SECONDS_EACH" -print_final_stats=1 >"$log" 2>&1 || rc=$?
     # libFuzzer's last status line: "#<runs> DONE cov: <n> ft: <n> corp: <n>/<size> ..."
     done_line="$(grep -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -1 || true)"
@@ -71,7 +79,7 @@ for t in "${targets[@]}"; do
 done
 
 echo
-echo "fuzz summary (${SECONDS_EACH} s per target, --sanitizer none -O):"
+echo "fuzz summary (${SECONDS_EACH} s per target, --sanitizer none ${PROFILE[*]}):"
 printf '  %s\n' "${summary[@]}"
 if ((${#failed[@]} > 0)); then
     echo "fuzz: FAILED: ${failed[*]} (inputs in fuzz/artifacts/)" >&2

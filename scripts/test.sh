@@ -48,10 +48,11 @@ export GATEWAY_BIN="$TARGET_DIR/debug/amqp-iam-gateway"
 step "integration tests (pytest tests/python: Python clients, amqp-tools, Node clients via node --test)"
 "$ROOT/.venv/bin/python" -m pytest tests/python -q -p no:cacheprovider
 
-# A smoke: every target builds and runs clean for a few seconds (longer runs: scripts/fuzz.sh
-# alone, or FUZZ_SECONDS).
-export FUZZ_SECONDS="${FUZZ_SECONDS:-5}"
-step "fuzz smoke (scripts/fuzz.sh: every cargo-fuzz target, ${FUZZ_SECONDS} s each)"
+# A smoke: every target builds and runs clean from its seeds for a few seconds, in the dev
+# profile (debug assertions and overflow checks on; it builds in half the release build's
+# time). Real runs: scripts/fuzz.sh alone, release by default.
+export FUZZ_SECONDS="${FUZZ_SECONDS:-5}" FUZZ_PROFILE="${FUZZ_PROFILE:-dev}"
+step "fuzz smoke (scripts/fuzz.sh: every cargo-fuzz target, ${FUZZ_SECONDS} s each, ${FUZZ_PROFILE} profile)"
 bash scripts/fuzz.sh
 
 step "benchmark smoke (benches/compare.sh --smoke: direct, HAProxy, the gateway, and the gateway with backend tokens, debug build)"

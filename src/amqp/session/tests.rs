@@ -2,7 +2,7 @@
 //! to show that frame boundaries and read boundaries are independent. Each defect class of
 //! the session (state from replies, duplicate keys, nesting, bounds, unnamed consumers,
 //! large broker headers, backend identity, pipelining order) has its cases here; the same
-//! attacks run end to end against RabbitMQ in `tests/session_attacks.rs`.
+//! attacks run end to end against RabbitMQ in `tests/integration/session_attacks.rs`.
 
 use super::*;
 use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, gen_frame};

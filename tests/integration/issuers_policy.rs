@@ -4,10 +4,8 @@
 //! broker; the `gateway_*` tests connect with lapin through a test gateway to the RabbitMQ
 //! node on 127.0.0.1:5672.
 
-mod common;
-
+use crate::common::*;
 use amqp_iam_gateway::auth::Authenticators;
-use common::*;
 use jsonwebtoken::Algorithm;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;

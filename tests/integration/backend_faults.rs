@@ -1,12 +1,10 @@
 //! What a client sees when the broker fails: never a hang, never a bare disconnect.
 
-mod common;
-
+use crate::common::*;
 use amq_protocol::protocol::{AMQPClass, connection};
 use amqp_iam_gateway::amqp::frame;
 use amqp_iam_gateway::amqp::method;
 use bytes::BytesMut;
-use common::*;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

@@ -1,9 +1,7 @@
 //! The admin listener: `/metrics` counters move as connections succeed, fail and get
 //! denied, and the text passes `promtool check metrics`; `/healthz` and `/readyz`.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 #[tokio::test]

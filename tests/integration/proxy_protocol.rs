@@ -1,9 +1,7 @@
 //! PROXY protocol v1 and v2 before the AMQP (or TLS) bytes: the client address they carry
 //! is the one in the audit log.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 

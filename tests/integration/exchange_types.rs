@@ -2,9 +2,7 @@
 //! looked up in the management API when `backend.management_url` is set; without it they
 //! are treated as topic exchanges (fail closed).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, ExchangeKind};

@@ -6,10 +6,8 @@
 //! The `*_reasons` tests need no broker; the `gateway_*` tests connect with lapin through
 //! a test gateway to the RabbitMQ node on 127.0.0.1:5672.
 
-mod common;
-
+use crate::common::*;
 use base64::Engine;
-use common::*;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{Value, json};

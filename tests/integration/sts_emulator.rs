@@ -2,15 +2,13 @@
 //! with SigV4 like an SDK signs), verified by the gateway's own key store found through OIDC
 //! discovery, and used by lapin to connect through a gateway to the real RabbitMQ.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::*;
 use amqp_iam_gateway::auth::jwt::{self, ClaimRules};
 use amqp_iam_gateway::auth::keys::{KeySettings, KeyStore};
 use amqp_iam_gateway::sts::{self, Issuer, IssuerConfig, Principal, sigv4};
-use common::*;
 use jsonwebtoken::Algorithm;
 use lapin::Connection;
 use lapin::options::*;

@@ -2,13 +2,11 @@
 //! confirms, every confirmed message is consumed exactly once, with matching count and
 //! checksum. (Across a gateway drain and restart: tests/python/test_faults.py.)
 
-mod common;
-
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use futures_lite::StreamExt;
 use lapin::BasicProperties;
 use lapin::options::*;

@@ -6,15 +6,13 @@
 //! end or go on serving without hanging. Pre-authentication cases are checked against the
 //! behaviour the gateway documents, since the gateway answers those itself.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use amq_protocol::protocol::{AMQPClass, basic, channel, connection, queue};
 use amq_protocol::types::{AMQPValue, FieldTable};
 use amqp_iam_gateway::amqp::{frame, method};
 use bytes::BytesMut;
-use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -1,8 +1,6 @@
 //! Per-identity and per-source connection limits and the handshake rate limit.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[tokio::test]
 async fn identity_limit_refuses_with_530_and_frees_the_slot() {

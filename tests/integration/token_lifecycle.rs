@@ -1,11 +1,9 @@
 //! Token lifecycle through the gateway with lapin: refresh with update-secret, consumers
 //! cancelled when the new token no longer reads their queue, expiry moved by a refresh.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;

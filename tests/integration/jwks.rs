@@ -6,17 +6,15 @@
 //! bounded: the server reads a request head for at most 5 s and delays an answer only when
 //! a test asks it to, and the gateway's HTTP timeout ends any request the server holds.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use amqp_iam_gateway::auth::Authenticator;
 use amqp_iam_gateway::auth::jwt::{AuthError, ClaimRules};
 use amqp_iam_gateway::auth::keys::{KeySettings, KeyStore};
 use amqp_iam_gateway::auth::scopes::ScopeRules;
-use common::*;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
 use serde_json::{Value, json};

@@ -2,11 +2,9 @@
 //! (tokio-rustls, a throw-away CA, optionally requiring a client certificate) stands in
 //! front of the RabbitMQ node on 127.0.0.1:5672, so no broker TLS setup is needed.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use lapin::Connection;
 use lapin::options::BasicAckOptions;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};

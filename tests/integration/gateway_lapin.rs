@@ -1,9 +1,7 @@
 //! End-to-end tests with lapin over TLS, through the gateway, against the real RabbitMQ
 //! on 127.0.0.1:5672.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, ShortString};

@@ -3,15 +3,13 @@
 //! one address is refused without checking its signature again. The counts are read from
 //! the authenticator's counters and the gateway's `/metrics`, never from timing.
 
-mod common;
-
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+use crate::common::*;
 use amqp_iam_gateway::auth::Authenticator;
-use common::*;
 use jsonwebtoken::Algorithm;
 use serde_json::json;
 

@@ -13,16 +13,14 @@
 //! 7. the service user's name in broker refusals;
 //! 8. the order of pipelined refusals.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use amq_protocol::frame::{AMQPFrame, gen_frame};
 use amq_protocol::protocol::{AMQPClass, basic, channel, connection, exchange, queue};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
 use amqp_iam_gateway::amqp::frame;
 use bytes::BytesMut;
-use common::*;
 use lapin::options::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
