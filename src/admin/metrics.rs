@@ -33,6 +33,8 @@ pub struct Metrics {
     pub relayed_frames: IntCounterVec,
     pub backend_connect_failures: IntCounterVec,
     pub backend_connections: IntCounterVec,
+    /// By node: 1 when the latest background health check reached its port.
+    pub backend_node_up: IntGaugeVec,
     /// Clients waiting for a connect slot (`backend.max_connecting`), by node.
     pub backend_connects_waiting: IntGaugeVec,
     /// Clients that gave up waiting for a connect slot, by node.
@@ -198,6 +200,12 @@ impl Metrics {
                 &registry,
                 "backend_connections_total",
                 "Backend connections opened, by node.",
+                &["node"],
+            ),
+            backend_node_up: gauge(
+                &registry,
+                "backend_node_up",
+                "1 when the latest background health check reached the node's port, else 0.",
                 &["node"],
             ),
             jwks_keys: gauge(

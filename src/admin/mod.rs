@@ -1,7 +1,8 @@
 //! The admin HTTP listener: `/metrics` (Prometheus text), `/healthz` (the process is
-//! alive) and `/readyz` (not draining, keys loaded, a backend node reachable, TLS material
-//! loaded, and with backend tokens the broker accepting them), with
-//! a short body that says why when not ready. Also the metrics and the audit log.
+//! alive) and `/readyz` (not draining, keys loaded, a backend node reachable by the latest
+//! background health check, TLS material loaded, and with backend tokens the broker
+//! accepting them), with a short body that says why when not ready. Also the metrics and the
+//! audit log.
 
 pub mod audit;
 pub mod metrics;
@@ -16,14 +17,12 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::proxy::{Live, token_probe};
 
 /// Bound on reading a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// Bound on the backend reachability probe of `/readyz`.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves the admin endpoints on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, readiness: Arc<Live>) {
@@ -123,21 +122,8 @@ async fn ready(r: &Live) -> Result<(), String> {
             return Err(format!("{which}no verification keys loaded ({detail})"));
         }
     }
-    let mut errors = Vec::new();
-    let mut reachable = false;
-    for node in shared.cfg.backend.nodes.iter().map(|n| n.to_string()) {
-        match tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect(&node)).await {
-            Ok(Ok(_)) => {
-                reachable = true;
-                break;
-            }
-            Ok(Err(e)) => errors.push(format!("{node}: {e}")),
-            Err(_) => errors.push(format!("{node}: timed out")),
-        }
-    }
-    if !reachable {
-        return Err(format!("no backend node reachable ({})", errors.join("; ")));
-    }
+    // The latest background health checks (`proxy::health`): a probe opens no connection.
+    shared.balancer.readiness()?;
     // With backend tokens: does the broker accept them? (Asked at most every
     // `PROBE_EVERY`.)
     if let Some(minter) = &shared.minter {

@@ -92,6 +92,15 @@ pub const MAX_BACKEND_CONNECT_TIMEOUT_MS: u64 = 300_000;
 /// gateway's unanswered before the connection ends with `541` (RabbitMQ answers at once,
 /// unless its channel crashed). Twice RabbitMQ's own `channel_operation_timeout`.
 pub const DEFAULT_BACKEND_CLOSE_TIMEOUT_MS: u64 = 30_000;
+/// `backend.health_check_interval_ms`: how often each backend node's port is checked in the
+/// background (TCP connect). Nodes that fail the check are tried last by the balancer, and
+/// `/readyz` reports the latest result instead of connecting on every probe.
+pub const DEFAULT_BACKEND_HEALTH_CHECK_INTERVAL_MS: u64 = 2_000;
+/// Bounds of `backend.health_check_interval_ms`.
+pub const MIN_BACKEND_HEALTH_CHECK_INTERVAL_MS: u64 = 100;
+pub const MAX_BACKEND_HEALTH_CHECK_INTERVAL_MS: u64 = 300_000;
+/// Longest health check of one node (shorter when `backend.connect_timeout_ms` is).
+pub const BACKEND_HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bounds of `backend.close_timeout_ms`.
 pub const MIN_BACKEND_CLOSE_TIMEOUT_MS: u64 = 100;
 pub const MAX_BACKEND_CLOSE_TIMEOUT_MS: u64 = 600_000;
@@ -365,6 +374,9 @@ pub struct BackendConfig {
     /// Connects (TCP, TLS and AMQP handshake) in progress to one node at a time; more wait
     /// for a slot, for at most `connect_timeout`.
     pub max_connecting: usize,
+    /// How often each node's port is checked in the background (TCP connect, bounded by
+    /// [`BACKEND_HEALTH_CHECK_TIMEOUT`] and `connect_timeout`).
+    pub health_check_interval: Duration,
     /// Base URL of the management HTTP API (`http://host:15672`), used to look up the types
     /// of exchanges the gateway has not seen declared (topic checks apply to topic
     /// exchanges only). `None`: such exchanges are treated as topic exchanges.
@@ -433,6 +445,7 @@ impl fmt::Debug for BackendConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("close_timeout", &self.close_timeout)
             .field("max_connecting", &self.max_connecting)
+            .field("health_check_interval", &self.health_check_interval)
             .field("management_url", &self.management_url)
             .field("exchange_type_ttl", &self.exchange_type_ttl)
             .field(

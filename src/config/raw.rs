@@ -91,6 +91,7 @@ pub(super) struct RawBackend {
     pub connect_timeout_ms: Option<u64>,
     pub close_timeout_ms: Option<u64>,
     pub max_connecting: Option<u64>,
+    pub health_check_interval_ms: Option<u64>,
     pub management_url: Option<String>,
     pub exchange_type_ttl_ms: Option<u64>,
     pub exchange_lookups_per_second: Option<u64>,

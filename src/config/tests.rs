@@ -104,6 +104,7 @@ fn defaults_apply_to_a_minimal_file() {
     assert_eq!(b.connect_timeout, Duration::from_secs(5));
     assert_eq!(b.close_timeout, Duration::from_secs(30));
     assert_eq!(b.max_connecting, 32);
+    assert_eq!(b.health_check_interval, Duration::from_secs(2));
     assert_eq!(b.exchange_type_ttl, Duration::from_secs(10));
     assert_eq!(b.exchange_lookups_per_second, 10);
 
@@ -311,6 +312,7 @@ consumer_max_per_connection = 1000001
 nodes = ["amqp://rabbit:5672", "rabbit"]
 password = ""
 max_connecting = 0
+health_check_interval_ms = 99
 close_timeout_ms = 99
 exchange_type_ttl_ms = 10
 exchange_lookups_per_second = 0
@@ -339,6 +341,7 @@ format = "yaml"
         "backend.password",
         "backend.close_timeout_ms",
         "backend.max_connecting",
+        "backend.health_check_interval_ms",
         "backend.exchange_type_ttl_ms",
         "backend.exchange_lookups_per_second",
         "listener.consumer_max_per_channel",

@@ -1,8 +1,10 @@
 //! Choosing a backend node per connection: round robin or least connections over the
-//! healthy nodes, failed nodes skipped with exponential back-off (and tried last rather than
-//! never, so a cluster that is entirely down is still retried). Connects in progress to a
-//! node are bounded (`backend.max_connecting`): a burst of clients queues here rather than in
-//! the node's accept queue.
+//! healthy nodes. A node is skipped while it is in back-off after a failed connect
+//! (exponential) or while the background health check (`proxy::health`) last found its port
+//! closed; skipped nodes are tried last rather than never, so a cluster that is entirely
+//! down is still retried. The health checks' latest results are also the readiness latch of
+//! `/readyz`. Connects in progress to a node are bounded (`backend.max_connecting`): a burst
+//! of clients queues here rather than in the node's accept queue.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,8 +24,20 @@ pub enum Policy {
     LeastConnections,
 }
 
+/// What the latest background health check of a node found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// Not checked yet.
+    Unknown,
+    /// The port accepted a connection.
+    Up,
+    /// It did not: why.
+    Down(String),
+}
+
 struct Node {
     addr: String,
+    check: Mutex<Check>,
     active: AtomicUsize,
     /// Consecutive failures and the time before which the node is skipped.
     health: Mutex<(u32, Option<Instant>)>,
@@ -59,6 +73,7 @@ impl Balancer {
             .into_iter()
             .map(|addr| Node {
                 addr,
+                check: Mutex::new(Check::Unknown),
                 active: AtomicUsize::new(0),
                 health: Mutex::new((0, None)),
                 connecting: Semaphore::new(max_connecting.max(1)),
@@ -72,16 +87,18 @@ impl Balancer {
     }
 
     /// Node indexes in the order to try: healthy nodes by the policy, then nodes in back-off
-    /// (soonest available first).
+    /// (soonest available first), then nodes whose health check failed.
     pub fn order(&self, now: Instant) -> Vec<usize> {
         let n = self.nodes.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut healthy: Vec<usize> = Vec::with_capacity(n);
-        let mut waiting: Vec<(Instant, usize)> = Vec::new();
+        let mut waiting: Vec<(bool, Instant, usize)> = Vec::new();
         for k in 0..n {
             let i = (start + k) % n;
+            let down = matches!(self.check(i), Check::Down(_));
             match self.health(i).1 {
-                Some(until) if until > now => waiting.push((until, i)),
+                Some(until) if until > now => waiting.push((down, until, i)),
+                _ if down => waiting.push((true, now, i)),
                 _ => healthy.push(i),
             }
         }
@@ -90,8 +107,50 @@ impl Balancer {
             healthy.sort_by_key(|&i| self.nodes[i].active.load(Ordering::Relaxed));
         }
         waiting.sort();
-        healthy.extend(waiting.into_iter().map(|(_, i)| i));
+        healthy.extend(waiting.into_iter().map(|(_, _, i)| i));
         healthy
+    }
+
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Never: a balancer has at least one node.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Records a health check of node `i`; returns the previous result (to log changes).
+    pub fn record_check(&self, i: usize, result: Check) -> Check {
+        let mut c = self.nodes[i]
+            .check
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        std::mem::replace(&mut *c, result)
+    }
+
+    /// The latest health check of node `i`.
+    pub fn check(&self, i: usize) -> Check {
+        self.nodes[i]
+            .check
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The readiness latch: ready while the latest check found at least one node up;
+    /// otherwise why not, node by node.
+    pub fn readiness(&self) -> Result<(), String> {
+        let mut why = Vec::with_capacity(self.nodes.len());
+        for (i, node) in self.nodes.iter().enumerate() {
+            match self.check(i) {
+                Check::Up => return Ok(()),
+                Check::Down(e) => why.push(format!("{}: {e}", node.addr)),
+                Check::Unknown => why.push(format!("{}: not checked yet", node.addr)),
+            }
+        }
+        Err(format!("no backend node reachable ({})", why.join("; ")))
     }
 
     pub fn addr(&self, i: usize) -> &str {
@@ -190,6 +249,44 @@ mod tests {
         assert!(
             firsts.contains(&1),
             "a success clears the back-off: {firsts:?}"
+        );
+    }
+
+    #[test]
+    fn nodes_that_fail_their_health_check_are_tried_last_and_decide_readiness() {
+        let b = b(Policy::RoundRobin);
+        let now = Instant::now();
+        assert_eq!(
+            b.readiness().unwrap_err(),
+            "no backend node reachable (a: not checked yet; b: not checked yet; c: not checked yet)"
+        );
+        // Unchecked nodes are tried as usual.
+        assert_eq!(b.order(now), [0, 1, 2]);
+        assert_eq!(
+            b.record_check(1, Check::Down("refused".into())),
+            Check::Unknown
+        );
+        assert_eq!(
+            b.record_check(0, Check::Down("timed out".into())),
+            Check::Unknown
+        );
+        assert!(b.readiness().is_err());
+        b.record_check(2, Check::Up);
+        assert_eq!(b.readiness(), Ok(()));
+        for _ in 0..4 {
+            let o = b.order(now);
+            assert_eq!(o[0], 2, "the one node up comes first: {o:?}");
+            assert_eq!(o.len(), 3, "down nodes are still tried, last: {o:?}");
+        }
+        // A node in back-off comes before nodes that are down.
+        b.record_check(0, Check::Up);
+        b.failure(0, now);
+        assert_eq!(b.order(now)[1..], [0, 1]);
+        b.record_check(2, Check::Down("refused".into()));
+        b.record_check(0, Check::Down("refused".into()));
+        assert_eq!(
+            b.readiness().unwrap_err(),
+            "no backend node reachable (a: refused; b: refused; c: refused)"
         );
     }
 

@@ -14,6 +14,7 @@ pub mod backend;
 pub mod balancer;
 mod conn;
 pub mod exchange_types;
+pub mod health;
 pub mod limits;
 mod management;
 pub mod proxy_protocol;
@@ -271,15 +272,30 @@ async fn build(
         Some(p)
             if p.cfg.backend.nodes == cfg.backend.nodes
                 && p.cfg.backend.balance == cfg.backend.balance
-                && p.cfg.backend.max_connecting == cfg.backend.max_connecting =>
+                && p.cfg.backend.max_connecting == cfg.backend.max_connecting
+                && p.cfg.backend.health_check_interval == cfg.backend.health_check_interval
+                && p.cfg.backend.connect_timeout == cfg.backend.connect_timeout =>
         {
             p.balancer.clone()
         }
-        _ => Arc::new(balancer::Balancer::new(
-            nodes,
-            cfg.backend.balance,
-            cfg.backend.max_connecting,
-        )),
+        _ => {
+            let b = Arc::new(balancer::Balancer::new(
+                nodes,
+                cfg.backend.balance,
+                cfg.backend.max_connecting,
+            ));
+            // One round before serving, so `/readyz` and the first clients know; then in
+            // the background.
+            let timeout = health::check_timeout(&cfg.backend);
+            health::check_all(&b, timeout, &metrics).await;
+            health::spawn(
+                Arc::downgrade(&b),
+                cfg.backend.health_check_interval,
+                timeout,
+                metrics.clone(),
+            );
+            b
+        }
     };
     let limits = match prev {
         Some(p) => p.limits.clone(),

@@ -3,6 +3,7 @@
 
 use crate::common::*;
 use serde_json::json;
+use std::time::Duration;
 
 #[tokio::test]
 async fn metrics_move_with_connections_refusals_and_denials() {
@@ -171,4 +172,85 @@ async fn audit_log_has_a_line_per_decision_and_never_the_token() {
         (refused["decision"].as_str(), refused["reason"].as_str()),
         (Some("deny"), Some("bad_signature"))
     );
+}
+
+/// Accepts what is pending on `l` (non-blocking) and returns how many.
+fn drain_accepts(l: &std::net::TcpListener) -> usize {
+    let mut n = 0;
+    while l.accept().is_ok() {
+        n += 1;
+    }
+    n
+}
+
+#[tokio::test]
+async fn readyz_reads_the_health_checks_and_opens_no_connection() {
+    // A node we watch: every connection to it is counted. The first health check runs
+    // before the gateway serves; the next one only after a long interval.
+    let node = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    node.set_nonblocking(true).unwrap();
+    let addr = node.local_addr().unwrap();
+    let gw = start_gateway_full(
+        "",
+        &format!("{addr}\", \"127.0.0.1:5672"),
+        "health_check_interval_ms = 300000",
+    )
+    .await;
+    for _ in 0..20 {
+        assert_eq!(admin_get(&gw, "/readyz").await, (200, "ready\n".to_owned()));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        drain_accepts(&node),
+        1,
+        "one health check at start, none per probe"
+    );
+    let m = metrics(&gw).await;
+    assert_eq!(
+        sample(&m, &format!("backend_node_up{{node=\"{addr}\"}}")),
+        1.0
+    );
+    assert_eq!(sample(&m, "backend_node_up{node=\"127.0.0.1:5672\"}"), 1.0);
+}
+
+#[tokio::test]
+async fn readyz_follows_a_node_that_goes_down_and_comes_back() {
+    let node = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = node.local_addr().unwrap();
+    let gw = start_gateway_full("", &addr.to_string(), "health_check_interval_ms = 100").await;
+    assert_eq!(admin_get(&gw, "/readyz").await.0, 200);
+
+    drop(node);
+    let started = std::time::Instant::now();
+    let body = loop {
+        let (status, body) = admin_get(&gw, "/readyz").await;
+        if status == 503 {
+            break body;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "still ready 3 s after the node went away"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        body.starts_with(&format!("not ready: no backend node reachable ({addr}: ")),
+        "{body}"
+    );
+    let m = metrics(&gw).await;
+    assert_eq!(
+        sample(&m, &format!("backend_node_up{{node=\"{addr}\"}}")),
+        0.0
+    );
+
+    // The same port listens again: ready again after the next check.
+    let _node = std::net::TcpListener::bind(addr).unwrap();
+    let started = std::time::Instant::now();
+    while admin_get(&gw, "/readyz").await.0 != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "not ready 3 s after the node came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
