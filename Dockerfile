@@ -11,10 +11,14 @@
 #   RUST_IMAGE     the builder       [rust:1-bookworm]
 #   RUNTIME_IMAGE  the runtime base  [debian:bookworm-slim]
 # Targets:
-#   runtime   (the default, last) the gateway built in the `builder` stage
-#   prebuilt  the same runtime with a binary built outside, named by BINARY (a path in the
-#             build context, default target/docker/amqp-iam-gateway; glibc of Debian 12 or
-#             older): what the tests build, since no Rust toolchain image can be pulled there
+#   runtime     (the default, last) the gateway built in the `builder` stage, with
+#               development mode and the STS emulator (the `sts-emulator` feature)
+#   production  the lean gateway (`--no-default-features`: no development mode, no STS
+#               emulator), running `serve --config /etc/amqp-iam-gateway/gateway.toml`
+#   prebuilt    the runtime with a binary built outside, named by BINARY (a path in the
+#               build context, default target/docker/amqp-iam-gateway; glibc of Debian 12
+#               or older): what the tests build, since no Rust toolchain image can be
+#               pulled there (the scale-out test builds it with the lean binary)
 #
 # The runtime runs as uid 10001 with no arguments in development mode (embedded issuer,
 # self-signed CA) keeping its state in the volume /var/lib/amqp-iam-gateway, or with
@@ -40,6 +44,12 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked --bin amqp-iam-gateway \
     && cp target/release/amqp-iam-gateway /usr/local/bin/amqp-iam-gateway
 
+FROM builder AS builder-production
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --no-default-features --bin amqp-iam-gateway \
+    && cp target/release/amqp-iam-gateway /usr/local/bin/amqp-iam-gateway
+
 FROM ${RUNTIME_IMAGE} AS base
 # ca-certificates: the JWKS and OIDC discovery are fetched over HTTPS.
 RUN apt-get update \
@@ -60,6 +70,10 @@ ENTRYPOINT ["amqp-iam-gateway"]
 FROM base AS prebuilt
 ARG BINARY=target/docker/amqp-iam-gateway
 COPY ${BINARY} /usr/local/bin/amqp-iam-gateway
+
+FROM base AS production
+COPY --from=builder-production /usr/local/bin/amqp-iam-gateway /usr/local/bin/amqp-iam-gateway
+CMD ["serve", "--config", "/etc/amqp-iam-gateway/gateway.toml"]
 
 FROM base AS runtime
 COPY --from=builder /usr/local/bin/amqp-iam-gateway /usr/local/bin/amqp-iam-gateway

@@ -10,5 +10,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export GATEWAY_BIN="${GATEWAY_BIN:-target/debug/amqp-iam-gateway}"
 [[ -x "$GATEWAY_BIN" ]] || cargo build --features test-switches
+[[ -x target/lean/amqp-iam-gateway ]] || { bash scripts/build-lean.sh && cargo build --features test-switches; }
 exec .venv/bin/python -m pytest tests/python/test_containers.py -q -p no:cacheprovider \
     -k "spread or stopped" "$@"

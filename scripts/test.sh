@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The one test command: setup, build, the Rust tests, then the integration tests in
+# The one test command: setup, the gate (cargo fmt --check, clippy -D warnings, the module
+# graph without cycles), build (and the lean production build), the Rust tests, then the
+# integration tests in
 # tests/python against the freshly built gateway: pika, aio-pika, kombu/py-amqp, the
 # amqp-tools CLI, boto3, and the Node.js clients (tests/node, run by
 # tests/python/test_clients_node.py with `node --test`), a short run of every fuzz target
@@ -28,6 +30,17 @@ command -v cargo >/dev/null 2>&1 || { echo "cargo not found" >&2; exit 1; }
 # that RabbitMQ enforces backend tokens by itself); release builds never do. One feature set
 # for every step, so nothing is compiled twice.
 export GATEWAY_FEATURES=test-switches
+
+step "gate: cargo fmt --check, cargo clippy --all-targets -D warnings, module graph without cycles"
+cargo fmt --check
+cargo clippy --all-targets --features "$GATEWAY_FEATURES" -- -D warnings
+"$ROOT/.venv/bin/python" scripts/module-graph.py
+
+# The lean production gateway (--no-default-features) first: it keeps compiling, and the
+# scale-out stack serves with it (target/lean/). The full build after it puts the full
+# binary back in target/debug.
+step "lean build (scripts/build-lean.sh: --no-default-features)"
+bash scripts/build-lean.sh
 
 step "cargo build"
 cargo build --features "$GATEWAY_FEATURES"
@@ -60,4 +73,4 @@ bash benches/compare.sh --smoke
 
 STEP="done"
 echo
-echo "test.sh: ALL PASSED (setup, cargo build, rust tests, python integration tests, fuzz smoke, benchmark smoke)"
+echo "test.sh: ALL PASSED (setup, gate, lean and full builds, rust tests, python integration tests, fuzz smoke, benchmark smoke)"

@@ -9,8 +9,8 @@ use serde_json::{Value, json};
 use crate::auth::jwt::AuthError;
 use crate::auth::policy::Policy;
 use crate::auth::scopes::{self, Origin};
-use crate::auth::{Authenticators, token_id};
-use crate::config::{Config, import};
+use crate::auth::token_id;
+use crate::config::{BackendTokenConfig, Config, import};
 
 /// What `explain` found: the report and whether the token is accepted.
 pub struct Explained {
@@ -20,7 +20,7 @@ pub struct Explained {
 
 /// Verifies `token` against `cfg` as the gateway would, and says why each scope is there.
 pub async fn explain(cfg: &Config, token: &str, as_json: bool) -> Result<Explained, String> {
-    let all = Authenticators::from_config(&cfg.oauth2)?;
+    let all = crate::wiring::authenticators(&cfg.oauth2)?;
     let auth = match all.select(token) {
         Ok(auth) => auth,
         Err(e) => {
@@ -213,4 +213,76 @@ pub fn import_rabbitmq_conf(conf: &str) -> (String, String) {
         }
     }
     (out.toml, report)
+}
+
+/// The `rabbitmq.conf` lines that make a broker accept the gateway's backend tokens, with
+/// the public key at `public_key_path` and `internal` users after tokens when they log in
+/// too.
+pub fn rabbitmq_conf(
+    cfg: &BackendTokenConfig,
+    public_key_path: &std::path::Path,
+    internal_users: bool,
+) -> String {
+    let mut t = String::from(
+        "## Backend tokens from amqp-iam-gateway (backend.auth = \"token\"). Also run:\n\
+         ##   rabbitmq-plugins enable rabbitmq_auth_backend_oauth2\n\
+         auth_backends.1 = rabbit_auth_backend_oauth2\n",
+    );
+    if internal_users {
+        t.push_str("auth_backends.2 = internal\n");
+    }
+    t.push_str(&format!(
+        "auth_oauth2.resource_server_id = {}\n",
+        cfg.resource_server_id
+    ));
+    if cfg.scope_prefix != format!("{}.", cfg.resource_server_id) {
+        t.push_str(&format!(
+            "auth_oauth2.scope_prefix = {}\n",
+            cfg.scope_prefix
+        ));
+    }
+    t.push_str(&format!(
+        "auth_oauth2.signing_keys.{} = {}\n",
+        cfg.kid,
+        public_key_path.display()
+    ));
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_brokers_set_up_lines_name_the_kid_and_the_public_key_file() {
+        let cfg = BackendTokenConfig {
+            signing_key: "k.pem".into(),
+            kid: "gw-1".into(),
+            resource_server_id: "rabbitmq".into(),
+            scope_prefix: "rabbitmq.".into(),
+            retired_keys: Default::default(),
+        };
+        let conf = rabbitmq_conf(&cfg, std::path::Path::new("/etc/rabbitmq/gw-1.pem"), true);
+        let lines: Vec<&str> = conf.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            lines,
+            [
+                "auth_backends.1 = rabbit_auth_backend_oauth2",
+                "auth_backends.2 = internal",
+                "auth_oauth2.resource_server_id = rabbitmq",
+                "auth_oauth2.signing_keys.gw-1 = /etc/rabbitmq/gw-1.pem",
+            ]
+        );
+        let other = BackendTokenConfig {
+            scope_prefix: "rabbitmq/".into(),
+            ..cfg
+        };
+        assert!(
+            rabbitmq_conf(&other, std::path::Path::new("p"), false)
+                .contains("\nauth_oauth2.scope_prefix = rabbitmq/\n")
+        );
+        // The importer reads these lines back into the same settings.
+        let imported = import::import(&conf);
+        assert!(imported.toml.contains("resource_server_id = \"rabbitmq\""));
+    }
 }

@@ -11,8 +11,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use amqp_iam_gateway::config;
+#[cfg(feature = "sts-emulator")]
+use amqp_iam_gateway::devmode;
 use amqp_iam_gateway::proxy::Gateway;
-use amqp_iam_gateway::{config, devmode};
 
 #[derive(Parser)]
 #[command(
@@ -54,6 +56,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    #[cfg(feature = "sts-emulator")]
     /// Mint a token with the development issuer's keys (the ones `amqp-iam-gateway` with no
     /// arguments trusts), shaped like an AWS STS GetWebIdentityToken token.
     Token {
@@ -80,6 +83,7 @@ enum Command {
         #[arg(long)]
         issuer_url: Option<String>,
     },
+    #[cfg(feature = "sts-emulator")]
     /// Ask the running development issuer to rotate its signing keys (new kids are published
     /// beside the old ones; new tokens are signed with them).
     RotateKeys {
@@ -103,6 +107,7 @@ enum Command {
         /// The rabbitmq.conf file.
         file: PathBuf,
     },
+    #[cfg(feature = "sts-emulator")]
     /// Run the STS emulator alone (the Query API, discovery and JWKS) and print its URL on
     /// the first line of standard output; HTTPS with --tls-cert and --tls-key.
     StsEmulator {
@@ -167,6 +172,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        #[cfg(feature = "sts-emulator")]
         Command::Token {
             role_arn,
             tags,
@@ -206,6 +212,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        #[cfg(feature = "sts-emulator")]
         Command::RotateKeys { issuer_url } => {
             let url = match issuer_url.map_or_else(devmode::default_issuer_url, Ok) {
                 Ok(url) => url,
@@ -249,6 +256,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        #[cfg(feature = "sts-emulator")]
         Command::StsEmulator {
             listen,
             state_dir,
@@ -337,12 +345,23 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
     }
 }
 
+#[cfg(feature = "sts-emulator")]
 fn parse_tag(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
 }
 
+#[cfg(not(feature = "sts-emulator"))]
+fn dev_mode() -> ExitCode {
+    eprintln!(
+        "this build has no development mode (built without the `sts-emulator` feature): \
+         run `amqp-iam-gateway serve --config FILE`; `--help` lists the commands"
+    );
+    ExitCode::from(2)
+}
+
+#[cfg(feature = "sts-emulator")]
 fn dev_mode() -> ExitCode {
     init_logging("info", config::LogFormat::Text);
     let rt = match server_runtime(None) {
@@ -447,6 +466,7 @@ fn serve(cfg: config::Config, path: PathBuf) -> anyhow::Result<()> {
     })
 }
 
+#[cfg(feature = "sts-emulator")]
 fn sts_emulator(
     listen: std::net::SocketAddr,
     state_dir: PathBuf,
@@ -520,7 +540,7 @@ fn backend_setup(config: &std::path::Path, public_key: &std::path::Path) -> Exit
             .map_err(|e| format!("backend.token.signing_key {}: {e}", t.signing_key.display()))?;
         std::fs::write(public_key, pem).map_err(|e| format!("{}: {e}", public_key.display()))?;
         let internal = cfg.auth.backends.contains(&config::AuthBackend::Internal);
-        let mut conf = exchange::rabbitmq_conf(t, public_key, internal);
+        let mut conf = amqp_iam_gateway::cli::rabbitmq_conf(t, public_key, internal);
         // The alternative that follows rotations by itself: the admin listener's JWKS.
         conf.push_str(&format!(
             "## Or, instead of the signing key (the broker then follows key rotations):\n\

@@ -1,7 +1,7 @@
 //! The wildcard matcher against a direct transcription of the spec's pseudo-code
 //! (rabbitmq-oauth2.md §4.2). Input: pattern, a NUL byte, subject.
 #![no_main]
-use amqp_iam_gateway::auth::wildcard;
+use amqp_iam_gateway::authz::wildcard;
 
 /// `cow_qs:urldecode/1`: `+` is a space, `%XX` a byte (either case), any other `%` fails.
 fn urldecode(part: &[u8]) -> Option<Vec<u8>> {

@@ -20,7 +20,6 @@ use sha2::{Digest, Sha256};
 #[cfg(test)]
 use super::FAILURE_BACKOFF_MIN;
 use super::{FAILED_TOKEN_CACHE_SIZE, FAILURE_BACKOFF_MAX};
-use crate::config::AuthConfig;
 
 /// Why a login that a backend accepted is refused for its source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,10 +48,15 @@ pub struct SourceRules {
 }
 
 impl SourceRules {
-    pub fn new(cfg: &AuthConfig) -> SourceRules {
+    /// Users that may log in from loopback addresses only, and users that may log in
+    /// only from the given networks.
+    pub fn new(
+        loopback_users: Vec<String>,
+        sources: BTreeMap<String, Vec<ipnet::IpNet>>,
+    ) -> SourceRules {
         SourceRules {
-            loopback_users: cfg.loopback_users.clone(),
-            sources: cfg.sources.clone(),
+            loopback_users,
+            sources,
         }
     }
 

@@ -12,8 +12,8 @@
 //!
 //! The claims are built by [`BackendMinter::claims`], which is pure; [`BackendMinter::sign`]
 //! signs them. Neither logs anything: a minted token is a credential. [`read_private_key`]
-//! is the only IO here (the key file, refused when others may read it); [`rabbitmq_conf`]
-//! and [`public_key_pem`] are the broker's side of the set-up.
+//! is the only IO here (the key file, refused when others may read it); [`public_key_pem`]
+//! (and `cli::rabbitmq_conf`) are the broker's side of the set-up.
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
@@ -214,40 +214,6 @@ pub fn public_jwk(private_pem: &[u8], kid: &str) -> Result<Value, String> {
     }))
 }
 
-/// The `rabbitmq.conf` lines that make a broker accept the gateway's backend tokens, with
-/// the public key at `public_key_path` and `internal` users after tokens when they log in
-/// too.
-pub fn rabbitmq_conf(
-    cfg: &crate::config::BackendTokenConfig,
-    public_key_path: &std::path::Path,
-    internal_users: bool,
-) -> String {
-    let mut t = String::from(
-        "## Backend tokens from amqp-iam-gateway (backend.auth = \"token\"). Also run:\n\
-         ##   rabbitmq-plugins enable rabbitmq_auth_backend_oauth2\n\
-         auth_backends.1 = rabbit_auth_backend_oauth2\n",
-    );
-    if internal_users {
-        t.push_str("auth_backends.2 = internal\n");
-    }
-    t.push_str(&format!(
-        "auth_oauth2.resource_server_id = {}\n",
-        cfg.resource_server_id
-    ));
-    if cfg.scope_prefix != format!("{}.", cfg.resource_server_id) {
-        t.push_str(&format!(
-            "auth_oauth2.scope_prefix = {}\n",
-            cfg.scope_prefix
-        ));
-    }
-    t.push_str(&format!(
-        "auth_oauth2.signing_keys.{} = {}\n",
-        cfg.kid,
-        public_key_path.display()
-    ));
-    t
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,7 +300,7 @@ mod tests {
     }
 
     #[test]
-    fn the_brokers_set_up_names_the_public_key_of_the_signing_key() {
+    fn the_public_key_pem_is_the_signing_keys() {
         let private = std::fs::read(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/fixtures/rsa-private.pem"
@@ -347,35 +313,6 @@ mod tests {
         .unwrap();
         let squash = |s: &str| s.split_whitespace().collect::<String>();
         assert_eq!(squash(&public_key_pem(&private).unwrap()), squash(&public));
-        let cfg = crate::config::BackendTokenConfig {
-            signing_key: "k.pem".into(),
-            kid: "gw-1".into(),
-            resource_server_id: "rabbitmq".into(),
-            scope_prefix: "rabbitmq.".into(),
-            retired_keys: Default::default(),
-        };
-        let conf = rabbitmq_conf(&cfg, std::path::Path::new("/etc/rabbitmq/gw-1.pem"), true);
-        let lines: Vec<&str> = conf.lines().filter(|l| !l.starts_with('#')).collect();
-        assert_eq!(
-            lines,
-            [
-                "auth_backends.1 = rabbit_auth_backend_oauth2",
-                "auth_backends.2 = internal",
-                "auth_oauth2.resource_server_id = rabbitmq",
-                "auth_oauth2.signing_keys.gw-1 = /etc/rabbitmq/gw-1.pem",
-            ]
-        );
-        let other = crate::config::BackendTokenConfig {
-            scope_prefix: "rabbitmq/".into(),
-            ..cfg
-        };
-        assert!(
-            rabbitmq_conf(&other, std::path::Path::new("p"), false)
-                .contains("\nauth_oauth2.scope_prefix = rabbitmq/\n")
-        );
-        // The importer reads these lines back into the same settings.
-        let imported = crate::config::import::import(&conf);
-        assert!(imported.toml.contains("resource_server_id = \"rabbitmq\""));
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! - [`jwt`]: pure verification (header, key binding, signature, claim rules).
 //! - [`keys`]: static keys and the issuer's JWKS (the only module that does IdP IO).
 //! - [`scopes`]: RabbitMQ 4.2 scope normalisation, pure.
-//! - [`wildcard`]: RabbitMQ's wildcard matcher, pure.
+//! - [`policy`]: the edge token policy, pure.
+//! - [`exchange`]: backend tokens minted for verified clients.
+//! - [`chain`]: internal users beside tokens (source rules, failed-password back-off).
 //!
 //! [`Authenticator`] ties them together. It never logs or stores a raw token: tokens are
 //! identified by a short SHA-256 prefix ([`token_id`]), and its caches are keyed by the
@@ -27,7 +29,6 @@ pub mod jwt;
 pub mod keys;
 pub mod policy;
 pub mod scopes;
-pub mod wildcard;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -294,73 +295,6 @@ impl Authenticator {
         self.check_signature(token).await.map(|(claims, _)| claims)
     }
 
-    /// Builds the authenticator of the first issuer of a validated `[oauth2]` config (the
-    /// only one without `[[oauth2.issuers]]`); see [`Authenticators`] for all of them.
-    pub fn from_config(o: &crate::config::OAuth2Config) -> Result<Authenticator, String> {
-        let issuers = o.effective_issuers();
-        Authenticator::from_issuer(o, &issuers[0])
-    }
-
-    /// Builds the authenticator for one issuer entry (keys loaded, nothing fetched yet:
-    /// see [`KeyStore::refresh`]); `o` supplies the settings every issuer shares.
-    pub fn from_issuer(
-        o: &crate::config::OAuth2Config,
-        i: &crate::config::IssuerConfig,
-    ) -> Result<Authenticator, String> {
-        let keys = Arc::new(KeyStore::new(keys::KeySettings {
-            stale_grace: Some(o.jwks_stale_grace),
-            signing_keys: i
-                .signing_keys
-                .iter()
-                .map(|(k, p)| (k.clone(), p.clone()))
-                .collect(),
-            default_key: i.default_key.clone(),
-            jwks_uri: i.jwks_uri.clone(),
-            // The issuer is pinned in any case; it is used for OIDC discovery only when
-            // no other key source is configured (as RabbitMQ does).
-            issuer: i
-                .issuer
-                .clone()
-                .filter(|_| i.jwks_uri.is_none() && i.signing_keys.is_empty()),
-            refresh_interval: o.jwks_refresh,
-            min_refetch_interval: o.jwks_min_refetch_interval,
-            http_timeout: o.http_timeout,
-        })?);
-        let algorithms = i
-            .algorithms
-            .iter()
-            .map(|a| {
-                a.as_str()
-                    .parse::<Algorithm>()
-                    .map_err(|e| format!("{a}: {e}"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut auth = Authenticator::new(
-            algorithms,
-            keys,
-            ClaimRules {
-                resource_server_id: i.resource_server_id.clone(),
-                verify_aud: o.verify_aud,
-                require_exp: o.require_exp,
-                issuer: i.issuer.clone(),
-                check_nbf: o.check_nbf,
-                check_iat: o.check_iat,
-                leeway_seconds: o.leeway.as_secs() as i64,
-            },
-            ScopeRules {
-                resource_server_id: i.resource_server_id.clone(),
-                scope_prefix: i.scope_prefix.clone(),
-                additional_scopes_key: i.additional_scopes_key.clone(),
-                scope_aliases: i.scope_aliases.clone(),
-                preferred_username_claims: o.preferred_username_claims.clone(),
-            },
-        )
-        .with_token_cache(o.token_cache_size);
-        auth.name = i.name.clone();
-        auth.policy = i.policy.clone();
-        Ok(auth)
-    }
-
     /// The claim checks and scope mapping for already verified claims.
     pub fn identity(&self, token: &str, claims: &Value, now: i64) -> Result<Identity, AuthError> {
         self.identity_for(&Sha256::digest(token.as_bytes()).into(), claims, now)
@@ -405,24 +339,19 @@ pub struct Authenticators {
 }
 
 impl Authenticators {
-    /// The authenticators of a validated `[oauth2]` config, sharing one set of counters.
-    pub fn from_config(o: &crate::config::OAuth2Config) -> Result<Authenticators, String> {
+    /// The authenticators of the issuers in order, sharing one set of counters; with
+    /// `dispatch`, the token's `iss` chooses among them (`[[oauth2.issuers]]`), otherwise
+    /// the first takes every token.
+    pub fn new(mut list: Vec<Authenticator>, dispatch: bool) -> Authenticators {
         let stats = Arc::new(AuthStats::default());
-        let list = o
-            .effective_issuers()
-            .iter()
-            .map(|i| {
-                Authenticator::from_issuer(o, i).map(|mut a| {
-                    a.stats = stats.clone();
-                    a
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Authenticators {
+        for a in &mut list {
+            a.stats = stats.clone();
+        }
+        Authenticators {
             list,
-            dispatch: !o.issuers.is_empty(),
+            dispatch,
             stats,
-        })
+        }
     }
 
     /// Shares `stats` (counters that survive a reload) with every authenticator.

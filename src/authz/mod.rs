@@ -6,6 +6,7 @@
 
 pub mod decide;
 pub mod permissions;
+pub mod wildcard;
 
 pub use decide::{
     Context, Denial, ExchangeKind, Operation, REPLY_TO, Verdict, decide, reply_text, strip_cr_lf,

@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
-use crate::auth::wildcard::Pattern;
+use super::wildcard::Pattern;
 
 /// A RabbitMQ permission. Scopes spell them in lower case, exactly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -879,8 +879,7 @@ management.oauth_enabled = true
         assert!(out.notes.is_empty(), "{:?}", out.notes);
         let cfg = gateway_config(&out.toml);
         let o = &cfg.oauth2;
-        assert_eq!(o.resource_server_id, "rabbitmq-prod", "the root needs one");
-        let issuers = o.effective_issuers();
+        let issuers = &o.issuers;
         let names: Vec<&str> = issuers.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(names, ["prod-mq", "staging-mq"]);
         let (prod, staging) = (&issuers[0], &issuers[1]);
@@ -928,7 +927,7 @@ management.oauth_enabled = true
         let out = import(&conf);
         assert!(out.notes.is_empty(), "{:?}", out.notes);
         let cfg = gateway_config(&out.toml);
-        let issuers = cfg.oauth2.effective_issuers();
+        let issuers = &cfg.oauth2.issuers;
         let got: Vec<(&str, Option<&str>, &str)> = issuers
             .iter()
             .map(|i| {
@@ -1012,12 +1011,7 @@ management.oauth_enabled = true
             assert!(msg.contains(want_msg), "{key}: {msg}");
         }
         let cfg = gateway_config(&out.toml);
-        let names: Vec<String> = cfg
-            .oauth2
-            .effective_issuers()
-            .into_iter()
-            .map(|i| i.name)
-            .collect();
+        let names: Vec<String> = cfg.oauth2.issuers.into_iter().map(|i| i.name).collect();
         assert_eq!(names, ["a"]);
     }
 }

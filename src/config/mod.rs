@@ -359,6 +359,15 @@ pub struct TlsListenerConfig {
     pub key: PathBuf,
 }
 
+/// `backend.balance`: how a node is chosen for each connection among the healthy ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BalancePolicy {
+    /// In turn.
+    RoundRobin,
+    /// The node with the fewest open gateway connections (ties in turn).
+    LeastConnections,
+}
+
 /// `[backend]`: the RabbitMQ node(s) the gateway relays to, and its service user.
 #[derive(Clone, PartialEq, Eq)]
 pub struct BackendConfig {
@@ -386,7 +395,7 @@ pub struct BackendConfig {
     /// Management API requests one client connection may cause per second (burst: twice).
     pub exchange_lookups_per_second: u32,
     /// How a node is chosen for each connection among the healthy ones.
-    pub balance: crate::proxy::balancer::Policy,
+    pub balance: BalancePolicy,
     /// TLS to the nodes (`backend.tls = true`); `None`: plain AMQP.
     pub tls: Option<BackendTlsConfig>,
     /// How token sessions log in to the broker.
@@ -478,30 +487,21 @@ impl fmt::Display for BackendNode {
     }
 }
 
-/// `[oauth2]`: token verification and scope normalisation, with RabbitMQ's key names.
+/// `[oauth2]`: token verification and scope normalisation, with RabbitMQ's key names. The
+/// settings every issuer shares, and the issuers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OAuth2Config {
-    /// Non-empty, without whitespace: the expected `aud`.
-    pub resource_server_id: String,
-    /// Resolved: `<resource_server_id>.` when unset; `""` disables prefix filtering.
-    pub scope_prefix: String,
-    /// Space-separated claim paths, as written (parsing paths is the scope module's job).
-    pub additional_scopes_key: Option<String>,
+    /// Never empty: the `[[oauth2.issuers]]` entries with what they inherit from `[oauth2]`
+    /// filled in, or, without them, the root `[oauth2]` keys as the one issuer (named
+    /// `default`).
+    pub issuers: Vec<IssuerConfig>,
+    /// Whether `[[oauth2.issuers]]` are configured: a token's `iss` then chooses its issuer
+    /// (otherwise the one issuer takes every token).
+    pub dispatch_by_iss: bool,
     /// Never empty.
     pub preferred_username_claims: Vec<String>,
     pub verify_aud: bool,
     pub require_exp: bool,
-    /// When set, a token's `iss` must equal it exactly; also the OIDC discovery base when
-    /// `jwks_uri` is unset.
-    pub issuer: Option<String>,
-    /// From `jwks_uri` or its deprecated alias `jwks_url`.
-    pub jwks_uri: Option<String>,
-    /// Never empty, no duplicates, in the configured order.
-    pub algorithms: Vec<JwtAlgorithm>,
-    /// The `kid` assumed for tokens whose header has none.
-    pub default_key: Option<String>,
-    /// `kid` → PEM file, resolved against the config file's directory.
-    pub signing_keys: BTreeMap<String, PathBuf>,
     /// Clock skew tolerated on `nbf` and `iat`.
     pub leeway: Duration,
     pub check_iat: bool,
@@ -514,13 +514,6 @@ pub struct OAuth2Config {
     /// After this long without a successful fetch (and the latest one failed), fetched
     /// keys stop verifying.
     pub jwks_stale_grace: Duration,
-    /// Alias → full scopes (including the prefix), a string value split on whitespace.
-    pub scope_aliases: BTreeMap<String, Vec<String>>,
-    /// `[oauth2.policy]`: the edge token policy (the default for every issuer).
-    pub policy: crate::auth::policy::Policy,
-    /// `[[oauth2.issuers]]`, inheritance resolved. Empty: the root keys are the one issuer
-    /// (see [`OAuth2Config::effective_issuers`]).
-    pub issuers: Vec<IssuerConfig>,
 }
 
 /// One `[[oauth2.issuers]]` entry with every inherited value filled in from `[oauth2]`.
@@ -528,40 +521,35 @@ pub struct OAuth2Config {
 pub struct IssuerConfig {
     /// For logs, metrics and `explain`; unique.
     pub name: String,
-    /// The `iss` that selects this entry; `None` only for the implicit single issuer of a
-    /// config without `[[oauth2.issuers]]` whose `[oauth2]` sets no `issuer`.
+    /// When set, a token's `iss` must equal it exactly; it selects this entry among
+    /// `[[oauth2.issuers]]`, and is the OIDC discovery base when no other key source is
+    /// set. `None` only for the one issuer of a config without `[[oauth2.issuers]]` whose
+    /// `[oauth2]` sets no `issuer`.
     pub issuer: Option<String>,
+    /// From `jwks_uri` or its deprecated alias `jwks_url`.
     pub jwks_uri: Option<String>,
+    /// `kid` → PEM file, resolved against the config file's directory.
     pub signing_keys: BTreeMap<String, PathBuf>,
+    /// The `kid` assumed for tokens whose header has none.
     pub default_key: Option<String>,
+    /// Never empty, no duplicates, in the configured order.
     pub algorithms: Vec<JwtAlgorithm>,
+    /// Non-empty, without whitespace: the expected `aud`.
     pub resource_server_id: String,
+    /// Resolved: `<resource_server_id>.` when unset; `""` disables prefix filtering.
     pub scope_prefix: String,
+    /// Space-separated claim paths, as written (parsing paths is the scope module's job).
     pub additional_scopes_key: Option<String>,
+    /// Alias → full scopes (including the prefix), a string value split on whitespace.
     pub scope_aliases: BTreeMap<String, Vec<String>>,
+    /// The edge token policy (`[oauth2.policy]`, or the entry's own).
     pub policy: crate::auth::policy::Policy,
 }
 
 impl OAuth2Config {
-    /// The issuers tokens are dispatched to: the `[[oauth2.issuers]]` entries, or the root
-    /// `[oauth2]` keys as the one issuer (named `default`) when there are none.
-    pub fn effective_issuers(&self) -> Vec<IssuerConfig> {
-        if !self.issuers.is_empty() {
-            return self.issuers.clone();
-        }
-        vec![IssuerConfig {
-            name: "default".into(),
-            issuer: self.issuer.clone(),
-            jwks_uri: self.jwks_uri.clone(),
-            signing_keys: self.signing_keys.clone(),
-            default_key: self.default_key.clone(),
-            algorithms: self.algorithms.clone(),
-            resource_server_id: self.resource_server_id.clone(),
-            scope_prefix: self.scope_prefix.clone(),
-            additional_scopes_key: self.additional_scopes_key.clone(),
-            scope_aliases: self.scope_aliases.clone(),
-            policy: self.policy.clone(),
-        }]
+    /// The first issuer: the only one without `[[oauth2.issuers]]`.
+    pub fn first_issuer(&self) -> &IssuerConfig {
+        &self.issuers[0]
     }
 }
 

@@ -109,14 +109,17 @@ fn defaults_apply_to_a_minimal_file() {
     assert_eq!(b.exchange_lookups_per_second, 10);
 
     let o = &c.oauth2;
-    assert_eq!(o.scope_prefix, "rabbitmq.");
-    assert_eq!(o.additional_scopes_key, None);
+    assert_eq!(o.issuers[0].scope_prefix, "rabbitmq.");
+    assert_eq!(o.issuers[0].additional_scopes_key, None);
     assert_eq!(o.preferred_username_claims, ["sub", "client_id"]);
     assert!(o.verify_aud && o.require_exp && o.check_iat && o.check_nbf);
-    assert_eq!(o.issuer, None);
-    assert_eq!(o.algorithms, [JwtAlgorithm::RS256, JwtAlgorithm::ES384]);
-    assert_eq!(o.default_key, None);
-    assert!(o.signing_keys.is_empty() && o.scope_aliases.is_empty());
+    assert_eq!(o.issuers[0].issuer, None);
+    assert_eq!(
+        o.issuers[0].algorithms,
+        [JwtAlgorithm::RS256, JwtAlgorithm::ES384]
+    );
+    assert_eq!(o.issuers[0].default_key, None);
+    assert!(o.issuers[0].signing_keys.is_empty() && o.issuers[0].scope_aliases.is_empty());
     assert_eq!(o.leeway, Duration::from_secs(60));
     assert_eq!(o.jwks_refresh, Duration::from_secs(600));
     assert_eq!(o.jwks_min_refetch_interval, Duration::from_secs(1));
@@ -217,30 +220,33 @@ format = "json"
     );
 
     let o = &c.oauth2;
-    assert_eq!(o.scope_prefix, "rabbitmq/");
+    assert_eq!(o.issuers[0].scope_prefix, "rabbitmq/");
     assert_eq!(
-        o.additional_scopes_key.as_deref(),
+        o.issuers[0].additional_scopes_key.as_deref(),
         Some(r"sub https://sts\.amazonaws\.com/.request_tags.scope")
     );
     assert_eq!(o.preferred_username_claims, ["client_id"]);
     assert!(!o.verify_aud && !o.require_exp && !o.check_iat && !o.check_nbf);
     assert_eq!(
-        o.issuer.as_deref(),
+        o.issuers[0].issuer.as_deref(),
         Some("https://abc.tokens.sts.global.api.aws")
     );
-    assert_eq!(o.jwks_uri, None);
+    assert_eq!(o.issuers[0].jwks_uri, None);
     assert_eq!(
-        o.algorithms,
+        o.issuers[0].algorithms,
         [JwtAlgorithm::ES384, JwtAlgorithm::EdDSA],
         "duplicates dropped"
     );
-    assert_eq!(o.default_key.as_deref(), Some("k1"));
-    assert_eq!(o.signing_keys["k1"], dir.join("keys/k1.pem"));
+    assert_eq!(o.issuers[0].default_key.as_deref(), Some("k1"));
+    assert_eq!(o.issuers[0].signing_keys["k1"], dir.join("keys/k1.pem"));
     assert_eq!(o.leeway, Duration::from_secs(5));
     assert_eq!(o.jwks_refresh, Duration::from_secs(30));
     assert_eq!(o.jwks_min_refetch_interval, Duration::ZERO);
     assert_eq!(o.http_timeout, Duration::from_millis(100));
-    assert_eq!(o.scope_aliases["admin"], ["rabbitmq/tag:administrator"]);
+    assert_eq!(
+        o.issuers[0].scope_aliases["admin"],
+        ["rabbitmq/tag:administrator"]
+    );
 
     assert_eq!(
         c.admin.address,
@@ -398,7 +404,10 @@ fn relative_paths_are_resolved_against_the_config_directory() {
     // load() resolves against the file's directory, not the working directory.
     let c = load(&file).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.listener.tls.unwrap().cert, dir.join("certs/server.pem"));
-    assert_eq!(c.oauth2.signing_keys["k1"], dir.join("keys/k1.pem"));
+    assert_eq!(
+        c.oauth2.issuers[0].signing_keys["k1"],
+        dir.join("keys/k1.pem")
+    );
     let missing = load(&dir.join("absent.toml")).unwrap_err();
     assert!(
         matches!(missing.0[..], [ConfigError::Read { .. }]),
@@ -455,7 +464,7 @@ fn jwks_url_is_an_alias_of_jwks_uri() {
         &format!("jwks_url = \"{url}\""),
     );
     let (c, _) = parse_ok(&text);
-    assert_eq!(c.oauth2.jwks_uri.as_deref(), Some(url));
+    assert_eq!(c.oauth2.issuers[0].jwks_uri.as_deref(), Some(url));
 
     let both = minimal_with("oauth2", &format!("jwks_url = \"{url}\""));
     assert_eq!(keys(&parse_err(&both)), ["oauth2.jwks_url"]);
@@ -492,7 +501,7 @@ multi = """
 listed = ["rabbitmq.tag:management", "rabbitmq.read:vh/*"]
 "#;
     let (c, _) = parse_ok(&minimal_with("oauth2.scope_aliases", aliases));
-    let a = &c.oauth2.scope_aliases;
+    let a = &c.oauth2.issuers[0].scope_aliases;
     assert_eq!(
         a["arn:aws:iam::111122223333:role/Admin"],
         ["rabbitmq.tag:administrator", "rabbitmq.read:*/*"]
@@ -517,11 +526,11 @@ listed = ["rabbitmq.tag:management", "rabbitmq.read:vh/*"]
 #[test]
 fn scope_prefix_defaults_to_the_resource_server_id_and_may_be_empty() {
     let (c, _) = parse_ok(&MINIMAL.replace("\"rabbitmq\"", "\"my-api\""));
-    assert_eq!(c.oauth2.scope_prefix, "my-api.");
+    assert_eq!(c.oauth2.issuers[0].scope_prefix, "my-api.");
     let (c, _) = parse_ok(&minimal_with("oauth2", "scope_prefix = \"\""));
-    assert_eq!(c.oauth2.scope_prefix, "");
+    assert_eq!(c.oauth2.issuers[0].scope_prefix, "");
     let (c, _) = parse_ok(&minimal_with("oauth2", "scope_prefix = \"api://\""));
-    assert_eq!(c.oauth2.scope_prefix, "api://");
+    assert_eq!(c.oauth2.issuers[0].scope_prefix, "api://");
 }
 
 #[test]
@@ -570,12 +579,15 @@ fn the_example_files_are_valid() {
     assert_eq!(defaults.auth, crate::config::AuthConfig::default());
     let o = &c.oauth2;
     assert_eq!(
-        (o.resource_server_id.as_str(), o.scope_prefix.as_str()),
+        (
+            o.issuers[0].resource_server_id.as_str(),
+            o.issuers[0].scope_prefix.as_str()
+        ),
         ("rabbitmq", "rabbitmq/")
     );
-    assert_eq!(o.additional_scopes_key.as_deref(), Some("sub"));
+    assert_eq!(o.issuers[0].additional_scopes_key.as_deref(), Some("sub"));
     assert_eq!(
-        o.scope_aliases["arn:aws:iam::111122223333:role/RabbitMqAdminRole"],
+        o.issuers[0].scope_aliases["arn:aws:iam::111122223333:role/RabbitMqAdminRole"],
         [
             "rabbitmq/tag:administrator",
             "rabbitmq/read:*/*",
@@ -597,7 +609,7 @@ fn the_example_files_are_valid() {
         let text = example.replace("additional_scopes_key = \"sub\"", line);
         let c = parse_with(&text, &dir, CheckFiles::No).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            c.oauth2.additional_scopes_key.as_deref(),
+            c.oauth2.issuers[0].additional_scopes_key.as_deref(),
             Some(r"sub https://sts\.amazonaws\.com/.request_tags.scope")
         );
     }
@@ -713,7 +725,7 @@ claim = "sub"
 prefix = "arn:aws:iam::"
 "#
     ));
-    let p = &c.oauth2.policy;
+    let p = &c.oauth2.issuers[0].policy;
     assert_eq!(p.max_lifetime_seconds, Some(3600));
     assert_eq!(p.required_claims.len(), 2);
     assert_eq!(p.jti_deny.len(), 2);
@@ -724,8 +736,9 @@ prefix = "arn:aws:iam::"
             test: ClaimTest::Prefix("arn:aws:iam::".into())
         }
     );
-    // The single implicit issuer carries it.
-    assert_eq!(&c.oauth2.effective_issuers()[0].policy, p);
+    // Without [[oauth2.issuers]], the one issuer is the root's.
+    assert_eq!(c.oauth2.issuers.len(), 1);
+    assert!(!c.oauth2.dispatch_by_iss);
 }
 
 #[test]
@@ -799,7 +812,7 @@ max_lifetime_seconds = 60
     ));
     let o = &c.oauth2;
     assert_eq!(o.issuers.len(), 2);
-    assert_eq!(o.effective_issuers(), o.issuers);
+    assert!(o.dispatch_by_iss);
     let (a, b) = (&o.issuers[0], &o.issuers[1]);
     assert_eq!(a.issuer.as_deref(), Some("https://a.example"));
     assert_eq!(a.algorithms, [JwtAlgorithm::RS256]);
@@ -807,7 +820,7 @@ max_lifetime_seconds = 60
     assert_eq!(a.scope_prefix, "rabbitmq.");
     assert_eq!(a.additional_scopes_key.as_deref(), Some("sub"));
     assert!(a.scope_aliases.contains_key("root"));
-    assert_eq!(a.policy, o.policy);
+    assert_eq!(a.policy.jti_deny.len(), 1, "the root policy is inherited");
     assert_eq!(b.algorithms, [JwtAlgorithm::ES384]);
     assert_eq!(b.resource_server_id, "other");
     assert_eq!(b.scope_prefix, "other.");

@@ -16,8 +16,8 @@ use super::raw::{
 };
 use super::{
     AdminConfig, AuditSink, AuthBackend, AuthConfig, BackendAuth, BackendConfig, BackendNode,
-    BackendTlsConfig, BackendTokenConfig, CheckFiles, Config, ConfigError, ConfigErrors,
-    DEFAULT_ADMIN_ADDRESS, DEFAULT_ALGORITHMS, DEFAULT_AUTH_FAILURE_DELAY_MS,
+    BackendTlsConfig, BackendTokenConfig, BalancePolicy, CheckFiles, Config, ConfigError,
+    ConfigErrors, DEFAULT_ADMIN_ADDRESS, DEFAULT_ALGORITHMS, DEFAULT_AUTH_FAILURE_DELAY_MS,
     DEFAULT_BACKEND_CLOSE_TIMEOUT_MS, DEFAULT_BACKEND_CONNECT_TIMEOUT_MS,
     DEFAULT_BACKEND_MAX_CONNECTING, DEFAULT_BACKEND_NODE, DEFAULT_CHANNEL_MAX, DEFAULT_CHECK_IAT,
     DEFAULT_CHECK_NBF, DEFAULT_DRAIN_DEADLINE_MS, DEFAULT_DRAIN_PERIOD_MS, DEFAULT_FRAME_MAX,
@@ -283,14 +283,14 @@ impl Checker<'_> {
         let username = self.required_text("backend.username", raw.username);
         let password = self.required_text("backend.password", raw.password);
         let balance = match raw.balance.as_deref() {
-            None | Some("round_robin") => crate::proxy::balancer::Policy::RoundRobin,
-            Some("least_connections") => crate::proxy::balancer::Policy::LeastConnections,
+            None | Some("round_robin") => BalancePolicy::RoundRobin,
+            Some("least_connections") => BalancePolicy::LeastConnections,
             Some(other) => {
                 self.error(
                     "backend.balance",
                     format!("{other:?} is not \"round_robin\" or \"least_connections\""),
                 );
-                crate::proxy::balancer::Policy::RoundRobin
+                BalancePolicy::RoundRobin
             }
         };
         let management_url = raw.management_url.inspect(|url| {
@@ -451,6 +451,7 @@ impl Checker<'_> {
         let preferred_username_claims = self.username_claims(raw.preferred_username_claims);
         let algorithms = self.algorithms("oauth2", raw.algorithms, &DEFAULT_ALGORITHMS);
         let raw_issuers = raw.issuers.unwrap_or_default();
+        let dispatch_by_iss = !raw_issuers.is_empty();
         let keys = if raw_issuers.is_empty() {
             self.key_sources(
                 "oauth2",
@@ -551,18 +552,28 @@ impl Checker<'_> {
                 },
             });
         }
+        if !dispatch_by_iss {
+            // Without `[[oauth2.issuers]]`, the root keys are the one issuer.
+            issuers.push(IssuerConfig {
+                name: "default".into(),
+                issuer: keys.issuer,
+                jwks_uri: keys.jwks_uri,
+                signing_keys: keys.signing_keys,
+                default_key: raw.default_key,
+                algorithms,
+                resource_server_id,
+                scope_prefix,
+                additional_scopes_key: raw.additional_scopes_key,
+                scope_aliases,
+                policy,
+            });
+        }
         OAuth2Config {
-            resource_server_id,
-            scope_prefix,
-            additional_scopes_key: raw.additional_scopes_key,
+            issuers,
+            dispatch_by_iss,
             preferred_username_claims,
             verify_aud: raw.verify_aud.unwrap_or(DEFAULT_VERIFY_AUD),
             require_exp: raw.require_exp.unwrap_or(DEFAULT_REQUIRE_EXP),
-            issuer: keys.issuer,
-            jwks_uri: keys.jwks_uri,
-            algorithms,
-            default_key: raw.default_key,
-            signing_keys: keys.signing_keys,
             leeway: Duration::from_secs(self.bounded(
                 "oauth2.leeway_seconds",
                 raw.leeway_seconds,
@@ -607,9 +618,6 @@ impl Checker<'_> {
                 1,
                 MAX_JWKS_STALE_GRACE_SECONDS,
             )),
-            scope_aliases,
-            policy,
-            issuers,
         }
     }
 

@@ -22,11 +22,11 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use super::balancer::{Balancer, Lease};
-use crate::admin::metrics::{GaugeGuard, Metrics};
 use crate::amqp::frame::{self, PROTOCOL_HEADER};
 use crate::amqp::handshake::Tuning;
 use crate::amqp::method::{self, Close, Reader, id};
 use crate::config::{BackendConfig, BackendTlsConfig};
+use crate::telemetry::metrics::{GaugeGuard, Metrics};
 
 /// Largest frame accepted from the backend before tune.
 const MAX_HANDSHAKE_FRAME: usize = 128 * 1024;

@@ -17,12 +17,8 @@ pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
 /// Longest back-off.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// How the next node is chosen among healthy ones.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Policy {
-    RoundRobin,
-    LeastConnections,
-}
+/// How the next node is chosen among healthy ones (`backend.balance`).
+pub use crate::config::BalancePolicy as Policy;
 
 /// What the latest background health check of a node found.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -12,7 +12,6 @@ use tokio::time::Instant;
 use super::Shared;
 use super::backend::{self, BackendError, LoggedIn, Login};
 use super::relay::{self, ExchangeLookup, RelayEnd, SecretVerifier};
-use crate::admin::audit::AuditEvent;
 use crate::amqp::handshake::{ClientHandshake, ClientProperties, Credentials, Step};
 use crate::amqp::method::reply;
 use crate::amqp::session::{Limits, Session, SessionConfig};
@@ -20,6 +19,7 @@ use crate::auth::exchange::{BackendMinter, Subject};
 use crate::auth::{Identity, jwt_shaped, token_id};
 use crate::authz::Denial;
 use crate::config::AuthBackend;
+use crate::telemetry::audit::AuditEvent;
 
 /// How long a refused client may take to answer our `connection.close`.
 const CLOSE_OK_WAIT: Duration = Duration::from_secs(3);

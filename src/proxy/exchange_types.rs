@@ -25,10 +25,10 @@ use moka::future::Cache;
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use tokio::time::Instant;
 
-use crate::admin::metrics::Metrics;
 use crate::amqp::session::ExchangeEpochs;
 use crate::authz::ExchangeKind;
 use crate::config::BackendConfig;
+use crate::telemetry::metrics::Metrics;
 
 /// Most exchange types cached.
 const MAX_CACHED: u64 = 10_000;

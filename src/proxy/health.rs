@@ -13,8 +13,8 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use super::balancer::{Balancer, Check};
-use crate::admin::metrics::Metrics;
 use crate::config::{BACKEND_HEALTH_CHECK_TIMEOUT, BackendConfig};
+use crate::telemetry::metrics::Metrics;
 
 /// How long one check of one node may take under `cfg`.
 pub fn check_timeout(cfg: &BackendConfig) -> Duration {

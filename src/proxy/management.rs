@@ -36,11 +36,11 @@ use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 
 use super::{DrainState, Live, Shared, proxy_protocol, wait_state};
-use crate::admin::audit::AuditEvent;
 use crate::auth::exchange::BackendMinter;
 use crate::auth::{Identity, jwt_shaped, token_id};
 use crate::config::{AuthBackend, ManagementConfig};
 use crate::mgmt::{self, Carrier, Presented, Protection};
+use crate::telemetry::audit::AuditEvent;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type OutBody = BoxBody<Bytes, BoxError>;
@@ -294,7 +294,7 @@ async fn handle(
                 Outcome::new("overloaded", "deny", "max_concurrent_requests"),
             ),
             Ok(permit) => {
-                let _in_flight = crate::admin::metrics::GaugeGuard::new(
+                let _in_flight = crate::telemetry::metrics::GaugeGuard::new(
                     shared.metrics.management_in_flight.clone(),
                 );
                 let (resp, outcome) = forward(req, peer, &shared, &m).await;

@@ -13,6 +13,7 @@
 pub mod backend;
 pub mod balancer;
 mod conn;
+mod control;
 pub mod exchange_types;
 pub mod health;
 pub mod limits;
@@ -31,14 +32,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::admin::audit::Audit;
-use crate::admin::metrics::Metrics;
 use crate::amqp::handshake::HandshakeSettings;
 use crate::amqp::session::ExchangeEpochs;
 use crate::auth::Authenticators;
 use crate::auth::chain::{PasswordBackoff, SourceRules};
 use crate::auth::exchange::BackendMinter;
 use crate::config::Config;
+use crate::telemetry::audit::Audit;
+use crate::telemetry::metrics::Metrics;
 use exchange_types::ExchangeTypes;
 use readahead::ReadAhead;
 
@@ -224,7 +225,7 @@ async fn build(
         Some(t) => Some(backend::tls_connector(t)?),
         None => None,
     };
-    let mut auth = Authenticators::from_config(&cfg.oauth2)?;
+    let mut auth = crate::wiring::authenticators(&cfg.oauth2)?;
     if let Some(p) = prev {
         // Counters survive a reload (the caches do not: the keys may have changed).
         auth.set_stats(p.auth.stats.clone());
@@ -332,7 +333,7 @@ async fn build(
         minter,
         token_probe: Arc::default(),
         backend_jwks,
-        sources: SourceRules::new(&cfg.auth),
+        sources: crate::wiring::source_rules(&cfg.auth),
         password_backoff,
         cfg,
         auth,
@@ -578,7 +579,7 @@ async fn serve_socket(
                 .connections_closed
                 .with_label_values(&[reason])
                 .inc();
-            shared.audit.record(&crate::admin::audit::AuditEvent {
+            shared.audit.record(&crate::telemetry::audit::AuditEvent {
                 event: "limit",
                 decision: "deny",
                 reason,

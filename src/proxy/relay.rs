@@ -23,8 +23,8 @@ use tokio::time::{Instant, Sleep};
 use crate::amqp::session::{ClientEvent, Outbox, Session, SessionError};
 use prometheus::IntCounter;
 
-use crate::admin::metrics::Metrics;
 use crate::authz::{Denial, ExchangeKind, Permissions};
+use crate::telemetry::metrics::Metrics;
 
 /// Stop reading a side while this much is queued for its peer (by [`Outbox::weight`]).
 pub const HIGH_WATER: usize = 256 * 1024;

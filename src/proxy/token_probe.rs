@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::admin::metrics::Metrics;
 use crate::amqp::handshake::ClientProperties;
 use crate::auth::exchange::{BackendMinter, Subject};
 use crate::config::BackendConfig;
+use crate::telemetry::metrics::Metrics;
 
 use super::backend::{self, BackendError, Login};
 use super::balancer::Balancer;

@@ -28,9 +28,15 @@ async fn flaky_broker() -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
+        // The gateway's health checks connect and close without a byte: the first
+        // connection that sends the protocol header is the one to serve.
         let mut header = [0u8; 8];
-        s.read_exact(&mut header).await.unwrap();
+        let mut s = loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            if s.read_exact(&mut header).await.is_ok() {
+                break s;
+            }
+        };
         assert_eq!(&header, frame::PROTOCOL_HEADER);
         let mut out = BytesMut::new();
         let start = connection::Start {
@@ -116,13 +122,14 @@ async fn unreachable_broker_is_a_320_at_open() {
 
 #[tokio::test]
 async fn failed_nodes_are_skipped_and_healthy_ones_share_the_load() {
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
-    // Two names for the running node, and a node nobody listens on.
+    // A node that answers the gateway's first health check and is gone before the clients
+    // come (the next check is far away): only a connect finds out.
+    let dying = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = dying.local_addr().unwrap().to_string();
+    // Two names for the running node, and the node that dies.
     let nodes = format!(r#"{dead}", "127.0.0.1:5672", "localhost:5672"#);
-    let gw = start_gateway_with("", &nodes).await;
+    let gw = start_gateway_full("", &nodes, "health_check_interval_ms = 300000").await;
+    drop(dying);
     let token = sign(&claims(ADMIN_ROLE));
     let mut conns = Vec::new();
     for _ in 0..6 {
@@ -150,6 +157,39 @@ async fn failed_nodes_are_skipped_and_healthy_ones_share_the_load() {
     );
 }
 
+#[tokio::test]
+async fn a_node_the_health_check_found_down_costs_no_client_a_connect() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let nodes = format!(r#"{dead}", "127.0.0.1:5672"#);
+    let gw = start_gateway_with("", &nodes).await;
+    let token = sign(&claims(ADMIN_ROLE));
+    for _ in 0..4 {
+        gw.connect(&token, "/")
+            .await
+            .expect("the node that is up is chosen");
+    }
+    let text = metrics(&gw).await;
+    assert_eq!(
+        sample(
+            &text,
+            &format!(r#"backend_connect_failures_total{{node="{dead}"}}"#)
+        ),
+        0.0,
+        "the check before serving found it down: no client tried it"
+    );
+    assert_eq!(
+        sample(&text, &format!(r#"backend_node_up{{node="{dead}"}}"#)),
+        0.0
+    );
+    assert_eq!(
+        sample(&text, r#"backend_connections_total{node="127.0.0.1:5672"}"#),
+        4.0
+    );
+}
+
 /// A node that accepts connections and closes each after `hold` without a word; returns its
 /// address, the connections it accepted and the most it held open at once.
 async fn slow_node(
@@ -171,12 +211,18 @@ async fn slow_node(
     let (acc, pk) = (accepted.clone(), peak.clone());
     tokio::spawn(async move {
         loop {
-            let (s, _) = listener.accept().await.unwrap();
-            accepted.fetch_add(1, Ordering::SeqCst);
-            let now = open.fetch_add(1, Ordering::SeqCst) + 1;
-            peak.fetch_max(now, Ordering::SeqCst);
-            let open = open.clone();
+            let (mut s, _) = listener.accept().await.unwrap();
+            let (accepted, open, peak) = (accepted.clone(), open.clone(), peak.clone());
             tokio::spawn(async move {
+                // A connect of the gateway's sends the protocol header; its background health
+                // checks connect and close without a byte, and are not counted.
+                let mut header = [0u8; 8];
+                if s.read_exact(&mut header).await.is_err() {
+                    return;
+                }
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
                 tokio::time::sleep(hold).await;
                 open.fetch_sub(1, Ordering::SeqCst);
                 drop(s);

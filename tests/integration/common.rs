@@ -324,7 +324,7 @@ async fn build_gateway(
 /// tests of the reason a token is refused.
 pub fn authenticator(extra_oauth2: &str) -> amqp_iam_gateway::auth::Authenticator {
     let (cfg, _, _dir) = test_config(extra_oauth2, &static_keys(), "127.0.0.1:5672", "", "");
-    amqp_iam_gateway::auth::Authenticator::from_config(&cfg.oauth2).expect("authenticator")
+    amqp_iam_gateway::wiring::first_authenticator(&cfg.oauth2).expect("authenticator")
 }
 
 /// The standard test config with keys from `key_source` (as [`start_gateway_with_keys`]),

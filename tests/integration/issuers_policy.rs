@@ -275,7 +275,7 @@ fn verifications(auth: &Authenticators) -> u64 {
 #[tokio::test]
 async fn issuer_reasons() {
     let (cfg, _dir) = config_with_keys("", &issuers());
-    let auth = Authenticators::from_config(&cfg.oauth2).unwrap();
+    let auth = amqp_iam_gateway::wiring::authenticators(&cfg.oauth2).unwrap();
     assert_eq!(auth.all().len(), 2);
 
     let a = auth.authenticate(&token_a(), now(), None).await.expect("A");

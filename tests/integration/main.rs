@@ -17,6 +17,7 @@ mod no_lost_messages;
 mod protocol_abuse;
 mod proxy_protocol;
 mod session_attacks;
+#[cfg(feature = "sts-emulator")]
 mod sts_emulator;
 mod token_attacks;
 mod token_cache;

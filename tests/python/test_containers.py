@@ -42,6 +42,10 @@ DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else (shutil.whic
 COMPOSE = shutil.which("docker-compose") or "docker-compose"
 BASE = "amqp-iam-gateway/debian:bookworm"
 GATEWAY_IMAGE = "amqp-iam-gateway:test"
+# The lean production gateway (--no-default-features, scripts/build-lean.sh): the scale-out
+# stack serves with it.
+LEAN_IMAGE = "amqp-iam-gateway:lean-test"
+LEAN_BIN = Path(os.environ.get("GATEWAY_LEAN_BIN", REPO_ROOT / "target" / "lean" / "amqp-iam-gateway"))
 RABBITMQ_IMAGE = "amqp-iam-gateway/rabbitmq:test"
 HAPROXY_IMAGE = "amqp-iam-gateway/haproxy:test"
 MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -85,6 +89,9 @@ def images():
     staged = REPO_ROOT / "target" / "docker" / "amqp-iam-gateway"
     staged.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(gateway_binary(), staged)
+    if not LEAN_BIN.is_file():
+        pytest.fail(f"no lean gateway at {LEAN_BIN}: run scripts/build-lean.sh")
+    shutil.copy2(LEAN_BIN, staged.with_name("amqp-iam-gateway-lean"))
     # The three images at once: the two apt installs wait on the network more than the CPU.
     local = REPO_ROOT / "tests" / "containers"
     builds = [
@@ -94,6 +101,9 @@ def images():
          RABBITMQ_IMAGE, "-f", str(local / "rabbitmq.Dockerfile"), str(local)),
         ("build", "--network", "host", "--build-arg", f"BASE_IMAGE={BASE}", "-t",
          HAPROXY_IMAGE, "-f", str(local / "haproxy.Dockerfile"), str(local)),
+        ("build", "--network", "host", "--target", "prebuilt", "--build-arg",
+         f"RUNTIME_IMAGE={BASE}", "--build-arg", "BINARY=target/docker/amqp-iam-gateway-lean",
+         "-t", LEAN_IMAGE, str(REPO_ROOT)),
     ]
     with concurrent.futures.ThreadPoolExecutor(len(builds)) as pool:
         for done in [pool.submit(docker, *b) for b in builds]:
@@ -203,6 +213,23 @@ def test_the_compose_stack_serves_a_host_client_and_keeps_its_keys(stack):
         round_trip(conn, f"compose-after-{RUN}")
 
 
+def test_the_lean_build_has_no_development_mode_and_no_sts_emulator(images):
+    """`--no-default-features`: `serve`, `check-config` and the operator commands only (the
+    scale-out stack below serves with it)."""
+    r = docker("run", "--rm", LEAN_IMAGE, check=False)
+    assert r.returncode == 2, r
+    assert "no development mode" in r.stderr and "serve --config" in r.stderr, r.stderr
+    helptext = docker("run", "--rm", LEAN_IMAGE, "--help").stdout
+    commands = {line.split()[0] for line in helptext.split("Commands:")[1].split("Options:")[0]
+                .splitlines() if line.strip()}
+    assert {"serve", "check-config", "explain", "backend-setup"} <= commands, helptext
+    assert not commands & {"token", "rotate-keys", "sts-emulator"}, helptext
+    full = docker("run", "--rm", GATEWAY_IMAGE, "--help").stdout
+    assert "sts-emulator" in full and "token" in full
+    sizes = {"full (debug)": gateway_binary().stat().st_size, "lean (debug)": LEAN_BIN.stat().st_size}
+    conftest.TERMINAL_REPORTS.append(("binary sizes", json.dumps(sizes)))
+
+
 def test_serve_with_a_config_file_drains_on_sigterm(stack, tmp_path):
     """`serve --config` in the same image: the development config from the volume, on other
     ports, sharing the development container's network (its issuer is on 127.0.0.1)."""
@@ -260,7 +287,8 @@ class ScaleOut(Stack):
     def __init__(self, tmp: Path):
         super().__init__(tmp)
         self.project = f"aigscale{RUN}"
-        self.env.update({"HAPROXY_IMAGE": HAPROXY_IMAGE, "SCALE_OUT_AMQPS_PORT": str(self.port),
+        self.env.update({"HAPROXY_IMAGE": HAPROXY_IMAGE, "GATEWAY_IMAGE": LEAN_IMAGE,
+                         "SCALE_OUT_AMQPS_PORT": str(self.port),
                          "SCALE_OUT_CONFIG": str(tmp)})
 
     def audit(self, service: str) -> list[dict]:
