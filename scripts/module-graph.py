@@ -6,7 +6,8 @@ A module's dependencies are the other top-level modules its files name through `
 paths: `crate::auth::...`, `use crate::{auth, config::X}`, in code and in its test files.
 Comments are not read. `main.rs` is the binary, a crate of its own; it is shown, not checked.
 
-    scripts/module-graph.py            the graph as text, then the check
+    scripts/module-graph.py            the graph as text, then the checks: no cycles, and
+                                       ARCHITECTURE.md's Mermaid flowchart is this graph
     scripts/module-graph.py --mermaid  the graph as a Mermaid flowchart (for ARCHITECTURE.md)
 """
 
@@ -111,15 +112,20 @@ def cycles(deps: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def mermaid(deps: dict[str, set[str]]) -> str:
+    lines = ["flowchart TD"]
+    for m in sorted(deps):
+        for d in sorted(deps[m]):
+            lines.append(f"    {m} --> {d}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     lib = strip_comments((SRC / "lib.rs").read_text())
     modules = set(re.findall(r"^\s*pub mod ([a-z_]+);", lib, flags=re.M))
     deps = dependencies(modules)
     if "--mermaid" in sys.argv:
-        print("flowchart TD")
-        for m in sorted(deps):
-            for d in sorted(deps[m]):
-                print(f"    {m} --> {d}")
+        print(mermaid(deps))
         return 0
     width = max(map(len, deps))
     for m in sorted(deps):
@@ -132,7 +138,13 @@ def main() -> int:
                 inside = sorted(deps[m] & set(c))
                 print(f"  {m} -> {', '.join(inside)}", file=sys.stderr)
         return 1
-    print(f"module-graph: {len(deps)} modules, no cycles")
+    doc = (SRC.parent / "ARCHITECTURE.md").read_text()
+    drawn = re.search(r"```mermaid\n(flowchart TD\n.*?)\n```", doc, flags=re.S)
+    if not drawn or drawn.group(1).strip() != mermaid(deps):
+        print("module-graph: ARCHITECTURE.md's flowchart is not this graph; replace it with the "
+              "output of scripts/module-graph.py --mermaid", file=sys.stderr)
+        return 1
+    print(f"module-graph: {len(deps)} modules, no cycles; ARCHITECTURE.md shows this graph")
     return 0
 
 

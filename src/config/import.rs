@@ -6,7 +6,8 @@
 //! silently. Pure: text in, text and notes out.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+
+use serde::Serialize;
 
 /// Why a line was not converted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,9 +128,121 @@ pub fn import(conf: &str) -> Imported {
             notes.push(note(line, key, msg));
         }
     }
-    let mut toml = o.render(&mut notes);
-    chain.render(&mut toml);
+    let (oauth2, root_id_note) = o.render(&mut notes);
+    let doc = Document {
+        listener: ListenerOut {
+            address: "0.0.0.0:5671",
+            tls_cert: "certs/server.pem",
+            tls_key: "certs/server-key.pem",
+        },
+        backend: BackendOut {
+            nodes: ["127.0.0.1:5672"],
+            username: "iam-gateway",
+            password: "change-me",
+        },
+        auth: chain.render(),
+        oauth2,
+    };
+    let mut toml = String::from(
+        "# Imported from rabbitmq.conf by `amqp-iam-gateway import-rabbitmq-conf`.\n\
+         # Review the [listener] and [backend] sections: they are not part of rabbitmq.conf.\n",
+    );
+    if root_id_note {
+        toml.push_str(
+            "# [oauth2] resource_server_id is required at the root; every [[oauth2.issuers]] entry\n\
+             # sets its own.\n",
+        );
+    }
+    toml.push('\n');
+    // Plain data of strings, booleans, arrays and tables: serialisation cannot fail.
+    toml.push_str(&toml::to_string(&doc).unwrap_or_default());
     Imported { toml, notes }
+}
+
+/// The gateway configuration the import writes, serialised by `toml`.
+#[derive(Serialize)]
+struct Document {
+    listener: ListenerOut,
+    backend: BackendOut,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    auth: Option<AuthOut>,
+    oauth2: OAuth2Out,
+}
+
+/// Placeholders to review: `rabbitmq.conf` has no equivalent.
+#[derive(Serialize)]
+struct ListenerOut {
+    address: &'static str,
+    tls_cert: &'static str,
+    tls_key: &'static str,
+}
+
+#[derive(Serialize)]
+struct BackendOut {
+    nodes: [&'static str; 1],
+    username: &'static str,
+    password: &'static str,
+}
+
+#[derive(Serialize)]
+struct AuthOut {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    backends: Vec<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    loopback_users: Option<Vec<String>>,
+}
+
+#[derive(Serialize, Default)]
+struct OAuth2Out {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resource_server_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scope_prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    additional_scopes_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verify_aud: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    require_exp: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    issuer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jwks_uri: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    default_key: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    preferred_username_claims: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    algorithms: Vec<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    signing_keys: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    scope_aliases: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    issuers: Vec<IssuerOut>,
+}
+
+/// One `[[oauth2.issuers]]` entry.
+#[derive(Serialize)]
+struct IssuerOut {
+    name: String,
+    issuer: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jwks_uri: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    default_key: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    algorithms: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resource_server_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scope_prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    additional_scopes_key: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    signing_keys: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    scope_aliases: BTreeMap<String, String>,
 }
 
 /// `auth_backends.N` and `loopback_users`: the gateway's `[auth]`.
@@ -191,23 +304,20 @@ impl Chain {
         Ok(())
     }
 
-    fn render(&self, t: &mut String) {
+    fn render(&self) -> Option<AuthOut> {
         if self.backends.is_empty() && self.loopback.is_none() {
-            return;
+            return None;
         }
-        let _ = writeln!(t, "\n[auth]");
-        if !self.backends.is_empty() {
-            let list: Vec<String> = self.backends.values().map(|b| quote(b)).collect();
-            let _ = writeln!(t, "backends = [{}]", list.join(", "));
-        }
-        if let Some(users) = &self.loopback {
-            let list: Vec<String> = users
-                .iter()
-                .filter(|(_, on)| **on)
-                .map(|(u, _)| quote(u))
-                .collect();
-            let _ = writeln!(t, "loopback_users = [{}]", list.join(", "));
-        }
+        Some(AuthOut {
+            backends: self.backends.values().copied().collect(),
+            loopback_users: self.loopback.as_ref().map(|users| {
+                users
+                    .iter()
+                    .filter(|(_, on)| **on)
+                    .map(|(u, _)| u.clone())
+                    .collect()
+            }),
+        })
     }
 }
 
@@ -425,7 +535,9 @@ impl OAuth2 {
         entries
     }
 
-    fn render(self, notes: &mut Vec<ImportNote>) -> String {
+    /// The `[oauth2]` table, and whether its `resource_server_id` was taken from the first
+    /// issuer entry (the root needs one).
+    fn render(self, notes: &mut Vec<ImportNote>) -> (OAuth2Out, bool) {
         let root = &self.root;
         let entries = self.entries(notes);
         let root_has_keys = root.issuer.is_some()
@@ -442,94 +554,72 @@ impl OAuth2 {
                 "not imported: no issuer entry uses the root provider (set auth_oauth2.resource_server_id, or move them into an oauth_providers entry)",
             ));
         }
-        let mut t = String::new();
-        let _ = writeln!(
-            t,
-            "# Imported from rabbitmq.conf by `amqp-iam-gateway import-rabbitmq-conf`."
-        );
-        let _ = writeln!(
-            t,
-            "# Review the [listener] and [backend] sections: they are not part of rabbitmq.conf.\n"
-        );
-        let _ = writeln!(
-            t,
-            "[listener]\naddress = \"0.0.0.0:5671\"\ntls_cert = \"certs/server.pem\"\ntls_key = \"certs/server-key.pem\"\n"
-        );
-        let _ = writeln!(
-            t,
-            "[backend]\nnodes = [\"127.0.0.1:5672\"]\nusername = \"iam-gateway\"\npassword = \"change-me\"\n"
-        );
-        let _ = writeln!(t, "[oauth2]");
-        for (key, v) in &self.scalars {
-            match v {
-                Scalar::Text(s) => {
-                    let _ = writeln!(t, "{key} = {}", quote(s));
-                }
-                Scalar::Bool(b) => {
-                    let _ = writeln!(t, "{key} = {b}");
-                }
-            }
-        }
+        let text = |k: &str| match self.scalars.get(k) {
+            Some(Scalar::Text(s)) => Some(s.clone()),
+            _ => None,
+        };
+        let flag = |k: &str| match self.scalars.get(k) {
+            Some(Scalar::Bool(b)) => Some(*b),
+            _ => None,
+        };
+        let mut out = OAuth2Out {
+            resource_server_id: text("resource_server_id"),
+            scope_prefix: text("scope_prefix"),
+            additional_scopes_key: text("additional_scopes_key"),
+            verify_aud: flag("verify_aud"),
+            require_exp: flag("require_exp"),
+            // The scalar form (3.11.6+) and the list form (3.11.10+) may both appear; the
+            // list entries are ordered by their index as cuttlefish orders them.
+            preferred_username_claims: self.username_claims.values().cloned().collect(),
+            // Every entry inherits the root algorithms.
+            algorithms: root.algorithms.values().cloned().collect(),
+            scope_aliases: self.aliases.merged("auth_oauth2.scope_aliases", notes),
+            ..OAuth2Out::default()
+        };
         // With issuer entries, the root provider's keys move into its entry.
         if entries.is_empty() {
-            write_text(&mut t, "issuer", root.issuer.as_deref());
-            write_keys(&mut t, root);
+            out.issuer = root.issuer.clone();
+            out.jwks_uri = root.jwks_uri.clone();
+            out.default_key = root.default_key.clone();
+            out.signing_keys = root.signing_keys.clone();
         }
+        let mut root_id_from_entry = false;
         if let Some(first) = entries.first()
-            && self.text("resource_server_id").is_none()
+            && out.resource_server_id.is_none()
         {
-            let id = first.resource_server_id().unwrap_or_default();
-            let _ = writeln!(
-                t,
-                "# Required at the root; every issuer entry below sets its own.\nresource_server_id = {}",
-                quote(id)
-            );
+            out.resource_server_id =
+                Some(first.resource_server_id().unwrap_or_default().to_owned());
+            root_id_from_entry = true;
         }
-        // The scalar form (3.11.6+) and the list form (3.11.10+) may both appear; the list
-        // entries are ordered by their index as cuttlefish orders them.
-        if !self.username_claims.is_empty() {
-            let list: Vec<String> = self.username_claims.values().map(|v| quote(v)).collect();
-            let _ = writeln!(t, "preferred_username_claims = [{}]", list.join(", "));
-        }
-        // Every entry inherits the root algorithms.
-        write_list(&mut t, "algorithms", &root.algorithms);
-        if entries.is_empty() {
-            write_table(&mut t, "oauth2.signing_keys", &root.signing_keys);
-        }
-        let aliases = self.aliases.merged("auth_oauth2.scope_aliases", notes);
-        write_table(&mut t, "oauth2.scope_aliases", &aliases);
         for e in &entries {
-            let _ = writeln!(
-                t,
-                "\n[[oauth2.issuers]]\nname = {}\nissuer = {}",
-                quote(&e.name),
-                quote(e.issuer)
-            );
             let p = e.provider;
-            write_keys(&mut t, p);
-            if !std::ptr::eq(p, root) {
-                write_list(&mut t, "algorithms", &p.algorithms);
-            }
-            if let Some(s) = e.server {
-                write_text(&mut t, "resource_server_id", e.resource_server_id());
-                write_text(&mut t, "scope_prefix", s.scope_prefix.as_deref());
-                write_text(
-                    &mut t,
-                    "additional_scopes_key",
-                    s.additional_scopes_key.as_deref(),
-                );
-            }
-            write_table(&mut t, "oauth2.issuers.signing_keys", &p.signing_keys);
-            if let Some(s) = e.server.filter(|s| !s.aliases.is_empty()) {
-                let key = format!("auth_oauth2.resource_servers.{}.scope_aliases", e.name);
-                write_table(
-                    &mut t,
-                    "oauth2.issuers.scope_aliases",
-                    &s.aliases.merged(&key, notes),
-                );
-            }
+            out.issuers.push(IssuerOut {
+                name: e.name.clone(),
+                issuer: e.issuer.to_owned(),
+                jwks_uri: p.jwks_uri.clone(),
+                default_key: p.default_key.clone(),
+                algorithms: if std::ptr::eq(p, root) {
+                    Vec::new()
+                } else {
+                    p.algorithms.values().cloned().collect()
+                },
+                resource_server_id: e
+                    .server
+                    .and_then(|_| e.resource_server_id())
+                    .map(str::to_owned),
+                scope_prefix: e.server.and_then(|s| s.scope_prefix.clone()),
+                additional_scopes_key: e.server.and_then(|s| s.additional_scopes_key.clone()),
+                signing_keys: p.signing_keys.clone(),
+                scope_aliases: match e.server.filter(|s| !s.aliases.is_empty()) {
+                    Some(s) => s.aliases.merged(
+                        &format!("auth_oauth2.resource_servers.{}.scope_aliases", e.name),
+                        notes,
+                    ),
+                    None => BTreeMap::new(),
+                },
+            });
         }
-        t
+        (out, root_id_from_entry)
     }
 }
 
@@ -576,37 +666,6 @@ fn named<'m, 'r, T>(
         .split_once('.')
         .ok_or_else(|| format!("expected {table}.<name>.<key>"))?;
     Ok((map.entry(name.to_owned()).or_insert_with(new), key))
-}
-
-/// `key = "value"` when there is a value.
-fn write_text(t: &mut String, key: &str, value: Option<&str>) {
-    if let Some(v) = value {
-        let _ = writeln!(t, "{key} = {}", quote(v));
-    }
-}
-
-/// A provider's `jwks_uri` and `default_key` lines.
-fn write_keys(t: &mut String, p: &Provider) {
-    write_text(t, "jwks_uri", p.jwks_uri.as_deref());
-    write_text(t, "default_key", p.default_key.as_deref());
-}
-
-/// `key = ["a", "b"]` in index order, when not empty.
-fn write_list(t: &mut String, key: &str, items: &BTreeMap<String, String>) {
-    if !items.is_empty() {
-        let list: Vec<String> = items.values().map(|v| quote(v)).collect();
-        let _ = writeln!(t, "{key} = [{}]", list.join(", "));
-    }
-}
-
-/// `[table]` of `"key" = "value"` lines, when not empty.
-fn write_table(t: &mut String, table: &str, items: &BTreeMap<String, String>) {
-    if !items.is_empty() {
-        let _ = writeln!(t, "\n[{table}]");
-        for (k, v) in items {
-            let _ = writeln!(t, "{} = {}", quote(k), quote(v));
-        }
-    }
 }
 
 /// Why a known key of another purpose is not imported; `None` for an unknown key.
@@ -677,24 +736,6 @@ fn parse_bool(v: &str) -> Option<bool> {
         "false" => Some(false),
         _ => None,
     }
-}
-
-/// A TOML basic string.
-fn quote(s: &str) -> String {
-    let mut q = String::with_capacity(s.len() + 2);
-    q.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => q.push_str("\\\""),
-            '\\' => q.push_str("\\\\"),
-            c if c.is_control() => {
-                let _ = write!(q, "\\u{:04X}", c as u32);
-            }
-            c => q.push(c),
-        }
-    }
-    q.push('"');
-    q
 }
 
 #[cfg(test)]
@@ -842,6 +883,34 @@ management.oauth_enabled = true
             msgs[2].1.contains("auth_oauth2.issuer is not set"),
             "{msgs:?}"
         );
+    }
+
+    #[test]
+    fn values_and_keys_come_out_as_written_whatever_they_hold() {
+        // Quotes, backslashes, brackets, `#`, `=` and non-ASCII text in keys and values:
+        // the TOML is written by serialisation, so each reads back as it was.
+        let conf = "auth_oauth2.resource_server_id = rabbit\"mq\n\
+                    auth_oauth2.jwks_url = https://idp.example/j?a=1#frag\n\
+                    auth_oauth2.scope_aliases.we\"ird]\\key = a\"b\\c [x] # not a comment\n\
+                    auth_oauth2.scope_aliases.rôle = rabbitmq.read:*/*\n";
+        let out = import(conf);
+        assert!(out.notes.is_empty(), "{:?}", out.notes);
+        let doc: toml::Table = out
+            .toml
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}\n{}", out.toml));
+        let o = doc["oauth2"].as_table().unwrap();
+        assert_eq!(o["resource_server_id"].as_str(), Some("rabbit\"mq"));
+        assert_eq!(
+            o["jwks_uri"].as_str(),
+            Some("https://idp.example/j?a=1#frag")
+        );
+        let a = o["scope_aliases"].as_table().unwrap();
+        assert_eq!(
+            a["we\"ird]\\key"].as_str(),
+            Some("a\"b\\c [x] # not a comment")
+        );
+        assert_eq!(a["rôle"].as_str(), Some("rabbitmq.read:*/*"));
     }
 
     /// Parses the imported TOML as the gateway would (without looking for the files).
