@@ -19,7 +19,20 @@ pub struct Explained {
 }
 
 /// Verifies `token` against `cfg` as the gateway would, and says why each scope is there.
-pub async fn explain(cfg: &Config, token: &str, as_json: bool) -> Result<Explained, String> {
+/// Why `explain` could not give its report (a refused token is a report, not an error).
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    /// The configuration's issuers could not be set up.
+    #[error(transparent)]
+    Setup(#[from] crate::wiring::WiringError),
+    /// The token's scopes could not be normalised (more than RabbitMQ allows).
+    #[error(transparent)]
+    Scopes(#[from] scopes::ScopeError),
+    #[error("JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+pub async fn explain(cfg: &Config, token: &str, as_json: bool) -> Result<Explained, ExplainError> {
     let all = crate::wiring::authenticators(&cfg.oauth2)?;
     let auth = match all.select(token) {
         Ok(auth) => auth,
@@ -55,7 +68,7 @@ pub async fn explain(cfg: &Config, token: &str, as_json: bool) -> Result<Explain
             "decided_by": decided_by(&e),
         }),
         Ok((claims, id)) => {
-            let normalised = scopes::normalise(&claims, &auth.scopes).map_err(|e| e.to_string())?;
+            let normalised = scopes::normalise(&claims, &auth.scopes)?;
             let origins: Vec<Value> = normalised
                 .origins
                 .iter()
@@ -81,10 +94,10 @@ pub async fn explain(cfg: &Config, token: &str, as_json: bool) -> Result<Explain
     finish(report, as_json)
 }
 
-fn finish(report: Value, as_json: bool) -> Result<Explained, String> {
+fn finish(report: Value, as_json: bool) -> Result<Explained, ExplainError> {
     let accepted = report["accepted"].as_bool() == Some(true);
     let text = if as_json {
-        serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
+        serde_json::to_string_pretty(&report)?
     } else {
         render(&report)
     };

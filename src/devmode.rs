@@ -90,12 +90,12 @@ impl DevSettings {
     /// `service_user`), `AMQP_IAM_GATEWAY_BACKEND_TOKEN_KEY` (a PEM private key, mode 600)
     /// and `AMQP_IAM_GATEWAY_BACKEND_TOKEN_KID`; the state directory as in
     /// [`default_state_dir`].
-    pub fn from_env() -> Result<DevSettings, String> {
+    pub fn from_env() -> anyhow::Result<DevSettings> {
         let mut s = DevSettings::default();
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let addr = |k: &str, v: String| {
             v.parse::<SocketAddr>()
-                .map_err(|e| format!("{k}={v:?}: {e}"))
+                .map_err(|e| anyhow::anyhow!("{k}={v:?}: {e}"))
         };
         if let Some(v) = var("AMQP_IAM_GATEWAY_LISTEN") {
             s.tls_addr = addr("AMQP_IAM_GATEWAY_LISTEN", v)?;
@@ -132,7 +132,7 @@ impl DevSettings {
                 "token" => DevBackendAuth::Token,
                 "service_user" => DevBackendAuth::ServiceUser,
                 _ => {
-                    return Err(format!(
+                    return Err(anyhow::anyhow!(
                         "AMQP_IAM_GATEWAY_BACKEND_AUTH={v:?}: auto, token or service_user"
                     ));
                 }
@@ -211,7 +211,7 @@ pub struct DevTls {
 
 /// Creates a CA and a server certificate for localhost / 127.0.0.1 in `state_dir/tls`
 /// unless they exist.
-pub fn ensure_tls(state_dir: &Path) -> Result<DevTls, String> {
+pub fn ensure_tls(state_dir: &Path) -> anyhow::Result<DevTls> {
     use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair};
     let dir = state_dir.join("tls");
     let tls = DevTls {
@@ -222,8 +222,8 @@ pub fn ensure_tls(state_dir: &Path) -> Result<DevTls, String> {
     if tls.ca.exists() && tls.cert.exists() && tls.key.exists() {
         return Ok(tls);
     }
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let err = |e: rcgen::Error| format!("certificate generation: {e}");
+    std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    let err = |e: rcgen::Error| anyhow::anyhow!("certificate generation: {e}");
     let ca_key = KeyPair::generate().map_err(err)?;
     let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -237,12 +237,14 @@ pub fn ensure_tls(state_dir: &Path) -> Result<DevTls, String> {
     let issuer = rcgen::Issuer::new(ca, ca_key);
     let cert = params.signed_by(&key, &issuer).map_err(err)?;
     write_private(&tls.key, key.serialize_pem().as_bytes())?;
-    std::fs::write(&tls.cert, cert.pem()).map_err(|e| format!("{}: {e}", tls.cert.display()))?;
-    std::fs::write(&tls.ca, ca_cert.pem()).map_err(|e| format!("{}: {e}", tls.ca.display()))?;
+    std::fs::write(&tls.cert, cert.pem())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tls.cert.display()))?;
+    std::fs::write(&tls.ca, ca_cert.pem())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tls.ca.display()))?;
     Ok(tls)
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -253,25 +255,26 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
     }
     let mut f = opts
         .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     f.write_all(bytes)
-        .map_err(|e| format!("{}: {e}", path.display()))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 /// The backend tokens' signing key: the configured one, or `backend-token.pem` in the
 /// state directory, created (P-256, mode 600) on first start, with its public key beside it
 /// (`backend-token.pub.pem`) for the broker.
-pub fn ensure_backend_key(s: &DevSettings) -> Result<PathBuf, String> {
+pub fn ensure_backend_key(s: &DevSettings) -> anyhow::Result<PathBuf> {
     if let Some(k) = &s.backend_token_key {
         return Ok(k.clone());
     }
     let key = s.state_dir.join("backend-token.pem");
     if !key.exists() {
-        let pair = rcgen::KeyPair::generate().map_err(|e| format!("key generation: {e}"))?;
+        let pair =
+            rcgen::KeyPair::generate().map_err(|e| anyhow::anyhow!("key generation: {e}"))?;
         write_private(&key, pair.serialize_pem().as_bytes())?;
         let public = s.state_dir.join("backend-token.pub.pem");
         std::fs::write(&public, pair.public_key_pem())
-            .map_err(|e| format!("{}: {e}", public.display()))?;
+            .map_err(|e| anyhow::anyhow!("{}: {e}", public.display()))?;
     }
     Ok(key)
 }
@@ -296,7 +299,7 @@ fn loopback_if_unspecified(addr: SocketAddr) -> SocketAddr {
 
 /// The development issuer's URL as `token` and `rotate-keys` should assume it: the
 /// address in `AMQP_IAM_GATEWAY_ISSUER_LISTEN` when set, as development mode binds it.
-pub fn default_issuer_url() -> Result<String, String> {
+pub fn default_issuer_url() -> anyhow::Result<String> {
     DevSettings::from_env().map(|s| issuer_url(s.issuer_addr))
 }
 
@@ -366,14 +369,14 @@ additional_scopes_key = 'sub https://sts\.amazonaws\.com/.request_tags.scope'
 }
 
 /// Opens the issuer with the development principals.
-pub fn open_issuer(state_dir: &Path, issuer_url: &str) -> Result<Issuer, String> {
+pub fn open_issuer(state_dir: &Path, issuer_url: &str) -> anyhow::Result<Issuer> {
     Issuer::open(IssuerConfig {
         issuer_url: issuer_url.to_owned(),
         state_dir: state_dir.to_owned(),
         principals: dev_principals(),
         region: sts::DEFAULT_REGION.to_owned(),
     })
-    .map_err(|e| e.to_string())
+    .map_err(anyhow::Error::msg)
 }
 
 /// Runs the issuer and the gateway until `shutdown` completes, then drains the gateway
@@ -381,15 +384,16 @@ pub fn open_issuer(state_dir: &Path, issuer_url: &str) -> Result<Issuer, String>
 pub async fn run(
     s: DevSettings,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), String> {
-    std::fs::create_dir_all(&s.state_dir).map_err(|e| format!("{}: {e}", s.state_dir.display()))?;
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&s.state_dir)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", s.state_dir.display()))?;
     let tls = ensure_tls(&s.state_dir)?;
     let listener = tokio::net::TcpListener::bind(s.issuer_addr)
         .await
-        .map_err(|e| format!("STS issuer on {}: {e}", s.issuer_addr))?;
+        .map_err(|e| anyhow::anyhow!("STS issuer on {}: {e}", s.issuer_addr))?;
     // The issuer is reached over loopback by the gateway in the same process, whatever
     // address it listens on, so `iss` names a loopback URL.
-    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    let bound = listener.local_addr().map_err(anyhow::Error::msg)?;
     let url = issuer_url(bound);
     let issuer = Arc::new(open_issuer(&s.state_dir, &url)?);
     tokio::spawn(sts::serve(issuer, listener));
@@ -402,8 +406,9 @@ pub async fn run(
     };
     let (toml, backend) = choose_backend(&settings, &tls).await?;
     let config_path = settings.state_dir.join("gateway.toml");
-    std::fs::write(&config_path, &toml).map_err(|e| format!("{}: {e}", config_path.display()))?;
-    let cfg: Config = config::parse(&toml, &settings.state_dir).map_err(|e| e.to_string())?;
+    std::fs::write(&config_path, &toml)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
+    let cfg: Config = config::parse(&toml, &settings.state_dir).map_err(anyhow::Error::msg)?;
     let gateway = Gateway::new(cfg)
         .await?
         .with_config_path(config_path.clone());
@@ -412,11 +417,11 @@ pub async fn run(
     let bound = gateway
         .start()
         .await
-        .map_err(|e| format!("binding listeners: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("binding listeners: {e}"))?;
     print_banner(&settings, &tls, &config_path, &url, bound, &backend);
     // SIGHUP reloads the generated config file (edit it to try a setting), as in `serve`.
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(|e| format!("installing the SIGHUP handler: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("installing the SIGHUP handler: {e}"))?;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             if let Err(e) = live.reload_from_file().await {
@@ -440,7 +445,7 @@ pub async fn run(
 /// The config to run with, and the banner's line about the backend: backend tokens when
 /// the broker accepts them (or when asked for), else the service user, saying why the
 /// gateway is then the only guard.
-async fn choose_backend(s: &DevSettings, tls: &DevTls) -> Result<(String, String), String> {
+async fn choose_backend(s: &DevSettings, tls: &DevTls) -> anyhow::Result<(String, String)> {
     let service = || {
         let user = &s.backend_user;
         format!("service user {user:?}: the gateway is the only guard")
@@ -454,7 +459,7 @@ async fn choose_backend(s: &DevSettings, tls: &DevTls) -> Result<(String, String
     if s.backend_auth == DevBackendAuth::Token {
         return Ok((toml, tokens));
     }
-    let cfg: Config = config::parse(&toml, &s.state_dir).map_err(|e| e.to_string())?;
+    let cfg: Config = config::parse(&toml, &s.state_dir).map_err(anyhow::Error::msg)?;
     match crate::proxy::token_probe::probe_config(&cfg).await {
         Some(Ok(_)) => Ok((toml, tokens)),
         Some(Err(why)) => {
@@ -467,7 +472,7 @@ async fn choose_backend(s: &DevSettings, tls: &DevTls) -> Result<(String, String
                 tokens_config.display()
             );
             std::fs::write(&tokens_config, &toml)
-                .map_err(|e| format!("{}: {e}", tokens_config.display()))?;
+                .map_err(|e| anyhow::anyhow!("{}: {e}", tokens_config.display()))?;
             Ok((config_toml(s, tls, None), service()))
         }
         None => Ok((toml, tokens)),
@@ -541,10 +546,10 @@ pub struct TokenArgs {
 }
 
 /// Mints a token with the development issuer's keys, for any role ARN.
-pub fn mint(args: &TokenArgs, now: i64) -> Result<String, String> {
+pub fn mint(args: &TokenArgs, now: i64) -> anyhow::Result<String> {
     let issuer = open_issuer(&args.state_dir, &args.issuer_url)?;
     let algorithm = SigningAlgorithm::parse(&args.algorithm)
-        .ok_or_else(|| format!("--alg {:?}: expected RS256 or ES384", args.algorithm))?;
+        .ok_or_else(|| anyhow::anyhow!("--alg {:?}: expected RS256 or ES384", args.algorithm))?;
     let caller = dev_principals()
         .into_iter()
         .find(|p| p.role_arn == args.role_arn)
@@ -572,13 +577,13 @@ pub fn mint(args: &TokenArgs, now: i64) -> Result<String, String> {
     issuer
         .mint(&caller, &req, now)
         .map(|m| m.token)
-        .map_err(|e| e.to_string())
+        .map_err(anyhow::Error::msg)
 }
 
 /// Asks a running issuer (development mode or `sts-emulator`) to rotate its signing keys:
 /// a SigV4-signed `POST /_emulator/rotate-keys` with the first development principal.
 /// Returns the issuer's answer (the new signing kids and the published ones).
-pub async fn rotate_keys(issuer_url: &str, now: i64) -> Result<String, String> {
+pub async fn rotate_keys(issuer_url: &str, now: i64) -> anyhow::Result<String> {
     use crate::sts::server::{ROTATE_PATH, SERVICE};
     use crate::sts::sigv4::{SignedRequest, authorization_header};
     let base = issuer_url.trim_end_matches('/');
@@ -612,13 +617,13 @@ pub async fn rotate_keys(issuer_url: &str, now: i64) -> Result<String, String> {
         .header("authorization", auth)
         .send()
         .await
-        .map_err(|e| format!("{base}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("{base}: {e}"))?;
     let status = resp.status();
-    let body = resp.text().await.map_err(|e| e.to_string())?;
+    let body = resp.text().await.map_err(anyhow::Error::msg)?;
     if status.is_success() {
         Ok(body)
     } else {
-        Err(format!("{base}: HTTP {status}: {body}"))
+        Err(anyhow::anyhow!("{base}: HTTP {status}: {body}"))
     }
 }
 

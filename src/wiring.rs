@@ -8,14 +8,26 @@ use jsonwebtoken::Algorithm;
 
 use crate::auth::chain::SourceRules;
 use crate::auth::jwt::ClaimRules;
+use crate::auth::keys::KeyError;
 use crate::auth::keys::{KeySettings, KeyStore};
 use crate::auth::scopes::ScopeRules;
 use crate::auth::{Authenticator, Authenticators};
 use crate::config::{AuthConfig, IssuerConfig, OAuth2Config};
 
+/// Why the authenticators of a configuration could not be built.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WiringError {
+    /// An issuer's static keys could not be loaded (or its HTTP client built).
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    /// An algorithm name `jsonwebtoken` does not know.
+    #[error("{alg}: {why}")]
+    Algorithm { alg: String, why: String },
+}
+
 /// The authenticators of every issuer of a validated `[oauth2]`, sharing one set of
 /// counters; the token's `iss` chooses among them when `[[oauth2.issuers]]` are configured.
-pub fn authenticators(o: &OAuth2Config) -> Result<Authenticators, String> {
+pub fn authenticators(o: &OAuth2Config) -> Result<Authenticators, WiringError> {
     let list = o
         .issuers
         .iter()
@@ -26,13 +38,13 @@ pub fn authenticators(o: &OAuth2Config) -> Result<Authenticators, String> {
 
 /// The authenticator of the first issuer of a validated `[oauth2]` (the only one without
 /// `[[oauth2.issuers]]`).
-pub fn first_authenticator(o: &OAuth2Config) -> Result<Authenticator, String> {
+pub fn first_authenticator(o: &OAuth2Config) -> Result<Authenticator, WiringError> {
     authenticator(o, o.first_issuer())
 }
 
 /// Builds the authenticator for one issuer entry (keys loaded, nothing fetched yet:
 /// see [`KeyStore::refresh`]); `o` supplies the settings every issuer shares.
-pub fn authenticator(o: &OAuth2Config, i: &IssuerConfig) -> Result<Authenticator, String> {
+pub fn authenticator(o: &OAuth2Config, i: &IssuerConfig) -> Result<Authenticator, WiringError> {
     let keys = Arc::new(KeyStore::new(KeySettings {
         stale_grace: Some(o.jwks_stale_grace),
         signing_keys: i
@@ -58,7 +70,10 @@ pub fn authenticator(o: &OAuth2Config, i: &IssuerConfig) -> Result<Authenticator
         .map(|a| {
             a.as_str()
                 .parse::<Algorithm>()
-                .map_err(|e| format!("{a}: {e}"))
+                .map_err(|e| WiringError::Algorithm {
+                    alg: a.as_str().to_owned(),
+                    why: e.to_string(),
+                })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let mut auth = Authenticator::new(

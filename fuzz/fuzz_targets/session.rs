@@ -35,7 +35,11 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
                     Ok(())
                 }
                 Ok(ClientEvent::UpdateSecret(_)) => {
-                    s.secret_updated(Err("refused".into()), &mut to_c, &mut to_b);
+                    s.secret_updated(
+                        Err(amqp_iam_gateway::amqp::session::SecretRefused("refused".into())),
+                        &mut to_c,
+                        &mut to_b,
+                    );
                     Ok(())
                 }
                 Ok(ClientEvent::None) => Ok(()),

@@ -22,12 +22,16 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the admin listener asks of the gateway.
 pub trait Control: Send + Sync + 'static {
+    /// Why new clients cannot be served (the body of a 503 from `/readyz`).
+    type NotReady: std::fmt::Display + Send;
+    /// Why a reload failed (the body of a 422 from `POST /reload`).
+    type ReloadError: std::fmt::Display + Send;
     /// The Prometheus text exposition of every metric.
     fn scrape(&self) -> String;
     /// Whether new clients can be served; why not, when not.
-    fn ready(&self) -> impl Future<Output = Result<(), String>> + Send;
+    fn ready(&self) -> impl Future<Output = Result<(), Self::NotReady>> + Send;
     /// Reloads the configuration file; why not, when it cannot.
-    fn reload(&self) -> impl Future<Output = Result<(), String>> + Send;
+    fn reload(&self) -> impl Future<Output = Result<(), Self::ReloadError>> + Send;
     /// The JWKS of the backend-token keys (public halves), with backend tokens.
     fn backend_jwks(&self) -> Option<String>;
 }

@@ -49,14 +49,52 @@ pub struct Subject<'a> {
     pub exp: Option<i64>,
 }
 
+/// Why a backend-token key file could not be used. The caller names the file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyFileError {
+    /// The file could not be read (or its mode could not be).
+    #[error("{0}")]
+    Read(String),
+    /// Others may read it.
+    #[error("readable by others (mode {mode:o}): run `chmod 600` on it")]
+    ReadableByOthers { mode: u32 },
+    /// Not a private key of a kind the gateway signs with.
+    #[error("{0}")]
+    NotAKey(String),
+    /// It parses but cannot sign (a P-384 key for ES256).
+    #[error("the key cannot sign {alg}: {why}")]
+    CannotSign { alg: String, why: String },
+}
+
+impl KeyFileError {
+    /// A stable label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            KeyFileError::Read(_) => "read",
+            KeyFileError::ReadableByOthers { .. } => "readable_by_others",
+            KeyFileError::NotAKey(_) => "not_a_key",
+            KeyFileError::CannotSign { .. } => "cannot_sign",
+        }
+    }
+}
+
 impl BackendMinter {
     /// From a PKCS#8 (or PKCS#1 RSA / SEC1 EC) PEM private key: RSA → RS256, P-256 → ES256.
-    pub fn from_pem(pem: &[u8], kid: &str, audience: &str, prefix: &str) -> Result<Self, String> {
+    pub fn from_pem(
+        pem: &[u8],
+        kid: &str,
+        audience: &str,
+        prefix: &str,
+    ) -> Result<Self, KeyFileError> {
         let (key, alg) = match EncodingKey::from_rsa_pem(pem) {
             Ok(k) => (k, Algorithm::RS256),
             Err(_) => match EncodingKey::from_ec_pem(pem) {
                 Ok(k) => (k, Algorithm::ES256),
-                Err(e) => return Err(format!("not an RSA or P-256 private key in PEM: {e}")),
+                Err(e) => {
+                    return Err(KeyFileError::NotAKey(format!(
+                        "not an RSA or P-256 private key in PEM: {e}"
+                    )));
+                }
             },
         };
         let minter = BackendMinter {
@@ -69,7 +107,10 @@ impl BackendMinter {
         // A key of another curve (P-384 for ES256) parses but cannot sign: find out now.
         minter
             .sign(&json!({}))
-            .map_err(|e| format!("the key cannot sign {:?}: {e}", minter.alg))?;
+            .map_err(|e| KeyFileError::CannotSign {
+                alg: format!("{:?}", minter.alg),
+                why: e.to_string(),
+            })?;
         Ok(minter)
     }
 
@@ -130,37 +171,32 @@ impl BackendMinter {
 
 /// Reads the private key file of `[backend.token]`, refusing one its group or others may
 /// read (the gateway's key for the broker is as sensitive as the service user's password).
-pub fn read_private_key(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    let what = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+pub fn read_private_key(path: &std::path::Path) -> Result<Vec<u8>, KeyFileError> {
+    let read = |e: std::io::Error| KeyFileError::Read(e.to_string());
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path)
-            .map_err(|e| what(&e))?
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(path).map_err(read)?.permissions().mode();
         if mode & 0o077 != 0 {
-            return Err(what(&format!(
-                "readable by others (mode {:o}): run `chmod 600` on it",
-                mode & 0o777
-            )));
+            return Err(KeyFileError::ReadableByOthers { mode: mode & 0o777 });
         }
     }
-    std::fs::read(path).map_err(|e| what(&e))
+    std::fs::read(path).map_err(read)
 }
 
 /// The public key of a PEM private key, as a PEM `PUBLIC KEY` (SubjectPublicKeyInfo): what
 /// the broker's `auth_oauth2.signing_keys.<kid>` names.
-pub fn public_key_pem(private_pem: &[u8]) -> Result<String, String> {
-    let text = std::str::from_utf8(private_pem).map_err(|_| "not a PEM file".to_owned())?;
+pub fn public_key_pem(private_pem: &[u8]) -> Result<String, KeyFileError> {
+    let text = std::str::from_utf8(private_pem)
+        .map_err(|_| KeyFileError::NotAKey("not a PEM file".to_owned()))?;
     rcgen::KeyPair::from_pem(text)
         .map(|k| k.public_key_pem())
-        .map_err(|e| format!("not a private key rcgen can read: {e}"))
+        .map_err(|e| KeyFileError::NotAKey(format!("not a private key rcgen can read: {e}")))
 }
 
 /// The public key of a PEM private key (PKCS#8, or PKCS#1 RSA / SEC1 P-256) as a JWK named
 /// `kid`, for the JWKS the admin listener serves to the broker (`auth_oauth2.jwks_url`).
-pub fn public_jwk(private_pem: &[u8], kid: &str) -> Result<Value, String> {
+pub fn public_jwk(private_pem: &[u8], kid: &str) -> Result<Value, KeyFileError> {
     use aws_lc_rs::signature::{
         ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair, RsaKeyPair,
     };
@@ -169,7 +205,7 @@ pub fn public_jwk(private_pem: &[u8], kid: &str) -> Result<Value, String> {
     use rustls::pki_types::pem::PemObject;
     let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
     let der = PrivateKeyDer::from_pem_slice(private_pem)
-        .map_err(|e| format!("not a PEM private key: {e}"))?;
+        .map_err(|e| KeyFileError::NotAKey(format!("not a PEM private key: {e}")))?;
     let rsa = match &der {
         PrivateKeyDer::Pkcs8(k) => RsaKeyPair::from_pkcs8(k.secret_pkcs8_der()).ok(),
         PrivateKeyDer::Pkcs1(k) => RsaKeyPair::from_der(k.secret_pkcs1_der()).ok(),
@@ -194,9 +230,13 @@ pub fn public_jwk(private_pem: &[u8], kid: &str) -> Result<Value, String> {
             &ECDSA_P256_SHA256_FIXED_SIGNING,
             k.secret_sec1_der(),
         ),
-        _ => return Err("not an RSA or P-256 private key".into()),
+        _ => {
+            return Err(KeyFileError::NotAKey(
+                "not an RSA or P-256 private key".into(),
+            ));
+        }
     }
-    .map_err(|e| format!("not an RSA or P-256 private key: {e}"))?;
+    .map_err(|e| KeyFileError::NotAKey(format!("not an RSA or P-256 private key: {e}")))?;
     // Uncompressed SEC 1 point: 0x04 || x || y, 32 bytes each.
     let point = ec.public_key().as_ref();
     let (x, y) = point

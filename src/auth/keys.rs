@@ -84,17 +84,74 @@ pub struct KeyStore {
     generation: AtomicU64,
 }
 
+/// Why keys could not be loaded or fetched. The messages name the file or URL; `reason()`
+/// is a stable label.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum KeyError {
+    #[error("{path}: {why}")]
+    ReadFile { path: String, why: String },
+    #[error("{path}: not an RSA, EC or Ed25519 public key (PEM)")]
+    NotAPublicKey { path: String },
+    #[error("HTTP client: {0}")]
+    HttpClient(String),
+    #[error("no jwks_uri or issuer")]
+    NoSource,
+    #[error("{url}: {why}")]
+    Transport { url: String, why: String },
+    #[error("{url}: HTTP {status}")]
+    HttpStatus { url: String, status: String },
+    #[error("{url}: document larger than {limit} bytes")]
+    TooLarge { url: String, limit: usize },
+    #[error("{url}: invalid JWKS: {why}")]
+    InvalidJwks { url: String, why: String },
+    #[error("{url}: JWKS has no usable signing keys")]
+    NoUsableKeys { url: String },
+    #[error("{url}: invalid discovery document: {why}")]
+    InvalidDiscovery { url: String, why: String },
+    #[error("{url}: discovery document names issuer {named:?}, expected {expected:?}")]
+    WrongIssuer {
+        url: String,
+        named: Option<String>,
+        expected: String,
+    },
+    #[error("{url}: discovery document has no jwks_uri")]
+    NoJwksUri { url: String },
+    #[error("{url}: jwks_uri {jwks_uri:?} must use https (http only on loopback)")]
+    InsecureJwksUri { url: String, jwks_uri: String },
+}
+
+impl KeyError {
+    /// A stable label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            KeyError::ReadFile { .. } => "read_file",
+            KeyError::NotAPublicKey { .. } => "not_a_public_key",
+            KeyError::HttpClient(_) => "http_client",
+            KeyError::NoSource => "no_source",
+            KeyError::Transport { .. } => "transport",
+            KeyError::HttpStatus { .. } => "http_status",
+            KeyError::TooLarge { .. } => "too_large",
+            KeyError::InvalidJwks { .. } => "invalid_jwks",
+            KeyError::NoUsableKeys { .. } => "no_usable_keys",
+            KeyError::InvalidDiscovery { .. } => "invalid_discovery",
+            KeyError::WrongIssuer { .. } => "wrong_issuer",
+            KeyError::NoJwksUri { .. } => "no_jwks_uri",
+            KeyError::InsecureJwksUri { .. } => "insecure_jwks_uri",
+        }
+    }
+}
+
 impl KeyStore {
     /// Loads the static keys. Remote keys are fetched by [`KeyStore::refresh`].
-    pub fn new(settings: KeySettings) -> Result<Self, String> {
+    pub fn new(settings: KeySettings) -> Result<Self, KeyError> {
         let mut static_keys = KeyMap::new();
         for (kid, path) in &settings.signing_keys {
-            let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let key = key_from_pem(kid, &pem).ok_or_else(|| {
-                format!(
-                    "{}: not an RSA, EC or Ed25519 public key (PEM)",
-                    path.display()
-                )
+            let pem = std::fs::read(path).map_err(|e| KeyError::ReadFile {
+                path: path.display().to_string(),
+                why: e.to_string(),
+            })?;
+            let key = key_from_pem(kid, &pem).ok_or_else(|| KeyError::NotAPublicKey {
+                path: path.display().to_string(),
             })?;
             static_keys.insert(kid.clone(), Arc::new(key));
         }
@@ -105,7 +162,7 @@ impl KeyStore {
                 .timeout(settings.http_timeout)
                 .connect_timeout(settings.http_timeout)
                 .build()
-                .map_err(|e| format!("HTTP client: {e}"))?;
+                .map_err(|e| KeyError::HttpClient(e.to_string()))?;
             Some(Remote {
                 settings: settings.clone(),
                 http,
@@ -218,7 +275,7 @@ impl KeyStore {
         }
     }
 
-    async fn fetch_and_store(&self, remote: &Remote) -> Result<usize, String> {
+    async fn fetch_and_store(&self, remote: &Remote) -> Result<usize, KeyError> {
         let result = remote.fetch_and_store().await;
         if matches!(result, Ok((_, true))) {
             self.generation.fetch_add(1, Ordering::AcqRel);
@@ -228,7 +285,7 @@ impl KeyStore {
 
     /// Fetches the JWKS now (serialised with kid-miss refetches). Errors keep the last
     /// good key set.
-    pub async fn refresh(&self) -> Result<usize, String> {
+    pub async fn refresh(&self) -> Result<usize, KeyError> {
         let Some(remote) = &self.remote else {
             return Ok(self.static_keys.len());
         };
@@ -276,7 +333,7 @@ impl Remote {
     }
 
     /// Fetches and stores the key set; `Ok((keys, changed))`.
-    async fn fetch_and_store(&self) -> Result<(usize, bool), String> {
+    async fn fetch_and_store(&self) -> Result<(usize, bool), KeyError> {
         let result = self.fetch_keys().await;
         let mut status = self.status.write().unwrap_or_else(|e| e.into_inner());
         status.fetches += 1;
@@ -299,22 +356,24 @@ impl Remote {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "JWKS fetch failed; keeping the last good key set");
-                status.last_error = Some(e.clone());
+                status.last_error = Some(e.to_string());
                 status.failures += 1;
                 Err(e)
             }
         }
     }
 
-    async fn fetch_keys(&self) -> Result<(KeyMap, [u8; 32]), String> {
+    async fn fetch_keys(&self) -> Result<(KeyMap, [u8; 32]), KeyError> {
         let uri = match (&self.settings.jwks_uri, &self.settings.issuer) {
             (Some(u), _) => u.clone(),
             (None, Some(issuer)) => self.discover(issuer).await?,
-            (None, None) => return Err("no jwks_uri or issuer".into()),
+            (None, None) => return Err(KeyError::NoSource),
         };
         let body = self.get(&uri).await?;
-        let set: JwkSet =
-            serde_json::from_slice(&body).map_err(|e| format!("{uri}: invalid JWKS: {e}"))?;
+        let set: JwkSet = serde_json::from_slice(&body).map_err(|e| KeyError::InvalidJwks {
+            url: uri.clone(),
+            why: e.to_string(),
+        })?;
         let keys: KeyMap = set
             .keys
             .iter()
@@ -322,55 +381,64 @@ impl Remote {
             .map(|k| (k.kid.clone(), Arc::new(k)))
             .collect();
         if keys.is_empty() {
-            return Err(format!("{uri}: JWKS has no usable signing keys"));
+            return Err(KeyError::NoUsableKeys { url: uri });
         }
         use sha2::Digest;
         Ok((keys, sha2::Sha256::digest(&body).into()))
     }
 
-    async fn discover(&self, issuer: &str) -> Result<String, String> {
+    async fn discover(&self, issuer: &str) -> Result<String, KeyError> {
         let url = format!(
             "{}/.well-known/openid-configuration",
             issuer.trim_end_matches('/')
         );
         let body = self.get(&url).await?;
-        let doc: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|e| format!("{url}: invalid discovery document: {e}"))?;
+        let doc: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| KeyError::InvalidDiscovery {
+                url: url.clone(),
+                why: e.to_string(),
+            })?;
         // OpenID Connect Discovery §4.3: the document must name the issuer it was fetched for.
         let named = doc.get("issuer").and_then(|v| v.as_str());
         if named.map(|n| n.trim_end_matches('/')) != Some(issuer.trim_end_matches('/')) {
-            return Err(format!(
-                "{url}: discovery document names issuer {named:?}, expected {issuer:?}"
-            ));
+            return Err(KeyError::WrongIssuer {
+                url,
+                named: named.map(str::to_owned),
+                expected: issuer.to_owned(),
+            });
         }
         let jwks_uri = doc
             .get("jwks_uri")
             .and_then(|v| v.as_str())
-            .ok_or_else(|| format!("{url}: discovery document has no jwks_uri"))?;
+            .ok_or_else(|| KeyError::NoJwksUri { url: url.clone() })?;
         if !secure_or_loopback(jwks_uri) {
-            return Err(format!(
-                "{url}: jwks_uri {jwks_uri:?} must use https (http only on loopback)"
-            ));
+            return Err(KeyError::InsecureJwksUri {
+                url,
+                jwks_uri: jwks_uri.to_owned(),
+            });
         }
         Ok(jwks_uri.to_owned())
     }
 
-    async fn get(&self, url: &str) -> Result<Vec<u8>, String> {
-        let mut resp = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
+    async fn get(&self, url: &str) -> Result<Vec<u8>, KeyError> {
+        let transport = |e: reqwest::Error| KeyError::Transport {
+            url: url.to_owned(),
+            why: e.to_string(),
+        };
+        let mut resp = self.http.get(url).send().await.map_err(transport)?;
         if resp.status() != reqwest::StatusCode::OK {
-            return Err(format!("{url}: HTTP {}", resp.status()));
+            return Err(KeyError::HttpStatus {
+                url: url.to_owned(),
+                status: resp.status().to_string(),
+            });
         }
         let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| format!("{url}: {e}"))? {
+        while let Some(chunk) = resp.chunk().await.map_err(transport)? {
             if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
-                return Err(format!(
-                    "{url}: document larger than {MAX_DOCUMENT_BYTES} bytes"
-                ));
+                return Err(KeyError::TooLarge {
+                    url: url.to_owned(),
+                    limit: MAX_DOCUMENT_BYTES,
+                });
             }
             body.extend_from_slice(&chunk);
         }

@@ -22,6 +22,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use super::balancer::{Balancer, Lease};
+use super::errors::TlsError;
 use crate::amqp::frame::{self, PROTOCOL_HEADER};
 use crate::amqp::handshake::Tuning;
 use crate::amqp::method::{self, Close, Reader, id};
@@ -125,7 +126,7 @@ impl AsyncWrite for BackendStream {
 /// The TLS client for the nodes, built once per configuration: TLS 1.2 and 1.3 with the
 /// aws-lc-rs provider, trusting only the CA(s) in `tls_ca`, with the client certificate
 /// when one is configured.
-pub fn tls_connector(t: &BackendTlsConfig) -> Result<TlsConnector, String> {
+pub fn tls_connector(t: &BackendTlsConfig) -> Result<TlsConnector, TlsError> {
     Ok(TlsConnector::from(Arc::new(tls_client_config(t)?)))
 }
 
@@ -133,41 +134,50 @@ pub fn tls_connector(t: &BackendTlsConfig) -> Result<TlsConnector, String> {
 /// `roots`: the one way the gateway makes TLS clients.
 pub(crate) fn client_builder(
     roots: rustls::RootCertStore,
-) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, String> {
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, TlsError>
+{
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?
+        .map_err(|e| TlsError::Protocols(e.to_string()))?
         .with_root_certificates(roots))
 }
 
 /// The rustls client config of `backend.tls`: its CA, its client certificate.
-pub fn tls_client_config(t: &BackendTlsConfig) -> Result<rustls::ClientConfig, String> {
+pub fn tls_client_config(t: &BackendTlsConfig) -> Result<rustls::ClientConfig, TlsError> {
     let read_certs = |path: &std::path::Path| {
         let certs = CertificateDer::pem_file_iter(path)
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|e| TlsError::Read {
+                path: path.display().to_string(),
+                why: e.to_string(),
+            })?;
         if certs.is_empty() {
-            return Err(format!("{}: no certificate found", path.display()));
+            return Err(TlsError::NoCertificate {
+                path: path.display().to_string(),
+            });
         }
         Ok(certs)
     };
     let mut roots = rustls::RootCertStore::empty();
     for ca in read_certs(&t.ca)? {
-        roots
-            .add(ca)
-            .map_err(|e| format!("backend.tls_ca {}: {e}", t.ca.display()))?;
+        roots.add(ca).map_err(|e| TlsError::BadCa {
+            path: t.ca.display().to_string(),
+            why: e.to_string(),
+        })?;
     }
     let builder = client_builder(roots)?;
     let config = match &t.client_cert {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
             let certs = read_certs(cert)?;
-            let key =
-                PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Read {
+                path: key.display().to_string(),
+                why: e.to_string(),
+            })?;
             builder
                 .with_client_auth_cert(certs, key)
-                .map_err(|e| format!("backend TLS client certificate/key: {e}"))?
+                .map_err(|e| TlsError::ClientCertificateKey(e.to_string()))?
         }
     };
     Ok(config)
@@ -267,22 +277,27 @@ impl Backend {
     }
 }
 
+/// The backend nodes as one connect needs them: the configuration, the TLS connector
+/// built from `cfg.tls` ([`tls_connector`], `None` for plain AMQP), the balancer and the
+/// metrics.
+pub struct Nodes<'a> {
+    pub cfg: &'a BackendConfig,
+    pub tls: Option<&'a TlsConnector>,
+    pub balancer: &'a Arc<Balancer>,
+    pub metrics: &'a Metrics,
+}
+
 /// Connects to the first reachable node, logs in as `who` and opens `vhost` on it.
-/// `tls` is the connector built from `cfg.tls` ([`tls_connector`]), `None` for plain AMQP.
-#[allow(clippy::too_many_arguments)]
 pub async fn open(
-    cfg: &BackendConfig,
-    tls: Option<&TlsConnector>,
-    balancer: &Arc<Balancer>,
+    nodes: &Nodes<'_>,
     who: Login<'_>,
     vhost: &str,
     client: Tuning,
     client_properties: &[u8],
-    metrics: &Metrics,
 ) -> Result<Backend, BackendError> {
-    login(cfg, tls, balancer, who, client_properties, metrics)
+    login(nodes, who, client_properties)
         .await?
-        .open(vhost, client, cfg.connect_timeout, metrics)
+        .open(vhost, client, nodes.cfg.connect_timeout, nodes.metrics)
         .await
 }
 
@@ -290,13 +305,16 @@ pub async fn open(
 /// `connection.start-ok`. A refusal is [`BackendError::Refused`] (the client properties
 /// advertise `authentication_failure_close`, so the broker says so rather than hanging up).
 pub async fn login(
-    cfg: &BackendConfig,
-    tls: Option<&TlsConnector>,
-    balancer: &Arc<Balancer>,
+    nodes: &Nodes<'_>,
     who: Login<'_>,
     client_properties: &[u8],
-    metrics: &Metrics,
 ) -> Result<LoggedIn, BackendError> {
+    let Nodes {
+        cfg,
+        tls,
+        balancer,
+        metrics,
+    } = *nodes;
     let mut errors = Vec::new();
     for i in balancer.order(Instant::now()) {
         let addr = balancer.addr(i).to_owned();

@@ -20,6 +20,11 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How the next node is chosen among healthy ones (`backend.balance`).
 pub use crate::config::BalancePolicy as Policy;
 
+/// No backend node passed its latest health check: why not, node by node.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("no backend node reachable ({0})")]
+pub struct NoNodeReachable(pub String);
+
 /// What the latest background health check of a node found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Check {
@@ -137,7 +142,7 @@ impl Balancer {
 
     /// The readiness latch: ready while the latest check found at least one node up;
     /// otherwise why not, node by node.
-    pub fn readiness(&self) -> Result<(), String> {
+    pub fn readiness(&self) -> Result<(), NoNodeReachable> {
         let mut why = Vec::with_capacity(self.nodes.len());
         for (i, node) in self.nodes.iter().enumerate() {
             match self.check(i) {
@@ -146,7 +151,7 @@ impl Balancer {
                 Check::Unknown => why.push(format!("{}: not checked yet", node.addr)),
             }
         }
-        Err(format!("no backend node reachable ({})", why.join("; ")))
+        Err(NoNodeReachable(why.join("; ")))
     }
 
     pub fn addr(&self, i: usize) -> &str {
@@ -253,7 +258,7 @@ mod tests {
         let b = b(Policy::RoundRobin);
         let now = Instant::now();
         assert_eq!(
-            b.readiness().unwrap_err(),
+            b.readiness().unwrap_err().to_string(),
             "no backend node reachable (a: not checked yet; b: not checked yet; c: not checked yet)"
         );
         // Unchecked nodes are tried as usual.
@@ -281,7 +286,7 @@ mod tests {
         b.record_check(2, Check::Down("refused".into()));
         b.record_check(0, Check::Down("refused".into()));
         assert_eq!(
-            b.readiness().unwrap_err(),
+            b.readiness().unwrap_err().to_string(),
             "no backend node reachable (a: refused; b: refused; c: refused)"
         );
     }

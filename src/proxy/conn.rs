@@ -11,10 +11,11 @@ use tokio::time::Instant;
 
 use super::Shared;
 use super::backend::{self, BackendError, LoggedIn, Login};
+use super::outcome::{BrokerClose, ConnectionEnd, InternalRefusal};
 use super::relay::{self, ExchangeLookup, RelayEnd, SecretVerifier};
 use crate::amqp::handshake::{ClientHandshake, ClientProperties, Credentials, Step};
 use crate::amqp::method::reply;
-use crate::amqp::session::{Limits, Session, SessionConfig};
+use crate::amqp::session::{Limits, SecretRefused, Session, SessionConfig};
 use crate::auth::exchange::{BackendMinter, Subject};
 use crate::auth::{Identity, jwt_shaped, token_id};
 use crate::authz::Denial;
@@ -43,6 +44,15 @@ enum Authenticated {
     Internal { username: String, login: LoggedIn },
 }
 
+/// A client connection during its handshake: the socket, the handshake's state machine,
+/// the client's address and the gateway's state. What the handshake's steps share.
+struct Handshaking<'a, S> {
+    stream: &'a mut S,
+    hs: &'a mut ClientHandshake,
+    peer: SocketAddr,
+    shared: &'a Shared,
+}
+
 /// Who an established session belongs to.
 enum Who {
     Token(Box<Identity>),
@@ -66,11 +76,11 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let deadline = Instant::now() + shared.cfg.listener.handshake_timeout;
-    let closed = |cause: &str| {
+    let closed = |end: ConnectionEnd| {
         shared
             .metrics
             .connections_closed
-            .with_label_values(&[cause])
+            .with_label_values(&[end.label()])
             .inc()
     };
     let est = match tokio::time::timeout_at(deadline, handshake(&mut stream, peer, &shared)).await {
@@ -78,7 +88,7 @@ where
         Ok(Err(cause)) => return closed(cause),
         Err(_) => {
             tracing::info!(%peer, "handshake timed out");
-            return closed("handshake_timeout");
+            return closed(ConnectionEnd::HandshakeTimeout);
         }
     };
     let Established {
@@ -164,7 +174,7 @@ where
         },
     )
     .await;
-    closed(end_cause(&end));
+    closed(ConnectionEnd::from(&end));
     match end {
         RelayEnd::Expired => {
             tracing::info!(%peer, user = %identity.username, "credential expired; connection closed")
@@ -183,7 +193,7 @@ async fn handshake<S>(
     stream: &mut S,
     peer: SocketAddr,
     shared: &Shared,
-) -> Result<Established, &'static str>
+) -> Result<Established, ConnectionEnd>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -196,7 +206,7 @@ where
         let step = hs.receive(&mut input, &mut out);
         if !out.is_empty() {
             if stream.write_all(&out).await.is_err() {
-                return Err("client_closed");
+                return Err(ConnectionEnd::ClientClosed);
             }
             out.clear();
         }
@@ -204,14 +214,14 @@ where
             Err(e) => {
                 tracing::info!(%peer, error = %e, "handshake failed");
                 let _ = stream.shutdown().await;
-                return Err("handshake_failed");
+                return Err(ConnectionEnd::HandshakeFailed);
             }
-            Ok(Step::Closed) => return Err("client_closed"),
+            Ok(Step::Closed) => return Err(ConnectionEnd::ClientClosed),
             Ok(Step::NeedMore) => {
                 // The frame check bounds `input` to one pre-auth frame plus one read.
                 input.reserve(4096);
                 match stream.read_buf(&mut input).await {
-                    Ok(0) | Err(_) => return Err("client_closed"),
+                    Ok(0) | Err(_) => return Err(ConnectionEnd::ClientClosed),
                     Ok(_) => {}
                 }
             }
@@ -220,7 +230,7 @@ where
                     Ok(who) => who,
                     Err(refusal) => {
                         refuse(stream, &mut hs, &creds, shared, refusal.close.as_ref()).await;
-                        return Err("refused");
+                        return Err(ConnectionEnd::Refused);
                     }
                 };
                 let (username, backend) = match &who {
@@ -257,7 +267,7 @@ where
                     });
                     drop(who);
                     refuse(stream, &mut hs, &creds, shared, None).await;
-                    return Err("refused");
+                    return Err(ConnectionEnd::Refused);
                 }
                 hs.accept(&mut out);
                 creds_props = Some(creds.client_properties);
@@ -265,14 +275,24 @@ where
             }
             Ok(Step::Open { vhost }) => {
                 let props = creds_props.take().unwrap_or_default();
-                return match identity.take().ok_or("handshake_failed")? {
+                return match identity.take().ok_or(ConnectionEnd::HandshakeFailed)? {
                     Authenticated::Token(id) => {
-                        open_vhost(stream, &mut hs, peer, shared, id, vhost, props, input).await
+                        let c = Handshaking {
+                            stream,
+                            hs: &mut hs,
+                            peer,
+                            shared,
+                        };
+                        open_vhost(c, id, vhost, props, input).await
                     }
                     Authenticated::Internal { username, login } => {
-                        let opened =
-                            open_internal(stream, &mut hs, peer, shared, username, login, &vhost)
-                                .await?;
+                        let c = Handshaking {
+                            stream,
+                            hs: &mut hs,
+                            peer,
+                            shared,
+                        };
+                        let opened = open_internal(c, username, login, &vhost).await?;
                         let (username, backend, slot) = opened;
                         Ok(Established {
                             who: Who::Internal(username),
@@ -287,14 +307,6 @@ where
             }
         }
     }
-}
-
-/// The broker's `connection.close` refusing a login, passed on to the client as it is.
-struct BrokerClose {
-    code: u16,
-    text: String,
-    class_id: u16,
-    method_id: u16,
 }
 
 /// Why every backend of the chain refused: the last refusal.
@@ -348,7 +360,7 @@ async fn login(
                 }
             }
             AuthBackend::Internal => {
-                let (reason, close) = match login_internal(peer, shared, creds).await {
+                let refused = match login_internal(peer, shared, creds).await {
                     Ok(login) => {
                         tracing::debug!(%peer, user = ?creds.username, node = login.node(), "internal user accepted by the broker");
                         return Ok(Authenticated::Internal {
@@ -358,6 +370,7 @@ async fn login(
                     }
                     Err(refused) => refused,
                 };
+                let reason = refused.reason();
                 // Debug-quoted: the name is the unauthenticated client's, newlines and all.
                 tracing::info!(
                     %peer, backend = "internal", user = ?creds.username, reason,
@@ -368,7 +381,7 @@ async fn login(
                     .authentications
                     .with_label_values(&["internal", "refused", reason])
                     .inc();
-                last = (backend, reason, close);
+                last = (backend, reason, refused.into_close());
             }
         }
     }
@@ -393,13 +406,13 @@ async fn login_internal(
     peer: SocketAddr,
     shared: &Shared,
     creds: &Credentials,
-) -> Result<LoggedIn, (&'static str, Option<BrokerClose>)> {
+) -> Result<LoggedIn, InternalRefusal> {
     if shared
         .password_backoff
         .blocked(&creds.username, peer.ip())
         .await
     {
-        return Err(("cached_failure", None));
+        return Err(InternalRefusal::CachedFailure);
     }
     let name = format!(
         "{} via amqp-iam-gateway from {peer} (internal user)",
@@ -410,15 +423,12 @@ async fn login_internal(
         .for_backend(&name, &peer.to_string(), false);
     let timer = shared.metrics.phase("backend_login").start_timer();
     let logged_in = backend::login(
-        &shared.cfg.backend,
-        shared.backend_tls.as_ref(),
-        &shared.balancer,
+        &shared.nodes(),
         Login::Client {
             mechanism: creds.mechanism.as_str(),
             response: &creds.response,
         },
         &props,
-        &shared.metrics,
     )
     .await;
     timer.observe_duration();
@@ -446,11 +456,11 @@ async fn login_internal(
                 class_id,
                 method_id,
             };
-            Err(("refused", Some(close)))
+            Err(InternalRefusal::Refused(close))
         }
         Err(e) => {
             tracing::warn!(%peer, user = ?creds.username, error = %e, "backend login failed");
-            Err(("backend_unavailable", None))
+            Err(InternalRefusal::BackendUnavailable)
         }
     }
 }
@@ -459,10 +469,7 @@ async fn login_internal(
 /// `530` or `404` reaches the client as it sent it). Returns the user, the connection and
 /// the user's connection slot.
 async fn open_internal<S>(
-    stream: &mut S,
-    hs: &mut ClientHandshake,
-    peer: SocketAddr,
-    shared: &Shared,
+    c: Handshaking<'_, S>,
     username: String,
     login: LoggedIn,
     vhost: &str,
@@ -472,11 +479,17 @@ async fn open_internal<S>(
         backend::Backend,
         Option<super::limits::Slot<String>>,
     ),
-    &'static str,
+    ConnectionEnd,
 >
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let Handshaking {
+        stream,
+        hs,
+        peer,
+        shared,
+    } = c;
     let mut out = BytesMut::new();
     let audit = |decision: &str, reason: &str| {
         shared.audit.record(&AuditEvent {
@@ -510,10 +523,10 @@ where
             hs.vhost_refused(&mut out, &text);
             let _ = stream.write_all(&out).await;
             wait_close_ok(stream, hs, CLOSE_OK_WAIT).await;
-            return Err("identity_limit");
+            return Err(ConnectionEnd::IdentityLimit);
         }
     };
-    let tuning = hs.tuning().ok_or("handshake_failed")?;
+    let tuning = hs.tuning().ok_or(ConnectionEnd::HandshakeFailed)?;
     let timer = shared.metrics.phase("backend_connect").start_timer();
     let opened = login
         .open(
@@ -527,7 +540,10 @@ where
     match opened {
         Ok(backend) => {
             hs.opened(&mut out);
-            stream.write_all(&out).await.map_err(|_| "client_closed")?;
+            stream
+                .write_all(&out)
+                .await
+                .map_err(|_| ConnectionEnd::ClientClosed)?;
             count("accepted", "ok");
             audit("allow", "ok");
             Ok((username, backend, slot))
@@ -543,7 +559,7 @@ where
                     tracing::info!(%peer, user = %username, %vhost, code, %text, "vhost refused by the broker");
                     count("refused", "vhost");
                     audit("deny", "vhost");
-                    (code, text, class_id, method_id, "vhost_refused")
+                    (code, text, class_id, method_id, ConnectionEnd::VhostRefused)
                 }
                 e => {
                     tracing::warn!(%peer, user = %username, %vhost, error = %e, "backend connection failed");
@@ -552,7 +568,7 @@ where
                         "CONNECTION_FORCED - broker unavailable".to_owned(),
                         10,
                         40,
-                        "backend_unavailable",
+                        ConnectionEnd::BackendUnavailable,
                     )
                 }
             };
@@ -575,7 +591,7 @@ async fn relay_internal<S>(
     vhost: &str,
     peer: SocketAddr,
     shared: &Arc<Shared>,
-) -> &'static str
+) -> ConnectionEnd
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -593,7 +609,9 @@ where
         None,
         relay::Hooks {
             // The session forwards update-secret to the broker: never called.
-            verifier: Box::new(|_| Box::pin(async { Err("NOT_ALLOWED".to_owned()) })),
+            verifier: Box::new(|_| {
+                Box::pin(async { Err(SecretRefused("NOT_ALLOWED".to_owned())) })
+            }),
             lookup: None,
             forget_kinds_every: shared.cfg.backend.exchange_type_ttl,
             broker_close_timeout: shared.cfg.backend.close_timeout,
@@ -611,17 +629,7 @@ where
             tracing::debug!(%peer, user = %username, end = ?other, "connection closed")
         }
     }
-    end_cause(&end)
-}
-
-/// The `connections_closed_total` cause of a relay's end.
-fn end_cause(end: &RelayEnd) -> &'static str {
-    match end {
-        RelayEnd::ClientClosed => "client_closed",
-        RelayEnd::BackendClosed => "backend_closed",
-        RelayEnd::Expired => "expired",
-        RelayEnd::Error(_) => "error",
-    }
+    ConnectionEnd::from(&end)
 }
 
 /// RabbitMQ's refusal: a `connection.close 403` for clients with
@@ -687,20 +695,22 @@ where
     .await;
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn open_vhost<S>(
-    stream: &mut S,
-    hs: &mut ClientHandshake,
-    peer: SocketAddr,
-    shared: &Shared,
+    c: Handshaking<'_, S>,
     identity: Identity,
     vhost: String,
     client_props: ClientProperties,
     leftover: BytesMut,
-) -> Result<Established, &'static str>
+) -> Result<Established, ConnectionEnd>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let Handshaking {
+        stream,
+        hs,
+        peer,
+        shared,
+    } = c;
     let mut out = BytesMut::new();
     let cancel_notify = client_props.capability("consumer_cancel_notify");
     if !identity.permissions.vhost_access(&vhost) {
@@ -709,8 +719,14 @@ where
             "NOT_ALLOWED - access to vhost '{vhost}' refused for user '{}'",
             identity.username
         );
-        refuse_open(stream, hs, peer, shared, &identity, &vhost, "vhost", &text).await;
-        return Err("vhost_refused");
+        let c = Handshaking {
+            stream,
+            hs,
+            peer,
+            shared,
+        };
+        refuse_open(c, &identity, &vhost, "vhost", &text).await;
+        return Err(ConnectionEnd::VhostRefused);
     }
     let who = identity
         .sub
@@ -724,21 +740,17 @@ where
                 "NOT_ALLOWED - access to vhost '{vhost}' refused for user '{}': connection limit ({limit}) is reached",
                 identity.username
             );
-            refuse_open(
+            let c = Handshaking {
                 stream,
                 hs,
                 peer,
                 shared,
-                &identity,
-                &vhost,
-                "identity_limit",
-                &text,
-            )
-            .await;
-            return Err("identity_limit");
+            };
+            refuse_open(c, &identity, &vhost, "identity_limit", &text).await;
+            return Err(ConnectionEnd::IdentityLimit);
         }
     };
-    let tuning = hs.tuning().ok_or("handshake_failed")?;
+    let tuning = hs.tuning().ok_or(ConnectionEnd::HandshakeFailed)?;
     let name = format!(
         "{} via amqp-iam-gateway from {peer} (token {})",
         identity.username, identity.token_id
@@ -765,17 +777,7 @@ where
             "no backend token could be minted".into(),
         )),
         (who, _) => {
-            let mut opened = backend::open(
-                &shared.cfg.backend,
-                shared.backend_tls.as_ref(),
-                &shared.balancer,
-                who,
-                &vhost,
-                tuning,
-                &props,
-                &shared.metrics,
-            )
-            .await;
+            let mut opened = backend::open(&shared.nodes(), who, &vhost, tuning, &props).await;
             if let (Ok(b), Some(Ok((_, Some(full))))) = (&mut opened, &tokens)
                 && let Err(e) = b
                     .update_secret(full, shared.cfg.backend.connect_timeout)
@@ -790,7 +792,10 @@ where
     match opened {
         Ok(backend) => {
             hs.opened(&mut out);
-            stream.write_all(&out).await.map_err(|_| "client_closed")?;
+            stream
+                .write_all(&out)
+                .await
+                .map_err(|_| ConnectionEnd::ClientClosed)?;
             shared
                 .metrics
                 .authentications
@@ -837,7 +842,7 @@ where
             hs.close(&mut out, code, &text, (class_id, method_id));
             let _ = stream.write_all(&out).await;
             wait_close_ok(stream, hs, CLOSE_OK_WAIT).await;
-            Err("backend_unavailable")
+            Err(ConnectionEnd::BackendUnavailable)
         }
     }
 }
@@ -845,12 +850,8 @@ where
 /// Refuses `connection.open` to an authenticated client: counts the refusal in
 /// `authentications_total` and writes the audit record, both with `reason`, sends
 /// `connection.close` with `text` and waits (bounded) for the client's `close-ok`.
-#[allow(clippy::too_many_arguments)]
 async fn refuse_open<S>(
-    stream: &mut S,
-    hs: &mut ClientHandshake,
-    peer: SocketAddr,
-    shared: &Shared,
+    c: Handshaking<'_, S>,
     identity: &Identity,
     vhost: &str,
     reason: &str,
@@ -858,6 +859,12 @@ async fn refuse_open<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let Handshaking {
+        stream,
+        hs,
+        peer,
+        shared,
+    } = c;
     shared
         .metrics
         .authentications
@@ -947,7 +954,9 @@ fn secret_verifier(
         let username = username.clone();
         let vhost = vhost.clone();
         Box::pin(async move {
-            let refused = "NOT_ALLOWED - New secret was refused by one of the backends".to_owned();
+            let refused = SecretRefused(
+                "NOT_ALLOWED - New secret was refused by one of the backends".to_owned(),
+            );
             match shared
                 .auth
                 .authenticate(&token, now_secs(), Some(peer.ip()))

@@ -5,19 +5,54 @@
 use crate::admin::Control;
 use crate::telemetry::metrics::Metrics;
 
-use super::{DrainState, Live, token_probe};
+use super::balancer::NoNodeReachable;
+use super::token_probe::ProbeError;
+use super::{DrainState, Live, SetupError, token_probe};
+
+/// Why the gateway cannot serve new clients: the body of `/readyz`'s 503.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    #[error("draining: no new connections")]
+    Draining,
+    /// `which` is `issuer "name": ` when there are several issuers.
+    #[error("{which}issuer keys no longer verify ({why})")]
+    KeysStale { which: String, why: String },
+    #[error("{which}no verification keys loaded ({detail})")]
+    NoKeys { which: String, detail: String },
+    #[error(transparent)]
+    Backend(#[from] NoNodeReachable),
+    /// With backend tokens: the broker does not accept them.
+    #[error(transparent)]
+    BackendTokens(#[from] ProbeError),
+}
+
+impl NotReady {
+    /// A stable label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            NotReady::Draining => "draining",
+            NotReady::KeysStale { .. } => "keys_stale",
+            NotReady::NoKeys { .. } => "no_keys",
+            NotReady::Backend(_) => "no_backend",
+            NotReady::BackendTokens(_) => "backend_tokens",
+        }
+    }
+}
 
 impl Control for Live {
+    type NotReady = NotReady;
+    type ReloadError = SetupError;
+
     fn scrape(&self) -> String {
         let (shared, _) = self.snapshot();
         shared.metrics.scrape(|m| refresh_gauges(m, &shared.auth))
     }
 
-    async fn ready(&self) -> Result<(), String> {
+    async fn ready(&self) -> Result<(), NotReady> {
         ready(self).await
     }
 
-    async fn reload(&self) -> Result<(), String> {
+    async fn reload(&self) -> Result<(), SetupError> {
         self.reload_from_file().await
     }
 
@@ -27,12 +62,12 @@ impl Control for Live {
 }
 
 /// Why the gateway cannot serve clients, if it cannot.
-async fn ready(r: &Live) -> Result<(), String> {
+async fn ready(r: &Live) -> Result<(), NotReady> {
     let (shared, _) = r.snapshot();
     // A load balancer (a Kubernetes readiness probe) stops sending new clients as soon as
     // the drain begins, while `/healthz` stays up until the process exits.
     if *shared.drain.borrow() != DrainState::Running {
-        return Err("draining: no new connections".into());
+        return Err(NotReady::Draining);
     }
     let several = shared.auth.all().len() > 1;
     for a in shared.auth.all() {
@@ -43,14 +78,14 @@ async fn ready(r: &Live) -> Result<(), String> {
             String::new()
         };
         if let Some(why) = keys.stale() {
-            return Err(format!("{which}issuer keys no longer verify ({why})"));
+            return Err(NotReady::KeysStale { which, why });
         }
         if keys.key_count() == 0 {
             let detail = keys
                 .status()
                 .and_then(|s| s.last_error)
                 .unwrap_or_else(|| "no signing keys configured".into());
-            return Err(format!("{which}no verification keys loaded ({detail})"));
+            return Err(NotReady::NoKeys { which, detail });
         }
     }
     // The latest background health checks (`proxy::health`): a probe opens no connection.

@@ -91,13 +91,13 @@ impl ExchangeTypes {
         backend: &BackendConfig,
         epochs: Arc<ExchangeEpochs>,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, super::errors::SetupError> {
         let timeout = backend.connect_timeout;
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
             .build()
-            .map_err(|e| format!("HTTP client: {e}"))?;
+            .map_err(|e| super::errors::SetupError::HttpClient(e.to_string()))?;
         Ok(ExchangeTypes {
             http,
             base: base.trim_end_matches('/').to_owned(),

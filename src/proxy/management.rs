@@ -70,7 +70,7 @@ impl Management {
         cfg: &ManagementConfig,
         minter: Arc<BackendMinter>,
         backend: &crate::config::BackendConfig,
-    ) -> Result<Management, String> {
+    ) -> Result<Management, super::errors::TlsError> {
         let mut tls = super::tls_server_config(&cfg.cert, &cfg.key)?;
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let client_tls = match &backend.tls {
@@ -128,7 +128,7 @@ impl Management {
 
 /// A rustls client config with the system's CAs (an `https://` management API without
 /// `backend.tls`).
-fn native_roots_config() -> Result<rustls::ClientConfig, String> {
+fn native_roots_config() -> Result<rustls::ClientConfig, super::errors::TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(cert);

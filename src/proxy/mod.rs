@@ -14,10 +14,12 @@ pub mod backend;
 pub mod balancer;
 mod conn;
 mod control;
+pub mod errors;
 pub mod exchange_types;
 pub mod health;
 pub mod limits;
 mod management;
+pub mod outcome;
 pub mod proxy_protocol;
 pub mod readahead;
 pub mod relay;
@@ -40,6 +42,7 @@ use crate::auth::exchange::BackendMinter;
 use crate::config::Config;
 use crate::telemetry::audit::Audit;
 use crate::telemetry::metrics::Metrics;
+pub use errors::{SetupError, TlsError};
 use exchange_types::ExchangeTypes;
 use readahead::ReadAhead;
 
@@ -151,6 +154,18 @@ pub struct Live {
     reloading: tokio::sync::Mutex<()>,
 }
 
+impl Shared {
+    /// The backend nodes, as a connect needs them.
+    pub(crate) fn nodes(&self) -> backend::Nodes<'_> {
+        backend::Nodes {
+            cfg: &self.cfg.backend,
+            tls: self.backend_tls.as_ref(),
+            balancer: &self.balancer,
+            metrics: &self.metrics,
+        }
+    }
+}
+
 impl Live {
     pub(crate) fn snapshot(&self) -> (Arc<Shared>, Option<TlsAcceptor>) {
         self.current
@@ -160,7 +175,7 @@ impl Live {
     }
 
     /// Replaces the configuration. On error nothing changes and the old one keeps serving.
-    pub async fn reload(&self, cfg: Config) -> Result<(), String> {
+    pub async fn reload(&self, cfg: Config) -> Result<(), SetupError> {
         let _one = self.reloading.lock().await;
         let (old, _) = self.snapshot();
         let l = &old.cfg.listener;
@@ -184,14 +199,14 @@ impl Live {
 
     /// Reloads the config file the gateway was started with (SIGHUP, `POST /reload`).
     /// Every error of an invalid file is reported at once.
-    pub async fn reload_from_file(&self) -> Result<(), String> {
+    pub async fn reload_from_file(&self) -> Result<(), SetupError> {
         let path = self
             .config_path
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let Some(path) = path else {
-            return Err("no config file to reload (the gateway was not started from one)".into());
+            return Err(SetupError::NoConfigFile);
         };
         match crate::config::load(&path) {
             Ok(cfg) => self.reload(cfg).await,
@@ -201,10 +216,10 @@ impl Live {
                     .config_reloads
                     .with_label_values(&["error"])
                     .inc();
-                Err(format!(
-                    "{}: invalid configuration, keeping the current one:\n{errors}",
-                    path.display()
-                ))
+                Err(SetupError::InvalidFile {
+                    path: path.display().to_string(),
+                    errors,
+                })
             }
         }
     }
@@ -216,7 +231,7 @@ async fn build(
     cfg: Config,
     prev: Option<&Shared>,
     drain: watch::Receiver<DrainState>,
-) -> Result<(Shared, Option<TlsAcceptor>), String> {
+) -> Result<(Shared, Option<TlsAcceptor>), SetupError> {
     let tls = match &cfg.listener.tls {
         Some(t) => Some(tls_acceptor(&t.cert, &t.key)?),
         None => None,
@@ -267,7 +282,7 @@ async fn build(
         )?)),
         None => None,
     };
-    let audit = Audit::open(cfg.log.audit.as_ref()).map_err(|e| format!("log.audit: {e}"))?;
+    let audit = Audit::open(cfg.log.audit.as_ref()).map_err(SetupError::Audit)?;
     let nodes: Vec<String> = cfg.backend.nodes.iter().map(|n| n.to_string()).collect();
     let balancer = match prev {
         Some(p)
@@ -324,7 +339,7 @@ async fn build(
     let management = match (&cfg.management, &minter) {
         (Some(m), Some(minter)) => Some(Arc::new(
             management::Management::new(m, minter.clone(), &cfg.backend)
-                .map_err(|e| format!("management: {e}"))?,
+                .map_err(SetupError::Management)?,
         )),
         _ => None,
     };
@@ -353,15 +368,18 @@ async fn build(
 /// The backend token minter of `[backend.token]`.
 pub(crate) fn backend_minter(
     t: &crate::config::BackendTokenConfig,
-) -> Result<BackendMinter, String> {
-    let what = |e: String| format!("backend.token.signing_key {e}");
+) -> Result<BackendMinter, SetupError> {
+    let what = |source| SetupError::BackendTokenKey {
+        setting: "backend.token.signing_key",
+        path: t.signing_key.display().to_string(),
+        source,
+    };
     let pem = crate::auth::exchange::read_private_key(&t.signing_key).map_err(what)?;
-    BackendMinter::from_pem(&pem, &t.kid, &t.resource_server_id, &t.scope_prefix)
-        .map_err(|e| what(format!("{}: {e}", t.signing_key.display())))
+    BackendMinter::from_pem(&pem, &t.kid, &t.resource_server_id, &t.scope_prefix).map_err(what)
 }
 
 /// The JWKS of `[backend.token]`: the signing key's public key and the retired keys'.
-fn backend_jwks(t: &crate::config::BackendTokenConfig) -> Result<String, String> {
+fn backend_jwks(t: &crate::config::BackendTokenConfig) -> Result<String, SetupError> {
     let mut keys = Vec::new();
     let current = std::iter::once((&t.kid, &t.signing_key, "backend.token.signing_key"));
     let retired = t
@@ -369,12 +387,13 @@ fn backend_jwks(t: &crate::config::BackendTokenConfig) -> Result<String, String>
         .iter()
         .map(|(k, p)| (k, p, "backend.token.retired_keys"));
     for (kid, path, key) in current.chain(retired) {
-        let what = |e: String| format!("{key} {e}");
+        let what = |source| SetupError::BackendTokenKey {
+            setting: key,
+            path: path.display().to_string(),
+            source,
+        };
         let pem = crate::auth::exchange::read_private_key(path).map_err(what)?;
-        keys.push(
-            crate::auth::exchange::public_jwk(&pem, kid)
-                .map_err(|e| what(format!("{}: {e}", path.display())))?,
-        );
+        keys.push(crate::auth::exchange::public_jwk(&pem, kid).map_err(what)?);
     }
     Ok(serde_json::json!({ "keys": keys }).to_string())
 }
@@ -382,7 +401,7 @@ fn backend_jwks(t: &crate::config::BackendTokenConfig) -> Result<String, String>
 impl Gateway {
     /// Loads TLS material and keys, and fetches the JWKS once (a failure is logged; the
     /// background refresh keeps trying and unknown kids fail closed meanwhile).
-    pub async fn new(cfg: Config) -> Result<Gateway, String> {
+    pub async fn new(cfg: Config) -> Result<Gateway, SetupError> {
         let (drain_tx, drain) = watch::channel(DrainState::Running);
         let (shared, tls) = build(cfg, None, drain).await?;
         let live = Arc::new(Live {
@@ -623,7 +642,10 @@ async fn serve_socket(
 }
 
 /// A rustls acceptor for TLS 1.2 and 1.3 with the aws-lc-rs provider.
-pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<TlsAcceptor, TlsError> {
     Ok(TlsAcceptor::from(Arc::new(tls_server_config(cert, key)?)))
 }
 
@@ -631,20 +653,28 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<Tls
 pub(crate) fn tls_server_config(
     cert: &std::path::Path,
     key: &std::path::Path,
-) -> Result<rustls::ServerConfig, String> {
+) -> Result<rustls::ServerConfig, TlsError> {
     let certs = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
+        .map_err(|e| TlsError::Read {
+            path: cert.display().to_string(),
+            why: e.to_string(),
+        })?;
     if certs.is_empty() {
-        return Err(format!("{}: no certificate found", cert.display()));
+        return Err(TlsError::NoCertificate {
+            path: cert.display().to_string(),
+        });
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Read {
+        path: key.display().to_string(),
+        why: e.to_string(),
+    })?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?
+        .map_err(|e| TlsError::Protocols(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| format!("TLS certificate/key: {e}"))?;
+        .map_err(|e| TlsError::CertificateKey(e.to_string()))?;
     Ok(config)
 }

@@ -13,20 +13,35 @@ use tokio::net::TcpStream;
 /// small).
 pub const MAX_HEADER: usize = 4096;
 
+/// Why a connection's PROXY header was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyHeaderError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("closed before the PROXY header")]
+    Closed,
+    #[error("PROXY header longer than {MAX_HEADER} bytes")]
+    TooLong,
+    #[error("invalid PROXY v2 header: {0}")]
+    InvalidV2(String),
+    #[error("invalid PROXY header: {0}")]
+    InvalidV1(String),
+}
+
 /// Reads the PROXY header at the start of `stream`. Returns the client address it names,
 /// or `None` for a `LOCAL` / `UNKNOWN` header (a load balancer's own health check: the
 /// socket's peer address stands).
-pub async fn read_header(stream: &mut TcpStream) -> Result<Option<SocketAddr>, String> {
+pub async fn read_header(stream: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyHeaderError> {
     let mut buf = vec![0u8; MAX_HEADER];
     loop {
-        let n = stream.peek(&mut buf).await.map_err(|e| e.to_string())?;
+        let n = stream.peek(&mut buf).await?;
         if n == 0 {
-            return Err("closed before the PROXY header".into());
+            return Err(ProxyHeaderError::Closed);
         }
         let parsed = HeaderResult::parse(&buf[..n]);
         if parsed.is_incomplete() {
             if n == MAX_HEADER {
-                return Err(format!("PROXY header longer than {MAX_HEADER} bytes"));
+                return Err(ProxyHeaderError::TooLong);
             }
             // A load balancer sends the header in one segment, so this is rare; peeked
             // bytes keep the socket readable, hence a short sleep rather than `readable()`.
@@ -37,14 +52,11 @@ pub async fn read_header(stream: &mut TcpStream) -> Result<Option<SocketAddr>, S
         let (len, addr) = match parsed {
             HeaderResult::V2(Ok(h)) => (h.len(), v2_source(&h)),
             HeaderResult::V1(Ok(h)) => (h.header.len(), v1_source(&h)),
-            HeaderResult::V2(Err(e)) => return Err(format!("invalid PROXY v2 header: {e:?}")),
-            HeaderResult::V1(Err(e)) => return Err(format!("invalid PROXY header: {e:?}")),
+            HeaderResult::V2(Err(e)) => return Err(ProxyHeaderError::InvalidV2(format!("{e:?}"))),
+            HeaderResult::V1(Err(e)) => return Err(ProxyHeaderError::InvalidV1(format!("{e:?}"))),
         };
         let mut consumed = vec![0u8; len];
-        stream
-            .read_exact(&mut consumed)
-            .await
-            .map_err(|e| e.to_string())?;
+        stream.read_exact(&mut consumed).await?;
         return Ok(addr);
     }
 }

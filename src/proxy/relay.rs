@@ -20,7 +20,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
-use crate::amqp::session::{ClientEvent, Outbox, Session, SessionError};
+use crate::amqp::session::{ClientEvent, Outbox, SecretRefused, Session, SessionError};
 use prometheus::IntCounter;
 
 use crate::authz::{Denial, ExchangeKind, Permissions};
@@ -39,7 +39,7 @@ pub const CLOSE_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 
 /// A refreshed token's outcome: new permissions, expiry and (with backend tokens) the
 /// broker's new token, or the close text.
-pub type SecretOutcome = Result<(Permissions, Option<Instant>, Option<String>), String>;
+pub type SecretOutcome = Result<(Permissions, Option<Instant>, Option<String>), SecretRefused>;
 /// Verifies an update-secret token.
 pub type SecretVerifier =
     Box<dyn Fn(String) -> Pin<Box<dyn Future<Output = SecretOutcome> + Send>> + Send + Sync>;
@@ -95,7 +95,19 @@ pub enum RelayEnd {
     ClientClosed,
     BackendClosed,
     Expired,
-    Error(String),
+    Error(RelayError),
+}
+
+/// Why a relay ended in error.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("client read: {0}")]
+    ClientRead(io::Error),
+    #[error("client write: {0}")]
+    ClientWrite(io::Error),
+    /// A protocol violation the session answered with a connection close.
+    #[error(transparent)]
+    Session(SessionError),
 }
 
 /// Relays until either side closes. `c_in` / `b_in` hold bytes already read.
@@ -230,7 +242,7 @@ struct Relay<C, B> {
     expiry: Option<Pin<Box<Sleep>>>,
     expired: bool,
     /// A fatal session error: the close frame is queued, the relay ends once it is sent.
-    fail: Option<String>,
+    fail: Option<RelayError>,
     close_deadline: Option<Pin<Box<Sleep>>>,
     /// Runs while the broker owes the gateway a `close-ok` (see
     /// [`Hooks::broker_close_timeout`]).
@@ -329,7 +341,7 @@ where
             match self.client.poll_write(cx) {
                 Poll::Ready(Ok(p)) => progress |= p,
                 Poll::Ready(Err(e)) => {
-                    return Poll::Ready(RelayEnd::Error(format!("client write: {e}")));
+                    return Poll::Ready(RelayEnd::Error(RelayError::ClientWrite(e)));
                 }
                 Poll::Pending => {}
             }
@@ -356,7 +368,7 @@ where
         {
             match self.client.poll_read(cx) {
                 Poll::Ready(Ok(p)) => progress = p,
-                Poll::Ready(Err(e)) => return Err(RelayEnd::Error(format!("client read: {e}"))),
+                Poll::Ready(Err(e)) => return Err(RelayEnd::Error(RelayError::ClientRead(e))),
                 Poll::Pending => {}
             }
         }
@@ -471,7 +483,7 @@ where
     /// Ends the relay after a protocol violation, once the close frame the session
     /// queued for the client is sent.
     fn fatal(&mut self, e: SessionError) {
-        self.fail = Some(e.to_string());
+        self.fail = Some(RelayError::Session(e));
     }
 
     /// Whether the relay is over: a side closed and what was owed to the client is sent
@@ -518,7 +530,7 @@ mod tests {
     /// Hooks that call out to nothing, and a session with `scopes`.
     fn hooks_and_session(scopes: &[&str]) -> (Hooks, Session) {
         let hooks = Hooks {
-            verifier: Box::new(|_| Box::pin(async { Err("unused".to_owned()) })),
+            verifier: Box::new(|_| Box::pin(async { Err(SecretRefused("unused".to_owned())) })),
             lookup: None,
             forget_kinds_every: std::time::Duration::from_secs(3600),
             broker_close_timeout: BROKER_CLOSE_TIMEOUT,

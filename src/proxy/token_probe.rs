@@ -30,6 +30,34 @@ pub const PROBE_EVERY: Duration = Duration::from_secs(30);
 /// The plugin that verifies tokens in RabbitMQ.
 const PLUGIN: &str = "rabbitmq_auth_backend_oauth2";
 
+/// Why the broker does not accept the gateway's backend tokens, or could not be asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    /// The configuration could not be set up for the probe (its key, its TLS).
+    #[error("{0}")]
+    Setup(String),
+    #[error("no backend token could be minted: {0}")]
+    Mint(String),
+    /// The broker refused the probe's token: what is missing, as precisely as it can be
+    /// told ([`explain_refusal`]).
+    #[error("{0}")]
+    Refused(String),
+    #[error("the broker could not be asked: {0}")]
+    Unreachable(String),
+}
+
+impl ProbeError {
+    /// A stable label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProbeError::Setup(_) => "setup",
+            ProbeError::Mint(_) => "mint",
+            ProbeError::Refused(_) => "refused",
+            ProbeError::Unreachable(_) => "unreachable",
+        }
+    }
+}
+
 /// Each node's name and enabled plugins (the management API's `/api/nodes`).
 pub type NodePlugins = Vec<(String, Vec<String>)>;
 
@@ -41,7 +69,7 @@ pub async fn probe(
     balancer: &Arc<Balancer>,
     minter: &BackendMinter,
     metrics: &Metrics,
-) -> Result<String, String> {
+) -> Result<String, ProbeError> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
@@ -56,38 +84,45 @@ pub async fn probe(
     );
     let token = minter
         .sign(&claims)
-        .map_err(|e| format!("no backend token could be minted: {e}"))?;
+        .map_err(|e| ProbeError::Mint(e.to_string()))?;
     let props = ClientProperties::new(&[])
         .map(|p| p.for_backend("amqp-iam-gateway token probe", "-", false))
         .unwrap_or_default();
-    match backend::login(cfg, tls, balancer, Login::Token(&token), &props, metrics).await {
+    let nodes = backend::Nodes {
+        cfg,
+        tls,
+        balancer,
+        metrics,
+    };
+    match backend::login(&nodes, Login::Token(&token), &props).await {
         Ok(logged_in) => Ok(logged_in.node().to_owned()),
         Err(BackendError::LoginRefused { code, text, .. }) => {
             let plugins = match &cfg.management_url {
                 Some(url) => Some(node_plugins(url, cfg).await),
                 None => None,
             };
-            Err(explain_refusal(
+            Err(ProbeError::Refused(explain_refusal(
                 &format!("{code} {text}"),
                 plugins.as_ref(),
                 minter.kid(),
                 minter.audience(),
-            ))
+            )))
         }
-        Err(e) => Err(format!("the broker could not be asked: {e}")),
+        Err(e) => Err(ProbeError::Unreachable(e.to_string())),
     }
 }
 
 /// [`probe`] for `check-config`: `None` when `cfg` does not use backend tokens.
-pub async fn probe_config(cfg: &crate::config::Config) -> Option<Result<String, String>> {
+pub async fn probe_config(cfg: &crate::config::Config) -> Option<Result<String, ProbeError>> {
     let crate::config::BackendAuth::Token(t) = &cfg.backend.auth else {
         return None;
     };
     let b = &cfg.backend;
     let setup = async {
-        let minter = super::backend_minter(t)?;
+        let setup = |e: &dyn std::fmt::Display| ProbeError::Setup(e.to_string());
+        let minter = super::backend_minter(t).map_err(|e| setup(&e))?;
         let tls = match &b.tls {
-            Some(t) => Some(backend::tls_connector(t)?),
+            Some(t) => Some(backend::tls_connector(t).map_err(|e| setup(&e))?),
             None => None,
         };
         let nodes = b.nodes.iter().map(|n| n.to_string()).collect();
@@ -184,14 +219,14 @@ pub fn explain_refusal(
 /// callers meanwhile wait for it.
 #[derive(Default)]
 pub struct ProbeCache {
-    last: tokio::sync::Mutex<Option<(Instant, Result<String, String>)>>,
+    last: tokio::sync::Mutex<Option<(Instant, Result<String, ProbeError>)>>,
 }
 
 impl ProbeCache {
     /// The cached answer if fresh, else the one `run` gives now.
-    pub async fn get<F>(&self, run: F) -> Result<String, String>
+    pub async fn get<F>(&self, run: F) -> Result<String, ProbeError>
     where
-        F: std::future::Future<Output = Result<String, String>>,
+        F: std::future::Future<Output = Result<String, ProbeError>>,
     {
         let mut last = self.last.lock().await;
         if let Some((at, answer)) = last.as_ref()
@@ -261,7 +296,7 @@ mod tests {
         let runs = std::sync::atomic::AtomicU32::new(0);
         let run = || async {
             runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Err::<String, _>("refused".to_owned())
+            Err::<String, _>(ProbeError::Refused("refused".to_owned()))
         };
         assert!(cache.get(run()).await.is_err());
         assert!(cache.get(run()).await.is_err());

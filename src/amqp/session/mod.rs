@@ -130,6 +130,12 @@ impl SessionConfig {
     }
 }
 
+/// A refused `update-secret`: the text of the `530 NOT_ALLOWED` close the client gets (and
+/// the broker's connection with it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SecretRefused(pub String);
+
 /// A violation of AMQP framing: the byte stream cannot be followed any further. The
 /// `connection.close` for the client is already queued.
 #[derive(Debug, thiserror::Error)]
@@ -2001,7 +2007,7 @@ impl Session {
     /// replaced entirely (nothing of the old token survives).
     pub fn secret_updated(
         &mut self,
-        outcome: Result<Permissions, String>,
+        outcome: Result<Permissions, SecretRefused>,
         to_client: &mut Outbox,
         to_backend: &mut Outbox,
     ) {
@@ -2013,7 +2019,7 @@ impl Session {
     /// with it, and its answer (`update-secret-ok`, or its refusal) is the client's.
     pub fn secret_updated_with(
         &mut self,
-        outcome: Result<Permissions, String>,
+        outcome: Result<Permissions, SecretRefused>,
         backend_secret: Option<String>,
         to_client: &mut Outbox,
         to_backend: &mut Outbox,
@@ -2040,7 +2046,7 @@ impl Session {
                 );
                 self.close_both_with(reply::NOT_ALLOWED, &text, ids, to_client, to_backend);
             }
-            Err(text) => {
+            Err(SecretRefused(text)) => {
                 self.close_both_with(reply::NOT_ALLOWED, &text, ids, to_client, to_backend)
             }
         }
