@@ -31,7 +31,8 @@ use std::time::Duration;
 
 /// `listener.address`: the AMQPS listener, on the IANA port for AMQP over TLS.
 pub const DEFAULT_LISTENER_ADDRESS: &str = "0.0.0.0:5671";
-/// `listener.max_connections`: client connections open at once; further accepts wait.
+/// `listener.max_connections`: client connections open at once; a connection accepted
+/// beyond it is closed at once (counted as `connections_closed_total{cause="limit"}`).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// `listener.handshake_timeout_ms`: TLS plus AMQP handshake up to authentication must finish
 /// within this, so an idle or slow peer cannot hold a slot before it has authenticated.

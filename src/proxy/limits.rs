@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use super::outcome::ConnectionEnd;
+
 /// Most addresses the rate limiter remembers; beyond it idle entries are swept.
 const MAX_RATE_ENTRIES: usize = 65_536;
 
@@ -60,10 +62,10 @@ impl Limits {
         self: &Arc<Self>,
         ip: IpAddr,
         now: Instant,
-    ) -> Result<Option<Slot<IpAddr>>, &'static str> {
+    ) -> Result<Option<Slot<IpAddr>>, ConnectionEnd> {
         let rate = self.rate.load(Ordering::Relaxed);
         if rate > 0 && !self.take_token(ip, rate, now) {
-            return Err("handshake_rate");
+            return Err(ConnectionEnd::HandshakeRate);
         }
         let limit = self.per_source.load(Ordering::Relaxed);
         if limit == 0 {
@@ -72,7 +74,7 @@ impl Limits {
         let mut m = self.sources.lock().unwrap_or_else(|e| e.into_inner());
         let n = m.entry(ip).or_insert(0);
         if *n >= limit {
-            return Err("source_limit");
+            return Err(ConnectionEnd::SourceLimit);
         }
         *n += 1;
         Ok(Some(Slot {
@@ -144,7 +146,10 @@ mod tests {
         let now = Instant::now();
         let a = l.admit_source(ip, now).unwrap();
         let _b = l.admit_source(ip, now).unwrap();
-        assert_eq!(l.admit_source(ip, now).err(), Some("source_limit"));
+        assert_eq!(
+            l.admit_source(ip, now).err().map(ConnectionEnd::label),
+            Some("source_limit")
+        );
         assert!(
             l.admit_source("192.0.2.2".parse().unwrap(), now).is_ok(),
             "other addresses are not affected"
@@ -170,13 +175,18 @@ mod tests {
         for _ in 0..5 {
             assert!(l.admit_source(ip, t0).is_ok());
         }
-        assert_eq!(l.admit_source(ip, t0).err(), Some("handshake_rate"));
+        assert_eq!(
+            l.admit_source(ip, t0).err().map(ConnectionEnd::label),
+            Some("handshake_rate")
+        );
         assert!(
             l.admit_source(ip, t0 + Duration::from_millis(250)).is_ok(),
             "one token back after 200 ms"
         );
         assert_eq!(
-            l.admit_source(ip, t0 + Duration::from_millis(250)).err(),
+            l.admit_source(ip, t0 + Duration::from_millis(250))
+                .err()
+                .map(ConnectionEnd::label),
             Some("handshake_rate")
         );
     }

@@ -537,7 +537,7 @@ async fn accept_loop(
             shared
                 .metrics
                 .connections_closed
-                .with_label_values(&["limit"])
+                .with_label_values(&[outcome::ConnectionEnd::Limit.label()])
                 .inc();
             drop(stream);
             continue;
@@ -569,7 +569,7 @@ async fn serve_socket(
                 shared
                     .metrics
                     .connections_closed
-                    .with_label_values(&["proxy_header"])
+                    .with_label_values(&[outcome::ConnectionEnd::ProxyHeader.label()])
                     .inc();
                 return;
             }
@@ -578,7 +578,7 @@ async fn serve_socket(
                 shared
                     .metrics
                     .connections_closed
-                    .with_label_values(&["handshake_timeout"])
+                    .with_label_values(&[outcome::ConnectionEnd::HandshakeTimeout.label()])
                     .inc();
                 return;
             }
@@ -591,7 +591,8 @@ async fn serve_socket(
         .admit_source(peer.ip(), std::time::Instant::now())
     {
         Ok(slot) => slot,
-        Err(reason) => {
+        Err(end) => {
+            let reason = end.label();
             tracing::info!(%peer, reason, "connection refused by a source limit");
             shared
                 .metrics
@@ -624,7 +625,7 @@ async fn serve_socket(
                     shared
                         .metrics
                         .connections_closed
-                        .with_label_values(&["tls_failed"])
+                        .with_label_values(&[outcome::ConnectionEnd::TlsFailed.label()])
                         .inc();
                 }
                 Err(_) => {
@@ -633,7 +634,7 @@ async fn serve_socket(
                     shared
                         .metrics
                         .connections_closed
-                        .with_label_values(&["handshake_timeout"])
+                        .with_label_values(&[outcome::ConnectionEnd::HandshakeTimeout.label()])
                         .inc();
                 }
             }

@@ -6,6 +6,16 @@ use super::relay::RelayEnd;
 /// How a client connection ended: the `cause` label of `connections_closed_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnectionEnd {
+    /// Accepted beyond `listener.max_connections`: closed at once.
+    Limit,
+    /// More connections from the client's address than `max_connections_per_source`.
+    SourceLimit,
+    /// Faster handshakes from the client's address than `handshakes_per_second_per_source`.
+    HandshakeRate,
+    /// A missing or malformed PROXY protocol header.
+    ProxyHeader,
+    /// The TLS handshake failed.
+    TlsFailed,
     /// The handshake did not finish within `listener.handshake_timeout`.
     HandshakeTimeout,
     /// The client broke the handshake's protocol.
@@ -32,6 +42,11 @@ impl ConnectionEnd {
     /// The label in `connections_closed_total{cause}`.
     pub fn label(self) -> &'static str {
         match self {
+            ConnectionEnd::Limit => "limit",
+            ConnectionEnd::SourceLimit => "source_limit",
+            ConnectionEnd::HandshakeRate => "handshake_rate",
+            ConnectionEnd::ProxyHeader => "proxy_header",
+            ConnectionEnd::TlsFailed => "tls_failed",
             ConnectionEnd::HandshakeTimeout => "handshake_timeout",
             ConnectionEnd::HandshakeFailed => "handshake_failed",
             ConnectionEnd::ClientClosed => "client_closed",
@@ -105,6 +120,11 @@ mod tests {
     fn labels_are_stable() {
         // Dashboards and alerts use these: a rename is a breaking change.
         let all = [
+            (ConnectionEnd::Limit, "limit"),
+            (ConnectionEnd::SourceLimit, "source_limit"),
+            (ConnectionEnd::HandshakeRate, "handshake_rate"),
+            (ConnectionEnd::ProxyHeader, "proxy_header"),
+            (ConnectionEnd::TlsFailed, "tls_failed"),
             (ConnectionEnd::HandshakeTimeout, "handshake_timeout"),
             (ConnectionEnd::HandshakeFailed, "handshake_failed"),
             (ConnectionEnd::ClientClosed, "client_closed"),
