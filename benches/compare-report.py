@@ -4,7 +4,8 @@
     compare-report.py RUNS.jsonl OUT_PREFIX
 
 RUNS.jsonl has one line per load generator run (written by compare.sh): workload, target
-(direct, haproxy, gateway, gateway-tokens), rep, exit, seconds, rss_before_kib, rss_during_kib and result
+(direct, haproxy, gateway, gateway-tokens, rabbitmq-tls), rep, exit, seconds, rss_before_kib,
+rss_during_kib and result
 (the load generator's JSON, or null). Settings and machine facts come from BENCH_*
 environment variables. Writes OUT_PREFIX.json (settings, machine, every run, the medians)
 and OUT_PREFIX.md (the table and the machine), prints the table, and exits 1 when a run
@@ -17,7 +18,7 @@ import os
 import statistics
 import sys
 
-TARGETS = ("direct", "haproxy", "gateway", "gateway-tokens")
+TARGETS = ("direct", "haproxy", "gateway", "gateway-tokens", "rabbitmq-tls")
 
 # (workload, metric key in the load generator's JSON, label, higher is better)
 ROWS = [
@@ -29,6 +30,7 @@ ROWS = [
     ("latency", "p99_us", "p99 µs", False),
     ("latency", "p999_us", "p99.9 µs", False),
     ("churn", "conns_per_s", "conns/s", True),
+    ("churn-distinct", "conns_per_s", "conns/s", True),
     ("idle", "kib_per_conn", "KiB RSS/conn", False),
 ]
 
@@ -42,6 +44,7 @@ TARGETS_OF = {
     ("latency", "p50_us"): [("gateway/direct", 1.2, False)],
     ("latency", "p99_us"): [("gateway/direct", 1.2, False)],
     ("churn", "conns_per_s"): [("gateway/haproxy", 1.0, True)],
+    ("churn-distinct", "conns_per_s"): [("gateway/haproxy", 1.0, True)],
     ("idle", "kib_per_conn"): [("gateway_kib", 64.0, False)],
 }
 
@@ -176,10 +179,11 @@ def main():
             problems.append("%s %s rep %s: %s" % (run["workload"], run["target"], run["rep"], why))
 
     rows, table = [], []
-    header = ("| workload | metric | direct | haproxy | gateway | gateway-tokens | haproxy/direct "
-              "| gateway/direct | gateway/haproxy | tokens/gateway | target | result |")
+    header = ("| workload | metric | direct | haproxy | gateway | gateway-tokens | rabbitmq-tls "
+              "| haproxy/direct | gateway/direct | gateway/haproxy | gateway/rabbitmq-tls "
+              "| tokens/gateway | target | result |")
     table.append(header)
-    table.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    table.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for workload, key, label, higher in ROWS:
         if workloads and workload not in workloads:
             continue
@@ -196,6 +200,8 @@ def main():
             "haproxy/direct": ratio(cells["haproxy"], cells["direct"]),
             "gateway/direct": ratio(cells["gateway"], cells["direct"]),
             "gateway/haproxy": ratio(cells["gateway"], cells["haproxy"]),
+            # RabbitMQ's own TLS listener verifying the same token with its OAuth 2.0 plugin.
+            "gateway/rabbitmq-tls": ratio(cells["gateway"], cells["rabbitmq-tls"]),
             # The cost of backend tokens: the same gateway, RabbitMQ checking too.
             "tokens/gateway": ratio(cells["gateway-tokens"], cells["gateway"]),
         }
@@ -204,12 +210,13 @@ def main():
         rows.append({"workload": workload, "metric": key, "unit": label, "better": better,
                      "median": cells, "samples": samples, "ratios": ratios,
                      "target": target_text, "result": verdict})
-        table.append("| %s | %s (%s) | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        table.append("| %s | %s (%s) | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             workload, label, "↑" if higher else "↓",
             fmt(cells["direct"]), fmt(cells["haproxy"]), fmt(cells["gateway"]),
-            fmt(cells["gateway-tokens"]),
+            fmt(cells["gateway-tokens"]), fmt(cells["rabbitmq-tls"]),
             fmt(ratios["haproxy/direct"]), fmt(ratios["gateway/direct"]),
-            fmt(ratios["gateway/haproxy"]), fmt(ratios["tokens/gateway"]), target_text, verdict))
+            fmt(ratios["gateway/haproxy"]), fmt(ratios["gateway/rabbitmq-tls"]),
+            fmt(ratios["tokens/gateway"]), target_text, verdict))
 
     mach = machine()
     notes = [

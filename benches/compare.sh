@@ -7,6 +7,10 @@
 #                                                        (backend.auth = "token": RabbitMQ's
 #                                                        OAuth 2.0 plugin checks every
 #                                                        operation again)
+#   (e) rabbitmq-tls    amqps://@localhost:5702 + token  RabbitMQ's own TLS listener, its
+#                                                        OAuth 2.0 plugin verifying the same
+#                                                        token (the emulator's ES384 key, the
+#                                                        role alias, additional_scopes_key sub)
 # then a table of medians and ratios against the targets of the performance issue
 # (throughput >= 1.0x HAProxy, >= 0.9x direct at 1 KiB and >= 0.8x at 16 B; latency p50 and
 # p99 <= 1.2x direct; churn >= 1.0x HAProxy; <= 64 KiB of gateway RSS per idle connection).
@@ -20,7 +24,10 @@
 #   --warmup S          seconds excluded at the start of each throughput run              [1]
 #   --idle N            connections held open by the idle workload                       [5000]
 #   --threads N         HAProxy nbthread and the gateway's tokio worker threads  [nproc]
-#   --workloads LIST    comma-separated subset of: idle,1KiB,1KiB-confirms,16B,64KiB,latency,churn
+#   --workloads LIST    comma-separated subset of: idle,1KiB,1KiB-confirms,16B,64KiB,latency,churn,
+#                       churn-distinct (churn where every gateway connection presents a token
+#                       the gateway has not seen: no verified-token cache hit, one signature
+#                       check per connection; direct and HAProxy run plain churn)
 #   --debug             use the debug build instead of the release build
 #   --keep-node         leave the benchmark RabbitMQ node running at the end
 #   --smoke             1 rep, 1 s throughput runs after 0.5 s of warm-up, 2 s of churn,
@@ -68,7 +75,7 @@ IDLE_HOLD=10
 IDLE_RATE=500
 CHURN_DURATION=""
 THREADS="$(nproc)"
-WORKLOADS="idle,1KiB,1KiB-confirms,16B,64KiB,latency,churn"
+WORKLOADS="idle,1KiB,1KiB-confirms,16B,64KiB,latency,churn,churn-distinct"
 PROFILE=release
 KEEP_NODE=0
 SMOKE=0
@@ -81,6 +88,7 @@ STS_PORT=5698
 ADMIN_PORT=5699
 TOKENS_PORT=5700
 TOKENS_ADMIN_PORT=5701
+RMQ_TLS_PORT=5702
 
 log() { echo "compare: $*" >&2; }
 die() { echo "compare: error: $*" >&2; exit 1; }
@@ -113,7 +121,7 @@ fi
 CHURN_DURATION="${CHURN_DURATION:-$DURATION}"
 IFS=, read -ra WORKLOAD_LIST <<<"$WORKLOADS"
 for w in "${WORKLOAD_LIST[@]}"; do
-    case "$w" in idle | 1KiB | 1KiB-confirms | 16B | 64KiB | latency | churn) ;;
+    case "$w" in idle | 1KiB | 1KiB-confirms | 16B | 64KiB | latency | churn | churn-distinct) ;;
     *) die "unknown workload '$w'" ;; esac
 done
 
@@ -157,6 +165,7 @@ ulimit -Sn "$(ulimit -Hn)"
 # --- processes and cleanup ---------------------------------------------------------------
 
 node() {
+    REFERENCE_NODE_TLS="$RMQ_TLS_PORT:$BENCH/tls" \
     REFERENCE_NODE_PROFILE=backend REFERENCE_NODE_NAME=rabbit_bench@localhost \
         REFERENCE_NODE_PORT=$NODE_PORT REFERENCE_NODE_DIST_PORT=$NODE_DIST_PORT \
         REFERENCE_NODE_STATE="$ROOT/target/bench-node" bash "$ROOT/scripts/reference-node.sh" "$@"
@@ -194,24 +203,13 @@ wait_port() { # PORT PID NAME LOG
     done
 }
 
-for p in $HAPROXY_PORT $GATEWAY_PORT $STS_PORT $ADMIN_PORT $TOKENS_PORT $TOKENS_ADMIN_PORT; do
+for p in $HAPROXY_PORT $GATEWAY_PORT $STS_PORT $ADMIN_PORT $TOKENS_PORT $TOKENS_ADMIN_PORT $RMQ_TLS_PORT; do
     port_open "$p" && die "port $p is in use (a previous run still going?)"
 done
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
-# --- 2. the RabbitMQ node ----------------------------------------------------------------
-
-log "starting the benchmark node (rabbit_bench@localhost, 127.0.0.1:$NODE_PORT)"
-NODE_STARTED=1
-node start
-BEAM_PID="$(cat "$ROOT/target/bench-node/node.pid")"
-nofile="$(awk '/^Max open files/ {print $4}' "/proc/$BEAM_PID/limits")"
-log "beam.smp pid $BEAM_PID, open-file soft limit $nofile"
-[[ $nofile == unlimited ]] || ((nofile > IDLE + 1000)) ||
-    die "the node may open $nofile files: too few for $IDLE idle connections"
-
-# --- 3. certificates ---------------------------------------------------------------------
+# --- 2. certificates (HAProxy, the gateways and the node's TLS listener) ---------------------------------------------------------------------
 
 TLS="$BENCH/tls"
 mkdir -p "$TLS"
@@ -232,6 +230,17 @@ log "certificates in $TLS"
     chmod 600 ./*-key.pem haproxy.pem
 )
 CA="$TLS/ca.pem"
+
+# --- 3. the RabbitMQ node ----------------------------------------------------------------
+
+log "starting the benchmark node (rabbit_bench@localhost, 127.0.0.1:$NODE_PORT)"
+NODE_STARTED=1
+node start
+BEAM_PID="$(cat "$ROOT/target/bench-node/node.pid")"
+nofile="$(awk '/^Max open files/ {print $4}' "/proc/$BEAM_PID/limits")"
+log "beam.smp pid $BEAM_PID, open-file soft limit $nofile"
+[[ $nofile == unlimited ]] || ((nofile > IDLE + 1000)) ||
+    die "the node may open $nofile files: too few for $IDLE idle connections"
 
 # --- 4. HAProxy --------------------------------------------------------------------------
 
@@ -345,6 +354,59 @@ mint() {
 }
 mint
 
+# (e) RabbitMQ's own TLS listener: its OAuth 2.0 plugin verifies the emulator's tokens as
+# the gateway does (the plugin of 3.10.8 reads these settings at every login): the
+# emulator's ES384 public key by its kid beside test-rsa, the role ARN of `sub` as an alias
+# of every permission (`extra_scopes_source`, which rabbitmq.conf calls additional_scopes_key;
+# 3.10.8 has no scope_prefix: its prefix is `rabbitmq.`).
+PYTHON="$ROOT/.venv/bin/python"  # scripts/setup.sh's, with cryptography
+[[ -x $PYTHON ]] || PYTHON=python3
+EMU_KEY="$("$PYTHON" - "$STS_URL" "$TOKEN" <<'PY'
+import base64, json, sys, urllib.request
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+# The key the minted token names.
+head = open(sys.argv[2]).read().split(".")[0]
+kid = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))["kid"]
+keys = json.load(urllib.request.urlopen(sys.argv[1] + "/.well-known/jwks.json"))["keys"]
+k = next(k for k in keys if k["kid"] == kid)
+b = lambda s: int.from_bytes(base64.urlsafe_b64decode(s + "=" * (-len(s) % 4)), "big")
+if k["kty"] == "EC":
+    pub = ec.EllipticCurvePublicNumbers(b(k["x"]), b(k["y"]), ec.SECP384R1()).public_key()
+else:
+    pub = rsa.RSAPublicNumbers(b(k["e"]), b(k["n"])).public_key()
+print(k["kid"])
+print(pub.public_bytes(serialization.Encoding.PEM,
+                       serialization.PublicFormat.SubjectPublicKeyInfo).decode().strip())
+PY
+)"
+EMU_KID="$(head -1 <<<"$EMU_KEY")"
+EMU_PUB="$(tail -n +2 <<<"$EMU_KEY")"
+RSA_PUB="$(cat "$ROOT/tests/fixtures/rsa-public.pem")"
+[[ $(node ctl -q eval "
+    application:set_env(rabbitmq_auth_backend_oauth2, key_config, [
+        {default_key, <<\"test-rsa\">>},
+        {signing_keys, #{<<\"test-rsa\">> => {pem, <<\"$RSA_PUB
+\">>}, <<\"$EMU_KID\">> => {pem, <<\"$EMU_PUB
+\">>}}},
+        {algorithms, [<<\"RS256\">>, <<\"ES384\">>, <<\"RS384\">>, <<\"RS512\">>]}]),
+    application:set_env(rabbitmq_auth_backend_oauth2, extra_scopes_source, <<\"sub\">>),
+    application:set_env(rabbitmq_auth_backend_oauth2, scope_aliases, #{
+        <<\"$ADMIN_ROLE\">> => [<<\"rabbitmq.read:*/*\">>, <<\"rabbitmq.write:*/*\">>,
+                                 <<\"rabbitmq.configure:*/*\">>]}).") == ok ]] ||
+    die "could not give the benchmark node the emulator's key"
+log "RabbitMQ's own TLS listener on 127.0.0.1:$RMQ_TLS_PORT verifies the emulator's tokens (kid $EMU_KID)"
+
+# churn-distinct: a file of fresh tokens, one per connection (more than a run can use:
+# 3,000 per second of churn, at least 2,000), minted before each gateway run.
+TOKENS_DISTINCT="$BENCH/tokens-distinct"
+mint_distinct() {
+    local n
+    n="$(awk "BEGIN {n = int($CHURN_DURATION * 3000); print (n < 2000 ? 2000 : n)}")"
+    (umask 077 && "$GW" token --state-dir "$BENCH/sts" --issuer-url "$STS_URL" \
+        --role-arn "$ADMIN_ROLE" --duration 3600 --count "$n" >"$TOKENS_DISTINCT")
+}
+
 # --- 6. workloads ------------------------------------------------------------------------
 
 # The same TLS key exchange for both proxies: HAProxy (OpenSSL 3.0) has no post-quantum
@@ -354,15 +416,21 @@ target_args() {
     case "$1" in
     direct) echo "--url amqp://guest:guest@127.0.0.1:$NODE_PORT/%2F" ;;
     haproxy) echo "--url amqps://guest:guest@localhost:$HAPROXY_PORT/%2F --cacert $CA $KX" ;;
-    gateway) echo "--url amqps://@localhost:$GATEWAY_PORT/%2F --cacert $CA $KX --password-file $TOKEN" ;;
-    gateway-tokens) echo "--url amqps://@localhost:$TOKENS_PORT/%2F --cacert $CA $KX --password-file $TOKEN" ;;
+    gateway) echo "--url amqps://@localhost:$GATEWAY_PORT/%2F --cacert $CA $KX --password-file $(token_file "$2")" ;;
+    gateway-tokens) echo "--url amqps://@localhost:$TOKENS_PORT/%2F --cacert $CA $KX --password-file $(token_file "$2")" ;;
+    rabbitmq-tls) echo "--url amqps://@localhost:$RMQ_TLS_PORT/%2F --cacert $CA $KX --password-file $(token_file "$2")" ;;
     esac
+}
+
+token_file() { # WORKLOAD
+    if [[ $1 == churn-distinct ]]; then echo "$TOKENS_DISTINCT"; else echo "$TOKEN"; fi
 }
 
 target_pid() {
     case "$1" in
     direct) echo "$BEAM_PID" ;; haproxy) echo "$HAPROXY_PID" ;; gateway) echo "$GATEWAY_PID" ;;
     gateway-tokens) echo "$TOKENS_PID" ;;
+    rabbitmq-tls) echo "$BEAM_PID" ;;
     esac
 }
 
@@ -374,7 +442,7 @@ workload_args() {
     16B) echo throughput --size 16 "${t[@]}" ;;
     64KiB) echo throughput --size 65536 "${t[@]}" ;;
     latency) echo throughput --size 1024 --rate 2000 "${t[@]}" ;;
-    churn) echo churn --duration "$CHURN_DURATION" ;;
+    churn | churn-distinct) echo churn --duration "$CHURN_DURATION" ;;
     idle) echo idle --connections "$IDLE" --hold "$IDLE_HOLD" --rate "$IDLE_RATE" ;;
     esac
 }
@@ -393,8 +461,10 @@ record() { # WORKLOAD TARGET REP EXIT SECONDS RSS_BEFORE RSS_DURING OUT
 run_one() { # WORKLOAD TARGET REP
     local w=$1 target=$2 rep=$3 out="$RUN_DIR/$1.$2.$3" rc=0 t0=$SECONDS
     local -a args
-    read -ra args <<<"$(workload_args "$w") $(target_args "$target") --json"
-    [[ $target == gateway* ]] && mint
+    read -ra args <<<"$(workload_args "$w") $(target_args "$target" "$w") --json"
+    if [[ $target == gateway* || $target == rabbitmq-tls ]]; then
+        if [[ $w == churn-distinct ]]; then mint_distinct; else mint; fi
+    fi
     if [[ $w == idle ]]; then
         run_idle "$target" "$out" "${args[@]}" || rc=$?
         return 0
@@ -434,7 +504,7 @@ run_idle() { # TARGET OUT ARGS...
     log "idle $target: RSS $before -> ${during:-?} KiB; $(tr -d '\n' <"$out.json" | cut -c1-160)"
 }
 
-TARGETS=(direct haproxy gateway gateway-tokens)
+TARGETS=(direct haproxy gateway gateway-tokens rabbitmq-tls)
 for w in "${WORKLOAD_LIST[@]}"; do
     reps=$REPS
     [[ $w == idle ]] && reps=1

@@ -59,6 +59,9 @@
 #                             from a source RabbitMQ does not count as loopback (its
 #                             loopback_users check reads the listener's address)
 #                             [the first global IPv4 address `ip` reports; none: `none`]
+#   REFERENCE_NODE_TLS        PORT:DIR, an AMQPS listener on 127.0.0.1:PORT with DIR's ca.pem,
+#                             server.pem and server-key.pem (no client certificates); the
+#                             benchmark's RabbitMQ-TLS path                               [none]
 #   RABBITMQ_SBIN             the real (non-wrapper) scripts [/usr/lib/rabbitmq/bin]
 set -euo pipefail
 
@@ -76,6 +79,7 @@ if [[ -z "${REFERENCE_NODE_REMOTE_ADDRESS:-}" ]]; then
     REFERENCE_NODE_REMOTE_ADDRESS="$(ip -4 -o addr show scope global 2>/dev/null | awk '{ split($4, a, "/"); print a[1]; exit }')"
 fi
 REMOTE="${REFERENCE_NODE_REMOTE_ADDRESS:-none}"
+TLS="${REFERENCE_NODE_TLS:-none}"
 SBIN="${RABBITMQ_SBIN:-/usr/lib/rabbitmq/bin}"
 KEY="$ROOT/tests/fixtures/rsa-public.pem"
 KID="test-rsa"
@@ -136,6 +140,16 @@ log.file.level = info
 log.console = false
 EOF
     [[ "$REMOTE" != none ]] && echo "listeners.tcp.2 = $REMOTE:$PORT" >>"$new/rabbitmq.conf"
+    if [[ "$TLS" != none ]]; then
+        local tls_port="${TLS%%:*}" tls_dir="${TLS#*:}"
+        [[ -r "$tls_dir/server-key.pem" ]] || die "REFERENCE_NODE_TLS: no $tls_dir/server-key.pem"
+        printf '%s\n' "listeners.ssl.default = 127.0.0.1:$tls_port" \
+            "ssl_options.cacertfile = $tls_dir/ca.pem" \
+            "ssl_options.certfile = $tls_dir/server.pem" \
+            "ssl_options.keyfile = $tls_dir/server-key.pem" \
+            "ssl_options.verify = verify_none" \
+            "ssl_options.fail_if_no_peer_cert = false" >>"$new/rabbitmq.conf"
+    fi
     [[ "$PROFILE" == base ]] &&
         echo "auth_oauth2.additional_scopes_key = https://sts.amazonaws.com/" >>"$new/rabbitmq.conf"
     # `backend`: an ordinary node with internal users (guest from loopback), used as a second

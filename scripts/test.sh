@@ -19,7 +19,9 @@ on_exit() {
 }
 trap on_exit EXIT
 
-step() { STEP="$1"; echo; echo "==> $1"; }
+# Each step says when it starts (seconds since the command began), so that the log shows
+# where the time goes.
+step() { STEP="$1"; echo; echo "==> [$SECONDS s] $1"; }
 
 step "setup"
 bash scripts/setup.sh
@@ -73,4 +75,5 @@ bash benches/compare.sh --smoke
 
 STEP="done"
 echo
+echo "test.sh: $SECONDS s in all"
 echo "test.sh: ALL PASSED (setup, gate, lean and full builds, rust tests, python integration tests, fuzz smoke, benchmark smoke)"

@@ -547,6 +547,12 @@ pub struct TokenArgs {
 
 /// Mints a token with the development issuer's keys, for any role ARN.
 pub fn mint(args: &TokenArgs, now: i64) -> anyhow::Result<String> {
+    mint_many(args, now, 1).map(|mut tokens| tokens.remove(0))
+}
+
+/// Mints `count` tokens (at least one) like [`mint`], each with its own `jti`: a benchmark's
+/// connections each with a token the gateway has not verified before.
+pub fn mint_many(args: &TokenArgs, now: i64, count: usize) -> anyhow::Result<Vec<String>> {
     let issuer = open_issuer(&args.state_dir, &args.issuer_url)?;
     let algorithm = SigningAlgorithm::parse(&args.algorithm)
         .ok_or_else(|| anyhow::anyhow!("--alg {:?}: expected RS256 or ES384", args.algorithm))?;
@@ -574,10 +580,14 @@ pub fn mint(args: &TokenArgs, now: i64) -> anyhow::Result<String> {
     }
     req.duration_seconds = args.duration_seconds;
     req.tags = args.tags.iter().cloned().collect();
-    issuer
-        .mint(&caller, &req, now)
-        .map(|m| m.token)
-        .map_err(anyhow::Error::msg)
+    (0..count.max(1))
+        .map(|_| {
+            issuer
+                .mint(&caller, &req, now)
+                .map(|m| m.token)
+                .map_err(anyhow::Error::msg)
+        })
+        .collect()
 }
 
 /// Asks a running issuer (development mode or `sts-emulator`) to rotate its signing keys:

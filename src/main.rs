@@ -82,6 +82,9 @@ enum Command {
         /// `AMQP_IAM_GATEWAY_ISSUER_LISTEN` or 127.0.0.1:8479].
         #[arg(long)]
         issuer_url: Option<String>,
+        /// Mint this many tokens, one per line, each with its own `jti` (1..=1000000).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        count: u32,
     },
     #[cfg(feature = "sts-emulator")]
     /// Ask the running development issuer to rotate its signing keys (new kids are published
@@ -181,6 +184,7 @@ fn main() -> ExitCode {
             alg,
             state_dir,
             issuer_url,
+            count,
         } => {
             let issuer_url = match issuer_url.map_or_else(devmode::default_issuer_url, Ok) {
                 Ok(url) => url,
@@ -201,9 +205,18 @@ fn main() -> ExitCode {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
-            match devmode::mint(&args, now) {
-                Ok(token) => {
-                    println!("{token}");
+            match devmode::mint_many(&args, now, count as usize) {
+                Ok(tokens) => {
+                    use std::io::Write;
+                    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                    for token in tokens {
+                        if writeln!(out, "{token}").is_err() {
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                    if out.flush().is_err() {
+                        return ExitCode::FAILURE;
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

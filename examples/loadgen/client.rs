@@ -69,14 +69,18 @@ pub struct Target {
     pub addr: String,
     tls: Option<(TlsConnector, ServerName<'static>)>,
     user: String,
-    password: String,
+    /// One or more: connection `n` uses `passwords[n % len]`.
+    passwords: Vec<String>,
+    next: std::sync::atomic::AtomicUsize,
     pub vhost: String,
 }
 
 impl Target {
     /// Parses `amqp[s]://[user[:password]@]host[:port][/vhost]`, percent-decoding user,
-    /// password and vhost (an absent or empty vhost is `/`). `password_file` (its first
-    /// line) replaces the URL's password; `cacert` is the PEM CA trusted for amqps, else the
+    /// password and vhost (an absent or empty vhost is `/`). `password_file` replaces the
+    /// URL's password: its non-empty lines, used in turn by successive connections (one
+    /// token per line, so that each connection can present one the gateway has not seen);
+    /// `cacert` is the PEM CA trusted for amqps, else the
     /// system's roots. TLS sessions are never resumed, so every connection pays a full
     /// handshake.
     pub fn parse(
@@ -109,15 +113,23 @@ impl Target {
             v if v.is_empty() => "/".to_string(),
             v => v,
         };
-        let password = match password_file {
-            Some(p) => std::fs::read_to_string(p)
-                .map_err(|e| format!("{}: {e}", p.display()))?
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_string(),
-            None => decode(password)?,
+        let passwords = match password_file {
+            Some(p) => {
+                let text =
+                    std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                let lines: Vec<String> = text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                if lines.is_empty() {
+                    vec![String::new()]
+                } else {
+                    lines
+                }
+            }
+            None => vec![decode(password)?],
         };
         let tls = if tls {
             let name = ServerName::try_from(host.clone())
@@ -130,7 +142,8 @@ impl Target {
             addr: format!("{}:{port}", bracket_v6(&host)),
             tls,
             user: decode(user)?,
-            password,
+            passwords,
+            next: std::sync::atomic::AtomicUsize::new(0),
             vhost,
         })
     }
@@ -150,8 +163,9 @@ impl Target {
             rbuf: BytesMut::with_capacity(read_buffer),
             frame_max: 4096,
         };
-        conn.handshake(&self.user, &self.password, &self.vhost)
-            .await?;
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let password = &self.passwords[n % self.passwords.len()];
+        conn.handshake(&self.user, password, &self.vhost).await?;
         Ok(conn)
     }
 }
@@ -542,7 +556,10 @@ mod tests {
     #[test]
     fn url_parts_are_percent_decoded() {
         let t = Target::parse("amqp://:tok%2Fen@127.0.0.1:5674/%2F", None, None, None).unwrap();
-        assert_eq!((t.user.as_str(), t.password.as_str()), ("", "tok/en"));
+        assert_eq!(
+            (t.user.as_str(), t.passwords.as_slice()),
+            ("", &["tok/en".to_owned()][..])
+        );
         assert_eq!((t.addr.as_str(), t.vhost.as_str()), ("127.0.0.1:5674", "/"));
         let t = Target::parse("amqp://u:p@h/my%20vhost?heartbeat=5", None, None, None).unwrap();
         assert_eq!((t.addr.as_str(), t.vhost.as_str()), ("h:5672", "my vhost"));

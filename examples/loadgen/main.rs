@@ -78,7 +78,8 @@ struct Common {
     /// PEM CA certificate(s) trusted for amqps (default: the system's roots).
     #[arg(long)]
     cacert: Option<PathBuf>,
-    /// Read the password (e.g. a JWT) from the first line of this file instead of the URL.
+    /// Read the password (e.g. a JWT) from this file instead of the URL; with several
+    /// lines, successive connections use them in turn (one token per connection).
     #[arg(long)]
     password_file: Option<PathBuf>,
     /// TLS key exchange groups, comma-separated, in order of preference (e.g. `X25519`);
