@@ -70,7 +70,7 @@ export FUZZ_SECONDS="${FUZZ_SECONDS:-5}" FUZZ_PROFILE="${FUZZ_PROFILE:-dev}"
 step "fuzz smoke (scripts/fuzz.sh: every cargo-fuzz target, ${FUZZ_SECONDS} s each, ${FUZZ_PROFILE} profile)"
 bash scripts/fuzz.sh
 
-step "benchmark smoke (benches/compare.sh --smoke: direct, HAProxy, the gateway, and the gateway with backend tokens, debug build)"
+step "benchmark smoke (benches/compare.sh --smoke: direct, HAProxy, the gateway, the gateway with backend tokens, RabbitMQ TLS with OAuth 2.0; debug build)"
 bash benches/compare.sh --smoke
 
 STEP="done"
