@@ -159,12 +159,12 @@ pub fn import(conf: &str) -> Imported {
     Imported { toml, notes }
 }
 
-/// The gateway configuration the import writes, serialised by `toml`.
+/// The gateway configuration the import writes, serialised by `toml` (which leaves out the
+/// `None` fields; empty lists and tables are left out here, as the gateway refuses some).
 #[derive(Serialize)]
 struct Document {
     listener: ListenerOut,
     backend: BackendOut,
-    #[serde(skip_serializing_if = "Option::is_none")]
     auth: Option<AuthOut>,
     oauth2: OAuth2Out,
 }
@@ -188,27 +188,18 @@ struct BackendOut {
 struct AuthOut {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     backends: Vec<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     loopback_users: Option<Vec<String>>,
 }
 
 #[derive(Serialize, Default)]
 struct OAuth2Out {
-    #[serde(skip_serializing_if = "Option::is_none")]
     resource_server_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     scope_prefix: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     additional_scopes_key: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     verify_aud: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     require_exp: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     issuer: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     jwks_uri: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     default_key: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     preferred_username_claims: Vec<String>,
@@ -227,17 +218,12 @@ struct OAuth2Out {
 struct IssuerOut {
     name: String,
     issuer: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
     jwks_uri: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     default_key: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     algorithms: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     resource_server_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     scope_prefix: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     additional_scopes_key: Option<String>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     signing_keys: BTreeMap<String, String>,

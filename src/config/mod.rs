@@ -100,8 +100,6 @@ pub const DEFAULT_BACKEND_HEALTH_CHECK_INTERVAL_MS: u64 = 2_000;
 /// Bounds of `backend.health_check_interval_ms`.
 pub const MIN_BACKEND_HEALTH_CHECK_INTERVAL_MS: u64 = 100;
 pub const MAX_BACKEND_HEALTH_CHECK_INTERVAL_MS: u64 = 300_000;
-/// Longest health check of one node (shorter when `backend.connect_timeout_ms` is).
-pub const BACKEND_HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bounds of `backend.close_timeout_ms`.
 pub const MIN_BACKEND_CLOSE_TIMEOUT_MS: u64 = 100;
 pub const MAX_BACKEND_CLOSE_TIMEOUT_MS: u64 = 600_000;
@@ -385,7 +383,7 @@ pub struct BackendConfig {
     /// for a slot, for at most `connect_timeout`.
     pub max_connecting: usize,
     /// How often each node's port is checked in the background (TCP connect, bounded by
-    /// [`BACKEND_HEALTH_CHECK_TIMEOUT`] and `connect_timeout`).
+    /// 1 s and `connect_timeout`).
     pub health_check_interval: Duration,
     /// Base URL of the management HTTP API (`http://host:15672`), used to look up the types
     /// of exchanges the gateway has not seen declared (topic checks apply to topic

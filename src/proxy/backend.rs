@@ -8,8 +8,7 @@
 
 use amq_protocol::protocol::{AMQPClass, connection};
 use bytes::BytesMut;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -23,6 +22,7 @@ use std::time::Instant;
 
 use super::balancer::{Balancer, Lease};
 use super::errors::TlsError;
+use super::{read_certs, read_key};
 use crate::amqp::frame::{self, PROTOCOL_HEADER};
 use crate::amqp::handshake::Tuning;
 use crate::amqp::method::{self, Close, Reader, id};
@@ -145,20 +145,6 @@ pub(crate) fn client_builder(
 
 /// The rustls client config of `backend.tls`: its CA, its client certificate.
 pub fn tls_client_config(t: &BackendTlsConfig) -> Result<rustls::ClientConfig, TlsError> {
-    let read_certs = |path: &std::path::Path| {
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| TlsError::Read {
-                path: path.display().to_string(),
-                why: e.to_string(),
-            })?;
-        if certs.is_empty() {
-            return Err(TlsError::NoCertificate {
-                path: path.display().to_string(),
-            });
-        }
-        Ok(certs)
-    };
     let mut roots = rustls::RootCertStore::empty();
     for ca in read_certs(&t.ca)? {
         roots.add(ca).map_err(|e| TlsError::BadCa {
@@ -171,10 +157,7 @@ pub fn tls_client_config(t: &BackendTlsConfig) -> Result<rustls::ClientConfig, T
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
             let certs = read_certs(cert)?;
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Read {
-                path: key.display().to_string(),
-                why: e.to_string(),
-            })?;
+            let key = read_key(key)?;
             builder
                 .with_client_auth_cert(certs, key)
                 .map_err(|e| TlsError::ClientCertificateKey(e.to_string()))?

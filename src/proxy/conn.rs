@@ -713,41 +713,40 @@ where
     } = c;
     let mut out = BytesMut::new();
     let cancel_notify = client_props.capability("consumer_cancel_notify");
-    if !identity.permissions.vhost_access(&vhost) {
-        tracing::info!(%peer, user = %identity.username, %vhost, reason = "vhost", "vhost access refused");
-        let text = format!(
-            "NOT_ALLOWED - access to vhost '{vhost}' refused for user '{}'",
-            identity.username
-        );
-        let c = Handshaking {
-            stream,
-            hs,
-            peer,
-            shared,
-        };
-        refuse_open(c, &identity, &vhost, "vhost", &text).await;
-        return Err(ConnectionEnd::VhostRefused);
-    }
-    let who = identity
-        .sub
-        .clone()
-        .unwrap_or_else(|| identity.username.clone());
-    let identity_slot = match shared.limits.admit_identity(&who) {
-        Ok(slot) => slot,
-        Err(limit) => {
+    // Vhost access, then the identity's connection limit: either refusal is answered the
+    // same way (`refuse_open`), with its own reason and text.
+    let admitted = if identity.permissions.vhost_access(&vhost) {
+        let who = identity
+            .sub
+            .clone()
+            .unwrap_or_else(|| identity.username.clone());
+        shared.limits.admit_identity(&who).map_err(|limit| {
             tracing::info!(%peer, user = %identity.username, %vhost, limit, "identity connection limit reached");
             let text = format!(
                 "NOT_ALLOWED - access to vhost '{vhost}' refused for user '{}': connection limit ({limit}) is reached",
                 identity.username
             );
+            ("identity_limit", text, ConnectionEnd::IdentityLimit)
+        })
+    } else {
+        tracing::info!(%peer, user = %identity.username, %vhost, reason = "vhost", "vhost access refused");
+        let text = format!(
+            "NOT_ALLOWED - access to vhost '{vhost}' refused for user '{}'",
+            identity.username
+        );
+        Err(("vhost", text, ConnectionEnd::VhostRefused))
+    };
+    let identity_slot = match admitted {
+        Ok(slot) => slot,
+        Err((reason, text, end)) => {
             let c = Handshaking {
                 stream,
                 hs,
                 peer,
                 shared,
             };
-            refuse_open(c, &identity, &vhost, "identity_limit", &text).await;
-            return Err(ConnectionEnd::IdentityLimit);
+            refuse_open(c, &identity, &vhost, reason, &text).await;
+            return Err(end);
         }
     };
     let tuning = hs.tuning().ok_or(ConnectionEnd::HandshakeFailed)?;

@@ -48,8 +48,49 @@ impl Control for Live {
         shared.metrics.scrape(|m| refresh_gauges(m, &shared.auth))
     }
 
+    /// Why the gateway cannot serve clients, if it cannot.
     async fn ready(&self) -> Result<(), NotReady> {
-        ready(self).await
+        let (shared, _) = self.snapshot();
+        // A load balancer (a Kubernetes readiness probe) stops sending new clients as soon as
+        // the drain begins, while `/healthz` stays up until the process exits.
+        if *shared.drain.borrow() != DrainState::Running {
+            return Err(NotReady::Draining);
+        }
+        let several = shared.auth.all().len() > 1;
+        for a in shared.auth.all() {
+            let keys = &a.keys;
+            let which = if several {
+                format!("issuer {:?}: ", a.name)
+            } else {
+                String::new()
+            };
+            if let Some(why) = keys.stale() {
+                return Err(NotReady::KeysStale { which, why });
+            }
+            if keys.key_count() == 0 {
+                let detail = keys
+                    .status()
+                    .and_then(|s| s.last_error)
+                    .unwrap_or_else(|| "no signing keys configured".into());
+                return Err(NotReady::NoKeys { which, detail });
+            }
+        }
+        // The latest background health checks (`proxy::health`): a probe opens no connection.
+        shared.balancer.readiness()?;
+        // With backend tokens: does the broker accept them? (Asked at most every
+        // `PROBE_EVERY`.)
+        if let Some(minter) = &shared.minter {
+            let b = &shared.cfg.backend;
+            let run = token_probe::probe(
+                b,
+                shared.backend_tls.as_ref(),
+                &shared.balancer,
+                minter,
+                &shared.metrics,
+            );
+            shared.token_probe.get(run).await?;
+        }
+        Ok(())
     }
 
     async fn reload(&self) -> Result<(), SetupError> {
@@ -59,51 +100,6 @@ impl Control for Live {
     fn backend_jwks(&self) -> Option<String> {
         self.snapshot().0.backend_jwks.clone()
     }
-}
-
-/// Why the gateway cannot serve clients, if it cannot.
-async fn ready(r: &Live) -> Result<(), NotReady> {
-    let (shared, _) = r.snapshot();
-    // A load balancer (a Kubernetes readiness probe) stops sending new clients as soon as
-    // the drain begins, while `/healthz` stays up until the process exits.
-    if *shared.drain.borrow() != DrainState::Running {
-        return Err(NotReady::Draining);
-    }
-    let several = shared.auth.all().len() > 1;
-    for a in shared.auth.all() {
-        let keys = &a.keys;
-        let which = if several {
-            format!("issuer {:?}: ", a.name)
-        } else {
-            String::new()
-        };
-        if let Some(why) = keys.stale() {
-            return Err(NotReady::KeysStale { which, why });
-        }
-        if keys.key_count() == 0 {
-            let detail = keys
-                .status()
-                .and_then(|s| s.last_error)
-                .unwrap_or_else(|| "no signing keys configured".into());
-            return Err(NotReady::NoKeys { which, detail });
-        }
-    }
-    // The latest background health checks (`proxy::health`): a probe opens no connection.
-    shared.balancer.readiness()?;
-    // With backend tokens: does the broker accept them? (Asked at most every
-    // `PROBE_EVERY`.)
-    if let Some(minter) = &shared.minter {
-        let b = &shared.cfg.backend;
-        let run = token_probe::probe(
-            b,
-            shared.backend_tls.as_ref(),
-            &shared.balancer,
-            minter,
-            &shared.metrics,
-        );
-        shared.token_probe.get(run).await?;
-    }
-    Ok(())
 }
 
 /// Brings the gauges and counters owned by other modules up to date before a scrape.

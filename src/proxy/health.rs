@@ -13,7 +13,10 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use super::balancer::{Balancer, Check};
-use crate::config::{BACKEND_HEALTH_CHECK_TIMEOUT, BackendConfig};
+use crate::config::BackendConfig;
+
+/// Longest health check of one node (shorter when `backend.connect_timeout_ms` is).
+pub const BACKEND_HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 use crate::telemetry::metrics::Metrics;
 
 /// How long one check of one node may take under `cfg`.

@@ -650,26 +650,37 @@ pub fn tls_acceptor(
     Ok(TlsAcceptor::from(Arc::new(tls_server_config(cert, key)?)))
 }
 
+/// The certificates of a PEM file, at least one (a chain, leaf first, or a CA bundle).
+pub(crate) fn read_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::Read {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(certs)
+}
+
+/// The private key of a PEM file.
+pub(crate) fn read_key(path: &std::path::Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Read {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    })
+}
+
 /// The rustls server config of [`tls_acceptor`].
 pub(crate) fn tls_server_config(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError::Read {
-            path: cert.display().to_string(),
-            why: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate {
-            path: cert.display().to_string(),
-        });
-    }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Read {
-        path: key.display().to_string(),
-        why: e.to_string(),
-    })?;
+    let certs = read_certs(cert)?;
+    let key = read_key(key)?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
