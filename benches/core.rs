@@ -72,6 +72,7 @@ fn authz_decide(c: &mut Criterion) {
     let ctx = Context {
         vhost: "/",
         username: ROLE,
+        now: 0,
     };
     let publish = |routing_key| Operation::BasicPublish {
         exchange: "amq.topic",

@@ -12,7 +12,9 @@ use crate::auth::keys::KeyError;
 use crate::auth::keys::{KeySettings, KeyStore};
 use crate::auth::scopes::ScopeRules;
 use crate::auth::{Authenticator, Authenticators};
-use crate::config::{AuthConfig, IssuerConfig, OAuth2Config};
+use crate::authz::Permissions;
+use crate::authz::iam::{Binding, Facts};
+use crate::config::{AuthConfig, AuthorizationConfig, IssuerConfig, OAuth2Config};
 
 /// Why the authenticators of a configuration could not be built.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -105,4 +107,26 @@ pub fn authenticator(o: &OAuth2Config, i: &IssuerConfig) -> Result<Authenticator
 /// `loopback_users` and `[auth.sources]`.
 pub fn source_rules(cfg: &AuthConfig) -> SourceRules {
     SourceRules::new(cfg.loopback_users.clone(), cfg.sources.clone())
+}
+
+/// A verified token's permissions with the broker policies of `[authorization]` bound to
+/// its principal (`facts`, from the token) and its connection (the client's address, TLS
+/// or not). Unchanged when no policy is configured.
+pub fn bind_policies(
+    permissions: Permissions,
+    authorization: &AuthorizationConfig,
+    facts: &Facts,
+    source_ip: Option<std::net::IpAddr>,
+    secure_transport: bool,
+) -> Permissions {
+    if !authorization.active() {
+        return permissions;
+    }
+    let facts = Facts {
+        source_ip,
+        secure_transport,
+        ..facts.clone()
+    };
+    let binding = Binding::new(&authorization.set, authorization.mode, &facts);
+    permissions.with_policy(Arc::new(binding))
 }

@@ -41,6 +41,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::authz::Permissions;
+use crate::authz::iam::Facts;
 use jwt::{AuthError, ClaimRules};
 use keys::KeyStore;
 use policy::Policy;
@@ -64,6 +65,59 @@ pub struct Identity {
     /// The name of the configured issuer entry that verified the token (`default` for the
     /// root `[oauth2]` keys).
     pub issuer_name: String,
+    /// What broker policies can ask about the principal, from the claims
+    /// ([`principal_facts`]); the connection's part is added when it is bound.
+    pub facts: Arc<Facts>,
+}
+
+/// The STS claim object that holds the AWS identity and session context.
+pub const STS_CLAIM: &str = "https://sts.amazonaws.com/";
+
+/// The policy condition keys a verified token answers: `aws:PrincipalArn` (the nested
+/// `principal_id`, else an ARN `sub`), `aws:PrincipalAccount` (`aws_account`, else the
+/// ARN's account), `aws:PrincipalOrgID` (`org_id`), `aws:PrincipalOrgPaths` (`ou_path`,
+/// a string or a list), `aws:PrincipalTag/*` (`principal_tags`), `aws:RequestTag/*` and
+/// `aws:TagKeys` (`request_tags`), `aws:RequestedRegion` (`source_region`) and
+/// `aws:TokenIssueTime` (`iat`). Values that are not strings are ignored.
+pub fn principal_facts(claims: &Value) -> Facts {
+    let sts = claims.get(STS_CLAIM);
+    let text = |v: Option<&Value>, k: &str| v.and_then(|o| o.get(k)).and_then(Value::as_str).map(str::to_owned);
+    let mut f = Facts {
+        principal_arn: text(sts, "principal_id")
+            .or_else(|| text(Some(claims), "sub").filter(|s| s.starts_with("arn:"))),
+        org_id: text(sts, "org_id"),
+        region: text(sts, "source_region"),
+        issued_at: claims.get("iat").and_then(Value::as_f64).map(|t| t.floor() as i64),
+        ..Facts::default()
+    };
+    f.account = text(sts, "aws_account").or_else(|| {
+        f.principal_arn
+            .as_deref()
+            .and_then(|a| a.split(':').nth(4))
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned)
+    });
+    match sts.and_then(|o| o.get("ou_path")) {
+        Some(Value::String(p)) => f.org_paths.push(p.clone()),
+        Some(Value::Array(ps)) => f
+            .org_paths
+            .extend(ps.iter().filter_map(Value::as_str).map(str::to_owned)),
+        _ => {}
+    }
+    let tags = |k: &str| {
+        sts.and_then(|o| o.get(k))
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
+    };
+    for (k, v) in tags("principal_tags") {
+        f.principal_tag(&k, &v);
+    }
+    for (k, v) in tags("request_tags") {
+        f.request_tag(&k, &v);
+    }
+    f
 }
 
 /// Default `oauth2.token_cache_size`.
@@ -323,6 +377,7 @@ impl Authenticator {
             scopes: normalised.scopes,
             token_id: hex_prefix(hash),
             issuer_name: self.name.clone(),
+            facts: Arc::new(principal_facts(claims)),
         })
     }
 }

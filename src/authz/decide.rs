@@ -12,7 +12,9 @@
 //! method → permission table lives here and nowhere else.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 
+use super::iam::{self, Action, Decision, Mode, Request, ResourceKind};
 use super::permissions::{Perm, Permissions};
 
 /// AMQP reply code for `ACCESS_REFUSED`.
@@ -46,6 +48,8 @@ pub enum ExchangeKind {
 pub struct Context<'a> {
     pub vhost: &'a str,
     pub username: &'a str,
+    /// Seconds since the epoch, for policy conditions on the time.
+    pub now: i64,
 }
 
 /// The decoded methods that need authorisation. Names are as sent by the client; CR and
@@ -62,11 +66,13 @@ pub enum Operation<'a> {
     ExchangeDelete {
         exchange: &'a str,
     },
+    /// `exchange.bind`, or `exchange.unbind` with `unbind` (the same permissions).
     ExchangeBind {
         destination: &'a str,
         source: &'a str,
         routing_key: &'a str,
         source_kind: ExchangeKind,
+        unbind: bool,
     },
     /// `queue` `""` must already be replaced by the caller: for a non-passive declare with
     /// a server-name probe (`amq.gen-…`) and `server_named: true`; for a passive declare
@@ -91,6 +97,8 @@ pub enum Operation<'a> {
         exchange: &'a str,
         routing_key: &'a str,
         exchange_kind: ExchangeKind,
+        /// `queue.unbind` (the same permissions).
+        unbind: bool,
     },
     /// Routing keys and `user_id` are bytes: RabbitMQ does not require UTF-8 in a
     /// publish and compares them as binaries.
@@ -134,6 +142,9 @@ pub struct Denial {
     /// What was refused, for audit records: `queue 'q'`, `topic 'a.b' in exchange 'x'`,
     /// `user_id 'bob'`.
     pub resource: String,
+    /// The policy statement that denied it (`<document>:<Sid>`), when an explicit Deny
+    /// decided; `None` when the scopes or an implicit deny did.
+    pub statement: Option<String>,
 }
 
 /// `rabbit_binary_generator:amqp_exception_explanation/2`: `CONSTANT - explanation`, and
@@ -158,11 +169,104 @@ enum Kind {
     Exchange,
 }
 
+impl Kind {
+    fn iam(self) -> ResourceKind {
+        match self {
+            Kind::Queue => ResourceKind::Queue,
+            Kind::Exchange => ResourceKind::Exchange,
+        }
+    }
+}
+
+/// One permission check of a decision, as `explain` and `simulate` show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Trace {
+    /// The permission and the operation's action.
+    pub actions: Vec<&'static str>,
+    pub resource: String,
+    /// Whether the token's scopes grant it.
+    pub scopes: bool,
+    /// The policy's answer (`allowed by ...`, `denied by ...`, `no statement applies ...`),
+    /// when policies are configured.
+    pub policy: Option<String>,
+    pub permitted: bool,
+}
+
 /// One decision in progress: the permissions, the context and the method being checked.
 struct Check<'a> {
     perms: &'a Permissions,
     ctx: &'a Context<'a>,
     class_method: (u16, u16),
+    /// The operation's own action (`rabbitmq:Publish`), beside each check's permission.
+    action: Action,
+    /// The operation's routing key (publish, bind, unbind), for `rabbitmq:RoutingKey`.
+    routing_key: Option<&'a [u8]>,
+    trace: Option<&'a RefCell<Vec<Trace>>>,
+}
+
+fn perm_action(perm: Perm) -> Action {
+    match perm {
+        Perm::Configure => Action::Configure,
+        Perm::Write => Action::Write,
+        Perm::Read => Action::Read,
+    }
+}
+
+/// Scopes and policies combined by the mode: `Err(Some(id))` when a Deny statement
+/// decided, `Err(None)` for any other refusal. `evaluate` asks the policies (not called
+/// when the scopes alone decide).
+fn gate<'b>(
+    perms: &'b Permissions,
+    scope_ok: bool,
+    evaluate: impl FnOnce(&'b iam::Binding) -> Decision<'b>,
+) -> Result<(), Option<String>> {
+    let Some(b) = perms.policy() else {
+        return if scope_ok { Ok(()) } else { Err(None) };
+    };
+    if !scope_ok && b.mode() != Mode::Policies {
+        return Err(None);
+    }
+    match (b.mode(), evaluate(b)) {
+        (_, Decision::Deny(id)) => Err(Some(id.to_owned())),
+        (Mode::Scopes, _) | (_, Decision::Allow(_)) => Ok(()),
+        (_, Decision::Implicit) => Err(None),
+    }
+}
+
+/// `connection.open` (and a refreshed token's vhost): any scope for the vhost, and
+/// `rabbitmq:Connect` on `arn:aws:rabbitmq:::vhost/<vhost>` under the policies.
+/// `Err(Some(id))` names the Deny statement that refused.
+pub fn connect(perms: &Permissions, vhost: &str, now: i64) -> Result<(), Option<String>> {
+    gate(perms, perms.vhost_access(vhost), |b| {
+        b.evaluate(&Request {
+            actions: Action::Connect.set(),
+            resource: &iam::vhost_arn(vhost),
+            vhost,
+            routing_key: None,
+            now,
+        })
+    })
+}
+
+/// [`connect`] with its trace, for `explain` and `simulate`.
+pub fn connect_traced(perms: &Permissions, vhost: &str, now: i64) -> (Result<(), Option<String>>, Trace) {
+    let arn = iam::vhost_arn(vhost);
+    let req = Request {
+        actions: Action::Connect.set(),
+        resource: &arn,
+        vhost,
+        routing_key: None,
+        now,
+    };
+    let outcome = connect(perms, vhost, now);
+    let trace = Trace {
+        actions: vec![Action::Connect.name()],
+        resource: arn.clone(),
+        scopes: perms.vhost_access(vhost),
+        policy: perms.policy().map(|b| b.evaluate(&req).to_string()),
+        permitted: outcome.is_ok(),
+    };
+    (outcome, trace)
 }
 
 /// Why a check did not pass.
@@ -177,7 +281,7 @@ impl From<Denial> for Stop {
     }
 }
 
-impl Check<'_> {
+impl<'a> Check<'a> {
     fn deny(
         &self,
         code: u16,
@@ -194,7 +298,44 @@ impl Check<'_> {
             method_id,
             permission: perm,
             resource,
+            statement: None,
         }
+    }
+
+    /// One permission check: the scopes' answer, combined with the policies' on the
+    /// resource `arn` (built only when the policies are asked or a trace is kept).
+    /// `routing_key` is the topic check's key; other checks get the operation's.
+    fn check(
+        &self,
+        perm: Perm,
+        scope_ok: bool,
+        arn: impl Fn() -> String,
+        routing_key: Option<&[u8]>,
+    ) -> Result<(), Option<String>> {
+        let actions = perm_action(perm).set().with(self.action);
+        let routing_key = routing_key.or(self.routing_key);
+        let (vhost, now) = (self.ctx.vhost, self.ctx.now);
+        let ask = |b: &'a iam::Binding, resource: &str| -> Decision<'a> {
+            b.evaluate(&Request {
+                actions,
+                resource,
+                vhost,
+                routing_key,
+                now,
+            })
+        };
+        let outcome = gate(self.perms, scope_ok, |b| ask(b, &arn()));
+        if let Some(trace) = self.trace {
+            let resource = arn();
+            trace.borrow_mut().push(Trace {
+                actions: actions.names(),
+                policy: self.perms.policy().map(|b| ask(b, &resource).to_string()),
+                resource,
+                scopes: scope_ok,
+                permitted: outcome.is_ok(),
+            });
+        }
+        outcome
     }
 
     /// `check_resource_access`, including the `""` → `amq.default` rewrite for exchanges.
@@ -205,16 +346,20 @@ impl Check<'_> {
     /// [`Check::resource`] for a name from a table argument, which need not be UTF-8.
     fn resource_bytes(&self, perm: Perm, kind: Kind, name: &[u8]) -> Result<(), Denial> {
         let (kind_word, name) = resource_name(kind, name);
-        if self.perms.resource(perm, self.ctx.vhost, name) {
+        let scope_ok = self.perms.resource(perm, self.ctx.vhost, name);
+        let arn = || iam::resource_arn(self.ctx.vhost, kind.iam(), name);
+        let Err(statement) = self.check(perm, scope_ok, arn, None) else {
             return Ok(());
-        }
+        };
         let name = String::from_utf8_lossy(name);
         let text = format!(
             "{perm} access to {kind_word} '{name}' in vhost '{}' refused for user '{}'",
             self.ctx.vhost, self.ctx.username
         );
         let resource = format!("{kind_word} '{name}'");
-        Err(self.deny(ACCESS_REFUSED, "ACCESS_REFUSED", text, Some(perm), resource))
+        let mut d = self.deny(ACCESS_REFUSED, "ACCESS_REFUSED", text, Some(perm), resource);
+        d.statement = statement;
+        Err(d)
     }
 
     /// Passive declares (4.2.7+): any of read, write or configure. The refusal text has no
@@ -223,8 +368,13 @@ impl Check<'_> {
         let (kind_word, name) = resource_name(kind, name.as_bytes());
         let vhost = self.ctx.vhost;
         let all = [Perm::Read, Perm::Write, Perm::Configure];
-        if all.iter().any(|&p| self.perms.resource(p, vhost, name)) {
-            return Ok(());
+        let arn = || iam::resource_arn(vhost, kind.iam(), name);
+        let mut statement = None;
+        for p in all {
+            match self.check(p, self.perms.resource(p, vhost, name), arn, None) {
+                Ok(()) => return Ok(()),
+                Err(s) => statement = statement.or(s),
+            }
         }
         let name = String::from_utf8_lossy(name);
         let text = format!(
@@ -232,7 +382,9 @@ impl Check<'_> {
             self.ctx.username
         );
         let resource = format!("{kind_word} '{name}'");
-        Err(self.deny(ACCESS_REFUSED, "ACCESS_REFUSED", text, None, resource))
+        let mut d = self.deny(ACCESS_REFUSED, "ACCESS_REFUSED", text, None, resource);
+        d.statement = statement;
+        Err(d)
     }
 
     /// `check_topic_authorisation`: only for topic exchanges (or unknown ones, fail
@@ -243,9 +395,11 @@ impl Check<'_> {
         if x.is_empty() || kind == ExchangeKind::Other {
             return Ok(());
         }
-        if self.perms.topic(perm, self.ctx.vhost, x, rk) {
+        let scope_ok = self.perms.topic(perm, self.ctx.vhost, x, rk);
+        let arn = || iam::topic_arn(self.ctx.vhost, x, rk);
+        let Err(statement) = self.check(perm, scope_ok, arn, Some(rk)) else {
             return Ok(());
-        }
+        };
         if kind == ExchangeKind::Unresolved {
             return Err(Stop::NeedKind);
         }
@@ -255,9 +409,9 @@ impl Check<'_> {
             self.ctx.vhost, self.ctx.username
         );
         let resource = format!("topic '{rk}' in exchange '{x}'");
-        Err(self
-            .deny(ACCESS_REFUSED, "ACCESS_REFUSED", text, Some(perm), resource)
-            .into())
+        let mut d = self.deny(ACCESS_REFUSED, "ACCESS_REFUSED", text, Some(perm), resource);
+        d.statement = statement;
+        Err(d.into())
     }
 
     /// §6.3: a `user_id` other than the authenticated user needs the `impersonator` tag.
@@ -312,10 +466,58 @@ fn is_reserved(name: &str) -> bool {
 /// Decides whether `op`, the arguments of the client method `method` (class and method
 /// ids, for the refusal), is permitted.
 pub fn decide(perms: &Permissions, ctx: &Context, op: &Operation, method: (u16, u16)) -> Verdict {
+    decide_with(perms, ctx, op, method, None)
+}
+
+/// [`decide`], and every permission check it made, in order.
+pub fn decide_traced(
+    perms: &Permissions,
+    ctx: &Context,
+    op: &Operation,
+    method: (u16, u16),
+) -> (Verdict, Vec<Trace>) {
+    let trace = RefCell::new(Vec::new());
+    let verdict = decide_with(perms, ctx, op, method, Some(&trace));
+    (verdict, trace.into_inner())
+}
+
+/// The operation's own action, beside the permission of each check.
+fn action_of(op: &Operation) -> Action {
+    match op {
+        Operation::ExchangeDeclare { .. } => Action::ExchangeDeclare,
+        Operation::ExchangeDelete { .. } => Action::ExchangeDelete,
+        Operation::ExchangeBind { unbind: false, .. } => Action::ExchangeBind,
+        Operation::ExchangeBind { unbind: true, .. } => Action::ExchangeUnbind,
+        Operation::QueueDeclare { .. } => Action::QueueDeclare,
+        Operation::QueueDelete { .. } => Action::QueueDelete,
+        Operation::QueuePurge { .. } => Action::QueuePurge,
+        Operation::QueueBind { unbind: false, .. } => Action::QueueBind,
+        Operation::QueueBind { unbind: true, .. } => Action::QueueUnbind,
+        Operation::BasicPublish { .. } => Action::Publish,
+        Operation::BasicConsume { .. } => Action::Consume,
+        Operation::BasicGet { .. } => Action::Get,
+    }
+}
+
+fn decide_with(
+    perms: &Permissions,
+    ctx: &Context,
+    op: &Operation,
+    method: (u16, u16),
+    trace: Option<&RefCell<Vec<Trace>>>,
+) -> Verdict {
     let check = Check {
         perms,
         ctx,
         class_method: method,
+        action: action_of(op),
+        routing_key: match *op {
+            Operation::BasicPublish { routing_key, .. } => Some(routing_key),
+            Operation::ExchangeBind { routing_key, .. }
+            | Operation::QueueBind { routing_key, .. } => Some(routing_key.as_bytes()),
+            _ => None,
+        },
+        trace,
     };
     let outcome: Result<(), Stop> = match *op {
         Operation::ExchangeDeclare {
@@ -332,6 +534,7 @@ pub fn decide(perms: &Permissions, ctx: &Context, op: &Operation, method: (u16, 
             source,
             routing_key,
             source_kind,
+            unbind: _,
         } => exchange_bind(&check, destination, source, routing_key, source_kind),
         Operation::QueueDeclare {
             queue,
@@ -354,6 +557,7 @@ pub fn decide(perms: &Permissions, ctx: &Context, op: &Operation, method: (u16, 
             exchange,
             routing_key,
             exchange_kind,
+            unbind: _,
         } => queue_bind(&check, queue, exchange, routing_key, exchange_kind),
         Operation::BasicPublish {
             exchange,

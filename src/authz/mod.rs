@@ -5,11 +5,13 @@
 //! site logs the decision and counts it.
 
 pub mod decide;
+pub mod iam;
 pub mod permissions;
 pub mod wildcard;
 
 pub use decide::{
-    Context, Denial, ExchangeKind, Operation, REPLY_TO, Verdict, decide, reply_text, strip_cr_lf,
+    Context, Denial, ExchangeKind, Operation, REPLY_TO, Trace, Verdict, connect, decide,
+    decide_traced, reply_text, strip_cr_lf,
 };
 pub use permissions::{Grant, Perm, Permissions};
 

@@ -8,6 +8,9 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::sync::Arc;
+
+use super::iam::Binding;
 
 use super::wildcard::Pattern;
 
@@ -78,11 +81,13 @@ impl Grant {
     }
 }
 
-/// What a token may do: its grants and its user tags.
+/// What a token may do: its grants and its user tags, and the broker policies bound to
+/// its principal when `[authorization]` has any.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Permissions {
     grants: Vec<Grant>,
     tags: Vec<String>,
+    policy: Option<Arc<Binding>>,
 }
 
 impl Permissions {
@@ -103,7 +108,19 @@ impl Permissions {
         Permissions {
             grants,
             tags: tags.into_iter().collect(),
+            policy: None,
         }
+    }
+
+    /// The same scopes, decided together with `policy` ([`crate::authz::decide`]).
+    pub fn with_policy(mut self, policy: Arc<Binding>) -> Permissions {
+        self.policy = Some(policy);
+        self
+    }
+
+    /// The broker policies bound to this principal, if any.
+    pub fn policy(&self) -> Option<&Binding> {
+        self.policy.as_deref()
     }
 
     /// The parsed grants, in scope order.

@@ -198,6 +198,7 @@ fn refused(text: &'static str, class_method: (u16, u16), perm: Perm) -> Want {
 const CTX: Context<'static> = Context {
     vhost: "/",
     username: "alice",
+    now: 0,
 };
 
 fn run(rows: &[(&str, &[&str], Operation, Want)]) {
@@ -267,13 +268,14 @@ fn x_bind<'a>(
     destination: &'a str,
     source: &'a str,
     kind: ExchangeKind,
-    _unbind: bool,
+    unbind: bool,
 ) -> Operation<'a> {
     Operation::ExchangeBind {
         destination,
         source,
         routing_key: "a.b",
         source_kind: kind,
+        unbind,
     }
 }
 
@@ -281,13 +283,14 @@ fn q_bind<'a>(
     queue: &'a str,
     exchange: &'a str,
     kind: ExchangeKind,
-    _unbind: bool,
+    unbind: bool,
 ) -> Operation<'a> {
     Operation::QueueBind {
         queue,
         exchange,
         routing_key: "a.b",
         exchange_kind: kind,
+        unbind,
     }
 }
 
@@ -464,6 +467,7 @@ fn vhost_and_user_appear_in_texts() {
     let ctx = Context {
         vhost: "vh/1",
         username: "arn:aws:sts::1:assumed-role/R/s",
+        now: 0,
     };
     let d = decide(
         &perms(&["read:vh%2F1/*"]),

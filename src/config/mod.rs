@@ -187,10 +187,29 @@ pub struct Config {
     pub log: LogConfig,
     pub runtime: RuntimeConfig,
     pub auth: AuthConfig,
+    pub authorization: AuthorizationConfig,
     /// `[management]`; `None`: no management listener.
     pub management: Option<ManagementConfig>,
     #[cfg(feature = "test-switches")]
     pub testing: TestingConfig,
+}
+
+/// `[authorization]`: the broker policies (IAM JSON documents, compiled) and how they
+/// combine with the scopes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthorizationConfig {
+    pub mode: crate::authz::iam::Mode,
+    /// The documents' paths, resolved against the config file's directory.
+    pub policies: Vec<PathBuf>,
+    /// Their statements, compiled; empty without documents (or when files were not read).
+    pub set: std::sync::Arc<crate::authz::iam::PolicySet>,
+}
+
+impl AuthorizationConfig {
+    /// Whether policies take part in decisions at all.
+    pub fn active(&self) -> bool {
+        !self.set.is_empty() || self.mode != crate::authz::iam::Mode::Scopes
+    }
 }
 
 /// Default `management.address`: the management plugin's TLS port.

@@ -26,6 +26,8 @@ pub(super) struct RawConfig {
     pub runtime: RawRuntime,
     #[serde(default)]
     pub auth: RawAuth,
+    #[serde(default)]
+    pub authorization: RawAuthorization,
     /// `[management]`: absent, no management listener.
     pub management: Option<RawManagement>,
     /// Test builds only (the `test-switches` feature): elsewhere `[testing]` is an unknown
@@ -50,6 +52,15 @@ pub(super) struct RawAuth {
     pub backends: Option<Vec<String>>,
     pub loopback_users: Option<Vec<String>>,
     pub sources: Option<BTreeMap<String, Vec<String>>>,
+}
+
+/// `[authorization]`: broker policies in IAM's JSON grammar, and how they combine with
+/// the token's scopes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAuthorization {
+    pub mode: Option<String>,
+    pub policies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

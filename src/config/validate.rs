@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::raw::{
-    RawAdmin, RawAliasValue, RawAuth, RawBackend, RawBackendToken, RawConfig, RawListener, RawLog,
+    RawAdmin, RawAliasValue, RawAuth, RawAuthorization, RawBackend, RawBackendToken, RawConfig, RawListener, RawLog,
     RawManagement, RawOAuth2, RawPolicy,
 };
 use super::{
-    AdminConfig, AuditSink, AuthBackend, AuthConfig, BackendAuth, BackendConfig, BackendNode,
+    AdminConfig, AuditSink, AuthBackend, AuthConfig, AuthorizationConfig, BackendAuth, BackendConfig, BackendNode,
     BackendTlsConfig, BackendTokenConfig, BalancePolicy, CheckFiles, Config, ConfigError,
     ConfigErrors, DEFAULT_ADMIN_ADDRESS, DEFAULT_ALGORITHMS, DEFAULT_AUTH_FAILURE_DELAY_MS,
     DEFAULT_BACKEND_CLOSE_TIMEOUT_MS, DEFAULT_BACKEND_CONNECT_TIMEOUT_MS,
@@ -69,6 +69,7 @@ pub(super) fn validate(
             .map(|n| c.bounded("runtime.worker_threads", Some(n), 1, 1, MAX_WORKER_THREADS)),
     };
     let auth = c.auth(raw.auth);
+    let authorization = c.authorization(raw.authorization);
     let management = raw.management.map(|m| c.management(m, &listener, &backend));
     #[cfg(feature = "test-switches")]
     let testing = {
@@ -105,6 +106,7 @@ pub(super) fn validate(
             log,
             runtime,
             auth,
+            authorization,
             management,
             #[cfg(feature = "test-switches")]
             testing,
@@ -132,6 +134,65 @@ impl Checker<'_> {
     }
 
     // --- sections ----------------------------------------------------------------------------
+
+    /// `[authorization]`: the documents are read and compiled now, so that `check-config`
+    /// and a reload report every policy error with its JSON path.
+    fn authorization(&mut self, raw: RawAuthorization) -> AuthorizationConfig {
+        use crate::authz::iam::{MAX_DOCUMENT_BYTES, Mode, PolicySet};
+        let mode = match raw.mode.as_deref() {
+            None => Mode::Scopes,
+            Some(m) => Mode::parse(m).unwrap_or_else(|| {
+                self.error(
+                    "authorization.mode",
+                    format!("{m:?}: expected \"scopes\", \"policies\" or \"both\""),
+                );
+                Mode::Scopes
+            }),
+        };
+        let written = raw.policies.unwrap_or_default();
+        if mode != Mode::Scopes && written.is_empty() {
+            self.error(
+                "authorization.policies",
+                format!("mode \"{}\" needs at least one policy document: without one every operation would be refused", mode.as_str()),
+            );
+        }
+        let mut policies = Vec::new();
+        let mut documents = Vec::new();
+        for (i, w) in written.iter().enumerate() {
+            let key = format!("authorization.policies[{i}]");
+            let path = self.file(&key, w);
+            if self.check_files == CheckFiles::Yes && !path.as_os_str().is_empty() {
+                match std::fs::read(&path) {
+                    Ok(bytes) if bytes.len() > MAX_DOCUMENT_BYTES => self.error(
+                        &key,
+                        format!("{}: {} bytes; a policy document may have at most {MAX_DOCUMENT_BYTES}", path.display(), bytes.len()),
+                    ),
+                    Ok(bytes) => match String::from_utf8(bytes) {
+                        Ok(text) => documents.push((w.clone(), text)),
+                        Err(_) => self.error(&key, format!("{}: not UTF-8", path.display())),
+                    },
+                    // `file` has reported it.
+                    Err(_) => {}
+                }
+            }
+            policies.push(path);
+        }
+        let set = match PolicySet::compile(&documents) {
+            Ok(set) => set,
+            Err(errors) => {
+                for e in errors {
+                    let i = written.iter().position(|w| *w == e.document).unwrap_or(0);
+                    self.error(format!("authorization.policies[{i}]"), e.to_string());
+                }
+                PolicySet::default()
+            }
+        };
+        AuthorizationConfig {
+            mode,
+            policies,
+            set: std::sync::Arc::new(set),
+        }
+    }
 
     fn listener(&mut self, raw: RawListener) -> ListenerConfig {
         let plain_address = raw

@@ -71,7 +71,8 @@ struct Established {
 }
 
 /// Serves one connection to the end.
-pub(super) async fn serve<S>(mut stream: S, peer: SocketAddr, shared: Arc<Shared>)
+/// `secure`: the client came over TLS (`aws:SecureTransport`).
+pub(super) async fn serve<S>(mut stream: S, peer: SocketAddr, shared: Arc<Shared>, secure: bool)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -83,7 +84,7 @@ where
             .with_label_values(&[end.label()])
             .inc()
     };
-    let est = match tokio::time::timeout_at(deadline, handshake(&mut stream, peer, &shared)).await {
+    let est = match tokio::time::timeout_at(deadline, handshake(&mut stream, peer, &shared, secure)).await {
         Ok(Ok(est)) => est,
         Ok(Err(cause)) => return closed(cause),
         Err(_) => {
@@ -154,6 +155,7 @@ where
         identity.username.clone(),
         vhost.clone(),
         peer,
+        secure,
     );
     let expiry = expiry_instant(identity.exp);
     let (end, _) = relay::run(
@@ -193,6 +195,7 @@ async fn handshake<S>(
     stream: &mut S,
     peer: SocketAddr,
     shared: &Shared,
+    secure: bool,
 ) -> Result<Established, ConnectionEnd>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -276,7 +279,14 @@ where
             Ok(Step::Open { vhost }) => {
                 let props = creds_props.take().unwrap_or_default();
                 return match identity.take().ok_or(ConnectionEnd::HandshakeFailed)? {
-                    Authenticated::Token(id) => {
+                    Authenticated::Token(mut id) => {
+                        id.permissions = crate::wiring::bind_policies(
+                            std::mem::take(&mut id.permissions),
+                            &shared.cfg.authorization,
+                            &id.facts,
+                            Some(peer.ip()),
+                            secure,
+                        );
                         let c = Handshaking {
                             stream,
                             hs: &mut hs,
@@ -715,7 +725,8 @@ where
     let cancel_notify = client_props.capability("consumer_cancel_notify");
     // Vhost access, then the identity's connection limit: either refusal is answered the
     // same way (`refuse_open`), with its own reason and text.
-    let admitted = if identity.permissions.vhost_access(&vhost) {
+    let connect = crate::authz::connect(&identity.permissions, &vhost, now_secs());
+    let admitted = if connect.is_ok() {
         let who = identity
             .sub
             .clone()
@@ -729,7 +740,8 @@ where
             ("identity_limit", text, ConnectionEnd::IdentityLimit)
         })
     } else {
-        tracing::info!(%peer, user = %identity.username, %vhost, reason = "vhost", "vhost access refused");
+        let statement = connect.as_ref().err().cloned().flatten();
+        tracing::info!(%peer, user = %identity.username, %vhost, reason = "vhost", statement = statement.as_deref().unwrap_or("-"), "vhost access refused");
         let text = format!(
             "NOT_ALLOWED - access to vhost '{vhost}' refused for user '{}'",
             identity.username
@@ -745,7 +757,8 @@ where
                 peer,
                 shared,
             };
-            refuse_open(c, &identity, &vhost, reason, &text).await;
+            let statement = connect.err().flatten();
+            refuse_open(c, &identity, &vhost, reason, &text, statement.as_deref()).await;
             return Err(end);
         }
     };
@@ -800,7 +813,7 @@ where
                 .authentications
                 .with_label_values(&[&identity.issuer_name, "accepted", "ok"])
                 .inc();
-            audit_identity(shared, peer, &identity, &vhost, "allow", "ok");
+            audit_identity(shared, peer, &identity, &vhost, "allow", "ok", None);
             Ok(Established {
                 who: Who::Token(Box::new(identity)),
                 vhost,
@@ -855,6 +868,7 @@ async fn refuse_open<S>(
     vhost: &str,
     reason: &str,
     text: &str,
+    statement: Option<&str>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -869,7 +883,7 @@ async fn refuse_open<S>(
         .authentications
         .with_label_values(&[&identity.issuer_name, "refused", reason])
         .inc();
-    audit_identity(shared, peer, identity, vhost, "deny", reason);
+    audit_identity(shared, peer, identity, vhost, "deny", reason, statement);
     let mut out = BytesMut::new();
     hs.vhost_refused(&mut out, text);
     let _ = stream.write_all(&out).await;
@@ -922,9 +936,11 @@ fn audit_identity(
     vhost: &str,
     decision: &str,
     reason: &str,
+    statement: Option<&str>,
 ) {
     shared.audit.record(&AuditEvent {
         event: "authentication",
+        statement,
         decision,
         reason,
         client: Some(peer),
@@ -947,6 +963,7 @@ fn secret_verifier(
     username: String,
     vhost: String,
     peer: SocketAddr,
+    secure: bool,
 ) -> SecretVerifier {
     Box::new(move |token: String| {
         let shared = shared.clone();
@@ -973,7 +990,14 @@ fn secret_verifier(
                             }
                         },
                     };
-                    Ok((id.permissions, expiry_instant(id.exp), backend_secret))
+                    let permissions = crate::wiring::bind_policies(
+                        id.permissions,
+                        &shared.cfg.authorization,
+                        &id.facts,
+                        Some(peer.ip()),
+                        secure,
+                    );
+                    Ok((permissions, expiry_instant(id.exp), backend_secret))
                 }
                 Ok(id) => {
                     tracing::info!(%peer, user = %username, new_user = %id.username, "update-secret refused: username changed");
@@ -1023,7 +1047,7 @@ fn denial_reporter(
         let permission = d.permission.map_or("any", |p| p.as_str());
         tracing::info!(
             %peer, user = %username, %vhost, method, code = d.reply_code, text = %d.reply_text,
-            "operation refused"
+            statement = d.statement.as_deref().unwrap_or("-"), "operation refused"
         );
         shared
             .metrics
@@ -1043,6 +1067,7 @@ fn denial_reporter(
             vhost: Some(&vhost),
             method: Some(method),
             resource: Some(&d.resource),
+            statement: d.statement.as_deref(),
             backend: Some(AuthBackend::OAuth2.as_str()),
             ..Default::default()
         });

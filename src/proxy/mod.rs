@@ -610,14 +610,14 @@ async fn serve_socket(
         }
     };
     match tls {
-        None => conn::serve(stream, peer, shared).await,
+        None => conn::serve(stream, peer, shared, false).await,
         Some(acceptor) => {
             let deadline = shared.cfg.listener.handshake_timeout;
             let timer = shared.metrics.phase("tls").start_timer();
             match tokio::time::timeout(deadline, acceptor.accept(ReadAhead::new(stream))).await {
                 Ok(Ok(tls_stream)) => {
                     timer.observe_duration();
-                    conn::serve(tls_stream, peer, shared).await
+                    conn::serve(tls_stream, peer, shared, true).await
                 }
                 Ok(Err(e)) => {
                     timer.stop_and_discard();

@@ -374,6 +374,8 @@ where
         }
         if !self.client.input.is_empty() && !self.session.client_paused() {
             let before = self.client.input.len();
+            // Policy conditions on the time read the clock the session is given.
+            self.session.set_clock(super::conn::now_secs());
             match self.session.on_client_input(
                 &mut self.client.input,
                 &mut self.backend.out,

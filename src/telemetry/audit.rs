@@ -41,6 +41,9 @@ pub struct AuditEvent<'a> {
     pub path: Option<&'a str>,
     /// A management API request: the status sent to the client.
     pub status: Option<u16>,
+    /// The broker policy statement that decided (`<document>:<Sid>`), when one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub statement: Option<&'a str>,
 }
 
 #[derive(Serialize)]

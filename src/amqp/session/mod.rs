@@ -217,6 +217,9 @@ pub struct Session {
     service_user: String,
     vhost: String,
     permissions: Permissions,
+    /// Seconds since the epoch, as the relay last said ([`Session::set_clock`]): policy
+    /// conditions on the time read it.
+    now: i64,
     frame_max: usize,
     channel_max: usize,
     limits: Limits,
@@ -304,6 +307,7 @@ impl Session {
             close_acknowledged: false,
             broker_closed: false,
             fresh_holds: Vec::new(),
+            now: 0,
             rng: cfg.seed,
             next_seq: 0,
             denials: Vec::new(),
@@ -946,7 +950,14 @@ impl Session {
         Context {
             vhost: &self.vhost,
             username: &self.username,
+            now: self.now,
         }
+    }
+
+    /// The time, in seconds since the epoch, for the decisions that follow (this module
+    /// has no clock; the relay sets it before handing over input).
+    pub fn set_clock(&mut self, now: i64) {
+        self.now = now;
     }
 
     /// Decides `op`, the arguments of method `ids` on channel `ch`. On a refusal, the
@@ -1060,7 +1071,7 @@ impl Session {
                 destination,
                 source,
                 routing_key,
-                unbind: _,
+                unbind,
             } => {
                 let source_kind = self.exchanges.kind(&strip_cr_lf(source));
                 check!(Operation::ExchangeBind {
@@ -1068,6 +1079,7 @@ impl Session {
                     source,
                     routing_key,
                     source_kind,
+                    unbind,
                 });
                 Step::Forward
             }
@@ -1076,7 +1088,7 @@ impl Session {
                 queue,
                 exchange,
                 routing_key,
-                unbind: _,
+                unbind,
             } => {
                 let q = resolve!(queue);
                 // RabbitMQ's routing-key shortcut: `""` queue and `""` key bind with the
@@ -1093,6 +1105,7 @@ impl Session {
                         exchange,
                         routing_key,
                         exchange_kind,
+                        unbind,
                     },
                     queue.is_empty()
                 );
@@ -1883,6 +1896,11 @@ impl Session {
     /// queue (RabbitMQ 4.2.6+ after update-secret): toward the backend, and toward the
     /// client when it understands `basic.cancel` from the server.
     fn cancel_unreadable_consumers(&mut self, to_client: &mut Outbox, to_backend: &mut Outbox) {
+        let ctx = Context {
+            vhost: &self.vhost,
+            username: &self.username,
+            now: self.now,
+        };
         for (&ch, chan) in self.channels.iter_mut() {
             if chan.state != State::Open {
                 continue;
@@ -1891,10 +1909,10 @@ impl Session {
                 .consumers
                 .iter()
                 .filter(|(_, c)| {
+                    let consume = Operation::BasicConsume { queue: &c.queue };
                     c.state != ConsumerState::Cancelled
-                        && !self
-                            .permissions
-                            .resource(authz::Perm::Read, &self.vhost, &*c.queue)
+                        && authz::decide(&self.permissions, &ctx, &consume, id::BASIC_CONSUME)
+                            != Verdict::Permit
                 })
                 .map(|(tag, _)| tag.clone())
                 .collect();
@@ -2029,7 +2047,7 @@ impl Session {
         }
         let ids = id::CONNECTION_UPDATE_SECRET;
         match outcome {
-            Ok(p) if p.vhost_access(&self.vhost) => {
+            Ok(p) if authz::connect(&p, &self.vhost, self.now).is_ok() => {
                 // RabbitMQ answers first, then each channel re-checks its consumers.
                 self.permissions = p;
                 match backend_secret {
