@@ -543,6 +543,10 @@ pub struct TokenArgs {
     pub algorithm: String,
     pub state_dir: PathBuf,
     pub issuer_url: String,
+    /// Replaces the principal's tags (`principal_tags`), when given.
+    pub principal_tags: Option<Vec<(String, String)>>,
+    /// Replaces the principal's organisation (`org_id`; empty: none), when given.
+    pub org_id: Option<String>,
 }
 
 /// Mints a token with the development issuer's keys, for any role ARN.
@@ -574,6 +578,16 @@ pub fn mint_many(args: &TokenArgs, now: i64, count: usize) -> anyhow::Result<Vec
             ou_path: Vec::new(),
             principal_tags: BTreeMap::new(),
         });
+    let mut caller = caller;
+    if let Some(tags) = &args.principal_tags {
+        caller.principal_tags = tags.iter().cloned().collect();
+    }
+    if let Some(org) = &args.org_id {
+        caller.org_id = (!org.is_empty()).then(|| org.clone());
+        caller
+            .ou_path
+            .retain(|p| !org.is_empty() && p.starts_with(org.as_str()));
+    }
     let mut req = TokenRequest::new("rabbitmq", algorithm);
     if !args.audiences.is_empty() {
         req.audiences = args.audiences.clone();

@@ -55,6 +55,39 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Also decide one operation for the token and show the checks and the statement
+        /// that decided: connect, publish, consume, get, queue-declare, queue-delete,
+        /// queue-purge, queue-bind, queue-unbind, exchange-declare, exchange-delete,
+        /// exchange-bind, exchange-unbind, or request (--action and --resource).
+        #[arg(long)]
+        operation: Option<String>,
+        #[command(flatten)]
+        op: OperationArgs,
+        #[command(flatten)]
+        situation: SituationArgs,
+    },
+    /// Decide a table of operations for a token, as the gateway would (scopes, broker
+    /// policies, the mode), like AWS's policy simulator: one operation per line,
+    /// `publish vhost=/ exchange=orders routing-key=eu.new`. Exit 1 when the token is
+    /// refused or a line is wrong (or, with --fail-on-deny, an operation is refused).
+    Simulate {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The operations file (`-`: standard input); `#` starts a comment.
+        #[arg(long)]
+        operations: PathBuf,
+        /// The token; read from --token-file when absent.
+        token: Option<String>,
+        /// A file holding the token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        /// Exit 1 when any operation is refused.
+        #[arg(long)]
+        fail_on_deny: bool,
+        #[command(flatten)]
+        situation: SituationArgs,
     },
     #[cfg(feature = "sts-emulator")]
     /// Mint a token with the development issuer's keys (the ones `amqp-iam-gateway` with no
@@ -85,6 +118,14 @@ enum Command {
         /// Mint this many tokens, one per line, each with its own `jti` (1..=1000000).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         count: u32,
+        /// A principal tag, KEY=VALUE (repeatable): replaces the development principal's
+        /// tags (`team=dev` for the development roles, none for other ARNs).
+        #[arg(long = "principal-tag", value_parser = parse_tag)]
+        principal_tags: Vec<(String, String)>,
+        /// The principal's organisation id (`org_id`); an empty value leaves it out
+        /// [default: o-exampleorgid for the development roles, none for other ARNs].
+        #[arg(long)]
+        org_id: Option<String>,
     },
     #[cfg(feature = "sts-emulator")]
     /// Ask the running development issuer to rotate its signing keys (new kids are published
@@ -185,6 +226,8 @@ fn main() -> ExitCode {
             state_dir,
             issuer_url,
             count,
+            principal_tags,
+            org_id,
         } => {
             let issuer_url = match issuer_url.map_or_else(devmode::default_issuer_url, Ok) {
                 Ok(url) => url,
@@ -201,6 +244,8 @@ fn main() -> ExitCode {
                 algorithm: alg,
                 state_dir: state_dir.unwrap_or_else(devmode::default_state_dir),
                 issuer_url,
+                principal_tags: (!principal_tags.is_empty()).then_some(principal_tags),
+                org_id,
             };
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -255,7 +300,44 @@ fn main() -> ExitCode {
             config,
             token,
             json,
-        } => explain(&config, token, json),
+            operation,
+            op,
+            situation,
+        } => {
+            let code = explain(&config, token.clone(), json && operation.is_none());
+            match operation {
+                Some(name) if code == ExitCode::SUCCESS => {
+                    let line = op.line(&name);
+                    simulate(
+                        &config,
+                        token,
+                        None,
+                        Source::Line(line),
+                        json,
+                        false,
+                        &situation,
+                    )
+                }
+                _ => code,
+            }
+        }
+        Command::Simulate {
+            config,
+            operations,
+            token,
+            token_file,
+            json,
+            fail_on_deny,
+            situation,
+        } => simulate(
+            &config,
+            token,
+            token_file,
+            Source::File(operations),
+            json,
+            fail_on_deny,
+            &situation,
+        ),
         Command::BackendSetup { config, public_key } => backend_setup(&config, &public_key),
         Command::ImportRabbitmqConf { file } => match std::fs::read_to_string(&file) {
             Ok(conf) => {
@@ -339,6 +421,199 @@ fn explain(config: &std::path::Path, token: Option<String>, json: bool) -> ExitC
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The arguments of `explain --operation`, each a `key=value` of the operation.
+#[derive(clap::Args, Debug, Default)]
+struct OperationArgs {
+    /// The vhost [default: /].
+    #[arg(long)]
+    vhost: Option<String>,
+    #[arg(long)]
+    exchange: Option<String>,
+    #[arg(long)]
+    queue: Option<String>,
+    #[arg(long)]
+    routing_key: Option<String>,
+    /// The exchange's type (topic exchanges get topic checks) [default: topic].
+    #[arg(long)]
+    exchange_type: Option<String>,
+    /// exchange-bind: the destination and source exchanges, and the source's type.
+    #[arg(long)]
+    destination: Option<String>,
+    #[arg(long)]
+    source: Option<String>,
+    #[arg(long)]
+    source_type: Option<String>,
+    /// A passive declare.
+    #[arg(long)]
+    passive: bool,
+    #[arg(long)]
+    user_id: Option<String>,
+    #[arg(long)]
+    alternate_exchange: Option<String>,
+    #[arg(long)]
+    dead_letter_exchange: Option<String>,
+    /// request: an action name and a resource ARN.
+    #[arg(long)]
+    action: Option<String>,
+    #[arg(long)]
+    resource: Option<String>,
+}
+
+impl OperationArgs {
+    fn line(&self, operation: &str) -> String {
+        let mut line = operation.to_owned();
+        let pairs = [
+            ("vhost", &self.vhost),
+            ("exchange", &self.exchange),
+            ("queue", &self.queue),
+            ("routing-key", &self.routing_key),
+            ("exchange-type", &self.exchange_type),
+            ("destination", &self.destination),
+            ("source", &self.source),
+            ("source-type", &self.source_type),
+            ("user-id", &self.user_id),
+            ("alternate-exchange", &self.alternate_exchange),
+            ("dead-letter-exchange", &self.dead_letter_exchange),
+            ("action", &self.action),
+            ("resource", &self.resource),
+        ];
+        for (k, v) in pairs {
+            if let Some(v) = v {
+                line.push_str(&format!(" {k}={v}"));
+            }
+        }
+        if self.passive {
+            line.push_str(" passive=true");
+        }
+        line
+    }
+}
+
+/// Where and when a simulated client connects.
+#[derive(clap::Args, Debug, Default)]
+struct SituationArgs {
+    /// The client's address (`aws:SourceIp`) [default: none, the key is absent].
+    #[arg(long)]
+    source_ip: Option<std::net::IpAddr>,
+    /// The client connects without TLS (`aws:SecureTransport` false).
+    #[arg(long)]
+    no_tls: bool,
+    /// The time of the operations (`aws:CurrentTime`): ISO 8601 or seconds since the
+    /// epoch [default: now].
+    #[arg(long)]
+    at: Option<String>,
+}
+
+enum Source {
+    File(PathBuf),
+    Line(String),
+}
+
+fn simulate(
+    config: &std::path::Path,
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    source: Source,
+    json: bool,
+    fail_on_deny: bool,
+    situation: &SituationArgs,
+) -> ExitCode {
+    use amqp_iam_gateway::cli::simulate::{Row, Situation};
+    let cfg = match config::load(config) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{}: invalid configuration:\n{errors}", config.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let token = match (token, token_file) {
+        (Some(t), _) => t,
+        (None, Some(f)) => match std::fs::read_to_string(&f) {
+            Ok(t) => t.trim().to_owned(),
+            Err(e) => {
+                eprintln!("{}: {e}", f.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        (None, None) => {
+            let mut t = String::new();
+            if std::io::Read::read_to_string(&mut std::io::stdin(), &mut t).is_err() {
+                eprintln!("cannot read the token from standard input");
+                return ExitCode::FAILURE;
+            }
+            t.trim().to_owned()
+        }
+    };
+    let text = match source {
+        Source::Line(l) => l,
+        Source::File(f) if f.as_os_str() == "-" => {
+            let mut t = String::new();
+            if std::io::Read::read_to_string(&mut std::io::stdin(), &mut t).is_err() {
+                eprintln!("cannot read the operations from standard input");
+                return ExitCode::FAILURE;
+            }
+            t
+        }
+        Source::File(f) => match std::fs::read_to_string(&f) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("{}: {e}", f.display());
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let mut rows = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        match Row::parse(line) {
+            Ok(r) => rows.push(r),
+            Err(e) => {
+                eprintln!("line {}: {e}", n + 1);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let at = match situation.at.as_deref() {
+        None => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64),
+        Some(t) => match amqp_iam_gateway::authz::iam::date(t) {
+            Some(t) => t,
+            None => {
+                eprintln!("--at {t:?}: expected ISO 8601 or seconds since the epoch");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let situation = Situation {
+        at,
+        source_ip: situation.source_ip,
+        secure_transport: !situation.no_tls,
+    };
+    let Some(rt) = command_runtime() else {
+        return ExitCode::FAILURE;
+    };
+    match rt.block_on(amqp_iam_gateway::cli::simulate::simulate(
+        &cfg, &token, &rows, situation, json,
+    )) {
+        Ok(s) => {
+            print!("{}", s.text);
+            if !s.accepted || (fail_on_deny && !s.all_permitted) {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
             }
         }
         Err(e) => {

@@ -81,13 +81,20 @@ pub const STS_CLAIM: &str = "https://sts.amazonaws.com/";
 /// `aws:TokenIssueTime` (`iat`). Values that are not strings are ignored.
 pub fn principal_facts(claims: &Value) -> Facts {
     let sts = claims.get(STS_CLAIM);
-    let text = |v: Option<&Value>, k: &str| v.and_then(|o| o.get(k)).and_then(Value::as_str).map(str::to_owned);
+    let text = |v: Option<&Value>, k: &str| {
+        v.and_then(|o| o.get(k))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
     let mut f = Facts {
         principal_arn: text(sts, "principal_id")
             .or_else(|| text(Some(claims), "sub").filter(|s| s.starts_with("arn:"))),
         org_id: text(sts, "org_id"),
         region: text(sts, "source_region"),
-        issued_at: claims.get("iat").and_then(Value::as_f64).map(|t| t.floor() as i64),
+        issued_at: claims
+            .get("iat")
+            .and_then(Value::as_f64)
+            .map(|t| t.floor() as i64),
         ..Facts::default()
     };
     f.account = text(sts, "aws_account").or_else(|| {

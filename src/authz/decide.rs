@@ -249,7 +249,11 @@ pub fn connect(perms: &Permissions, vhost: &str, now: i64) -> Result<(), Option<
 }
 
 /// [`connect`] with its trace, for `explain` and `simulate`.
-pub fn connect_traced(perms: &Permissions, vhost: &str, now: i64) -> (Result<(), Option<String>>, Trace) {
+pub fn connect_traced(
+    perms: &Permissions,
+    vhost: &str,
+    now: i64,
+) -> (Result<(), Option<String>>, Trace) {
     let arn = iam::vhost_arn(vhost);
     let req = Request {
         actions: Action::Connect.set(),

@@ -11,26 +11,27 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::raw::{
-    RawAdmin, RawAliasValue, RawAuth, RawAuthorization, RawBackend, RawBackendToken, RawConfig, RawListener, RawLog,
-    RawManagement, RawOAuth2, RawPolicy,
+    RawAdmin, RawAliasValue, RawAuth, RawAuthorization, RawBackend, RawBackendToken, RawConfig,
+    RawListener, RawLog, RawManagement, RawOAuth2, RawPolicy,
 };
 use super::{
-    AdminConfig, AuditSink, AuthBackend, AuthConfig, AuthorizationConfig, BackendAuth, BackendConfig, BackendNode,
-    BackendTlsConfig, BackendTokenConfig, BalancePolicy, CheckFiles, Config, ConfigError,
-    ConfigErrors, DEFAULT_ADMIN_ADDRESS, DEFAULT_ALGORITHMS, DEFAULT_AUTH_FAILURE_DELAY_MS,
-    DEFAULT_BACKEND_CLOSE_TIMEOUT_MS, DEFAULT_BACKEND_CONNECT_TIMEOUT_MS,
-    DEFAULT_BACKEND_MAX_CONNECTING, DEFAULT_BACKEND_NODE, DEFAULT_CHANNEL_MAX, DEFAULT_CHECK_IAT,
-    DEFAULT_CHECK_NBF, DEFAULT_DRAIN_DEADLINE_MS, DEFAULT_DRAIN_PERIOD_MS, DEFAULT_FRAME_MAX,
-    DEFAULT_HANDSHAKE_TIMEOUT_MS, DEFAULT_HEARTBEAT_SECS, DEFAULT_HTTP_TIMEOUT_MS,
-    DEFAULT_JWKS_MIN_REFETCH_INTERVAL_MS, DEFAULT_JWKS_REFRESH_SECONDS, DEFAULT_LEEWAY_SECONDS,
-    DEFAULT_LISTENER_ADDRESS, DEFAULT_LOG_FORMAT, DEFAULT_LOG_LEVEL, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_PREAUTH_FRAME, DEFAULT_PREFERRED_USERNAME_CLAIMS, DEFAULT_REQUIRE_EXP,
-    DEFAULT_VERIFY_AUD, JwtAlgorithm, ListenerConfig, LogConfig, LogFormat,
-    MAX_AUTH_FAILURE_DELAY_MS, MAX_BACKEND_CLOSE_TIMEOUT_MS, MAX_BACKEND_CONNECT_TIMEOUT_MS,
-    MAX_BACKEND_MAX_CONNECTING, MAX_DRAIN_MS, MAX_FRAME_MAX, MAX_HANDSHAKE_TIMEOUT_MS,
-    MAX_HTTP_TIMEOUT_MS, MAX_JWKS_MIN_REFETCH_INTERVAL_MS, MAX_JWKS_REFRESH_SECONDS,
-    MAX_LEEWAY_SECONDS, MAX_MAX_PREAUTH_FRAME, MIN_BACKEND_CLOSE_TIMEOUT_MS, MIN_FRAME_MAX,
-    MIN_MAX_PREAUTH_FRAME, ManagementConfig, OAuth2Config, TlsListenerConfig,
+    AdminConfig, AuditSink, AuthBackend, AuthConfig, AuthorizationConfig, BackendAuth,
+    BackendConfig, BackendNode, BackendTlsConfig, BackendTokenConfig, BalancePolicy, CheckFiles,
+    Config, ConfigError, ConfigErrors, DEFAULT_ADMIN_ADDRESS, DEFAULT_ALGORITHMS,
+    DEFAULT_AUTH_FAILURE_DELAY_MS, DEFAULT_BACKEND_CLOSE_TIMEOUT_MS,
+    DEFAULT_BACKEND_CONNECT_TIMEOUT_MS, DEFAULT_BACKEND_MAX_CONNECTING, DEFAULT_BACKEND_NODE,
+    DEFAULT_CHANNEL_MAX, DEFAULT_CHECK_IAT, DEFAULT_CHECK_NBF, DEFAULT_DRAIN_DEADLINE_MS,
+    DEFAULT_DRAIN_PERIOD_MS, DEFAULT_FRAME_MAX, DEFAULT_HANDSHAKE_TIMEOUT_MS,
+    DEFAULT_HEARTBEAT_SECS, DEFAULT_HTTP_TIMEOUT_MS, DEFAULT_JWKS_MIN_REFETCH_INTERVAL_MS,
+    DEFAULT_JWKS_REFRESH_SECONDS, DEFAULT_LEEWAY_SECONDS, DEFAULT_LISTENER_ADDRESS,
+    DEFAULT_LOG_FORMAT, DEFAULT_LOG_LEVEL, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PREAUTH_FRAME,
+    DEFAULT_PREFERRED_USERNAME_CLAIMS, DEFAULT_REQUIRE_EXP, DEFAULT_VERIFY_AUD, JwtAlgorithm,
+    ListenerConfig, LogConfig, LogFormat, MAX_AUTH_FAILURE_DELAY_MS, MAX_BACKEND_CLOSE_TIMEOUT_MS,
+    MAX_BACKEND_CONNECT_TIMEOUT_MS, MAX_BACKEND_MAX_CONNECTING, MAX_DRAIN_MS, MAX_FRAME_MAX,
+    MAX_HANDSHAKE_TIMEOUT_MS, MAX_HTTP_TIMEOUT_MS, MAX_JWKS_MIN_REFETCH_INTERVAL_MS,
+    MAX_JWKS_REFRESH_SECONDS, MAX_LEEWAY_SECONDS, MAX_MAX_PREAUTH_FRAME,
+    MIN_BACKEND_CLOSE_TIMEOUT_MS, MIN_FRAME_MAX, MIN_MAX_PREAUTH_FRAME, ManagementConfig,
+    OAuth2Config, TlsListenerConfig,
 };
 use super::{
     DEFAULT_BACKEND_HEALTH_CHECK_INTERVAL_MS, DEFAULT_CONSUMER_MAX_PER_CHANNEL,
@@ -165,7 +166,11 @@ impl Checker<'_> {
                 match std::fs::read(&path) {
                     Ok(bytes) if bytes.len() > MAX_DOCUMENT_BYTES => self.error(
                         &key,
-                        format!("{}: {} bytes; a policy document may have at most {MAX_DOCUMENT_BYTES}", path.display(), bytes.len()),
+                        format!(
+                            "{}: {} bytes; a policy document may have at most {MAX_DOCUMENT_BYTES}",
+                            path.display(),
+                            bytes.len()
+                        ),
                     ),
                     Ok(bytes) => match String::from_utf8(bytes) {
                         Ok(text) => documents.push((w.clone(), text)),

@@ -84,7 +84,9 @@ where
             .with_label_values(&[end.label()])
             .inc()
     };
-    let est = match tokio::time::timeout_at(deadline, handshake(&mut stream, peer, &shared, secure)).await {
+    let est = match tokio::time::timeout_at(deadline, handshake(&mut stream, peer, &shared, secure))
+        .await
+    {
         Ok(Ok(est)) => est,
         Ok(Err(cause)) => return closed(cause),
         Err(_) => {

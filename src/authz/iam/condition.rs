@@ -174,7 +174,10 @@ pub enum Written {
 
 /// Compiles one written value (`text`: a JSON string, number or boolean as text).
 pub fn compile_value(op: Op, text: &str, variables: bool) -> Result<Written, String> {
-    if matches!(op, Op::ArnEquals | Op::ArnLike | Op::ArnNotEquals | Op::ArnNotLike) {
+    if matches!(
+        op,
+        Op::ArnEquals | Op::ArnLike | Op::ArnNotEquals | Op::ArnNotLike
+    ) {
         let t = ArnTemplate::parse(text, variables)?;
         return Ok(match t.pattern(&|_| None) {
             Some(p) if !t.has_vars() => Written::Ready(Operand::Arn(p)),
@@ -298,7 +301,9 @@ fn matches_one(op: Op, v: &Value, o: &Operand) -> bool {
         (StringEqualsIgnoreCase | StringNotEqualsIgnoreCase, Operand::Lower(s)) => {
             text(v).is_some_and(|t| t.to_lowercase() == *s)
         }
-        (StringLike | StringNotLike, Operand::Glob(p)) => text(v).is_some_and(|t| p.matches(t.as_bytes())),
+        (StringLike | StringNotLike, Operand::Glob(p)) => {
+            text(v).is_some_and(|t| p.matches(t.as_bytes()))
+        }
         (ArnEquals | ArnLike | ArnNotEquals | ArnNotLike, Operand::Arn(p)) => {
             text(v).is_some_and(|t| p.matches(&t))
         }
@@ -319,8 +324,8 @@ fn matches_one(op: Op, v: &Value, o: &Operand) -> bool {
 }
 
 fn compare(op: Op, ord: Option<std::cmp::Ordering>) -> bool {
-    use std::cmp::Ordering::*;
     use Op::*;
+    use std::cmp::Ordering::*;
     let Some(ord) = ord else { return false };
     match op {
         NumericEquals | NumericNotEquals | DateEquals | DateNotEquals => ord == Equal,

@@ -245,7 +245,9 @@ fn parse_var(inner: &str) -> Result<Part, String> {
                 .strip_prefix('\'')
                 .and_then(|d| d.strip_suffix('\''))
                 .ok_or_else(|| {
-                    format!("policy variable ${{{inner}}}: a default value is written in single quotes")
+                    format!(
+                        "policy variable ${{{inner}}}: a default value is written in single quotes"
+                    )
                 })?;
             (name.trim(), Some(d.to_owned()))
         }

@@ -280,7 +280,11 @@ impl Binding {
                     actions: s.actions,
                     not_action: s.not_action,
                     // A resource whose variable has no value matches nothing.
-                    resources: s.resources.iter().filter_map(|r| r.pattern(&lookup)).collect(),
+                    resources: s
+                        .resources
+                        .iter()
+                        .filter_map(|r| r.pattern(&lookup))
+                        .collect(),
                     not_resource: s.not_resource,
                     conditions,
                 })
@@ -336,7 +340,9 @@ fn per_request<'a>(key: &Key, req: &Request<'a>) -> Option<Value<'a>> {
         Key::CurrentTime => Some(Value::Time(req.now)),
         Key::EpochTime => Some(Value::Int(req.now)),
         Key::Vhost => Some(Value::Str(req.vhost.into())),
-        Key::RoutingKey => req.routing_key.map(|k| Value::Str(String::from_utf8_lossy(k))),
+        Key::RoutingKey => req
+            .routing_key
+            .map(|k| Value::Str(String::from_utf8_lossy(k))),
         _ => None,
     }
 }
@@ -345,7 +351,10 @@ fn principal_applies(s: &Statement, facts: &Facts) -> bool {
     let named = s.principals.iter().any(|p| match p {
         PrincipalPat::Any => true,
         PrincipalPat::Account(a) => facts.account.as_deref() == Some(a.as_str()),
-        PrincipalPat::Arn(pat) => facts.principal_arn.as_deref().is_some_and(|arn| pat.matches(arn)),
+        PrincipalPat::Arn(pat) => facts
+            .principal_arn
+            .as_deref()
+            .is_some_and(|arn| pat.matches(arn)),
     });
     named != s.not_principal
 }

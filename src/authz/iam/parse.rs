@@ -84,12 +84,18 @@ pub fn document(name: &str, text: &str) -> Result<Vec<Statement>, Vec<PolicyErro
     if text.len() > MAX_DOCUMENT_BYTES {
         return Err(fail(
             "$",
-            format!("{} bytes; a policy document may have at most {MAX_DOCUMENT_BYTES}", text.len()),
+            format!(
+                "{} bytes; a policy document may have at most {MAX_DOCUMENT_BYTES}",
+                text.len()
+            ),
         ));
     }
     let root = json::parse(text).map_err(|e| fail("$", format!("not JSON: {e}")))?;
     let Json::Object(entries) = &root else {
-        return Err(fail("$", format!("a policy document is an object, not {}", root.kind())));
+        return Err(fail(
+            "$",
+            format!("a policy document is an object, not {}", root.kind()),
+        ));
     };
     let mut doc = Doc {
         name,
@@ -104,7 +110,13 @@ pub fn document(name: &str, text: &str) -> Result<Vec<Statement>, Vec<PolicyErro
                 Json::String(s) if VERSIONS.contains(&s.as_str()) => {
                     doc.variables = s == VERSIONS[0];
                 }
-                other => doc.err(&path, format!("expected \"2012-10-17\" or \"2008-10-17\", found {}", show(other))),
+                other => doc.err(
+                    &path,
+                    format!(
+                        "expected \"2012-10-17\" or \"2008-10-17\", found {}",
+                        show(other)
+                    ),
+                ),
             },
             "Id" => {
                 if !matches!(v, Json::String(_)) {
@@ -112,7 +124,10 @@ pub fn document(name: &str, text: &str) -> Result<Vec<Statement>, Vec<PolicyErro
                 }
             }
             "Statement" => statements_json = Some(v),
-            other => doc.err(&path, format!("unknown element {other:?}; a policy has Version, Id and Statement")),
+            other => doc.err(
+                &path,
+                format!("unknown element {other:?}; a policy has Version, Id and Statement"),
+            ),
         }
     }
     let mut statements = Vec::new();
@@ -131,12 +146,24 @@ pub fn document(name: &str, text: &str) -> Result<Vec<Statement>, Vec<PolicyErro
                 }
             }
         }
-        Some(other) => doc.err("$.Statement", format!("expected an object or an array of objects, found {}", other.kind())),
+        Some(other) => doc.err(
+            "$.Statement",
+            format!(
+                "expected an object or an array of objects, found {}",
+                other.kind()
+            ),
+        ),
     }
     let mut seen = std::collections::HashSet::new();
     for s in &statements {
         if !seen.insert(s.id.clone()) {
-            doc.err("$.Statement", format!("Sid {:?} is used twice", s.id.split_once(':').map_or("", |x| x.1)));
+            doc.err(
+                "$.Statement",
+                format!(
+                    "Sid {:?} is used twice",
+                    s.id.split_once(':').map_or("", |x| x.1)
+                ),
+            );
         }
     }
     if doc.errors.is_empty() {
@@ -147,7 +174,11 @@ pub fn document(name: &str, text: &str) -> Result<Vec<Statement>, Vec<PolicyErro
 }
 
 /// The entries of an object, each key once (a repeated key is an error).
-fn unique<'j>(doc: &mut Doc, path: &str, entries: &'j [(String, Json)]) -> Vec<(&'j String, &'j Json)> {
+fn unique<'j>(
+    doc: &mut Doc,
+    path: &str,
+    entries: &'j [(String, Json)],
+) -> Vec<(&'j String, &'j Json)> {
     let mut out: Vec<(&String, &Json)> = Vec::new();
     for (k, v) in entries {
         if out.iter().any(|(seen, _)| *seen == k) {
@@ -176,7 +207,10 @@ fn strings(doc: &mut Doc, path: &str, v: &Json) -> Option<Vec<String>> {
                 match item {
                     Json::String(s) => out.push(s.clone()),
                     other => {
-                        doc.err(&format!("{path}[{i}]"), format!("expected a string, found {}", other.kind()));
+                        doc.err(
+                            &format!("{path}[{i}]"),
+                            format!("expected a string, found {}", other.kind()),
+                        );
                         return None;
                     }
                 }
@@ -188,7 +222,13 @@ fn strings(doc: &mut Doc, path: &str, v: &Json) -> Option<Vec<String>> {
             None
         }
         other => {
-            doc.err(path, format!("expected a string or an array of strings, found {}", other.kind()));
+            doc.err(
+                path,
+                format!(
+                    "expected a string or an array of strings, found {}",
+                    other.kind()
+                ),
+            );
             None
         }
     }
@@ -202,6 +242,7 @@ fn statement(doc: &mut Doc, path: &str, index: usize, v: &Json) -> Option<Statem
     let before = doc.errors.len();
     let mut sid = None;
     let mut effect = None;
+    let mut effect_written = false;
     let mut principal = None;
     let mut action = None;
     let mut resource = None;
@@ -213,7 +254,7 @@ fn statement(doc: &mut Doc, path: &str, index: usize, v: &Json) -> Option<Statem
                 Json::String(s) if !s.is_empty() && !s.contains(':') => sid = Some(s.clone()),
                 other => doc.err(&p, format!("expected a non-empty string without ':', found {}", show(other))),
             },
-            "Effect" => match v {
+            "Effect" => match (effect_written = true, v).1 {
                 Json::String(s) if s == "Allow" => effect = Some(Effect::Allow),
                 Json::String(s) if s == "Deny" => effect = Some(Effect::Deny),
                 other => doc.err(&p, format!("expected \"Allow\" or \"Deny\", found {}", show(other))),
@@ -243,7 +284,7 @@ fn statement(doc: &mut Doc, path: &str, index: usize, v: &Json) -> Option<Statem
             ),
         }
     }
-    if effect.is_none() {
+    if !effect_written {
         doc.err(path, "no Effect");
     }
     if principal.is_none() {
@@ -299,7 +340,10 @@ fn principals(doc: &mut Doc, path: &str, v: &Json) -> Option<Vec<PrincipalPat>> 
             (!out.is_empty()).then_some(out)
         }
         other => {
-            doc.err(path, format!("expected \"*\" or {{\"AWS\": ...}}, found {}", show(other)));
+            doc.err(
+                path,
+                format!("expected \"*\" or {{\"AWS\": ...}}, found {}", show(other)),
+            );
             None
         }
     }
@@ -320,7 +364,9 @@ fn principal(s: &str) -> Result<PrincipalPat, String> {
     {
         return Ok(PrincipalPat::Account(account.to_owned()));
     }
-    Ok(PrincipalPat::Arn(t.pattern(&|_| None).expect("no variables")))
+    Ok(PrincipalPat::Arn(
+        t.pattern(&|_| None).expect("no variables"),
+    ))
 }
 
 fn actions(doc: &mut Doc, path: &str, v: &Json) -> Option<ActionSet> {
@@ -330,7 +376,10 @@ fn actions(doc: &mut Doc, path: &str, v: &Json) -> Option<ActionSet> {
         if matched.is_empty() {
             doc.err(
                 &format!("{path}[{i}]"),
-                format!("{a:?} names no action of the gateway; they are {}", Action::names().join(", ")),
+                format!(
+                    "{a:?} names no action of the gateway; they are {}",
+                    Action::names().join(", ")
+                ),
             );
         }
         set = set.union(matched);
@@ -343,7 +392,10 @@ fn resources(doc: &mut Doc, path: &str, v: &Json) -> Option<Vec<ArnTemplate>> {
     for (i, r) in strings(doc, path, v)?.into_iter().enumerate() {
         let p = format!("{path}[{i}]");
         if !doc.variables && r.contains("${") {
-            doc.err(&p, "a policy variable needs \"Version\": \"2012-10-17\" (IAM would read it as text)");
+            doc.err(
+                &p,
+                "a policy variable needs \"Version\": \"2012-10-17\" (IAM would read it as text)",
+            );
             continue;
         }
         match ArnTemplate::parse(&r, doc.variables) {
@@ -368,7 +420,10 @@ fn resource_prefix_problem(r: &str) -> Option<String> {
         return None;
     }
     let res = r.splitn(6, ':').nth(5)?;
-    let literal: String = res.chars().take_while(|c| !matches!(c, '*' | '?' | '$')).collect();
+    let literal: String = res
+        .chars()
+        .take_while(|c| !matches!(c, '*' | '?' | '$'))
+        .collect();
     let n = literal.len().min(6);
     (literal[..n] != "vhost/"[..n]).then(|| {
         format!("{r:?} can match no resource of the broker: they are vhost/<vhost>, vhost/<vhost>/queue/<name>, vhost/<vhost>/exchange/<name> and vhost/<vhost>/topic/<exchange>/<routing key>")
@@ -377,7 +432,10 @@ fn resource_prefix_problem(r: &str) -> Option<String> {
 
 fn condition_block(doc: &mut Doc, path: &str, v: &Json) -> Vec<WrittenCondition> {
     let Json::Object(entries) = v else {
-        doc.err(path, format!("expected an object of operators, found {}", v.kind()));
+        doc.err(
+            path,
+            format!("expected an object of operators, found {}", v.kind()),
+        );
         return Vec::new();
     };
     let mut out = Vec::new();
@@ -391,7 +449,13 @@ fn condition_block(doc: &mut Doc, path: &str, v: &Json) -> Vec<WrittenCondition>
             }
         };
         let Json::Object(keys) = block else {
-            doc.err(&p, format!("expected an object of condition keys, found {}", block.kind()));
+            doc.err(
+                &p,
+                format!(
+                    "expected an object of condition keys, found {}",
+                    block.kind()
+                ),
+            );
             continue;
         };
         if keys.is_empty() {
@@ -406,7 +470,10 @@ fn condition_block(doc: &mut Doc, path: &str, v: &Json) -> Vec<WrittenCondition>
                     continue;
                 }
             };
-            if key.multivalued() && operator.set == SetOp::Single && operator.op != super::condition::Op::Null {
+            if key.multivalued()
+                && operator.set == SetOp::Single
+                && operator.op != super::condition::Op::Null
+            {
                 doc.err(&kp, format!("{} has several values: use ForAnyValue:{op_name} or ForAllValues:{op_name}", key.name()));
                 continue;
             }
@@ -415,7 +482,11 @@ fn condition_block(doc: &mut Doc, path: &str, v: &Json) -> Vec<WrittenCondition>
                     doc.err(&kp, "an empty array");
                     continue;
                 }
-                Json::Array(items) => items.iter().enumerate().map(|(i, v)| (format!("{kp}[{i}]"), v)).collect(),
+                Json::Array(items) => items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (format!("{kp}[{i}]"), v))
+                    .collect(),
                 one => vec![(kp.clone(), one)],
             };
             let mut written = Vec::new();
@@ -425,7 +496,13 @@ fn condition_block(doc: &mut Doc, path: &str, v: &Json) -> Vec<WrittenCondition>
                     Json::Number(n) => n.to_string(),
                     Json::Bool(b) => b.to_string(),
                     other => {
-                        doc.err(&vp, format!("expected a string, number or boolean, found {}", other.kind()));
+                        doc.err(
+                            &vp,
+                            format!(
+                                "expected a string, number or boolean, found {}",
+                                other.kind()
+                            ),
+                        );
                         continue;
                     }
                 };

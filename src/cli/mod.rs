@@ -1,6 +1,8 @@
-//! Operator commands that are not the gateway itself: `explain` and
+//! Operator commands that are not the gateway itself: `explain`, `simulate` and
 //! `import-rabbitmq-conf`. Each returns its output as text so it can be tested; `main.rs`
 //! prints it.
+
+pub mod simulate;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -298,4 +300,11 @@ mod tests {
         let imported = import::import(&conf);
         assert!(imported.toml.contains("resource_server_id = \"rabbitmq\""));
     }
+}
+
+/// Seconds since the epoch.
+pub(crate) fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
