@@ -102,6 +102,110 @@ fn authz_decide(c: &mut Criterion) {
     g.finish();
 }
 
+/// The README's worked example: the statements a security team writes (tag, organisation,
+/// source address, time window, variables), eight in all.
+const BROKER_POLICY: &str = r#"{"Version": "2012-10-17", "Statement": [
+    {"Sid": "AppPublishesOrders", "Effect": "Allow",
+     "Principal": {"AWS": "arn:aws:iam::111122223333:role/Publisher"},
+     "Action": ["rabbitmq:Connect", "rabbitmq:Publish"],
+     "Resource": ["arn:aws:rabbitmq:::vhost/%2F", "arn:aws:rabbitmq:::vhost/%2F/exchange/amq.topic",
+                  "arn:aws:rabbitmq:::vhost/%2F/topic/amq.topic/orders.*"],
+     "Condition": {"StringEquals": {"aws:PrincipalTag/team": "orders"}}},
+    {"Sid": "TeamQueues", "Effect": "Allow", "Principal": "*", "Action": "rabbitmq:*",
+     "Resource": "arn:aws:rabbitmq:::vhost/%2F/queue/${aws:PrincipalTag/team}.*"},
+    {"Sid": "JobTagged", "Effect": "Allow", "Principal": "*", "Action": "rabbitmq:Publish",
+     "Resource": "arn:aws:rabbitmq:::vhost/%2F/exchange/jobs",
+     "Condition": {"StringEquals": {"aws:RequestTag/job": "nightly"}}},
+    {"Sid": "NoAuditOutsideOrg", "Effect": "Deny", "Principal": "*", "Action": "rabbitmq:Read",
+     "Resource": "arn:aws:rabbitmq:::vhost/*/queue/audit.*",
+     "Condition": {"StringNotEquals": {"aws:PrincipalOrgID": "o-abc1234567"}}},
+    {"Sid": "ConsumersInside", "Effect": "Deny", "Principal": "*",
+     "Action": ["rabbitmq:Consume", "rabbitmq:Get"], "Resource": "*",
+     "Condition": {"NotIpAddress": {"aws:SourceIp": "10.0.0.0/8"}}},
+    {"Sid": "OfficeHours", "Effect": "Deny", "Principal": "*", "Action": "rabbitmq:Publish",
+     "Resource": "arn:aws:rabbitmq:::vhost/%2F/exchange/payroll",
+     "Condition": {"DateGreaterThan": {"aws:CurrentTime": "2030-01-01T00:00:00Z"}}},
+    {"Sid": "NoPaymentsKeys", "Effect": "Deny", "Principal": "*", "Action": "rabbitmq:Publish",
+     "Resource": "*", "Condition": {"StringLike": {"rabbitmq:RoutingKey": "payments.*"}}},
+    {"Sid": "TlsOnly", "Effect": "Deny", "Principal": "*", "Action": "*", "Resource": "*",
+     "Condition": {"Bool": {"aws:SecureTransport": "false"}}}
+]}"#;
+
+/// `[authorization]` policies on the relay path: the decision for one publish (two checks:
+/// the exchange and the topic) and one consume, against the scopes alone; and the binding
+/// done once per connection.
+fn policy_decide(c: &mut Criterion) {
+    use amqp_iam_gateway::authz::iam::{Binding, Facts, Mode, PolicySet};
+    let set = PolicySet::compile(&[("broker.json".into(), BROKER_POLICY.into())]).expect("policy");
+    let mut facts = Facts {
+        principal_arn: Some(ROLE.into()),
+        account: Some("111122223333".into()),
+        org_id: Some("o-abc1234567".into()),
+        issued_at: Some(1_750_000_000),
+        source_ip: Some("10.1.2.3".parse().unwrap()),
+        secure_transport: true,
+        ..Facts::default()
+    };
+    facts.principal_tag("team", "orders");
+    facts.request_tag("job", "nightly");
+    let scopes = permissions();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let ctx = Context {
+        vhost: "/",
+        username: ROLE,
+        now,
+    };
+    let publish = |routing_key| Operation::BasicPublish {
+        exchange: "amq.topic",
+        routing_key,
+        exchange_kind: ExchangeKind::Topic,
+        user_id: None,
+        extra_routing_keys: &[],
+    };
+    const PUBLISH: (u16, u16) = (60, 40);
+    const CONSUME: (u16, u16) = (60, 20);
+    let permit = publish(b"orders.eu.1");
+    let deny = publish(b"payments.eu.1");
+    let consume = Operation::BasicConsume { queue: "orders.eu" };
+    let mut g = c.benchmark_group("policy_decide");
+    for mode in [Mode::Scopes, Mode::Both, Mode::Policies] {
+        let perms = scopes
+            .clone()
+            .with_policy(Arc::new(Binding::new(&set, mode, &facts)));
+        let m = mode.as_str();
+        if mode != Mode::Scopes {
+            assert_eq!(
+                authz::decide(&perms, &ctx, &permit, PUBLISH),
+                Verdict::Permit,
+                "{m}"
+            );
+        }
+        assert!(
+            matches!(
+                authz::decide(&perms, &ctx, &deny, PUBLISH),
+                Verdict::Deny(_)
+            ),
+            "{m}"
+        );
+        g.bench_function(format!("topic_publish_permit_{m}"), |b| {
+            b.iter(|| authz::decide(black_box(&perms), &ctx, black_box(&permit), PUBLISH))
+        });
+        g.bench_function(format!("topic_publish_deny_{m}"), |b| {
+            b.iter(|| authz::decide(black_box(&perms), &ctx, black_box(&deny), PUBLISH))
+        });
+        g.bench_function(format!("consume_{m}"), |b| {
+            b.iter(|| authz::decide(black_box(&perms), &ctx, black_box(&consume), CONSUME))
+        });
+    }
+    g.bench_function("bind_per_connection_8_statements", |b| {
+        b.iter(|| Binding::new(black_box(&set), Mode::Both, black_box(&facts)))
+    });
+    g.finish();
+}
+
 fn scope_normalisation(c: &mut Criterion) {
     let mut rules = ScopeRules::with_defaults("rabbitmq");
     rules.scope_prefix = "rabbitmq/".into();
@@ -356,6 +460,7 @@ criterion_group!(
     benches,
     wildcard_matching,
     authz_decide,
+    policy_decide,
     scope_normalisation,
     frame_check,
     session_publishes,

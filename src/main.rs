@@ -62,7 +62,7 @@ enum Command {
         #[arg(long)]
         operation: Option<String>,
         #[command(flatten)]
-        op: OperationArgs,
+        op: Box<OperationArgs>,
         #[command(flatten)]
         situation: SituationArgs,
     },
@@ -304,21 +304,42 @@ fn main() -> ExitCode {
             op,
             situation,
         } => {
-            let code = explain(&config, token.clone(), json && operation.is_none());
+            // Read once: the operation's decision needs the same token.
+            let token = match token.map_or_else(read_token_from_stdin, Some) {
+                Some(t) => t,
+                None => return ExitCode::FAILURE,
+            };
             match operation {
-                Some(name) if code == ExitCode::SUCCESS => {
+                // With --json, one document: the decision's report carries the token's.
+                Some(name) if json => {
                     let line = op.line(&name);
                     simulate(
                         &config,
-                        token,
+                        Some(token),
                         None,
                         Source::Line(line),
-                        json,
+                        true,
                         false,
                         &situation,
                     )
                 }
-                _ => code,
+                Some(name) => match explain(&config, Some(token.clone()), false) {
+                    code if code == ExitCode::SUCCESS => {
+                        println!();
+                        let line = op.line(&name);
+                        simulate(
+                            &config,
+                            Some(token),
+                            None,
+                            Source::Line(line),
+                            false,
+                            false,
+                            &situation,
+                        )
+                    }
+                    code => code,
+                },
+                None => explain(&config, Some(token), json),
             }
         }
         Command::Simulate {
@@ -621,6 +642,16 @@ fn simulate(
             ExitCode::FAILURE
         }
     }
+}
+
+/// The token from standard input, trimmed; `None` (and a message) when it cannot be read.
+fn read_token_from_stdin() -> Option<String> {
+    let mut t = String::new();
+    if std::io::Read::read_to_string(&mut std::io::stdin(), &mut t).is_err() {
+        eprintln!("cannot read the token from standard input");
+        return None;
+    }
+    Some(t.trim().to_owned())
 }
 
 /// Waits for SIGTERM or SIGINT (Ctrl-C) and says which.

@@ -518,3 +518,256 @@ fn reply_text_truncation() {
     assert_eq!(d.reply_text.len(), 255);
     assert!(d.reply_text.ends_with("qqq..."));
 }
+
+// ---------------------------------------------------------------- broker policies
+
+mod policies {
+    use std::sync::Arc;
+
+    use super::super::iam::{Binding, Facts, Mode, PolicySet};
+    use super::*;
+
+    const DOC: &str = r#"{"Version": "2012-10-17", "Statement": [
+        {"Sid": "Orders", "Effect": "Allow", "Principal": "*",
+         "Action": ["rabbitmq:Connect", "rabbitmq:Publish"],
+         "Resource": ["arn:aws:rabbitmq:::vhost/%2F", "arn:aws:rabbitmq:::vhost/%2F/exchange/orders",
+                      "arn:aws:rabbitmq:::vhost/%2F/topic/orders/eu.*"]},
+        {"Sid": "Reads", "Effect": "Allow", "Principal": "*", "Action": "rabbitmq:Read",
+         "Resource": "arn:aws:rabbitmq:::vhost/%2F/queue/*"},
+        {"Sid": "NoAudit", "Effect": "Deny", "Principal": "*", "Action": "rabbitmq:Consume",
+         "Resource": "arn:aws:rabbitmq:::vhost/%2F/queue/audit.*"},
+        {"Sid": "KeysAreEu", "Effect": "Deny", "Principal": "*", "Action": "rabbitmq:Publish",
+         "Resource": "*", "Condition": {"StringNotLike": {"rabbitmq:RoutingKey": "eu.*"}}}
+    ]}"#;
+
+    fn with(scopes: &[&str], mode: Mode) -> Permissions {
+        let set = PolicySet::compile(&[("p.json".into(), DOC.into())]).unwrap();
+        perms(scopes).with_policy(Arc::new(Binding::new(&set, mode, &Facts::default())))
+    }
+
+    fn pub_to<'a>(x: &'a str, rk: &'static str, kind: ExchangeKind) -> Operation<'a> {
+        Operation::BasicPublish {
+            exchange: x,
+            routing_key: rk.as_bytes(),
+            exchange_kind: kind,
+            user_id: None,
+            extra_routing_keys: &[],
+        }
+    }
+
+    /// `ok`, `deny:<statement or ->`, or `need-kind`.
+    fn verdict(p: &Permissions, op: Operation) -> String {
+        let ids = (60, 40);
+        match decide(p, &CTX, &op, ids) {
+            Verdict::Permit => "ok".into(),
+            Verdict::Deny(d) => format!("deny:{}", d.statement.as_deref().unwrap_or("-")),
+            Verdict::NeedKind => "need-kind".into(),
+        }
+    }
+
+    #[test]
+    fn the_mode_combines_scopes_and_policies() {
+        let all = ["read:*/*", "write:*/*", "configure:*/*"];
+        let consume = |q| Operation::BasicConsume { queue: q };
+        let get = |q| Operation::BasicGet { queue: q };
+        // (scopes, mode, operation, verdict)
+        let rows: Vec<(&[&str], Mode, Operation, &str)> = vec![
+            // scopes: the scopes decide, a Deny takes away.
+            (
+                &all,
+                Mode::Scopes,
+                pub_to("billing", "x", ExchangeKind::Other),
+                "deny:p.json:KeysAreEu",
+            ),
+            (
+                &all,
+                Mode::Scopes,
+                pub_to("billing", "eu.1", ExchangeKind::Other),
+                "ok",
+            ),
+            (
+                &all,
+                Mode::Scopes,
+                consume("audit.1"),
+                "deny:p.json:NoAudit",
+            ),
+            (&all, Mode::Scopes, get("audit.1"), "ok"),
+            (&[], Mode::Scopes, get("orders"), "deny:-"),
+            // policies: an Allow is needed; scopes are not asked.
+            (
+                &[],
+                Mode::Policies,
+                pub_to("orders", "eu.1", ExchangeKind::Topic),
+                "ok",
+            ),
+            (
+                &[],
+                Mode::Policies,
+                pub_to("orders", "us.1", ExchangeKind::Topic),
+                "deny:p.json:KeysAreEu",
+            ),
+            (
+                &[],
+                Mode::Policies,
+                pub_to("billing", "eu.1", ExchangeKind::Other),
+                "deny:-",
+            ),
+            (&[], Mode::Policies, get("orders"), "ok"),
+            (
+                &[],
+                Mode::Policies,
+                consume("audit.1"),
+                "deny:p.json:NoAudit",
+            ),
+            // The routing key is the operation's: the exchange check sees it too.
+            (
+                &[],
+                Mode::Policies,
+                pub_to("orders", "eu", ExchangeKind::Other),
+                "deny:p.json:KeysAreEu",
+            ),
+            // A topic check that fails on an exchange of unknown type: learn the type
+            // (a 2-part scope grants no topic).
+            (
+                &["write:*/*"],
+                Mode::Both,
+                pub_to("orders", "eu.1", ExchangeKind::Unresolved),
+                "need-kind",
+            ),
+            (
+                &["write:*/*"],
+                Mode::Both,
+                pub_to("orders", "eu.1", ExchangeKind::Other),
+                "ok",
+            ),
+            (
+                &["write:*/*/*"],
+                Mode::Both,
+                pub_to("orders", "eu.1", ExchangeKind::Unresolved),
+                "ok",
+            ),
+            // both: scopes and an Allow.
+            (
+                &all,
+                Mode::Both,
+                pub_to("orders", "eu.1", ExchangeKind::Other),
+                "ok",
+            ),
+            // 2-part scopes grant no topic: a topic exchange needs a 3-part one in both.
+            (
+                &all,
+                Mode::Both,
+                pub_to("orders", "eu.1", ExchangeKind::Topic),
+                "deny:-",
+            ),
+            (
+                &all,
+                Mode::Both,
+                pub_to("billing", "eu.1", ExchangeKind::Other),
+                "deny:-",
+            ),
+            (&["read:*/audit.*"], Mode::Both, get("orders"), "deny:-"),
+            (&["read:*/*"], Mode::Both, get("orders"), "ok"),
+            (
+                &["read:*/*"],
+                Mode::Both,
+                consume("audit.1"),
+                "deny:p.json:NoAudit",
+            ),
+        ];
+        for (scopes, mode, op, want) in rows {
+            assert_eq!(
+                verdict(&with(scopes, mode), op),
+                want,
+                "{scopes:?} {mode:?} {op:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn refusals_keep_rabbitmq_texts_and_name_the_statement() {
+        let p = with(&["read:*/*"], Mode::Scopes);
+        let Verdict::Deny(d) = decide(
+            &p,
+            &CTX,
+            &Operation::BasicConsume { queue: "audit.1" },
+            (60, 20),
+        ) else {
+            panic!("permitted")
+        };
+        assert_eq!(d.reply_code, ACCESS_REFUSED);
+        assert_eq!(
+            d.reply_text,
+            "ACCESS_REFUSED - read access to queue 'audit.1' in vhost '/' refused for user 'alice'"
+        );
+        assert_eq!(d.statement.as_deref(), Some("p.json:NoAudit"));
+        assert_eq!((d.class_id, d.method_id), (60, 20));
+    }
+
+    #[test]
+    fn connect_needs_the_vhost_in_both() {
+        assert_eq!(connect(&with(&[], Mode::Policies), "/", 0), Ok(()));
+        assert_eq!(connect(&with(&[], Mode::Policies), "prod", 0), Err(None));
+        assert_eq!(
+            connect(&with(&["read:prod/*"], Mode::Both), "prod", 0),
+            Err(None)
+        );
+        assert_eq!(
+            connect(&with(&["read:prod/*"], Mode::Scopes), "prod", 0),
+            Ok(())
+        );
+        assert_eq!(connect(&with(&[], Mode::Scopes), "/", 0), Err(None));
+    }
+
+    #[test]
+    fn passive_declares_take_any_permission_the_policy_allows() {
+        let p = with(&[], Mode::Policies);
+        let passive = |q| Operation::QueueDeclare {
+            queue: q,
+            passive: true,
+            server_named: false,
+            dead_letter_exchange: None,
+        };
+        assert_eq!(verdict(&p, passive("orders")), "ok");
+        // A passive declare is not a consume: NoAudit does not apply, Reads allows.
+        assert_eq!(verdict(&p, passive("audit.1")), "ok");
+        let x = Operation::ExchangeDeclare {
+            exchange: "billing",
+            passive: true,
+            alternate_exchange: None,
+        };
+        assert_eq!(verdict(&p, x), "deny:-");
+    }
+
+    #[test]
+    fn traces_list_every_check_with_both_answers() {
+        let p = with(&["write:*/*/*"], Mode::Both);
+        let (v, trace) = decide_traced(
+            &p,
+            &CTX,
+            &pub_to("orders", "eu.1", ExchangeKind::Topic),
+            (60, 40),
+        );
+        assert_eq!(v, Verdict::Permit);
+        let got: Vec<(String, bool, String)> = trace
+            .iter()
+            .map(|t| (t.resource.clone(), t.scopes, t.policy.clone().unwrap()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "arn:aws:rabbitmq:::vhost/%2F/exchange/orders".into(),
+                    true,
+                    "allowed by p.json:Orders".into()
+                ),
+                (
+                    "arn:aws:rabbitmq:::vhost/%2F/topic/orders/eu.1".into(),
+                    true,
+                    "allowed by p.json:Orders".into()
+                ),
+            ]
+        );
+        assert_eq!(trace[0].actions, ["rabbitmq:Write", "rabbitmq:Publish"]);
+    }
+}

@@ -14,6 +14,13 @@ use crate::auth::scopes::{self, Origin};
 use crate::auth::token_id;
 use crate::config::{BackendTokenConfig, Config, import};
 
+/// Seconds since the epoch.
+pub(crate) fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 /// What `explain` found: the report and whether the token is accepted.
 pub struct Explained {
     pub text: String,
@@ -300,11 +307,4 @@ mod tests {
         let imported = import::import(&conf);
         assert!(imported.toml.contains("resource_server_id = \"rabbitmq\""));
     }
-}
-
-/// Seconds since the epoch.
-pub(crate) fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }

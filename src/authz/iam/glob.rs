@@ -21,23 +21,47 @@ enum P {
     Star,
 }
 
-/// A compiled wildcard pattern (no variables left).
+/// A compiled wildcard pattern (no variables left). The literal bytes before the first
+/// wildcard are kept apart: most subjects that do not match fail on them, with one
+/// comparison.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct Pattern(Vec<P>);
+pub struct Pattern(Vec<P>, Prefix);
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+struct Prefix {
+    bytes: Vec<u8>,
+    /// The whole pattern is literal.
+    whole: bool,
+}
 
 impl Pattern {
     /// `*` and `?` are wildcards.
     pub fn wild(text: &str) -> Pattern {
         let mut p = Pattern::default();
         p.push_wild(text);
-        p
+        p.seal()
     }
 
     /// Every character is itself.
     pub fn literal(text: &str) -> Pattern {
         let mut p = Pattern::default();
         p.push_literal(text);
-        p
+        p.seal()
+    }
+
+    /// Computes the literal prefix, once the elements are final.
+    fn seal(mut self) -> Pattern {
+        let bytes: Vec<u8> = self
+            .0
+            .iter()
+            .map_while(|e| match e {
+                P::Byte(b) => Some(*b),
+                _ => None,
+            })
+            .collect();
+        let whole = bytes.len() == self.0.len();
+        self.1 = Prefix { bytes, whole };
+        self
     }
 
     fn push_wild(&mut self, text: &str) {
@@ -54,14 +78,26 @@ impl Pattern {
         self.0.extend(text.bytes().map(P::Byte));
     }
 
+    /// The pattern's text when it has no wildcard.
+    fn literal_text(&self) -> Option<&[u8]> {
+        self.1.whole.then_some(self.1.bytes.as_slice())
+    }
+
     /// Whether the pattern is a lone `*`.
     pub fn is_star(&self) -> bool {
         self.0.iter().all(|p| *p == P::Star) && !self.0.is_empty()
     }
 
     pub fn matches(&self, subject: &[u8]) -> bool {
+        let prefix = &self.1;
+        if prefix.whole {
+            return subject == prefix.bytes.as_slice();
+        }
+        if !subject.starts_with(&prefix.bytes) {
+            return false;
+        }
         let pat = &self.0;
-        let (mut p, mut i) = (0, 0);
+        let (mut p, mut i) = (prefix.bytes.len(), prefix.bytes.len());
         let mut resume: Option<(usize, usize)> = None;
         while i < subject.len() {
             if let Some(&pe) = pat.get(p) {
@@ -193,7 +229,7 @@ impl Template {
                 Part::Var(v) => p.push_literal(&value_of(v, lookup)?),
             }
         }
-        Some(p)
+        Some(p.seal())
     }
 
     /// Splits at the first five colons outside variables: the six segments of an ARN.
@@ -269,28 +305,78 @@ fn parse_var(inner: &str) -> Result<Part, String> {
     Ok(Part::Var(Var { key, default }))
 }
 
-/// An ARN pattern: `*` alone, or six segment patterns.
+/// An ARN pattern: `*` alone, or six segment patterns. When the first five are literal
+/// (`arn:aws:rabbitmq:::`, the usual case), they are one string compared at once, and
+/// only the resource segment is matched as a pattern.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ArnPattern {
     Any,
     Segments(Vec<Pattern>),
+    /// The literal text of the first five segments with their colons, then the sixth.
+    Head(String, Pattern),
 }
 
 impl ArnPattern {
+    fn from_segments(segs: Vec<Pattern>) -> ArnPattern {
+        let head: Option<Vec<&[u8]>> = segs[..5].iter().map(Pattern::literal_text).collect();
+        match head {
+            Some(parts) => {
+                let mut text = Vec::new();
+                for p in parts {
+                    text.extend_from_slice(p);
+                    text.push(b':');
+                }
+                // Literal segments come from UTF-8 text and contain no colon.
+                let head = String::from_utf8(text).unwrap_or_default();
+                ArnPattern::Head(head, segs.into_iter().nth(5).unwrap_or_default())
+            }
+            None => ArnPattern::Segments(segs),
+        }
+    }
+
     pub fn matches(&self, arn: &str) -> bool {
         match self {
             ArnPattern::Any => true,
+            ArnPattern::Head(head, tail) => {
+                // The head has exactly five colons, so the rest is the sixth segment.
+                arn.strip_prefix(head.as_str())
+                    .is_some_and(|rest| tail.matches(rest.as_bytes()))
+            }
             ArnPattern::Segments(pats) => {
-                let mut n = 0;
-                for (seg, pat) in arn.splitn(6, ':').zip(pats) {
-                    if !pat.matches(seg.as_bytes()) {
-                        return false;
-                    }
-                    n += 1;
-                }
-                n == pats.len()
+                let arn = Split::new(arn);
+                arn.n == pats.len()
+                    && pats
+                        .iter()
+                        .zip(&arn.segs)
+                        .all(|(p, s)| p.matches(s.as_bytes()))
             }
         }
+    }
+}
+
+/// An ARN split at its first five colons.
+struct Split<'a> {
+    segs: [&'a str; 6],
+    n: usize,
+}
+
+impl<'a> Split<'a> {
+    fn new(arn: &'a str) -> Split<'a> {
+        let mut segs = [""; 6];
+        let mut n = 0;
+        let mut rest = arn;
+        while n < 5 {
+            match rest.find(':') {
+                Some(at) => {
+                    segs[n] = &rest[..at];
+                    rest = &rest[at + 1..];
+                    n += 1;
+                }
+                None => break,
+            }
+        }
+        segs[n] = rest;
+        Split { segs, n: n + 1 }
     }
 }
 
@@ -349,7 +435,7 @@ impl ArnTemplate {
                 .iter()
                 .map(|t| t.pattern(lookup))
                 .collect::<Option<Vec<_>>>()
-                .map(ArnPattern::Segments),
+                .map(ArnPattern::from_segments),
         }
     }
 }

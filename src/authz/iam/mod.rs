@@ -369,6 +369,11 @@ pub enum ResourceKind {
 /// Writes a name into an ARN: `/` and `%` as `%2F` and `%25` (as RabbitMQ's management
 /// API writes the default vhost `/`), and bytes that are not UTF-8 as `%XX`.
 fn push_escaped(out: &mut String, name: &[u8]) {
+    if name.iter().all(|&b| b != b'/' && b != b'%' && b < 0x80) {
+        // ASCII without '/' or '%': as it is (the common case, on every check).
+        out.push_str(std::str::from_utf8(name).unwrap_or_default());
+        return;
+    }
     for chunk in name.utf8_chunks() {
         for c in chunk.valid().chars() {
             match c {
@@ -385,7 +390,12 @@ fn push_escaped(out: &mut String, name: &[u8]) {
 
 /// `arn:aws:rabbitmq:::vhost/<vhost>`.
 pub fn vhost_arn(vhost: &str) -> String {
-    let mut s = String::with_capacity(32 + vhost.len());
+    vhost_arn_with_room(vhost, 0)
+}
+
+/// The vhost's ARN in a string with room for `more` bytes after it.
+fn vhost_arn_with_room(vhost: &str, more: usize) -> String {
+    let mut s = String::with_capacity(40 + vhost.len() + more);
     s.push_str("arn:aws:rabbitmq:::vhost/");
     push_escaped(&mut s, vhost.as_bytes());
     s
@@ -393,7 +403,7 @@ pub fn vhost_arn(vhost: &str) -> String {
 
 /// `arn:aws:rabbitmq:::vhost/<vhost>/queue/<name>` or `.../exchange/<name>`.
 pub fn resource_arn(vhost: &str, kind: ResourceKind, name: &[u8]) -> String {
-    let mut s = vhost_arn(vhost);
+    let mut s = vhost_arn_with_room(vhost, name.len());
     s.push_str(match kind {
         ResourceKind::Queue => "/queue/",
         ResourceKind::Exchange => "/exchange/",
@@ -404,7 +414,7 @@ pub fn resource_arn(vhost: &str, kind: ResourceKind, name: &[u8]) -> String {
 
 /// `arn:aws:rabbitmq:::vhost/<vhost>/topic/<exchange>/<routing key>`.
 pub fn topic_arn(vhost: &str, exchange: &str, routing_key: &[u8]) -> String {
-    let mut s = vhost_arn(vhost);
+    let mut s = vhost_arn_with_room(vhost, exchange.len() + routing_key.len());
     s.push_str("/topic/");
     push_escaped(&mut s, exchange.as_bytes());
     s.push('/');

@@ -372,6 +372,17 @@ fn principal(s: &str) -> Result<PrincipalPat, String> {
 fn actions(doc: &mut Doc, path: &str, v: &Json) -> Option<ActionSet> {
     let mut set = ActionSet::EMPTY;
     for (i, a) in strings(doc, path, v)?.into_iter().enumerate() {
+        // IAM's grammar: "*", or vendor:action with a literal vendor (or "*").
+        let vendor_ok = a == "*"
+            || a.split_once(':')
+                .is_some_and(|(v, _)| v == "*" || (!v.is_empty() && !v.contains(['*', '?'])));
+        if !vendor_ok {
+            doc.err(
+                &format!("{path}[{i}]"),
+                format!("{a:?}: an action is \"*\" or vendor:action (rabbitmq:Publish), with no wildcard in part of the vendor"),
+            );
+            continue;
+        }
         let matched = Action::matching(&a);
         if matched.is_empty() {
             doc.err(
@@ -400,7 +411,13 @@ fn resources(doc: &mut Doc, path: &str, v: &Json) -> Option<Vec<ArnTemplate>> {
         }
         match ArnTemplate::parse(&r, doc.variables) {
             Ok(t) => {
-                if let Some(service) = t.literal_segment(2).filter(|s| s != "rabbitmq") {
+                let seg = |i: usize| r.split(':').nth(i).unwrap_or("");
+                let wild = |s: &str| s.contains(['*', '?']);
+                // IAM takes `*` for a whole partition, but no wildcard in part of one and
+                // none in the service.
+                if r != "*" && ((wild(seg(1)) && seg(1) != "*") || wild(seg(2))) {
+                    doc.err(&p, format!("{r:?}: no wildcard in an ARN's service or in part of its partition (IAM refuses them)"));
+                } else if let Some(service) = t.literal_segment(2).filter(|s| s != "rabbitmq") {
                     doc.err(&p, format!("{r:?} is a resource of service {service:?}; the broker's are arn:aws:rabbitmq:::vhost/..."));
                 } else if let Some(bad) = resource_prefix_problem(&r) {
                     doc.err(&p, bad);

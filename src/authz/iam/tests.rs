@@ -136,7 +136,7 @@ fn arns_match_segment_by_segment() {
         ("arn:aws:rabbitmq:::vhost/*", Q, true),
         ("arn:aws:rabbitmq:::vhost/%2F/queue/orders.*", Q, true),
         ("arn:aws:rabbitmq:::vhost/%2F/queue/orders.*", X, false),
-        ("arn:*:rabbitmq:*:*:vhost/%2F/queue/*", Q, true),
+        ("arn:aws:rabbitmq:*:*:vhost/%2F/queue/*", Q, true),
         // A wildcard in the first five segments stays within its segment.
         (
             "arn:aws:iam::*:role/App",
@@ -914,6 +914,10 @@ fn documents_errors_name_their_json_path() {
         (doc(r#"{"Effect": "Allow", "Principal": "*", "Action": ["rabbitmq:Publish", "rabbitmq:Publsh"], "Resource": "*"}"#), "p.json: $.Statement[0].Action[1]: \"rabbitmq:Publsh\" names no action of the gateway; they are rabbitmq:Connect, rabbitmq:Configure, rabbitmq:Write, rabbitmq:Read, rabbitmq:ExchangeDeclare, rabbitmq:ExchangeDelete, rabbitmq:ExchangeBind, rabbitmq:ExchangeUnbind, rabbitmq:QueueDeclare, rabbitmq:QueueDelete, rabbitmq:QueuePurge, rabbitmq:QueueBind, rabbitmq:QueueUnbind, rabbitmq:Publish, rabbitmq:Consume, rabbitmq:Get"),
         (doc(r#"{"Effect": "Allow", "Principal": "*", "Action": "*", "Resource": "arn:aws:sqs:::orders"}"#), "p.json: $.Statement[0].Resource[0]: \"arn:aws:sqs:::orders\" is a resource of service \"sqs\"; the broker's are arn:aws:rabbitmq:::vhost/..."),
         (doc(r#"{"Effect": "Allow", "Principal": "*", "Action": "*", "Resource": "arn:aws:rabbitmq:::queue/orders"}"#), "p.json: $.Statement[0].Resource[0]: \"arn:aws:rabbitmq:::queue/orders\" can match no resource of the broker: they are vhost/<vhost>, vhost/<vhost>/queue/<name>, vhost/<vhost>/exchange/<name> and vhost/<vhost>/topic/<exchange>/<routing key>"),
+        (doc(r#"{"Effect": "Allow", "Principal": "*", "Action": "rabbit*:Get", "Resource": "*"}"#), "p.json: $.Statement[0].Action[0]: \"rabbit*:Get\": an action is \"*\" or vendor:action (rabbitmq:Publish), with no wildcard in part of the vendor"),
+        (doc(r#"{"Effect": "Allow", "Principal": "*", "Action": "*Publish", "Resource": "*"}"#), "p.json: $.Statement[0].Action[0]: \"*Publish\": an action is \"*\" or vendor:action (rabbitmq:Publish), with no wildcard in part of the vendor"),
+        (doc(r#"{"Effect": "Allow", "Principal": "*", "Action": "*", "Resource": "arn:aws*:rabbitmq:::vhost/x"}"#), "p.json: $.Statement[0].Resource[0]: \"arn:aws*:rabbitmq:::vhost/x\": no wildcard in an ARN's service or in part of its partition (IAM refuses them)"),
+        (doc(r#"{"Effect": "Allow", "Principal": "*", "Action": "*", "Resource": "arn:aws:*:::vhost/x"}"#), "p.json: $.Statement[0].Resource[0]: \"arn:aws:*:::vhost/x\": no wildcard in an ARN's service or in part of its partition (IAM refuses them)"),
         (doc(r#"{"Effect": "Allow", "Principal": "*", "Action": "*", "Resource": "orders"}"#), "p.json: $.Statement[0].Resource[0]: \"orders\" is not an ARN: expected arn:partition:service:region:account:resource (six parts separated by colons)"),
         (doc(r#"{"Effect": "Allow", "Principal": {"Service": "sqs.amazonaws.com"}, "Action": "*", "Resource": "*"}"#), "p.json: $.Statement[0].Principal.Service: \"Service\" principals never reach the broker: only \"AWS\" principals (role ARNs, account ids, \"*\") do"),
         (s(r#""Condition": {"StringEqual": {"aws:PrincipalTag/team": "x"}}"#), "p.json: $.Statement[0].Condition.StringEqual: unknown condition operator \"StringEqual\""),
