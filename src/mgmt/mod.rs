@@ -14,6 +14,7 @@
 //! - `POST /api/login`, a form with `username` and `password`; the broker answers with a
 //!   cookie `auth` holding base64 of `user:password` (`rabbit_mgmt_wm_login`).
 
+pub mod policy;
 #[cfg(test)]
 mod tests;
 

@@ -246,6 +246,8 @@ struct Outcome {
     username: Option<String>,
     identity: Option<Identity>,
     backend: Option<&'static str>,
+    /// The broker policy statement that refused the request, when one did.
+    statement: Option<String>,
 }
 
 impl Outcome {
@@ -257,6 +259,7 @@ impl Outcome {
             username: None,
             identity: None,
             backend: None,
+            statement: None,
         }
     }
 }
@@ -382,6 +385,7 @@ fn record(
         path: Some(template),
         status: Some(status.as_u16()),
         backend: o.backend,
+        statement: o.statement.as_deref(),
         ..Default::default()
     });
 }
@@ -498,6 +502,46 @@ async fn forward(
                     }
                 }
                 body = Either::Buffered(bytes);
+            }
+        }
+    }
+
+    // Broker policies: the checks of the route, before the broker sees it.
+    if matches!(pass, Pass::Token(_)) && shared.cfg.authorization.active() {
+        let checks = mgmt::policy::checks(&parts.method, &path);
+        if let Some(id) = outcome
+            .identity
+            .as_ref()
+            .filter(|_| !checks.checks.is_empty())
+        {
+            let mut routing_key = None;
+            if checks.routing_key_in_body {
+                let bytes = match body {
+                    Either::Buffered(b) => b,
+                    Either::Streaming(s) => {
+                        match read_body(s, cfg.max_body_bytes, deadline).await {
+                            Ok(b) => b,
+                            Err(e) => return body_error(e, cfg.max_body_bytes),
+                        }
+                    }
+                };
+                routing_key = mgmt::policy::body_routing_key(&bytes);
+                body = Either::Buffered(bytes);
+            }
+            let perms = crate::wiring::bind_policies(
+                crate::authz::Permissions::default(),
+                &shared.cfg.authorization,
+                &id.facts,
+                Some(peer.ip()),
+                true,
+            );
+            if let Some(b) = perms.policy() {
+                let now = super::conn::now_secs();
+                for c in &checks.checks {
+                    if let Err(statement) = policy_check(b, c, routing_key.as_deref(), now) {
+                        return policy_refused(c, statement, &id.username.clone(), outcome);
+                    }
+                }
             }
         }
     }
@@ -838,6 +882,69 @@ fn protected(user: &str, mut outcome: Outcome) -> (Response<OutBody>, Outcome) {
         ),
         outcome,
     )
+}
+
+/// One check of a management request against the broker policies alone (the broker
+/// checks the minted token's scopes itself).
+fn policy_check(
+    b: &crate::authz::iam::Binding,
+    c: &mgmt::policy::Check,
+    routing_key: Option<&str>,
+    now: i64,
+) -> Result<(), Option<String>> {
+    use crate::authz::iam::{self, ResourceKind};
+    use mgmt::policy::Target;
+    let resource = match &c.target {
+        Target::Vhost => iam::vhost_arn(&c.vhost),
+        Target::Queue(q) => iam::resource_arn(&c.vhost, ResourceKind::Queue, q.as_bytes()),
+        Target::Exchange(x) => iam::resource_arn(&c.vhost, ResourceKind::Exchange, x.as_bytes()),
+    };
+    b.permits(&iam::Request {
+        actions: c.actions,
+        resource: &resource,
+        vhost: &c.vhost,
+        routing_key: routing_key.map(str::as_bytes),
+        now,
+    })
+    .map_err(|s| s.map(str::to_owned))
+}
+
+/// The management plugin's answer to a refused check, and the audit outcome.
+fn policy_refused(
+    c: &mgmt::policy::Check,
+    statement: Option<String>,
+    username: &str,
+    mut outcome: Outcome,
+) -> (Response<OutBody>, Outcome) {
+    use mgmt::policy::Target;
+    let perm = match c.permission {
+        Some(crate::authz::iam::Action::Configure) => "configure",
+        Some(crate::authz::iam::Action::Write) => "write",
+        _ => "read",
+    };
+    let explanation = match &c.target {
+        Target::Vhost => format!(
+            "access to vhost '{}' refused for user '{username}'",
+            c.vhost
+        ),
+        Target::Queue(q) => format!(
+            "{perm} access to queue '{q}' in vhost '{}' refused for user '{username}'",
+            c.vhost
+        ),
+        Target::Exchange(x) => format!(
+            "{perm} access to exchange '{x}' in vhost '{}' refused for user '{username}'",
+            c.vhost
+        ),
+    };
+    let text = crate::authz::reply_text("ACCESS_REFUSED", &explanation);
+    let (status, body) = mgmt::policy::refusal(c.answer, &text);
+    tracing::info!(user = %username, statement = statement.as_deref().unwrap_or("-"), text = %text, "management request refused by the broker policies");
+    outcome.label = "policy";
+    outcome.decision = "deny";
+    outcome.reason = text;
+    outcome.statement = statement;
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::UNAUTHORIZED);
+    (json_response(status, &body), outcome)
 }
 
 /// RabbitMQ's answer to credentials it refuses.

@@ -765,3 +765,95 @@ def test_the_management_ui_logs_in_with_a_token(mg, browser, who, username):
             browser.save_screenshot(str(ARTIFACTS / f"{who}-admin-users.png"))
     finally:
         mg.api.request("DELETE", f"/api/queues/%2F/{name}", mg.tokens["admin"])
+
+
+# --------------------------------------------------------------------------------------
+# broker policies on the management API ([authorization]): the same documents as AMQP
+
+MG_POLICY = {
+    "Version": "2012-10-17",
+    "Statement": [
+        {"Sid": "NoDeniedQueues", "Effect": "Deny", "Principal": "*",
+         "Action": "rabbitmq:QueueDeclare", "Resource": "arn:aws:rabbitmq:::vhost/%2F/queue/mg-pol-denied-*"},
+        {"Sid": "NoSecretKeys", "Effect": "Deny", "Principal": "*", "Action": "rabbitmq:Publish",
+         "Resource": "*", "Condition": {"StringLike": {"rabbitmq:RoutingKey": "secret.*"}}},
+        {"Sid": "BlockedRole", "Effect": "Deny",
+         "Principal": {"AWS": "arn:aws:iam::111122223333:role/MgBlocked"},
+         "Action": "rabbitmq:Connect", "Resource": "arn:aws:rabbitmq:::vhost/%2F"},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def pol_gw(mg, tmp_path_factory):
+    """A second gateway in front of the reference node, with `[authorization]` policies."""
+    import re
+
+    workdir = tmp_path_factory.mktemp("management-policies")
+    for f in ("server.pem", "server-key.pem", "ca.pem", "backend-token.pem"):
+        if (mg.workdir / f).exists():
+            shutil.copy(mg.workdir / f, workdir / f)
+    (workdir / "backend-token.pem").chmod(0o600)
+    (workdir / "policy.json").write_text(json.dumps(MG_POLICY))
+    port, admin_port, mport = _free_port(), _free_port(), _free_port()
+    text = (mg.workdir / "gateway.toml").read_text()
+    text = text.replace(str(mg.workdir / "backend-token.pem"), str(workdir / "backend-token.pem"))
+    text = text.replace(str(mg.workdir / "audit.log"), str(workdir / "audit.log"))
+    text = re.sub(r'(\[listener\]\naddress = "127\.0\.0\.1:)\d+', rf"\g<1>{port}", text)
+    text = re.sub(r'(\[management\]\naddress = "127\.0\.0\.1:)\d+', rf"\g<1>{mport}", text)
+    text = re.sub(r'(\[admin\]\naddress = "127\.0\.0\.1:)\d+', rf"\g<1>{admin_port}", text)
+    text += '\n[authorization]\nmode = "scopes"\npolicies = ["policy.json"]\n'
+    config = workdir / "gateway.toml"
+    config.write_text(text)
+    with run_gateway(workdir, config, port, workdir / "ca.pem") as g:
+        g.workdir = workdir
+        g.api = Api("localhost", mport, str(workdir / "ca.pem"))
+        yield g
+
+
+def test_the_management_api_applies_the_broker_policies(pol_gw):
+    admin = token(f"arn:aws:iam::111122223333:role/MgAdmin", MATRIX["admin"])
+    api = pol_gw.api
+    ok, denied = f"mg-pol-ok-{RUN}", f"mg-pol-denied-{RUN}"
+    try:
+        # A queue the Deny names: the management plugin's own refusal for a declare.
+        status, _, body = api.request("PUT", f"/api/queues/%2F/{denied}", admin, {"auto_delete": True})
+        assert (status, json.loads(body)) == (401, {"error": "not_authorised", "reason": "Access refused."})
+        # Any other queue: the broker decides (the scopes allow it).
+        status, _, body = api.request("PUT", f"/api/queues/%2F/{ok}", admin, {"auto_delete": True})
+        assert status in (201, 204), body
+        # A publish with a routing key the Deny names, from the body: 400 with the AMQP text.
+        msg = {"properties": {}, "payload": "x", "payload_encoding": "string"}
+        status, _, body = api.request("POST", "/api/exchanges/%2F/amq.default/publish", admin,
+                                      {**msg, "routing_key": "secret.1"})
+        assert status == 400, body
+        assert json.loads(body) == {
+            "error": "bad_request",
+            "reason": "403 ACCESS_REFUSED - write access to exchange 'amq.default' in vhost '/' "
+                      "refused for user 'arn:aws:iam::111122223333:role/MgAdmin'",
+        }
+        status, _, body = api.request("POST", "/api/exchanges/%2F/amq.default/publish", admin,
+                                      {**msg, "routing_key": ok})
+        assert (status, json.loads(body)) == (200, {"routed": True})
+        # The blocked role: no access to the vhost's listings.
+        blocked = token("arn:aws:iam::111122223333:role/MgBlocked", MATRIX["admin"])
+        status, _, body = api.request("GET", "/api/queues/%2F", blocked)
+        assert (status, json.loads(body)) == (
+            401, {"error": "not_authorised", "reason": "User not authorised to access virtual host"})
+        status, _, _ = api.request("GET", "/api/queues/%2F", admin)
+        assert status == 200
+        # Routes the policies do not cover stay the broker's.
+        status, _, _ = api.request("GET", "/api/overview", blocked)
+        assert status == 200
+    finally:
+        api.request("DELETE", f"/api/queues/%2F/{ok}", admin)
+    # The audit records name the deciding statements.
+    deadline = time.monotonic() + 5
+    while True:
+        records = [json.loads(line) for line in (pol_gw.workdir / "audit.log").read_text().splitlines()]
+        named = {r.get("statement") for r in records if r.get("event") == "http" and r.get("decision") == "deny"}
+        if {"policy.json:NoDeniedQueues", "policy.json:NoSecretKeys", "policy.json:BlockedRole"} <= named \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert {"policy.json:NoDeniedQueues", "policy.json:NoSecretKeys", "policy.json:BlockedRole"} <= named, named

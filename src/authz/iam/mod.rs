@@ -306,6 +306,18 @@ impl Binding {
         self.statements.is_empty()
     }
 
+    /// The policies' answer on their own, by the mode (for the management API, where the
+    /// broker checks the scopes itself): a Deny refuses, naming its statement; in
+    /// `policies` and `both` an Allow is needed, in `scopes` it is not.
+    pub fn permits(&self, req: &Request) -> Result<(), Option<&str>> {
+        match self.evaluate(req) {
+            Decision::Deny(id) => Err(Some(id)),
+            Decision::Allow(_) => Ok(()),
+            Decision::Implicit if self.mode == Mode::Scopes => Ok(()),
+            Decision::Implicit => Err(None),
+        }
+    }
+
     /// IAM's evaluation: the first Deny that applies wins; else the first Allow; else
     /// an implicit deny.
     pub fn evaluate(&self, req: &Request) -> Decision<'_> {
