@@ -118,6 +118,15 @@ impl Permissions {
         self
     }
 
+    /// The same scopes with another binding of the broker policies (`None`: none).
+    pub fn rebound(&self, policy: Option<Arc<Binding>>) -> Permissions {
+        Permissions {
+            grants: self.grants.clone(),
+            tags: self.tags.clone(),
+            policy,
+        }
+    }
+
     /// The broker policies bound to this principal, if any.
     pub fn policy(&self) -> Option<&Binding> {
         self.policy.as_deref()

@@ -175,6 +175,7 @@ where
             on_denial,
             traffic: Some(relay::Traffic::new(&shared.metrics)),
             shutdown: Some(shutdown_signal(&shared)),
+            policies: Some(policy_watch(&shared, &identity.facts, peer, secure)),
         },
     )
     .await;
@@ -630,6 +631,7 @@ where
             on_denial: Box::new(|_| {}),
             traffic: Some(relay::Traffic::new(&shared.metrics)),
             shutdown: Some(shutdown_signal(shared)),
+            policies: None,
         },
     )
     .await;
@@ -958,6 +960,37 @@ fn audit_identity(
     });
 }
 
+/// Watches the broker policies for this connection: a reload that changes them binds the
+/// new ones to the same principal and connection. The policies the connection opened with
+/// come from its configuration snapshot; should a reload have changed them since, the
+/// watch starts as changed.
+fn policy_watch(
+    shared: &Shared,
+    facts: &Arc<crate::authz::iam::Facts>,
+    peer: SocketAddr,
+    secure: bool,
+) -> relay::PolicyWatch {
+    let mut updates = shared.policy_updates.subscribe();
+    if **updates.borrow() != shared.cfg.authorization {
+        updates.mark_changed();
+    }
+    let facts = facts.clone();
+    relay::PolicyWatch {
+        updates,
+        rebind: Box::new(move |authorization| {
+            crate::wiring::bind_policies(
+                crate::authz::Permissions::default(),
+                authorization,
+                &facts,
+                Some(peer.ip()),
+                secure,
+            )
+            .policy()
+            .map(|b| Arc::new(b.clone()))
+        }),
+    }
+}
+
 /// Verifies update-secret tokens for this connection: fully (signature, claims, `exp`),
 /// for the same username, with vhost access re-checked by the session.
 fn secret_verifier(
@@ -992,9 +1025,11 @@ fn secret_verifier(
                             }
                         },
                     };
+                    // The policies in force now, which a reload may have changed.
+                    let authorization = shared.policy_updates.borrow().clone();
                     let permissions = crate::wiring::bind_policies(
                         id.permissions,
-                        &shared.cfg.authorization,
+                        &authorization,
                         &id.facts,
                         Some(peer.ip()),
                         secure,

@@ -54,6 +54,10 @@ pub(crate) struct Shared {
     pub exchange_types: Option<Arc<ExchangeTypes>>,
     /// Exchange type epochs, shared by every connection and kept across reloads.
     pub exchange_epochs: Arc<ExchangeEpochs>,
+    /// The broker policies in force, shared by every configuration since the start: a
+    /// reload that changes them sends the new ones, and every open connection binds them
+    /// to its principal again.
+    pub policy_updates: Arc<watch::Sender<Arc<crate::config::AuthorizationConfig>>>,
     pub metrics: Arc<Metrics>,
     pub audit: Audit,
     pub drain: watch::Receiver<DrainState>,
@@ -192,7 +196,22 @@ impl Live {
         let label = if result.is_ok() { "ok" } else { "error" };
         old.metrics.config_reloads.with_label_values(&[label]).inc();
         let (shared, tls) = result?;
+        let authorization = Arc::new(shared.cfg.authorization.clone());
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = (Arc::new(shared), tls);
+        let changed = old.policy_updates.send_if_modified(|current| {
+            let changed = **current != *authorization;
+            if changed {
+                *current = authorization.clone();
+            }
+            changed
+        });
+        if changed {
+            tracing::info!(
+                statements = authorization.set.statements().len(),
+                mode = authorization.mode.as_str(),
+                "broker policies changed: open connections bind the new ones"
+            );
+        }
         tracing::info!("configuration reloaded");
         Ok(())
     }
@@ -273,6 +292,11 @@ async fn build(
         |p| p.metrics.clone(),
     );
     let exchange_epochs = prev.map_or_else(ExchangeEpochs::new, |p| p.exchange_epochs.clone());
+    // Sent to the open connections only once the whole reload has succeeded (`reload`).
+    let policy_updates = prev.map_or_else(
+        || Arc::new(watch::channel(Arc::new(cfg.authorization.clone())).0),
+        |p| p.policy_updates.clone(),
+    );
     let exchange_types = match &cfg.backend.management_url {
         Some(url) => Some(Arc::new(ExchangeTypes::new(
             url,
@@ -355,6 +379,7 @@ async fn build(
         handshake,
         exchange_types,
         exchange_epochs,
+        policy_updates,
         metrics,
         audit,
         drain,

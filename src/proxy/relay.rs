@@ -14,15 +14,18 @@
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use crate::amqp::session::{ClientEvent, Outbox, SecretRefused, Session, SessionError};
 use prometheus::IntCounter;
 
+use crate::authz::iam::Binding;
 use crate::authz::{Denial, ExchangeKind, Permissions};
 use crate::telemetry::metrics::Metrics;
 
@@ -67,6 +70,38 @@ pub struct Hooks {
     pub traffic: Option<Traffic>,
     /// Completes when the gateway shuts down: the client is sent `320` and the relay ends.
     pub shutdown: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// The broker policies in force, and how this connection binds them to its principal:
+    /// when a reload changes them, the session is given the new binding.
+    pub policies: Option<PolicyWatch>,
+}
+
+/// Binds a configuration's broker policies to the connection's principal.
+pub type Rebind =
+    Box<dyn Fn(&crate::config::AuthorizationConfig) -> Option<Arc<Binding>> + Send + Sync>;
+
+/// What [`Hooks::policies`] watches.
+pub struct PolicyWatch {
+    pub updates: watch::Receiver<Arc<crate::config::AuthorizationConfig>>,
+    pub rebind: Rebind,
+}
+
+type PolicyChange = Pin<
+    Box<
+        dyn Future<
+                Output = (
+                    bool,
+                    watch::Receiver<Arc<crate::config::AuthorizationConfig>>,
+                ),
+            > + Send,
+    >,
+>;
+
+/// Waits for the next change; `false` when the sender is gone (no more changes).
+fn next_change(mut rx: watch::Receiver<Arc<crate::config::AuthorizationConfig>>) -> PolicyChange {
+    Box::pin(async move {
+        let ok = rx.changed().await.is_ok();
+        (ok, rx)
+    })
 }
 
 /// Byte and frame counters of both directions, resolved once per connection so the relay
@@ -139,8 +174,12 @@ where
             let every = hooks.forget_kinds_every;
             tokio::time::interval_at(Instant::now() + every, every)
         }),
+        policy_change: None,
         hooks,
     };
+    if let Some(w) = r.hooks.policies.take() {
+        r.policy_change = Some((next_change(w.updates), w.rebind));
+    }
     let end = std::future::poll_fn(|cx| r.poll(cx)).await;
     (end, r.session)
 }
@@ -251,6 +290,8 @@ struct Relay<C, B> {
     lookup: Option<(String, PendingLookup)>,
     /// Ticks every `forget_kinds_every` to make the session forget learnt exchange types.
     forget: Option<tokio::time::Interval>,
+    /// The next change of the broker policies, and the binder.
+    policy_change: Option<(PolicyChange, Rebind)>,
     hooks: Hooks,
 }
 
@@ -281,6 +322,21 @@ where
                 self.session
                     .expire(&mut self.client.out, &mut self.backend.out);
                 progress = true;
+            }
+            if let Some((f, _)) = &mut self.policy_change
+                && let Poll::Ready((alive, mut rx)) = f.as_mut().poll(cx)
+            {
+                let (_, rebind) = self.policy_change.take().expect("polled above");
+                if alive {
+                    let binding = rebind(&rx.borrow_and_update());
+                    self.session.policies_changed(
+                        binding,
+                        &mut self.client.out,
+                        &mut self.backend.out,
+                    );
+                    self.policy_change = Some((next_change(rx), rebind));
+                    progress = true;
+                }
             }
             if let Some(f) = &mut self.secret
                 && let Poll::Ready(outcome) = f.as_mut().poll(cx)
@@ -539,6 +595,7 @@ mod tests {
             on_denial: Box::new(|_| {}),
             traffic: None,
             shutdown: None,
+            policies: None,
         };
         let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
         let session = Session::new(

@@ -774,7 +774,7 @@ def _wait_reloads(gw, result: str, n: int) -> None:
         time.sleep(0.05)
 
 
-def test_sighup_reloads_the_policy_for_new_connections(tmp_path):
+def test_sighup_reloads_the_policy_for_new_and_open_connections(tmp_path):
     def deny(prefix: str) -> dict:
         return policy({
             "Sid": f"Freeze{prefix.capitalize()}",
@@ -797,14 +797,37 @@ def test_sighup_reloads_the_policy_for_new_connections(tmp_path):
         assert refusal(publish, conn, alpha, "k")[0] == 403
         publish(conn, beta, "k", b"beta-1")
         assert take(n, q) == b"beta-1"
+        # A connection that stays open across the reload, with a consumer on a queue the
+        # new document will forbid.
+        old = gw.connect(tok)
+        watched = make_queue(n, uname("watched"))
+        consumer = old.channel()
+        cancelled: list = []
+        consumer.add_on_cancel_callback(lambda frame: cancelled.append(frame))
+        consumer.basic_consume(watched, lambda *a: None)
 
-        (tmp_path / POLICY_FILE).write_text(json.dumps(deny("beta")))
+        new_doc = deny("beta")
+        new_doc["Statement"].append({
+            "Sid": "NoWatching", "Effect": "Deny", "Principal": "*",
+            "Action": "rabbitmq:Consume", "Resource": f"{ARN}/%2F/queue/{watched}",
+        })
+        (tmp_path / POLICY_FILE).write_text(json.dumps(new_doc))
         gw.proc.send_signal(signal.SIGHUP)
         _wait_reloads(gw, "ok", 1)
         conn = gw.connect(tok)
         publish(conn, alpha, "k", b"alpha-2")
         assert take(n, q) == b"alpha-2"
         assert refusal(publish, conn, beta, "k") == (
+            403, refused_text("write", "exchange", beta, user))
+        # The open connection follows the new document too: its consumer is cancelled and
+        # its publishes are judged by the new statements.
+        deadline = time.monotonic() + 3
+        while not cancelled and time.monotonic() < deadline:
+            old.process_data_events(time_limit=0.05)
+        assert cancelled, "the open connection's consumer was not cancelled by the reload"
+        publish(old, alpha, "k", b"alpha-old")
+        assert take(n, q) == b"alpha-old"
+        assert refusal(publish, old, beta, "k") == (
             403, refused_text("write", "exchange", beta, user))
 
         # A broken document is refused with its JSON path; the last good one serves on.

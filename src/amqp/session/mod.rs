@@ -954,6 +954,21 @@ impl Session {
         }
     }
 
+    /// The broker policies changed (a reload): decisions from now on use `binding`, and
+    /// consumers it no longer lets read their queue are cancelled, as after update-secret.
+    pub fn policies_changed(
+        &mut self,
+        binding: Option<Arc<crate::authz::iam::Binding>>,
+        to_client: &mut Outbox,
+        to_backend: &mut Outbox,
+    ) {
+        if self.relay_only {
+            return;
+        }
+        self.permissions = self.permissions.rebound(binding);
+        self.cancel_unreadable_consumers(to_client, to_backend);
+    }
+
     /// The time, in seconds since the epoch, for the decisions that follow (this module
     /// has no clock; the relay sets it before handing over input).
     pub fn set_clock(&mut self, now: i64) {
