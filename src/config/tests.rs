@@ -577,6 +577,15 @@ fn the_example_files_are_valid() {
     assert_eq!(c.auth.loopback_users, ["guest", "monitoring"]);
     let defaults = load_with(&dir.join("gateway.example.toml"), CheckFiles::No).unwrap();
     assert_eq!(defaults.auth, crate::config::AuthConfig::default());
+    assert_eq!(
+        defaults.authorization,
+        crate::config::AuthorizationConfig::default()
+    );
+    // The README's worked example compiles.
+    let doc = std::fs::read_to_string(dir.join("broker-policy.example.json")).unwrap();
+    let set = crate::authz::iam::PolicySet::compile(&[("broker-policy.example.json".into(), doc)])
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(set.statements().len(), 6);
     let o = &c.oauth2;
     assert_eq!(
         (
@@ -993,4 +1002,48 @@ fn the_test_switch_needs_backend_tokens() {
 fn the_test_switch_does_not_exist_outside_test_builds() {
     let e = parse_err(&minimal_with("testing", "gateway_decisions = false"));
     assert!(e.to_string().contains("testing"), "{e}");
+}
+
+#[test]
+fn authorization_reads_and_compiles_the_policy_documents() {
+    let dir = std::env::temp_dir().join(format!("gw-authz-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("good.json"),
+        r#"{"Version": "2012-10-17", "Statement": {"Effect": "Allow", "Principal": "*", "Action": "rabbitmq:*", "Resource": "*"}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("bad.json"),
+        r#"{"Version": "2012-10-17", "Statement": [{"Effect": "allow", "Principal": "*", "Action": "*", "Resource": "*"}]}"#,
+    )
+    .unwrap();
+    let base = "[backend]\nnodes = [\"127.0.0.1:5672\"]\nusername = \"u\"\npassword = \"p\"\n[listener]\nplain_address = \"127.0.0.1:5673\"\n[oauth2]\nresource_server_id = \"rabbitmq\"\njwks_uri = \"https://issuer.test/jwks\"\n";
+    let load = |extra: &str| parse(&format!("{base}{extra}"), &dir);
+    let c = load("[authorization]\nmode = \"policies\"\npolicies = [\"good.json\"]\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.authorization.mode, crate::authz::iam::Mode::Policies);
+    assert_eq!(c.authorization.set.statements().len(), 1);
+    assert_eq!(c.authorization.policies, [dir.join("good.json")]);
+    let errors = |extra: &str| load(extra).unwrap_err().to_string();
+    let e = errors("[authorization]\npolicies = [\"good.json\", \"bad.json\"]\n");
+    assert!(
+        e.contains(r#"authorization.policies[1]: bad.json: $.Statement[0].Effect: expected "Allow" or "Deny", found "allow""#),
+        "{e}"
+    );
+    let e = errors("[authorization]\nmode = \"iam\"\n");
+    assert!(
+        e.contains(r#"authorization.mode: "iam": expected "scopes", "policies" or "both""#),
+        "{e}"
+    );
+    let e = errors("[authorization]\nmode = \"both\"\n");
+    assert!(
+        e.contains("authorization.policies: mode \"both\" needs at least one policy document"),
+        "{e}"
+    );
+    let e = errors("[authorization]\npolicies = [\"missing.json\"]\n");
+    assert!(e.contains("authorization.policies[0]: cannot read"), "{e}");
+    let e = errors("[authorization]\npolicys = []\n");
+    assert!(e.contains("policys"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
 }
