@@ -594,7 +594,16 @@ fn simulate(
     };
     let mut rows = Vec::new();
     for (n, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or("").trim();
+        // `#` starts a comment at the start of a line or after a space; elsewhere it is
+        // part of a value (a topic key such as `orders.#`).
+        let line = match line
+            .find(" #")
+            .or_else(|| line.trim_start().starts_with('#').then_some(0))
+        {
+            Some(at) => &line[..at],
+            None => line,
+        }
+        .trim();
         if line.is_empty() {
             continue;
         }
@@ -631,7 +640,7 @@ fn simulate(
     )) {
         Ok(s) => {
             print!("{}", s.text);
-            if !s.accepted || (fail_on_deny && !s.all_permitted) {
+            if !s.accepted || s.row_errors || (fail_on_deny && !s.all_permitted) {
                 ExitCode::FAILURE
             } else {
                 ExitCode::SUCCESS

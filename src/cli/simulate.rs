@@ -157,6 +157,8 @@ pub struct Simulated {
     pub accepted: bool,
     /// Every row was permitted.
     pub all_permitted: bool,
+    /// A row could not be decided (a request row without policies, a bad value).
+    pub row_errors: bool,
 }
 
 /// Decides `rows` for `token` under `cfg`.
@@ -204,6 +206,7 @@ pub async fn simulate(
                 text,
                 accepted: false,
                 all_permitted: false,
+                row_errors: false,
             });
         }
     };
@@ -223,6 +226,7 @@ pub async fn simulate(
         }).unwrap_or_else(|e| json!({"row": i + 1, "operation": row.display(), "error": e, "permitted": false})))
         .collect();
     let all_permitted = results.iter().all(|r| r["permitted"] == json!(true));
+    let row_errors = results.iter().any(|r| r.get("error").is_some());
     let bound = perms.policy().map(|b| b.len());
     let report = json!({
         "token": id.token_id,
@@ -246,6 +250,7 @@ pub async fn simulate(
         text,
         accepted: true,
         all_permitted,
+        row_errors,
     })
 }
 
@@ -520,9 +525,10 @@ fn render(r: &Value) -> String {
         s("principal_arn")
     );
     out.push_str(&format!(
-        "mode:      {} ({} statements, {} apply to this principal)\n",
+        "mode:      {} ({} statement{}, {} apply to this principal)\n",
         s("mode"),
         r["statements"],
+        if r["statements"] == json!(1) { "" } else { "s" },
         r["statements_bound"]
             .as_u64()
             .map_or_else(|| "none".to_owned(), |n| n.to_string()),

@@ -939,6 +939,19 @@ fn backend_token_mode_is_checked() {
         "token",
         "signing_key = \"certs/server-key.pem\"\nkid = \"gw-1\"\n",
     ));
+    // With backend tokens the broker checks the scopes too: "policies" cannot hold.
+    let policies_mode = format!(
+        "{}\n[authorization]\nmode = \"policies\"\n",
+        token(
+            "token",
+            "signing_key = \"certs/server-key.pem\"\nkid = \"gw-1\"\n"
+        )
+    );
+    let e = parse_err(&policies_mode).to_string();
+    assert!(
+        e.contains("authorization.mode: \"policies\" cannot hold with backend.auth = \"token\""),
+        "{e}"
+    );
     let BackendAuth::Token(t) = &c.backend.auth else {
         panic!("{:?}", c.backend.auth)
     };

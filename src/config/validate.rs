@@ -72,6 +72,14 @@ pub(super) fn validate(
     let auth = c.auth(raw.auth);
     let authorization = c.authorization(raw.authorization);
     let management = raw.management.map(|m| c.management(m, &listener, &backend));
+    if authorization.mode == crate::authz::iam::Mode::Policies
+        && matches!(backend.auth, super::BackendAuth::Token(_))
+    {
+        c.error(
+            "authorization.mode",
+            "\"policies\" cannot hold with backend.auth = \"token\": the broker checks the scopes of the backend tokens too; use \"both\"",
+        );
+    }
     #[cfg(feature = "test-switches")]
     let testing = {
         let gateway_decisions = raw.testing.gateway_decisions.unwrap_or(true);

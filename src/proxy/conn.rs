@@ -152,12 +152,16 @@ where
         }
         session
     };
+    // The principal's facts: the opening token's until an update-secret replaces them;
+    // a reload binds the policies to the current ones.
+    let facts = Arc::new(std::sync::Mutex::new(identity.facts.clone()));
     let verifier = secret_verifier(
         shared.clone(),
         identity.username.clone(),
         vhost.clone(),
         peer,
         secure,
+        facts.clone(),
     );
     let expiry = expiry_instant(identity.exp);
     let (end, _) = relay::run(
@@ -175,7 +179,7 @@ where
             on_denial,
             traffic: Some(relay::Traffic::new(&shared.metrics)),
             shutdown: Some(shutdown_signal(&shared)),
-            policies: Some(policy_watch(&shared, &identity.facts, peer, secure)),
+            policies: Some(policy_watch(&shared, facts, peer, secure)),
         },
     )
     .await;
@@ -966,7 +970,7 @@ fn audit_identity(
 /// watch starts as changed.
 fn policy_watch(
     shared: &Shared,
-    facts: &Arc<crate::authz::iam::Facts>,
+    facts: Arc<std::sync::Mutex<Arc<crate::authz::iam::Facts>>>,
     peer: SocketAddr,
     secure: bool,
 ) -> relay::PolicyWatch {
@@ -974,10 +978,10 @@ fn policy_watch(
     if **updates.borrow() != shared.cfg.authorization {
         updates.mark_changed();
     }
-    let facts = facts.clone();
     relay::PolicyWatch {
         updates,
         rebind: Box::new(move |authorization| {
+            let facts = facts.lock().unwrap_or_else(|e| e.into_inner()).clone();
             crate::wiring::bind_policies(
                 crate::authz::Permissions::default(),
                 authorization,
@@ -999,11 +1003,13 @@ fn secret_verifier(
     vhost: String,
     peer: SocketAddr,
     secure: bool,
+    facts: Arc<std::sync::Mutex<Arc<crate::authz::iam::Facts>>>,
 ) -> SecretVerifier {
     Box::new(move |token: String| {
         let shared = shared.clone();
         let username = username.clone();
         let vhost = vhost.clone();
+        let facts = facts.clone();
         Box::pin(async move {
             let refused = SecretRefused(
                 "NOT_ALLOWED - New secret was refused by one of the backends".to_owned(),
@@ -1025,8 +1031,10 @@ fn secret_verifier(
                             }
                         },
                     };
-                    // The policies in force now, which a reload may have changed.
+                    // The policies in force now, which a reload may have changed, bound to
+                    // the new token's principal, which later reloads bind to as well.
                     let authorization = shared.policy_updates.borrow().clone();
+                    *facts.lock().unwrap_or_else(|e| e.into_inner()) = id.facts.clone();
                     let permissions = crate::wiring::bind_policies(
                         id.permissions,
                         &authorization,

@@ -329,6 +329,7 @@ where
                 let (_, rebind) = self.policy_change.take().expect("polled above");
                 if alive {
                     let binding = rebind(&rx.borrow_and_update());
+                    self.session.set_clock(super::conn::now_secs());
                     self.session.policies_changed(
                         binding,
                         &mut self.client.out,

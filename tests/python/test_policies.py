@@ -1121,9 +1121,60 @@ def test_update_secret_binds_the_new_tokens_tags(tmp_path):
             conn.process_data_events(time_limit=0.05)
         assert cancelled, "the consumer the new token may not have was cancelled"
 
+        # A reload binds the policies to the refreshed token's tags, not the first one's.
+        doc["Statement"].append({"Sid": "Unrelated", "Effect": "Deny", "Principal": "*",
+                                 "Action": "rabbitmq:QueueDelete", "Resource": f"{ARN}/%2F/queue/nothing"})
+        (tmp_path / POLICY_FILE).write_text(json.dumps(doc))
+        gw.proc.send_signal(signal.SIGHUP)
+        _wait_reloads(gw, "ok", 1)
+        assert refusal(publish, conn, x, "k") == (403, refused_text("write", "exchange", x, user))
+
         conn.update_secret(token(user, principal_tags={"team": "orders"}), "back")
         publish(conn, x, "k", b"2")
         assert take(n, q) == b"2"
+
+
+def test_a_reload_that_denies_the_vhost_closes_open_connections(tmp_path):
+    """A Deny on rabbitmq:Connect added by a reload ends the connections already open on
+    that vhost with 530, as an update-secret refused for the vhost does."""
+    with policy_gateway(tmp_path, {POLICY_FILE: policy(CONNECT_ANYONE)}, "scopes") as gw:
+        user = uname("evicted")
+        conn = gw.connect(token(user))
+        conn.channel().queue_declare(uname("evict-q"), exclusive=True)
+        (tmp_path / POLICY_FILE).write_text(json.dumps(policy(CONNECT_ANYONE, {
+            "Sid": "NoMoreApp", "Effect": "Deny", "Principal": {"AWS": APP_ROLE},
+            "Action": "rabbitmq:Connect", "Resource": f"{ARN}/%2F"})))
+        gw.proc.send_signal(signal.SIGHUP)
+        _wait_reloads(gw, "ok", 1)
+        deadline = time.monotonic() + 3
+        closed = None
+        while closed is None and time.monotonic() < deadline:
+            try:
+                conn.process_data_events(time_limit=0.05)
+            except pika.exceptions.ConnectionClosedByBroker as e:
+                closed = (e.reply_code, e.reply_text)
+        assert closed == (530, f"NOT_ALLOWED - access to vhost '/' refused for user '{user}'"), closed
+        code, _ = vhost_refusal(lambda: gw.connect(token(user)))
+        assert code == 530
+
+
+def test_simulate_reads_topic_keys_with_hash_and_skips_comments(tmp_path):
+    doc = policy(CONNECT_ANYONE, {
+        "Sid": "NoHashBinds", "Effect": "Deny", "Principal": "*", "Action": "rabbitmq:QueueBind",
+        "Resource": "*", "Condition": {"StringEquals": {"rabbitmq:RoutingKey": "orders.#"}}})
+    with policy_gateway(tmp_path, {POLICY_FILE: doc}, "scopes") as gw:
+        tok = token(uname("hash"))
+        rc, out = simulate(gw, tok, [
+            "# a comment line",
+            "queue-bind queue=q exchange=amq.topic routing-key=orders.#   # the wildcard key",
+            "queue-bind queue=q exchange=amq.topic routing-key=orders.*",
+        ], "--json")
+        assert rc == 0, out
+        got = [(r["operation"], r["permitted"], r["statement"]) for r in out["results"]]
+        assert got == [
+            ("queue-bind queue=q exchange=amq.topic routing-key=orders.#", False, f"{POLICY_FILE}:NoHashBinds"),
+            ("queue-bind queue=q exchange=amq.topic routing-key=orders.*", True, None),
+        ], got
 
 
 # ======================================================================================

@@ -44,8 +44,8 @@ Conditions and principals are not generated: moto's evaluator is asked without a
 principal, so it only checks that a string Principal is "*"; every statement has
 `"Principal": "*"`, which the broker requires. Nor are patterns AWS refuses: a wildcard in an
 ARN's service segment ("You can't use a wildcard in the service segment"; moto's validator
-and the gateway both accept it), part of a partition (`aws*`) or part of an action's vendor
-(`rabbit*:Get`; moto's validator refuses both, the gateway accepts them).
+accepts it, the gateway refuses it), part of a partition (`aws*`) or part of an action's
+vendor (`rabbit*:Get`; moto's validator and the gateway both refuse them).
 
 Finally a handful of malformed documents that both moto's IAMPolicyDocumentValidator and the
 gateway's check-config must reject, each checked to be rejected by the gateway for the

@@ -962,10 +962,20 @@ impl Session {
         to_client: &mut Outbox,
         to_backend: &mut Outbox,
     ) {
-        if self.relay_only {
+        if self.relay_only || self.closing || self.connection_closing {
             return;
         }
         self.permissions = self.permissions.rebound(binding);
+        if authz::connect(&self.permissions, &self.vhost, self.now).is_err() {
+            // The vhost itself is now refused: the connection ends, as after an
+            // update-secret whose token may not use the vhost.
+            let text = format!(
+                "NOT_ALLOWED - access to vhost '{}' refused for user '{}'",
+                self.vhost, self.username
+            );
+            self.close_both_with(reply::NOT_ALLOWED, &text, (0, 0), to_client, to_backend);
+            return;
+        }
         self.cancel_unreadable_consumers(to_client, to_backend);
     }
 

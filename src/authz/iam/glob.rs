@@ -7,7 +7,7 @@
 //! a colon of the first five. Matching walks bytes, stepping over whole UTF-8 characters
 //! for `?` and `*`, and backtracks only to the last `*` (no exponential cases).
 //!
-//! A policy variable (`${aws:PrincipalTag/team}`, `${aws:username, 'default'}`) is
+//! A policy variable (`${aws:PrincipalTag/team}`, `${aws:PrincipalTag/team, 'none'}`) is
 //! replaced by its value as literal text: a `*` in a tag value is not a wildcard. `${*}`,
 //! `${?}` and `${$}` are a literal `*`, `?` and `$`.
 
@@ -221,12 +221,26 @@ impl Template {
 
     /// The wildcard pattern, variables replaced as literal text.
     pub fn pattern(&self, lookup: &dyn Fn(&Key) -> Option<String>) -> Option<Pattern> {
+        self.pattern_or_wild(lookup, false)
+    }
+
+    /// [`Template::pattern`]; with `wild_if_missing`, a variable without a value (and
+    /// without a default) becomes `*` instead of making the pattern match nothing.
+    pub fn pattern_or_wild(
+        &self,
+        lookup: &dyn Fn(&Key) -> Option<String>,
+        wild_if_missing: bool,
+    ) -> Option<Pattern> {
         let mut p = Pattern::default();
         for part in &self.0 {
             match part {
                 Part::Text(t) => p.push_wild(t),
                 Part::Char(c) => p.push_literal(c.encode_utf8(&mut [0; 4])),
-                Part::Var(v) => p.push_literal(&value_of(v, lookup)?),
+                Part::Var(v) => match value_of(v, lookup) {
+                    Some(value) => p.push_literal(&value),
+                    None if wild_if_missing => p.0.push(P::Star),
+                    None => return None,
+                },
             }
         }
         Some(p.seal())
@@ -266,7 +280,7 @@ fn value_of(v: &Var, lookup: &dyn Fn(&Key) -> Option<String>) -> Option<String> 
     lookup(&v.key).or_else(|| v.default.clone())
 }
 
-/// `aws:username`, `aws:PrincipalTag/team, 'none'`, `*`, `?`, `$`.
+/// `aws:PrincipalArn`, `aws:PrincipalTag/team, 'none'`, `*`, `?`, `$`.
 fn parse_var(inner: &str) -> Result<Part, String> {
     match inner {
         "*" => return Ok(Part::Char('*')),
@@ -429,11 +443,20 @@ impl ArnTemplate {
     }
 
     pub fn pattern(&self, lookup: &dyn Fn(&Key) -> Option<String>) -> Option<ArnPattern> {
+        self.pattern_or_wild(lookup, false)
+    }
+
+    /// [`ArnTemplate::pattern`], with [`Template::pattern_or_wild`]'s choice.
+    pub fn pattern_or_wild(
+        &self,
+        lookup: &dyn Fn(&Key) -> Option<String>,
+        wild_if_missing: bool,
+    ) -> Option<ArnPattern> {
         match self {
             ArnTemplate::Any => Some(ArnPattern::Any),
             ArnTemplate::Segments(s) => s
                 .iter()
-                .map(|t| t.pattern(lookup))
+                .map(|t| t.pattern_or_wild(lookup, wild_if_missing))
                 .collect::<Option<Vec<_>>>()
                 .map(ArnPattern::from_segments),
         }

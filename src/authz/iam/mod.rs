@@ -257,6 +257,10 @@ impl Binding {
             .iter()
             .filter(|s| principal_applies(s, facts))
             .filter_map(|s| {
+                // A variable without a value fails closed: an Allow statement cannot
+                // apply there, a Deny statement applies as if its condition held and its
+                // resource had `*` in the variable's place.
+                let deny = s.effect == Effect::Deny;
                 let mut conditions = Vec::new();
                 for c in &s.conditions {
                     let compiled = Condition {
@@ -268,6 +272,16 @@ impl Binding {
                             .map(|w| condition::resolve(c.operator.op, w, &lookup))
                             .collect(),
                     };
+                    if compiled
+                        .values
+                        .iter()
+                        .any(|v| matches!(v, condition::Operand::Never))
+                    {
+                        if deny {
+                            continue;
+                        }
+                        return None;
+                    }
                     if c.key.per_request() {
                         conditions.push(compiled);
                     } else if !compiled.holds(keys::fixed_values(facts, &c.key).as_deref()) {
@@ -279,11 +293,11 @@ impl Binding {
                     effect: s.effect,
                     actions: s.actions,
                     not_action: s.not_action,
-                    // A resource whose variable has no value matches nothing.
                     resources: s
                         .resources
                         .iter()
-                        .filter_map(|r| r.pattern(&lookup))
+                        // Under NotResource, the wider pattern is the narrower statement.
+                        .filter_map(|r| r.pattern_or_wild(&lookup, deny != s.not_resource))
                         .collect(),
                     not_resource: s.not_resource,
                     conditions,

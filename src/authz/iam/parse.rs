@@ -299,6 +299,13 @@ fn statement(doc: &mut Doc, path: &str, index: usize, v: &Json) -> Option<Statem
     if doc.errors.len() > before {
         return None;
     }
+    if let (Some(Effect::Allow), Some((_, true))) = (effect, &principal) {
+        doc.err(
+            &format!("{path}.NotPrincipal"),
+            "NotPrincipal goes with \"Deny\" only (IAM does not support it with \"Allow\")",
+        );
+        return None;
+    }
     let (principals, not_principal) = principal?;
     let (actions, not_action) = action?;
     let (resources, not_resource) = resource?;
@@ -336,6 +343,9 @@ fn principals(doc: &mut Doc, path: &str, v: &Json) -> Option<Vec<PrincipalPat>> 
                         Err(e) => doc.err(&format!("{p}[{i}]"), e),
                     }
                 }
+            }
+            if out.is_empty() && entries.is_empty() {
+                doc.err(path, "names no principal: write \"*\" for everyone");
             }
             (!out.is_empty()).then_some(out)
         }

@@ -862,6 +862,65 @@ fn policy_variables() {
             "{resource} ~ {name}"
         );
     }
+    // A variable without a value fails closed: a Deny applies as if it were `*` there (and
+    // its condition held); an Allow does not apply.
+    let deny_res = |resource: &str| {
+        doc(&format!(
+            r#"{{"Sid": "D", "Effect": "Deny", "Principal": "*", "Action": "*", "Resource": "{resource}"}},{}"#,
+            allow_all("All")
+        ))
+    };
+    let d = deny_res("arn:aws:rabbitmq:::vhost/%2F/queue/${aws:PrincipalTag/missing}.eu");
+    assert_eq!(decision(&d, &[Action::Read], &q("orders.eu")), "deny:D");
+    assert_eq!(decision(&d, &[Action::Read], &q("orders.us")), "allow:All");
+    // Under NotResource the same rule holds: the Deny covers more, the Allow less.
+    let not_res = |effect: &str| {
+        doc(&format!(
+            r#"{{"Sid": "N", "Effect": "{effect}", "Principal": "*", "Action": "*", "NotResource": "arn:aws:rabbitmq:::vhost/%2F/queue/${{aws:PrincipalTag/missing}}.eu"}}"#
+        ))
+    };
+    assert_eq!(
+        decision(&not_res("Deny"), &[Action::Read], &q("orders.eu")),
+        "deny:N"
+    );
+    assert_eq!(
+        decision(&not_res("Allow"), &[Action::Read], &q("orders.us")),
+        "allow:N"
+    );
+    assert_eq!(
+        decision(&not_res("Allow"), &[Action::Read], &q("orders.eu")),
+        "implicit"
+    );
+    let cond = |effect: &str, op: &str| {
+        doc(&format!(
+            r#"{{"Sid": "C", "Effect": "{effect}", "Principal": "*", "Action": "*", "Resource": "*", "Condition": {{"{op}": {{"aws:PrincipalOrgID": "${{aws:PrincipalTag/org}}"}}}}}}"#
+        ))
+    };
+    for op in [
+        "StringEquals",
+        "StringNotEquals",
+        "StringLike",
+        "StringNotLike",
+    ] {
+        assert_eq!(
+            decision(&cond("Allow", op), &[Action::Read], Q),
+            "implicit",
+            "Allow {op}"
+        );
+        assert_eq!(
+            decision(&cond("Deny", op), &[Action::Read], Q),
+            "deny:C",
+            "Deny {op}"
+        );
+    }
+    // A value a Numeric operator cannot read counts as missing.
+    let numeric = |effect: &str| {
+        doc(&format!(
+            r#"{{"Sid": "N", "Effect": "{effect}", "Principal": "*", "Action": "*", "Resource": "*", "Condition": {{"NumericLessThan": {{"aws:PrincipalTag/level": "${{aws:PrincipalTag/team}}"}}}}}}"#
+        ))
+    };
+    assert_eq!(decision(&numeric("Allow"), &[Action::Read], Q), "implicit");
+    assert_eq!(decision(&numeric("Deny"), &[Action::Read], Q), "deny:N");
     // A variable's value is literal text: a tag value `*` is not a wildcard.
     let mut star = facts();
     star.principal_tags.insert("team".into(), "*".into());
@@ -931,6 +990,8 @@ fn documents_errors_name_their_json_path() {
         (s(r#""Condition": {"StringLike": {"rabbitmq:RoutingKey": "${aws:CurrentTime}"}}"#), "p.json: $.Statement[0].Condition.StringLike[\"rabbitmq:RoutingKey\"]: policy variable ${aws:CurrentTime}: aws:CurrentTime changes with every operation; use it in a condition instead"),
         (s(r#""Condition": {"StringLike": {"rabbitmq:RoutingKey": "${aws:TagKeys}"}}"#), "p.json: $.Statement[0].Condition.StringLike[\"rabbitmq:RoutingKey\"]: policy variable ${aws:TagKeys}: aws:TagKeys has several values and cannot be a variable"),
         (doc(&format!("{},{}", allow_all("Same"), allow_all("Same"))), "p.json: $.Statement: Sid \"Same\" is used twice"),
+        (doc(r#"{"Effect": "Deny", "Principal": {}, "Action": "*", "Resource": "*"}"#), "p.json: $.Statement[0].Principal: names no principal: write \"*\" for everyone"),
+        (doc(r#"{"Effect": "Allow", "NotPrincipal": {"AWS": "111122223333"}, "Action": "*", "Resource": "*"}"#), "p.json: $.Statement[0].NotPrincipal: NotPrincipal goes with \"Deny\" only (IAM does not support it with \"Allow\")"),
     ];
     for (text, want) in cases {
         let got = errors(&text);
