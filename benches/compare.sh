@@ -37,6 +37,8 @@
 #                       200 idle connections held 1 s, debug build (CI: test.sh has built
 #                       it): under a minute with the node start; exit non-zero only if a
 #                       run failed or a cell got no number
+# Environment: GATEWAY_PER_CORE=true runs the gateways with [runtime] per_core = true
+#   (single-threaded runtimes, connections handed off by the acceptor).
 # Environment: LOADGEN=PATH runs that load generator (same CLI) instead of building
 # examples/loadgen.
 #
@@ -319,6 +321,9 @@ address = "127.0.0.1:$ADMIN_PORT"
 
 [log]
 level = "info"
+
+[runtime]
+per_core = ${GATEWAY_PER_CORE:-false}
 EOF
 "$GW" check-config --config "$BENCH/gateway.toml" >/dev/null
 TOKIO_WORKER_THREADS=$THREADS RUST_LOG=info \

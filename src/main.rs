@@ -759,14 +759,63 @@ fn init_logging(level: &str, format: config::LogFormat) {
     }
 }
 
+/// `runtime.per_core`: `n` threads, each running a single-threaded runtime until `stop`
+/// says so; their handles, to spawn connections on.
+fn per_core_workers(
+    n: usize,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<Vec<tokio::runtime::Handle>> {
+    let mut handles = Vec::with_capacity(n);
+    for i in 0..n {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        handles.push(rt.handle().clone());
+        let mut stop = stop.clone();
+        std::thread::Builder::new()
+            .name(format!("relay-{i}"))
+            .spawn(move || {
+                rt.block_on(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+            })?;
+    }
+    Ok(handles)
+}
+
 fn serve(cfg: config::Config, path: PathBuf) -> anyhow::Result<()> {
-    let rt = server_runtime(cfg.runtime.worker_threads)?;
+    let (stop_workers, stop) = tokio::sync::watch::channel(false);
+    let (rt, workers) = if cfg.runtime.per_core {
+        let n = cfg
+            .runtime
+            .worker_threads
+            .or_else(|| std::env::var("TOKIO_WORKER_THREADS").ok()?.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        // The acceptor, the admin listener and the background tasks: one more thread.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        (rt, per_core_workers(n, &stop)?)
+    } else {
+        (server_runtime(cfg.runtime.worker_threads)?, Vec::new())
+    };
+    let result = serve_on(&rt, cfg, path, workers);
+    let _ = stop_workers.send(true);
+    result
+}
+
+fn serve_on(
+    rt: &tokio::runtime::Runtime,
+    cfg: config::Config,
+    path: PathBuf,
+    workers: Vec<tokio::runtime::Handle>,
+) -> anyhow::Result<()> {
     rt.block_on(async {
         let gateway = Gateway::new(cfg)
             .await
             .map_err(anyhow::Error::msg)
             .context("starting the gateway")?;
-        let gateway = gateway.with_config_path(path);
+        let gateway = gateway.with_config_path(path).with_workers(workers);
         let drainer = gateway.drainer();
         let live = gateway.live();
         gateway.start().await.context("binding listeners")?;

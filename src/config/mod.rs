@@ -324,6 +324,10 @@ pub struct RuntimeConfig {
     /// Worker threads of the async runtime that relays connections. `None`: the
     /// `TOKIO_WORKER_THREADS` environment variable if set, else one per CPU.
     pub worker_threads: Option<usize>,
+    /// One single-threaded runtime per worker, each relaying the connections handed to
+    /// it by the acceptor: a connection's client and backend sockets are served by one
+    /// thread. `false`: one multi-thread runtime (tokio's work stealing).
+    pub per_core: bool,
 }
 
 /// `[listener]`: where clients connect and the limits applied to them.

@@ -67,6 +67,7 @@ pub(super) struct RawAuthorization {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRuntime {
     pub worker_threads: Option<u64>,
+    pub per_core: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

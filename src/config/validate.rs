@@ -68,6 +68,7 @@ pub(super) fn validate(
             .runtime
             .worker_threads
             .map(|n| c.bounded("runtime.worker_threads", Some(n), 1, 1, MAX_WORKER_THREADS)),
+        per_core: raw.runtime.per_core.unwrap_or(false),
     };
     let auth = c.auth(raw.auth);
     let authorization = c.authorization(raw.authorization);

@@ -138,6 +138,8 @@ async fn wait_until(done: impl Fn() -> bool, deadline: tokio::time::Instant) {
 pub struct Gateway {
     live: Arc<Live>,
     drain: watch::Sender<DrainState>,
+    /// `runtime.per_core`: the runtimes accepted connections are handed to.
+    workers: Option<Arc<Workers>>,
 }
 
 /// The addresses actually bound (useful with port 0).
@@ -437,6 +439,7 @@ impl Gateway {
         Ok(Gateway {
             live,
             drain: drain_tx,
+            workers: None,
         })
     }
 
@@ -467,6 +470,18 @@ impl Gateway {
     }
 
     /// Binds the listeners and serves connections in the background.
+    /// Relays connections on these runtimes (`runtime.per_core`), handing each accepted
+    /// connection to the next; without, on the runtime that accepts.
+    pub fn with_workers(mut self, workers: Vec<tokio::runtime::Handle>) -> Self {
+        self.workers = (!workers.is_empty()).then(|| {
+            Arc::new(Workers {
+                handles: workers,
+                next: std::sync::atomic::AtomicUsize::new(0),
+            })
+        });
+        self
+    }
+
     pub async fn start(self) -> std::io::Result<BoundAddrs> {
         let (shared, _) = self.live.snapshot();
         let l = &shared.cfg.listener;
@@ -497,6 +512,7 @@ impl Gateway {
                 self.live.clone(),
                 limit.clone(),
                 "tls",
+                self.workers.clone(),
             ));
         }
         if let Some(addr) = l.plain_address {
@@ -509,9 +525,24 @@ impl Gateway {
                 self.live.clone(),
                 limit,
                 "plain",
+                self.workers.clone(),
             ));
         }
         Ok(bound)
+    }
+}
+
+/// The single-threaded runtimes connections are handed to (`runtime.per_core`).
+pub(crate) struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Workers {
+    /// Round robin.
+    fn next(&self) -> &tokio::runtime::Handle {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.handles[i % self.handles.len()]
     }
 }
 
@@ -521,6 +552,7 @@ async fn accept_loop(
     live: Arc<Live>,
     limit: Arc<Semaphore>,
     name: &'static str,
+    workers: Option<Arc<Workers>>,
 ) {
     let (first, _) = live.snapshot();
     let accepted = first
@@ -567,7 +599,28 @@ async fn accept_loop(
             drop(stream);
             continue;
         };
-        tokio::spawn(async move {
+        let Some(workers) = &workers else {
+            tokio::spawn(async move {
+                shared.metrics.connections_open.inc();
+                serve_socket(stream, peer, tls, shared.clone()).await;
+                shared.metrics.connections_open.dec();
+                drop(permit);
+            });
+            continue;
+        };
+        // Handed off: the socket leaves this runtime's IO driver and joins the worker's,
+        // where the backend socket will be too.
+        let std_stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "handing the connection to a worker failed");
+                continue;
+            }
+        };
+        workers.next().spawn(async move {
+            let Ok(stream) = TcpStream::from_std(std_stream) else {
+                return;
+            };
             shared.metrics.connections_open.inc();
             serve_socket(stream, peer, tls, shared.clone()).await;
             shared.metrics.connections_open.dec();

@@ -452,7 +452,7 @@ fn resource_prefix_problem(r: &str) -> Option<String> {
         .take_while(|c| !matches!(c, '*' | '?' | '$'))
         .collect();
     let n = literal.len().min(6);
-    (literal[..n] != "vhost/"[..n]).then(|| {
+    (literal.as_bytes()[..n] != b"vhost/"[..n]).then(|| {
         format!("{r:?} can match no resource of the broker: they are vhost/<vhost>, vhost/<vhost>/queue/<name>, vhost/<vhost>/exchange/<name> and vhost/<vhost>/topic/<exchange>/<routing key>")
     })
 }

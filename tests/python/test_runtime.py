@@ -1,0 +1,72 @@
+"""`[runtime] per_core = true`: single-threaded runtimes, one per worker thread, each
+relaying the connections the acceptor hands to it. The same sessions must work as on the
+default multi-thread runtime, across several workers, and the process must drain and exit
+on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import pika
+
+from conftest import (ADMIN_ROLE, _free_port, _write_config, _write_tls, metric, mint,
+                      run_gateway, unique)
+
+
+def test_per_core_runtimes_relay_sessions_and_drain(tmp_path):
+    ca = _write_tls(tmp_path)
+    port, admin_port = _free_port(), _free_port()
+    config = _write_config(tmp_path, port, admin_port)
+    config.write_text(config.read_text() + "\n[runtime]\nworker_threads = 3\nper_core = true\n")
+    with run_gateway(tmp_path, config, port, ca) as gw:
+        from pathlib import Path
+
+        names = sorted(p.read_text().strip() for p in Path(f"/proc/{gw.proc.pid}/task").glob("*/comm"))
+        assert [n for n in names if n.startswith("relay-")] == ["relay-0", "relay-1", "relay-2"], names
+        # Six connections: two on each worker, round robin; each publishes to its own queue
+        # through another connection's declare, and reads it back.
+        conns = [gw.connect(mint(ADMIN_ROLE)) for _ in range(6)]
+        queues = []
+        for i, c in enumerate(conns):
+            q = c.channel().queue_declare(unique(f"per-core-{i}"), auto_delete=False).method.queue
+            queues.append(q)
+        errors: list = []
+
+        def work(i: int) -> None:
+            try:
+                ch = conns[i].channel()
+                ch.confirm_delivery()
+                target = queues[(i + 1) % len(queues)]
+                for n in range(200):
+                    ch.basic_publish("", target, f"{i}-{n}".encode())
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(conns))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, errors
+        for i, c in enumerate(conns):
+            ch = c.channel()
+            got = 0
+            while ch.basic_get(queues[i], auto_ack=True)[0] is not None:
+                got += 1
+            assert got == 200, (queues[i], got)
+            ch.queue_delete(queues[i])
+        assert metric(admin_port, "amqp_iam_gateway_connections_open") == 6
+        for c in conns:
+            c.close()
+        # A refused operation on a worker: RabbitMQ's text, the connection usable after.
+        c = gw.connect(mint("arn:aws:iam::111122223333:role/ReadOnly"))
+        try:
+            c.channel().queue_declare(unique("per-core-refused"))
+            raise AssertionError("declare permitted")
+        except pika.exceptions.ChannelClosedByBroker as e:
+            assert e.reply_code == 403
+        assert c.is_open
+        c.close()
+        gw.proc.send_signal(signal.SIGTERM)
+        assert gw.proc.wait(timeout=30) == 0, gw.log()
