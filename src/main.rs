@@ -305,7 +305,8 @@ fn main() -> ExitCode {
             situation,
         } => {
             // Read once: the operation's decision needs the same token.
-            let token = match token.map_or_else(read_token_from_stdin, Some) {
+            let token = match token.or_else(|| read_stdin("the token").map(|t| t.trim().to_owned()))
+            {
                 Some(t) => t,
                 None => return ExitCode::FAILURE,
             };
@@ -423,14 +424,10 @@ fn explain(config: &std::path::Path, token: Option<String>, json: bool) -> ExitC
     };
     let token = match token {
         Some(t) => t,
-        None => {
-            let mut t = String::new();
-            if std::io::Read::read_to_string(&mut std::io::stdin(), &mut t).is_err() {
-                eprintln!("cannot read the token from standard input");
-                return ExitCode::FAILURE;
-            }
-            t.trim().to_owned()
-        }
+        None => match read_stdin("the token") {
+            Some(t) => t.trim().to_owned(),
+            None => return ExitCode::FAILURE,
+        },
     };
     let Some(rt) = command_runtime() else {
         return ExitCode::FAILURE;
@@ -565,25 +562,17 @@ fn simulate(
                 return ExitCode::FAILURE;
             }
         },
-        (None, None) => {
-            let mut t = String::new();
-            if std::io::Read::read_to_string(&mut std::io::stdin(), &mut t).is_err() {
-                eprintln!("cannot read the token from standard input");
-                return ExitCode::FAILURE;
-            }
-            t.trim().to_owned()
-        }
+        (None, None) => match read_stdin("the token") {
+            Some(t) => t.trim().to_owned(),
+            None => return ExitCode::FAILURE,
+        },
     };
     let text = match source {
         Source::Line(l) => l,
-        Source::File(f) if f.as_os_str() == "-" => {
-            let mut t = String::new();
-            if std::io::Read::read_to_string(&mut std::io::stdin(), &mut t).is_err() {
-                eprintln!("cannot read the operations from standard input");
-                return ExitCode::FAILURE;
-            }
-            t
-        }
+        Source::File(f) if f.as_os_str() == "-" => match read_stdin("the operations") {
+            Some(t) => t,
+            None => return ExitCode::FAILURE,
+        },
         Source::File(f) => match std::fs::read_to_string(&f) {
             Ok(t) => t,
             Err(e) => {
@@ -653,14 +642,16 @@ fn simulate(
     }
 }
 
-/// The token from standard input, trimmed; `None` (and a message) when it cannot be read.
-fn read_token_from_stdin() -> Option<String> {
+/// All of standard input; `None` (and a message naming `what`) when it cannot be read.
+fn read_stdin(what: &str) -> Option<String> {
     let mut t = String::new();
-    if std::io::Read::read_to_string(&mut std::io::stdin(), &mut t).is_err() {
-        eprintln!("cannot read the token from standard input");
-        return None;
+    match std::io::Read::read_to_string(&mut std::io::stdin(), &mut t) {
+        Ok(_) => Some(t),
+        Err(_) => {
+            eprintln!("cannot read {what} from standard input");
+            None
+        }
     }
-    Some(t.trim().to_owned())
 }
 
 /// Waits for SIGTERM or SIGINT (Ctrl-C) and says which.

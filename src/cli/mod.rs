@@ -41,6 +41,21 @@ pub enum ExplainError {
     Json(#[from] serde_json::Error),
 }
 
+/// Verifies `token` with `auth` as the gateway would (the keys refreshed first when they
+/// come from the issuer): its claims and the identity they give.
+async fn verify(
+    auth: &crate::auth::Authenticator,
+    token: &str,
+) -> Result<(Value, crate::auth::Identity), AuthError> {
+    if auth.keys.has_remote() {
+        // A failed fetch is reported through the verification error.
+        let _ = auth.keys.refresh().await;
+    }
+    let claims = auth.verify_signature(token).await?;
+    let id = auth.identity(token, &claims, now())?;
+    Ok((claims, id))
+}
+
 pub async fn explain(cfg: &Config, token: &str, as_json: bool) -> Result<Explained, ExplainError> {
     let all = crate::wiring::authenticators(&cfg.oauth2)?;
     let auth = match all.select(token) {
@@ -56,17 +71,8 @@ pub async fn explain(cfg: &Config, token: &str, as_json: bool) -> Result<Explain
             return finish(report, as_json);
         }
     };
-    if auth.keys.has_remote() {
-        // A failed fetch is reported through the verification error below.
-        let _ = auth.keys.refresh().await;
-    }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let outcome = match auth.verify_signature(token).await {
-        Ok(claims) => auth.identity(token, &claims, now).map(|id| (claims, id)),
-        Err(e) => Err(e),
-    };
+    let now = now();
+    let outcome = verify(auth, token).await;
     let report = match outcome {
         Err(e) => json!({
             "token": token_id(token),

@@ -172,16 +172,7 @@ pub async fn simulate(
     let all = crate::wiring::authenticators(&cfg.oauth2)?;
     let verified = match all.select(token) {
         Err(e) => Err(e),
-        Ok(auth) => {
-            if auth.keys.has_remote() {
-                let _ = auth.keys.refresh().await;
-            }
-            let now = super::now();
-            match auth.verify_signature(token).await {
-                Ok(claims) => auth.identity(token, &claims, now),
-                Err(e) => Err(e),
-            }
-        }
+        Ok(auth) => super::verify(auth, token).await.map(|(_, id)| id),
     };
     let id = match verified {
         Ok(id) => id,
@@ -278,26 +269,7 @@ fn decide_row(perms: &Permissions, username: &str, row: &Row, now: i64) -> Resul
             };
             let name = row.text("action");
             let matched = Action::matching(name);
-            let Some(action) = [
-                Action::Connect,
-                Action::Configure,
-                Action::Write,
-                Action::Read,
-                Action::ExchangeDeclare,
-                Action::ExchangeDelete,
-                Action::ExchangeBind,
-                Action::ExchangeUnbind,
-                Action::QueueDeclare,
-                Action::QueueDelete,
-                Action::QueuePurge,
-                Action::QueueBind,
-                Action::QueueUnbind,
-                Action::Publish,
-                Action::Consume,
-                Action::Get,
-            ]
-            .into_iter()
-            .find(|a| matched == a.set()) else {
+            let Some(action) = Action::ALL.into_iter().find(|a| matched == a.set()) else {
                 return Err(format!(
                     "action={name}: expected one action of {}",
                     Action::names().join(", ")

@@ -349,6 +349,7 @@ where
                     backend_secret = secret;
                     perms
                 });
+                self.session.set_clock(super::conn::now_secs());
                 self.session.secret_updated_with(
                     outcome,
                     backend_secret,
@@ -432,7 +433,9 @@ where
         if !self.client.input.is_empty() && !self.session.client_paused() {
             let before = self.client.input.len();
             // Policy conditions on the time read the clock the session is given.
-            self.session.set_clock(super::conn::now_secs());
+            if self.session.wants_clock() {
+                self.session.set_clock(super::conn::now_secs());
+            }
             match self.session.on_client_input(
                 &mut self.client.input,
                 &mut self.backend.out,

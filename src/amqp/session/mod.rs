@@ -985,6 +985,12 @@ impl Session {
         self.now = now;
     }
 
+    /// Whether decisions read the time: only broker policies do, so a session without
+    /// them needs no clock reading per input.
+    pub fn wants_clock(&self) -> bool {
+        self.permissions.policy().is_some()
+    }
+
     /// Decides `op`, the arguments of method `ids` on channel `ch`. On a refusal, the
     /// channel is closed (toward the broker now, the client later) and `None` returned.
     fn check(

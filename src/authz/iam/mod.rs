@@ -74,6 +74,17 @@ const ACTIONS: [(Action, &str); 16] = [
 ];
 
 impl Action {
+    /// Every action, in documentation order.
+    pub const ALL: [Action; 16] = {
+        let mut all = [Action::Connect; 16];
+        let mut i = 0;
+        while i < 16 {
+            all[i] = ACTIONS[i].0;
+            i += 1;
+        }
+        all
+    };
+
     pub fn name(self) -> &'static str {
         ACTIONS[self as usize].1
     }
