@@ -19,6 +19,8 @@ use super::permissions::{Perm, Permissions};
 
 /// AMQP reply code for `ACCESS_REFUSED`.
 pub const ACCESS_REFUSED: u16 = 403;
+/// AMQP reply code for `NOT_FOUND`.
+pub const NOT_FOUND: u16 = 404;
 /// AMQP reply code for `PRECONDITION_FAILED`.
 pub const PRECONDITION_FAILED: u16 = 406;
 /// The longest reply text an AMQP shortstr can carry.
@@ -41,6 +43,12 @@ pub enum ExchangeKind {
     /// Not known yet, but it can be learnt: when (and only when) the topic check fails,
     /// [`decide`] answers [`Verdict::NeedKind`] instead of deciding.
     Unresolved,
+    /// The broker said it has no such exchange. RabbitMQ makes no topic check on a missing
+    /// exchange: a publish or bind gets its `404 NOT_FOUND`. When the topic check fails,
+    /// [`decide`] answers that 404 itself (nothing is forwarded, so an exchange made in the
+    /// meantime is never reached unchecked). An unbind, which RabbitMQ would answer
+    /// `unbind-ok`, is refused as for a topic exchange (fail closed).
+    Missing,
 }
 
 /// Who is acting, and where.
@@ -406,6 +414,15 @@ impl<'a> Check<'a> {
         };
         if kind == ExchangeKind::Unresolved {
             return Err(Stop::NeedKind);
+        }
+        let unbind = matches!(self.action, Action::QueueUnbind | Action::ExchangeUnbind);
+        if kind == ExchangeKind::Missing && !unbind {
+            // RabbitMQ looks the exchange up before the topic check and stops there.
+            let text = format!("no exchange '{x}' in vhost '{}'", self.ctx.vhost);
+            let resource = format!("exchange '{x}'");
+            let mut d = self.deny(NOT_FOUND, "NOT_FOUND", text, Some(perm), resource);
+            d.statement = statement;
+            return Err(d.into());
         }
         let rk = String::from_utf8_lossy(rk);
         let text = format!(

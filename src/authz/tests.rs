@@ -1,7 +1,7 @@
 //! Tables for `authz`: the §4.3 matching rules and scope_SUITE assertions, the live 3.10.8
 //! direct calls, and the §6 method matrix with RabbitMQ 4.x's exact texts.
 
-use super::decide::{ACCESS_REFUSED, PRECONDITION_FAILED};
+use super::decide::{ACCESS_REFUSED, NOT_FOUND, PRECONDITION_FAILED};
 use super::*;
 
 const ALL: [Perm; 3] = [Perm::Configure, Perm::Write, Perm::Read];
@@ -195,6 +195,15 @@ fn refused(text: &'static str, class_method: (u16, u16), perm: Perm) -> Want {
     }
 }
 
+fn not_found(text: &'static str, class_method: (u16, u16), perm: Perm) -> Want {
+    Want::Deny {
+        code: NOT_FOUND,
+        text,
+        class_method,
+        perm: Some(perm),
+    }
+}
+
 const CTX: Context<'static> = Context {
     vhost: "/",
     username: "alice",
@@ -358,6 +367,13 @@ fn exchange_methods() {
         ("bind: unresolved kind, key granted: no need to know", &["write:%2F/d", "read:%2F/xt/a.*"], x_bind("d", "xt", Unresolved, false), Want::Permit),
         ("unbind: unknown kind is topic", &["write:%2F/d", "read:%2F/xt"], x_bind("d", "xt", Unknown, true),
             refused("ACCESS_REFUSED - read access to topic 'a.b' in exchange 'xt' in vhost '/' refused for user 'alice'", (40, 40), Perm::Read)),
+        ("bind: missing source, topic refused: the broker's 404", &["write:%2F/d", "read:%2F/xt"], x_bind("d", "xt", Missing, false),
+            not_found("NOT_FOUND - no exchange 'xt' in vhost '/'", (40, 30), Perm::Read)),
+        ("bind: missing source, topic granted: forwarded", &["write:%2F/d", "read:%2F/xt/a.*"], x_bind("d", "xt", Missing, false), Want::Permit),
+        ("bind: missing source, read refused first", &["write:%2F/d"], x_bind("d", "xt", Missing, false),
+            refused("ACCESS_REFUSED - read access to exchange 'xt' in vhost '/' refused for user 'alice'", (40, 30), Perm::Read)),
+        ("unbind: missing source is topic (fail closed)", &["write:%2F/d", "read:%2F/xt"], x_bind("d", "xt", Missing, true),
+            refused("ACCESS_REFUSED - read access to topic 'a.b' in exchange 'xt' in vhost '/' refused for user 'alice'", (40, 40), Perm::Read)),
         ("bind: other kind, no topic check", &["write:%2F/d", "read:%2F/xd"], x_bind("d", "xd", Other, false), Want::Permit),
         ("bind: \"\" destination checked as amq.default", &[], x_bind("", "xt", Topic, false),
             refused("ACCESS_REFUSED - write access to exchange 'amq.default' in vhost '/' refused for user 'alice'", (40, 30), Perm::Write)),
@@ -405,6 +421,10 @@ fn queue_methods() {
             refused("ACCESS_REFUSED - write access to queue 'q1' in vhost '/' refused for user 'alice'", (50, 50), Perm::Write)),
         ("unbind: unknown kind is topic", &["write:%2F/q1", "read:%2F/xt"], q_bind("q1", "xt", Unknown, true),
             refused("ACCESS_REFUSED - read access to topic 'a.b' in exchange 'xt' in vhost '/' refused for user 'alice'", (50, 50), Perm::Read)),
+        ("bind: missing exchange, topic refused: the broker's 404", &["write:%2F/q1", "read:%2F/xt"], q_bind("q1", "xt", Missing, false),
+            not_found("NOT_FOUND - no exchange 'xt' in vhost '/'", (50, 20), Perm::Read)),
+        ("unbind: missing exchange is topic (fail closed)", &["write:%2F/q1", "read:%2F/xt"], q_bind("q1", "xt", Missing, true),
+            refused("ACCESS_REFUSED - read access to topic 'a.b' in exchange 'xt' in vhost '/' refused for user 'alice'", (50, 50), Perm::Read)),
         ("bind: other kind, no topic check", &["write:%2F/q1", "read:%2F/xd"], q_bind("q1", "xd", Other, false), Want::Permit),
         ("bind: \"\" exchange is the broker's refusal", &["write:%2F/q1"], q_bind("q1", "", Topic, false), Want::Permit),
         ("bind: write is checked before the \"\" exchange", &[], q_bind("q1", "", Topic, false),
@@ -431,6 +451,14 @@ fn basic_methods() {
             refused("ACCESS_REFUSED - write access to topic 'a.b' in exchange 'xt' in vhost '/' refused for user 'alice'", (60, 40), Perm::Write)),
         ("publish: unknown kind is topic", &["write:%2F/xt"], publish("xt", Unknown, None, none),
             refused("ACCESS_REFUSED - write access to topic 'a.b' in exchange 'xt' in vhost '/' refused for user 'alice'", (60, 40), Perm::Write)),
+        ("publish: missing exchange, topic refused: the broker's 404", &["write:%2F/xt"], publish("xt", Missing, None, none),
+            not_found("NOT_FOUND - no exchange 'xt' in vhost '/'", (60, 40), Perm::Write)),
+        ("publish: missing exchange, a CC key refused: the broker's 404", &["write:%2F/xt/a.*"], publish("xt", Missing, None, &cc),
+            not_found("NOT_FOUND - no exchange 'xt' in vhost '/'", (60, 40), Perm::Write)),
+        ("publish: missing exchange, write refused first", &["read:%2F/xt"], publish("xt", Missing, None, none),
+            refused("ACCESS_REFUSED - write access to exchange 'xt' in vhost '/' refused for user 'alice'", (60, 40), Perm::Write)),
+        ("publish: missing exchange, 404 before user_id", &["write:%2F/xt"], publish("xt", Missing, Some("bob"), none),
+            not_found("NOT_FOUND - no exchange 'xt' in vhost '/'", (60, 40), Perm::Write)),
         ("publish: CC/BCC keys are topic-checked", &["write:%2F/xt/a.*"], publish("xt", Topic, None, &cc),
             refused("ACCESS_REFUSED - write access to topic 'b.x' in exchange 'xt' in vhost '/' refused for user 'alice'", (60, 40), Perm::Write)),
         ("publish: CC/BCC keys granted", &["write:%2F/xt/a.*", "write:%2F/xt/b.*"], publish("xt", Topic, None, &cc), Want::Permit),

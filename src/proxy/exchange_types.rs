@@ -9,9 +9,11 @@
 //! Answers, failures included, are cached for `backend.exchange_type_ttl_ms` under the
 //! exchange's epoch ([`ExchangeEpochs`]): a declare or delete of the name through the
 //! gateway starts a new epoch, so no answer from before it is used again. One request per
-//! exchange and epoch at a time, however many connections ask. Anything but a clear answer
-//! (not found, HTTP error, timeout) yields `None`, and the session then treats the exchange
-//! as a topic exchange: fail closed.
+//! exchange and epoch at a time, however many connections ask. The API's own 404 says the
+//! exchange is missing ([`ExchangeKind::Missing`]: the session then answers RabbitMQ's
+//! `404 NOT_FOUND` itself); anything else but a clear answer (an HTTP error, a 404 that is
+//! not the API's, a timeout) yields `None`, and the session then treats the exchange as a
+//! topic exchange: fail closed.
 //!
 //! Each client connection has a budget ([`LookupBudget`]): requests it causes (cache
 //! misses) are spaced to `backend.exchange_lookups_per_second`, with a burst of twice as
@@ -138,7 +140,11 @@ impl ExchangeTypes {
                 self.fetch(vhost, name).await
             })
             .await;
-        let result = if kind.is_some() { "ok" } else { "unknown" };
+        let result = match kind {
+            Some(ExchangeKind::Missing) => "missing",
+            Some(_) => "ok",
+            None => "unknown",
+        };
         self.metrics
             .exchange_lookups
             .with_label_values(&[result])
@@ -162,6 +168,14 @@ impl ExchangeTypes {
             .await;
         let resp = match resp {
             Ok(r) if r.status() == reqwest::StatusCode::OK => r,
+            Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {
+                // The management API's own "not found" body, not a proxy's or a wrong
+                // base path's: only then is the exchange known to be missing.
+                let body: serde_json::Value = r.json().await.ok()?;
+                let missing =
+                    body.get("error").and_then(|e| e.as_str()) == Some("Object Not Found");
+                return missing.then_some(ExchangeKind::Missing);
+            }
             Ok(r) => {
                 tracing::debug!(%url, status = %r.status(), "exchange type lookup: no answer");
                 return None;

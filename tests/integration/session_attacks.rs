@@ -1513,24 +1513,66 @@ async fn a_lookup_resumed_after_a_declare_ok_is_answered_without_more_client_inp
         "{:?}",
         started.elapsed()
     );
-    let Some(Got::Method(_, AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)))) = before.first()
+    let Some(Got::Method(_, AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_)))) = before.first()
     else {
         panic!("{before:?}")
     };
-    // The exchange does not exist: the type cannot be learnt, so the topic check applies
-    // (fail closed, a documented difference: RabbitMQ answers 404), with the routing-key
-    // shortcut's key.
+    // The exchange does not exist: the management API says so, and the gateway answers
+    // RabbitMQ's own 404 (a bind to a missing exchange gets no topic check there).
     assert_eq!(
         close,
         (
-            403,
-            refused(
-                "read",
-                &format!("topic '{}' in exchange '{x}'", ok.queue),
-                "alice"
-            ),
+            404,
+            format!("NOT_FOUND - no exchange '{x}' in vhost '/'"),
             50,
             20
         )
     );
+}
+
+#[tokio::test]
+async fn a_missing_exchange_gets_rabbitmqs_404_for_publish_and_bind_and_403_for_unbind() {
+    let gw = gateway_with_lookups().await;
+    let x = unique("sa-gone");
+    let q = unique("sa-q");
+    setup_queue(&q, 0).await;
+    // Write and read on everything, but no topic access: the type decides.
+    let t = token("alice", &["write:%2F/*", "read:%2F/*"]);
+    let mut c = Client::connect(&gw, &t, "/").await;
+    c.open(1).await;
+    c.send(&publish_raw(1, &x, "k", 0, &[], b"x")).await;
+    let (_, close) = c.close_on(1).await;
+    let not_found = format!("NOT_FOUND - no exchange '{x}' in vhost '/'");
+    assert_eq!(close, (404, not_found.clone(), 60, 40));
+    c.open(2).await;
+    c.send(&queue_bind(2, &q, &x, "k")).await;
+    let (_, close) = c.close_on(2).await;
+    assert_eq!(close, (404, not_found, 50, 20));
+    // An unbind, which RabbitMQ answers unbind-ok, is refused as for a topic exchange
+    // (fail closed: nothing reaches the broker unchecked).
+    c.open(3).await;
+    c.send(&method(
+        3,
+        AMQPClass::Queue(queue::AMQPMethod::Unbind(queue::Unbind {
+            queue: q.as_str().into(),
+            exchange: x.as_str().into(),
+            routing_key: "k".into(),
+            arguments: FieldTable::default(),
+        })),
+    ))
+    .await;
+    let (_, close) = c.close_on(3).await;
+    assert_eq!(
+        close,
+        (
+            403,
+            refused("read", &format!("topic 'k' in exchange '{x}'"), "alice"),
+            50,
+            50
+        )
+    );
+    // A connection's own declare still on its way is in the unit test
+    // `missing_is_believed_unless_this_connection_declared_the_name`: here the broker wins
+    // that race.
+    cleanup(&[&q], &[&x]).await;
 }

@@ -17,6 +17,9 @@
 //!   live (the relay calls [`Exchanges::forget`]), so such a change is seen within it.
 //! - Anything else is [`ExchangeKind::Unresolved`] (ask the management API) when lookups
 //!   are possible, else [`ExchangeKind::Unknown`] (treated as topic: fail closed).
+//! - The management API may say an exchange is missing ([`ExchangeKind::Missing`]); that
+//!   is not believed for a name this connection itself declared under the current epoch,
+//!   since the broker may not have made it yet.
 //!
 //! **Invariant:** no IO; reading an epoch is one atomic load, with no lock.
 
@@ -115,6 +118,11 @@ pub struct Exchanges {
     /// even if a declare or delete moved the epoch on meanwhile (it is then `Unknown`):
     /// a decision never waits twice.
     fresh: Option<(Box<str>, ExchangeKind)>,
+    /// Names this connection declared (not passive), with the epoch the declare began:
+    /// while that epoch lasts, a lookup's "missing" may only mean the broker has not made
+    /// the exchange yet (a `nowait` declare, or one on another channel), so it is not
+    /// believed. Bounded by [`MAX_KNOWN`].
+    declaring: FxHashMap<Box<str>, u64>,
 }
 
 impl Exchanges {
@@ -125,6 +133,7 @@ impl Exchanges {
             known: FxHashMap::default(),
             lookups,
             fresh: None,
+            declaring: FxHashMap::default(),
         }
     }
 
@@ -157,8 +166,13 @@ impl Exchanges {
 
     /// A lookup of `name` started at `epoch` answered `kind` (`None`: it could not be
     /// learnt; treated as topic, and remembered as such until forgotten).
+    /// A "missing" answer under the epoch of this connection's own declare of `name` is
+    /// not believed: it is `Unknown`.
     pub fn looked_up(&mut self, name: &str, kind: Option<ExchangeKind>, epoch: u64) {
-        let kind = kind.unwrap_or(ExchangeKind::Unknown);
+        let mut kind = kind.unwrap_or(ExchangeKind::Unknown);
+        if kind == ExchangeKind::Missing && self.declaring.get(name) == Some(&epoch) {
+            kind = ExchangeKind::Unknown;
+        }
         if epoch == self.epoch(name) {
             self.learn(name, kind, epoch);
             self.fresh = Some((name.into(), kind));
@@ -173,7 +187,20 @@ impl Exchanges {
     /// epoch, under which this connection's own `declare-ok` may teach the type.
     pub fn changing(&mut self, name: &str) -> u64 {
         self.known.remove(name);
+        self.declaring.remove(name);
         self.epochs.bump(&self.vhost, name)
+    }
+
+    /// [`Exchanges::changing`] for an `exchange.declare`: until the epoch moves on again,
+    /// the management API saying the exchange is missing is not believed (the broker may
+    /// not have made it yet).
+    pub fn declaring(&mut self, name: &str) -> u64 {
+        let epoch = self.changing(name);
+        if self.declaring.len() >= MAX_KNOWN {
+            self.declaring.clear();
+        }
+        self.declaring.insert(name.into(), epoch);
+        epoch
     }
 
     /// `declare-ok` for a declare of `name` as `kind` made under `epoch`.
@@ -277,6 +304,33 @@ mod tests {
         a.forget();
         assert_eq!(a.kind("x"), ExchangeKind::Unresolved);
         assert_eq!(a.kind("y"), ExchangeKind::Unresolved);
+    }
+
+    #[test]
+    fn missing_is_believed_unless_this_connection_declared_the_name() {
+        let epochs = ExchangeEpochs::new();
+        let mut a = Exchanges::new(epochs.clone(), "/", true);
+        let e = a.epoch("x");
+        a.looked_up("x", Some(ExchangeKind::Missing), e);
+        assert_eq!(a.kind("x"), ExchangeKind::Missing);
+        a.decided();
+        // Its own declare (a `nowait` one, say) may not have reached the broker yet.
+        let e = a.declaring("y");
+        a.looked_up("y", Some(ExchangeKind::Missing), e);
+        assert_eq!(a.kind("y"), ExchangeKind::Unknown);
+        a.decided();
+        // After its own delete, "missing" is the truth again.
+        a.changing("y");
+        let e = a.epoch("y");
+        a.looked_up("y", Some(ExchangeKind::Missing), e);
+        assert_eq!(a.kind("y"), ExchangeKind::Missing);
+        a.decided();
+        // Another connection's declare does not make this one disbelieve.
+        let mut b = Exchanges::new(epochs, "/", true);
+        b.declaring("z");
+        let e = a.epoch("z");
+        a.looked_up("z", Some(ExchangeKind::Missing), e);
+        assert_eq!(a.kind("z"), ExchangeKind::Missing);
     }
 
     #[test]

@@ -1081,7 +1081,7 @@ impl Session {
                         self.channel(ch).exchange_oks.skip();
                     }
                 } else {
-                    let epoch = self.exchanges.changing(&name);
+                    let epoch = self.exchanges.declaring(&name);
                     if !d.nowait {
                         self.channel(ch).exchange_oks.push(ExchangeOk {
                             name: name.into(),

@@ -325,8 +325,10 @@ def _declared_before(side: dict, x: str, ref: str) -> bool:
 
 def missing_exchange_topic(d, c: Ctx) -> bool:
     """F-MISSING-X: a publish, bind or unbind naming a missing exchange whose topic check
-    fails: the gateway cannot learn the type and checks it as a topic exchange (403), where
-    RabbitMQ says 404 (or, for an unbind, answers unbind-ok: nothing to remove)."""
+    fails. Publishes and binds get RabbitMQ's 404 from the gateway itself once the
+    management API says the exchange is missing; the gateway still checks it as a topic
+    exchange (403) where it does not believe that (the connection just declared the name
+    itself) or for an unbind (RabbitMQ answers unbind-ok: nothing to remove)."""
     g, r = d.gw, d.ref
     if (d.kind == "ordered" and _is_close(g, 406) and _is_close(r, 404) and g.get("op")
             and g["data"][1].startswith("PRECONDITION_FAILED - user_id property set to")):

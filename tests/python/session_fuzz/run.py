@@ -121,6 +121,12 @@ def _resources_in_text(text: str) -> list[str]:
     return re.findall(r"'(.*?)'", text.split(" in vhost ")[0])
 
 
+def _exchanges_in_text(text: str) -> list[str]:
+    """The exchange names a refusal or error text gives (`exchange 'x'`)."""
+    import re
+    return re.findall(r"exchange '(.*?)'", text.split(" in vhost ")[0])
+
+
 class Runner:
     def __init__(self, side: Side, seq: dict, vhost: str, tokens: list[str]):
         self.side = side
@@ -413,6 +419,9 @@ class Runner:
                     # A `""` queue (and with it a bind's `""` routing key) stands for the
                     # channel's last declared queue, which the text may name.
                     shortcut = op.get("m") != "queue.declare" and (op.get("a") or {}).get("queue") == ""
+                    # ... but an exchange the text names is still the op's own.
+                    if shortcut:
+                        shortcut = all(json.dumps(x) in args for x in _exchanges_in_text(a["reply_text"]))
                     if pref and (not res or not (shortcut or all(json.dumps(r) in args for r in res))):
                         continue
                     culprit = r
