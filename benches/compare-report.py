@@ -8,12 +8,14 @@ RUNS.jsonl has one line per load generator run (written by compare.sh): workload
 rss_during_kib and result
 (the load generator's JSON, or null). Settings and machine facts come from BENCH_*
 environment variables. Writes OUT_PREFIX.json (settings, machine, every run, the medians)
-and OUT_PREFIX.md (the table and the machine), prints the table, and exits 1 when a run
-failed or a cell has no number. Ratios are never a reason to fail: they are judged in the
+and OUT_PREFIX.md (the table and the machine), and with the sweep workload OUT_PREFIX-sweep.svg
+(throughput in all and per connection against the number of connections, a line per path),
+prints the table, and exits 1 when a run failed or a cell has no number. Ratios are never a reason to fail: they are judged in the
 table (PASS / MISS), and with BENCH_SMOKE=1 not at all.
 """
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -32,6 +34,7 @@ ROWS = [
     ("churn", "conns_per_s", "conns/s", True),
     ("churn-distinct", "conns_per_s", "conns/s", True),
     ("idle", "kib_per_conn", "KiB RSS/conn", False),
+    ("100x100", "msgs_per_s", "msgs/s", True),
 ]
 
 # The targets of the performance issue ("ahead of RabbitMQ's own TLS and of HAProxy on every
@@ -52,7 +55,99 @@ TARGETS_OF = {
     ("churn", "conns_per_s"): CHURN,
     ("churn-distinct", "conns_per_s"): CHURN,
     ("idle", "kib_per_conn"): [("gateway_kib", 24.0, False)],
+    ("100x100", "msgs_per_s"): THROUGHPUT,
 }
+
+
+def sweep_points():
+    """The sweep's points (producer-consumer pairs), from BENCH_SWEEP."""
+    return [int(n) for n in (os.environ.get("BENCH_SWEEP") or "").split(",") if n.strip()]
+
+
+def sweep_rows():
+    """A row per sweep point: throughput in all (judged like any throughput workload) and
+    per connection (2 per pair: the producer's and the consumer's), for the plot."""
+    rows = []
+    for n in sweep_points():
+        w = "sweep-%d" % n
+        rows.append((w, "msgs_per_s", "msgs/s", True))
+        rows.append((w, "msgs_per_s_per_conn", "msgs/s per conn", True))
+        TARGETS_OF[(w, "msgs_per_s")] = THROUGHPUT
+    return rows
+
+
+COLOURS = {"direct": "#555555", "haproxy": "#1f77b4", "gateway": "#d62728",
+           "gateway-tokens": "#ff7f0e", "rabbitmq-tls": "#2ca02c"}
+
+
+def svg_sweep(points, medians, title):
+    """Two log-x line charts side by side: msgs/s in all, and msgs/s per connection (log y),
+    against connections (2 per pair). `medians[(target, n)] = (total, per_conn)`."""
+    w, h, pad_l, pad_r, pad_b, pad_t, gap = 420, 310, 70, 24, 50, 56, 30
+    width = 2 * w + gap
+    out = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" '
+           'font-family="sans-serif" font-size="12">' % (width, h + 60),
+           '<rect width="100%" height="100%" fill="white"/>',
+           '<text x="%d" y="18" font-size="14" text-anchor="middle">%s</text>' % (width / 2, title)]
+    xs = [2 * n for n in points]
+    lx0, lx1 = math.log10(min(xs)), math.log10(max(xs))
+    if lx1 == lx0:
+        lx1 = lx0 + 1
+
+    def panel(ox, idx, label, log_y):
+        vals = [v[idx] for v in medians.values() if v[idx]]
+        if not vals:
+            return
+        lo, hi = (min(vals), max(vals))
+        if log_y:
+            y0, y1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+            if y1 == y0:
+                y1 += 1
+            ty = lambda v: (math.log10(v) - y0) / (y1 - y0)  # noqa: E731
+            ticks = [10 ** k for k in range(y0, y1 + 1)]
+        else:
+            step = 10 ** math.floor(math.log10(hi))
+            if hi / step < 4:
+                step /= 2
+            top = math.ceil(hi / step) * step
+            ty = lambda v: v / top  # noqa: E731
+            ticks = [k * step for k in range(int(top / step) + 1)]
+        px = lambda x: ox + pad_l + (math.log10(x) - lx0) / (lx1 - lx0) * (w - pad_l - pad_r)  # noqa: E731
+        py = lambda v: pad_t + (1 - ty(v)) * (h - pad_t - pad_b + 20)  # noqa: E731
+        base = py(ticks[0])
+        out.append('<text x="%d" y="%d" text-anchor="middle">%s</text>' % (ox + w / 2, pad_t - 14, label))
+        out.append('<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="black"/>' % (
+            ox + pad_l, base, ox + w - pad_r, base))
+        out.append('<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="black"/>' % (
+            ox + pad_l, base, ox + pad_l, pad_t))
+        for t in ticks:
+            out.append('<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="#dddddd"/>' % (
+                ox + pad_l, py(t), ox + w - pad_r, py(t)))
+            out.append('<text x="%.1f" y="%.1f" text-anchor="end">%s</text>' % (
+                ox + pad_l - 4, py(t) + 4, "{:,.0f}".format(t)))
+        for x in xs:
+            out.append('<text x="%.1f" y="%.1f" text-anchor="middle">{:,}</text>'.format(x) % (px(x), base + 16))
+        out.append('<text x="%.1f" y="%.1f" text-anchor="middle">connections (producers + consumers)</text>' % (
+            ox + pad_l + (w - pad_l) / 2, base + 34))
+        for target in TARGETS:
+            pts = [(px(2 * n), py(medians[(target, n)][idx])) for n in points
+                   if medians.get((target, n)) and medians[(target, n)][idx]]
+            if not pts:
+                continue
+            c = COLOURS[target]
+            out.append('<polyline fill="none" stroke="%s" stroke-width="2" points="%s"/>' % (
+                c, " ".join("%.1f,%.1f" % p for p in pts)))
+            out.extend('<circle cx="%.1f" cy="%.1f" r="3" fill="%s"/>' % (x, y, c) for x, y in pts)
+
+    panel(0, 0, "msgs/s in all (↑)", False)
+    panel(w + gap, 1, "msgs/s per connection (↑, log)", True)
+    x = 20
+    for target in TARGETS:
+        out.append('<rect x="%d" y="%d" width="14" height="4" fill="%s"/>' % (x, h + 38, COLOURS[target]))
+        out.append('<text x="%d" y="%d">%s</text>' % (x + 18, h + 44, target))
+        x += 40 + 8 * len(target)
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
 
 
 def metric(run, key):
@@ -66,6 +161,10 @@ def metric(run, key):
         if before is None or during is None or not opened:
             return None
         return (during - before) / opened
+    if key == "msgs_per_s_per_conn":
+        n = int(run["workload"].split("-", 1)[1])
+        value = res.get("msgs_per_s")
+        return float(value) / (2 * n) if isinstance(value, (int, float)) else None
     value = res.get(key)
     return float(value) if isinstance(value, (int, float)) else None
 
@@ -161,6 +260,7 @@ def settings():
         "duration_s": env("BENCH_DURATION"),
         "warmup_s": env("BENCH_WARMUP"),
         "idle_connections": env("BENCH_IDLE"),
+        "sweep": env("BENCH_SWEEP"),
         "threads": env("BENCH_THREADS"),
         "profile": env("BENCH_PROFILE"),
         "workloads": env("BENCH_WORKLOADS"),
@@ -177,6 +277,8 @@ def main():
     conf = settings()
     smoke = conf["smoke"]
     workloads = [w for w in (conf["workloads"] or "").split(",") if w]
+    if "sweep" in workloads:
+        workloads += ["sweep-%d" % n for n in sweep_points()]
 
     problems = []
     for run in runs:
@@ -190,7 +292,7 @@ def main():
               "| tokens/gateway | target | result |")
     table.append(header)
     table.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
-    for workload, key, label, higher in ROWS:
+    for workload, key, label, higher in ROWS + sweep_rows():
         if workloads and workload not in workloads:
             continue
         cells, samples = {}, {}
@@ -224,6 +326,25 @@ def main():
             fmt(ratios["gateway/haproxy"]), fmt(ratios["gateway/rabbitmq-tls"]),
             fmt(ratios["tokens/gateway"]), target_text, verdict))
 
+    svg = None
+    if "sweep" in workloads and sweep_points():
+        med = {}
+        for r in rows:
+            if r["workload"].startswith("sweep-"):
+                n = int(r["workload"].split("-", 1)[1])
+                for t in TARGETS:
+                    tot, per = med.get((t, n), (None, None))
+                    if r["metric"] == "msgs_per_s":
+                        tot = r["median"][t]
+                    else:
+                        per = r["median"][t]
+                    med[(t, n)] = (tot, per)
+        svg = svg_sweep(sweep_points(), med,
+                        "Connection sweep, 1 KiB with confirms, a queue per producer-consumer pair (%s)"
+                        % (conf["stamp"] or ""))
+        with open(prefix + "-sweep.svg", "w") as f:
+            f.write(svg)
+
     mach = machine()
     notes = [
         "",
@@ -250,7 +371,7 @@ def main():
         json.dump({"settings": conf, "machine": mach, "rows": rows, "runs": runs,
                    "problems": problems}, f, indent=1)
     print(text)
-    print("written: %s.md %s.json" % (prefix, prefix))
+    print("written: %s.md %s.json%s" % (prefix, prefix, " %s-sweep.svg" % prefix if svg else ""))
     sys.exit(1 if problems else 0)
 
 

@@ -25,16 +25,23 @@
 #   --reps N            repetitions of each workload (direct, haproxy, gateway in turn)  [3]
 #   --duration S        seconds per throughput, latency and churn run                    [10]
 #   --warmup S          seconds excluded at the start of each throughput run              [1]
-#   --idle N            connections held open by the idle workload                       [5000]
+#   --idle N            connections held open by the idle workload; lowered to what the
+#                       open-file hard limit lets a proxy hold (two sockets each)       [10000]
+#   --sweep LIST        connection-count sweep points: producer-consumer pairs, each pair
+#                       on a queue of its own (2N connections)                [1,10,100,1000]
 #   --threads N         HAProxy nbthread and the gateway's tokio worker threads  [nproc]
 #   --workloads LIST    comma-separated subset of: idle,1KiB,1KiB-confirms,16B,64KiB,latency,churn,
 #                       churn-distinct (churn where every gateway connection presents a token
 #                       the gateway has not seen: no verified-token cache hit, one signature
-#                       check per connection; direct and HAProxy run plain churn)
+#                       check per connection; direct and HAProxy run plain churn),
+#                       100x100 (100 producers and 100 consumers on 100 queues, 1 KiB,
+#                       confirms with 64 in flight per producer), sweep (the same shape at
+#                       each --sweep point: how throughput per connection falls as
+#                       connections are added; plotted as SVG by the report)
 #   --debug             use the debug build instead of the release build
 #   --keep-node         leave the benchmark RabbitMQ node running at the end
 #   --smoke             1 rep, 1 s throughput runs after 0.5 s of warm-up, 2 s of churn,
-#                       200 idle connections held 1 s, debug build (CI: test.sh has built
+#                       200 idle connections held 1 s, sweep points 1 and 10, debug build (CI: test.sh has built
 #                       it): under a minute with the node start; exit non-zero only if a
 #                       run failed or a cell got no number
 # Environment: GATEWAY_PER_CORE=true runs the gateways with [runtime] per_core = true
@@ -65,7 +72,8 @@
 #      minus RSS before, divided by the connections opened; for direct, RabbitMQ's own);
 #   7. benches/compare-report.py: the table on stdout, and target/bench/results-<time>.json
 #      (settings, machine, every run's raw output) and .md (the table and the machine).
-# Every load generator run is bounded by `timeout`. Ports: 5695 (node; distribution 25695),
+# Every load generator run is bounded by `timeout`. Ports: 5695 (node; distribution 25695,
+# management 15695),
 # 5696 HAProxy, 5697 gateway, 5698 STS emulator, 5699 gateway admin.
 set -euo pipefail
 
@@ -75,18 +83,21 @@ ROOT="$(pwd)"
 REPS=3
 DURATION=10
 WARMUP=1
-IDLE=5000
+IDLE=10000
+SWEEP="1,10,100,1000"
 IDLE_HOLD=10
 IDLE_RATE=500
 CHURN_DURATION=""
 THREADS="$(nproc)"
-WORKLOADS="idle,1KiB,1KiB-confirms,16B,64KiB,latency,churn,churn-distinct"
+WORKLOADS="idle,1KiB,1KiB-confirms,16B,64KiB,latency,churn,churn-distinct,100x100,sweep"
 PROFILE=release
 KEEP_NODE=0
 SMOKE=0
 
 NODE_PORT=5695
 NODE_DIST_PORT=25695
+# Not the reference node's 15691: the harness runs beside a reference node left running.
+NODE_MGMT_PORT=15695
 HAPROXY_PORT=5696
 GATEWAY_PORT=5697
 STS_PORT=5698
@@ -112,6 +123,8 @@ while (($#)); do
     --idle) positive "$1" "${2:-}"; IDLE="$2"; shift ;;
     --threads) positive "$1" "${2:-}"; THREADS="$2"; shift ;;
     --workloads) WORKLOADS="${2:-}"; shift ;;
+    --sweep) [[ "${2:-}" =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--sweep needs numbers, got '${2:-}'"
+        SWEEP="$2"; shift ;;
     --debug) PROFILE=debug ;;
     --keep-node) KEEP_NODE=1 ;;
     --smoke) SMOKE=1 ;;
@@ -122,11 +135,15 @@ while (($#)); do
 done
 if ((SMOKE)); then
     REPS=1 DURATION=1 WARMUP=0.5 CHURN_DURATION=2 IDLE=200 IDLE_HOLD=1 PROFILE=debug
+    SWEEP="1,10"
 fi
+IFS=, read -ra SWEEP_POINTS <<<"$SWEEP"
+SWEEP_MAX=0
+for n in "${SWEEP_POINTS[@]}"; do ((n > SWEEP_MAX)) && SWEEP_MAX=$n; done
 CHURN_DURATION="${CHURN_DURATION:-$DURATION}"
 IFS=, read -ra WORKLOAD_LIST <<<"$WORKLOADS"
 for w in "${WORKLOAD_LIST[@]}"; do
-    case "$w" in idle | 1KiB | 1KiB-confirms | 16B | 64KiB | latency | churn | churn-distinct) ;;
+    case "$w" in idle | 1KiB | 1KiB-confirms | 16B | 64KiB | latency | churn | churn-distinct | 100x100 | sweep) ;;
     *) die "unknown workload '$w'" ;; esac
 done
 
@@ -166,13 +183,20 @@ LOADGEN="${LOADGEN:-$TARGET_DIR/$PROFILE/examples/loadgen}"
 # The gateway holds two descriptors per client, the load generator one per connection;
 # HAProxy sets its own limit from maxconn.
 ulimit -Sn "$(ulimit -Hn)"
-
+# A proxy holds two sockets per connection: more idle connections than the hard limit
+# allows cannot be held by either proxy (a container may not let even root raise it).
+hard="$(ulimit -Hn)"
+if [[ $hard != unlimited ]] && ((IDLE * 2 + 500 > hard)); then
+    log "open-file hard limit $hard: idle connections lowered from $IDLE to $(((hard - 500) / 2))"
+    IDLE=$(((hard - 500) / 2))
+fi
 # --- processes and cleanup ---------------------------------------------------------------
 
 node() {
     REFERENCE_NODE_TLS="$RMQ_TLS_PORT:$BENCH/tls" \
     REFERENCE_NODE_PROFILE=backend REFERENCE_NODE_NAME=rabbit_bench@localhost \
         REFERENCE_NODE_PORT=$NODE_PORT REFERENCE_NODE_DIST_PORT=$NODE_DIST_PORT \
+        REFERENCE_NODE_MGMT_PORT=$NODE_MGMT_PORT \
         REFERENCE_NODE_STATE="$ROOT/target/bench-node" bash "$ROOT/scripts/reference-node.sh" "$@"
 }
 
@@ -249,7 +273,7 @@ log "beam.smp pid $BEAM_PID, open-file soft limit $nofile"
 
 # --- 4. HAProxy --------------------------------------------------------------------------
 
-MAXCONN=$((IDLE + 2000))
+MAXCONN=$((IDLE > 2 * SWEEP_MAX + 200 ? IDLE + 2000 : 2 * SWEEP_MAX + 2200))
 cat >"$BENCH/haproxy.cfg" <<EOF
 # Generated by benches/compare.sh. TLS termination in TCP mode in front of the benchmark node.
 global
@@ -452,6 +476,11 @@ workload_args() {
     latency) echo throughput --size 1024 --rate 2000 "${t[@]}" ;;
     churn | churn-distinct) echo churn --duration "$CHURN_DURATION" ;;
     idle) echo idle --connections "$IDLE" --hold "$IDLE_HOLD" --rate "$IDLE_RATE" ;;
+    100x100) echo throughput --size 1024 --producers 100 --consumers 100 --queues 100 \
+        --confirm-window 64 "${t[@]}" ;;
+    sweep-*) local n=${1#sweep-}
+        echo throughput --size 1024 --producers "$n" --consumers "$n" --queues "$n" \
+            --confirm-window 64 "${t[@]}" ;;
     esac
 }
 
@@ -477,8 +506,9 @@ run_one() { # WORKLOAD TARGET REP
         run_idle "$target" "$out" "${args[@]}" || rc=$?
         return 0
     fi
-    # Bounded: the run's own duration plus a minute for connecting and draining.
-    timeout -k 5 "$(awk "BEGIN {print int($DURATION + $WARMUP + 60)}")" \
+    # Bounded: the run's own duration plus a minute for connecting and draining (and, for
+    # many connections, time to open them: 2,000 TLS handshakes take seconds).
+    timeout -k 5 "$(awk "BEGIN {print int($DURATION + $WARMUP + 60 + 2 * $SWEEP_MAX / 100)}")" \
         "$LOADGEN" "${args[@]}" >"$out.json" 2>"$out.err" || rc=$?
     ((rc == 0)) || { FAILED=1; log "$w $target rep $rep FAILED (exit $rc, see $out.err)"; }
     record "$w" "$target" "$rep" "$rc" $((SECONDS - t0)) "" "" "$out.json"
@@ -518,7 +548,11 @@ for w in "${WORKLOAD_LIST[@]}"; do
     [[ $w == idle ]] && reps=1
     for rep in $(seq 1 "$reps"); do
         for target in "${TARGETS[@]}"; do
-            run_one "$w" "$target" "$rep"
+            if [[ $w == sweep ]]; then
+                for n in "${SWEEP_POINTS[@]}"; do run_one "sweep-$n" "$target" "$rep"; done
+            else
+                run_one "$w" "$target" "$rep"
+            fi
         done
     done
 done
@@ -538,7 +572,7 @@ BENCH_RUSTC_VERSION="$(rustc -V)"
 BENCH_COMMIT="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 git diff --quiet HEAD 2>/dev/null || BENCH_COMMIT+="-dirty"
 export BENCH_SMOKE=$SMOKE BENCH_REPS=$REPS BENCH_DURATION=$DURATION BENCH_WARMUP=$WARMUP \
-    BENCH_IDLE=$IDLE BENCH_THREADS=$THREADS BENCH_PROFILE=$PROFILE BENCH_WORKLOADS=$WORKLOADS \
+    BENCH_IDLE=$IDLE BENCH_SWEEP=$SWEEP BENCH_THREADS=$THREADS BENCH_PROFILE=$PROFILE BENCH_WORKLOADS=$WORKLOADS \
     BENCH_HAPROXY_VERSION BENCH_RABBITMQ_VERSION BENCH_ERLANG_VERSION BENCH_RUSTC_VERSION \
     BENCH_COMMIT BENCH_ELAPSED=$((SECONDS - T0)) BENCH_STAMP=$STAMP
 report_rc=0

@@ -69,9 +69,13 @@ pub struct Opts {
     #[arg(long)]
     pub warmup: Option<f64>,
     /// Queue to use (declared non-durable, kept); default a fresh `loadgen-<pid>-<n>`,
-    /// deleted at the end.
+    /// deleted at the end. With `--queues N` above 1, `-<k>` is appended for each.
     #[arg(long)]
     pub queue: Option<String>,
+    /// Queues: producer `i` publishes to queue `i mod N`, consumer `j` drains queue
+    /// `j mod N` (100 producers and 100 consumers on 100 queues: one pair per queue).
+    #[arg(long, default_value_t = 1)]
+    pub queues: usize,
 }
 
 impl Opts {
@@ -126,42 +130,50 @@ pub(crate) struct Shared {
 
 pub async fn run(target: Arc<Target>, o: Opts) -> Result<Report, String> {
     let generated = o.queue.is_none();
-    let qname = o.queue.clone().unwrap_or_else(|| {
+    let base = o.queue.clone().unwrap_or_else(|| {
         format!(
             "loadgen-{}-{}",
             std::process::id(),
             clock::now_ns() % 1_000_000
         )
     });
+    let queues = o.queues.max(1);
+    let names: Vec<String> = if queues == 1 {
+        vec![base]
+    } else {
+        (0..queues).map(|k| format!("{base}-{k}")).collect()
+    };
     let mut setup = connect_channel(&target)
         .await
         .map_err(|e| format!("setup connection: {e}"))?;
-    let declare = queue::Declare {
-        queue: short(&qname),
-        passive: false,
-        durable: false,
-        exclusive: false,
-        auto_delete: false,
-        nowait: false,
-        arguments: FieldTable::default(),
-    };
-    setup
-        .call(
-            CH,
-            AMQPClass::Queue(queue::AMQPMethod::Declare(declare)),
-            |c| matches!(c, AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_))).then_some(()),
-        )
-        .await
-        .map_err(|e| format!("queue.declare {qname}: {e}"))?;
+    for qname in &names {
+        let declare = queue::Declare {
+            queue: short(qname),
+            passive: false,
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+            arguments: FieldTable::default(),
+        };
+        setup
+            .call(
+                CH,
+                AMQPClass::Queue(queue::AMQPMethod::Declare(declare)),
+                |c| matches!(c, AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_))).then_some(()),
+            )
+            .await
+            .map_err(|e| format!("queue.declare {qname}: {e}"))?;
+    }
 
-    let result = run_clients(&target, &o, &qname).await;
+    let result = run_clients(&target, &o, &names).await;
 
     // Bounded as a whole: when the broker or proxy has stopped answering, the run still
     // ends by itself.
     let cleanup = async {
-        if generated {
+        for qname in names.iter().filter(|_| generated) {
             let delete = queue::Delete {
-                queue: short(&qname),
+                queue: short(qname),
                 if_unused: false,
                 if_empty: false,
                 nowait: false,
@@ -175,11 +187,14 @@ pub async fn run(target: Arc<Target>, o: Opts) -> Result<Report, String> {
                 .await;
             if deleted.is_err() {
                 eprintln!("loadgen: could not delete queue {qname}");
+                break;
             }
         }
         let _ = setup.close().await;
     };
-    if tokio::time::timeout(CLEANUP, cleanup).await.is_err() {
+    // Deleting many queues takes longer: a round trip each.
+    let cleanup_time = CLEANUP + Duration::from_millis(10) * queues as u32;
+    if tokio::time::timeout(cleanup_time, cleanup).await.is_err() {
         eprintln!("loadgen: no answer to queue.delete / connection.close, giving up");
     }
     result
@@ -191,10 +206,10 @@ pub(crate) async fn connect_channel(target: &Target) -> Result<Conn, Error> {
     Ok(c)
 }
 
-async fn run_clients(target: &Arc<Target>, o: &Opts, qname: &str) -> Result<Report, String> {
+async fn run_clients(target: &Arc<Target>, o: &Opts, names: &[String]) -> Result<Report, String> {
     let mut consumers = Vec::with_capacity(o.consumers);
     for i in 0..o.consumers {
-        let c = start_consumer(target, o.prefetch, qname, i)
+        let c = start_consumer(target, o.prefetch, &names[i % names.len()], i)
             .await
             .map_err(|e| format!("consumer {i}: {e}"))?;
         consumers.push(c);
@@ -260,6 +275,7 @@ async fn run_clients(target: &Arc<Target>, o: &Opts, qname: &str) -> Result<Repo
                 let p = o.producers as u64;
                 n / p + u64::from((i as u64) < n % p)
             });
+            let qname = &names[i % names.len()];
             let p = Producer::new(conn, qname, o.size, plan, quota, per_rate, o.confirm_window);
             tokio::spawn(p.run(cancel.clone()))
         })
