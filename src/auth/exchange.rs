@@ -11,15 +11,36 @@
 //! - signed with a key the gateway holds for this purpose alone, named by its `kid`.
 //!
 //! The claims are built by [`BackendMinter::claims`], which is pure; [`BackendMinter::sign`]
-//! signs them. Neither logs anything: a minted token is a credential. [`read_private_key`]
+//! signs them. [`BackendMinter::mint`] is what a connection uses: a token already signed
+//! for the same user, scopes, `exp` (the client token's) and kind is used again rather than
+//! signed anew (an RSA signature costs about a millisecond of CPU per connection), so its
+//! `iat` and `jti` may be an earlier connection's; everything the broker decides on is the
+//! same. Neither logs anything: a minted token is a credential. [`read_private_key`]
 //! is the only IO here (the key file, refused when others may read it); [`public_key_pem`]
 //! (and `cli::rabbitmq_conf`) are the broker's side of the set-up.
+
+use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
 /// Lifetime of a backend token for a client token without `exp` (`require_exp = false`).
 pub const DEFAULT_LIFETIME: i64 = 3_600;
+
+/// Bytes of signed tokens kept for reuse ([`BackendMinter::mint`]).
+const REUSE_BYTES: u64 = 16 << 20;
+
+/// What a reusable backend token was signed for: everything in its claims but `iat` and
+/// `jti`. The minter's own settings (key, `kid`, audience, prefix) are the minter's: a
+/// reload with other settings makes a new minter, with nothing to reuse.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct MintKey {
+    username: Box<str>,
+    scopes: Box<[String]>,
+    exp: i64,
+    /// `Some(vhost)` for the minimal token that only opens `vhost`.
+    only_vhost: Option<Box<str>>,
+}
 
 /// The PEM key mints tokens with RS256 (an RSA key) or ES256 (a P-256 key).
 pub struct BackendMinter {
@@ -28,6 +49,8 @@ pub struct BackendMinter {
     kid: String,
     audience: String,
     prefix: String,
+    /// Signed tokens by what they were signed for, bounded by [`REUSE_BYTES`].
+    signed: moka::sync::Cache<MintKey, Arc<str>>,
 }
 
 impl std::fmt::Debug for BackendMinter {
@@ -103,6 +126,13 @@ impl BackendMinter {
             kid: kid.to_owned(),
             audience: audience.to_owned(),
             prefix: prefix.to_owned(),
+            signed: moka::sync::Cache::builder()
+                .max_capacity(REUSE_BYTES)
+                .weigher(|k: &MintKey, v: &Arc<str>| {
+                    let scopes: usize = k.scopes.iter().map(|s| s.len() + 24).sum();
+                    u32::try_from(v.len() + scopes + k.username.len() + 64).unwrap_or(u32::MAX)
+                })
+                .build(),
         };
         // A key of another curve (P-384 for ES256) parses but cannot sign: find out now.
         minter
@@ -158,6 +188,42 @@ impl BackendMinter {
             now,
             jti,
         )
+    }
+
+    /// The backend token for `who` at `now`: with `only_vhost`, the minimal one of
+    /// [`BackendMinter::minimal_claims`]. A token signed before for the same user, scopes
+    /// and `exp` (and vhost, for a minimal one) that has not expired is used again; the
+    /// `bool` says so. A client token without `exp` gets a fresh one each time (its `exp`
+    /// is counted from `now`).
+    pub fn mint(
+        &self,
+        who: &Subject<'_>,
+        only_vhost: Option<&str>,
+        now: i64,
+    ) -> Result<(Arc<str>, bool), jsonwebtoken::errors::Error> {
+        let fresh = || -> Result<Arc<str>, jsonwebtoken::errors::Error> {
+            let jti = format!("{:032x}", rand::random::<u128>());
+            let claims = match only_vhost {
+                Some(v) => self.minimal_claims(who, v, now, &jti),
+                None => self.claims(who, now, &jti),
+            };
+            Ok(Arc::from(self.sign(&claims)?))
+        };
+        let Some(exp) = who.exp.filter(|&e| e > now) else {
+            return Ok((fresh()?, false));
+        };
+        let key = MintKey {
+            username: who.username.into(),
+            scopes: who.scopes.into(),
+            exp,
+            only_vhost: only_vhost.map(Into::into),
+        };
+        if let Some(t) = self.signed.get(&key) {
+            return Ok((t, true));
+        }
+        let t = fresh()?;
+        self.signed.insert(key, t.clone());
+        Ok((t, false))
     }
 
     /// Signs `claims` as a JWT.
@@ -266,6 +332,80 @@ mod tests {
         ))
         .unwrap();
         BackendMinter::from_pem(&pem, "gw-1", "rabbitmq", "rabbitmq.").unwrap()
+    }
+
+    fn payload(token: &str) -> Value {
+        use base64::Engine as _;
+        let part = token.split('.').nth(1).unwrap();
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(part)
+                .unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_token_is_reused_only_for_the_same_user_scopes_exp_and_kind() {
+        let m = minter();
+        let scopes = vec!["read:%2F/*".to_owned()];
+        let who = Subject {
+            username: "alice",
+            scopes: &scopes,
+            exp: Some(2_000),
+        };
+        let (first, reused) = m.mint(&who, None, 1_000).unwrap();
+        assert!(!reused);
+        let (again, reused) = m.mint(&who, None, 1_100).unwrap();
+        assert!(reused);
+        assert_eq!(first, again);
+        assert_eq!(payload(&again)["scope"], "rabbitmq.read:%2F/*");
+        // Anything the broker decides on differs: signed anew.
+        let other_scopes = vec!["read:%2F/q".to_owned()];
+        let differing = [
+            Subject {
+                username: "bob",
+                scopes: &scopes,
+                exp: Some(2_000),
+            },
+            Subject {
+                username: "alice",
+                scopes: &other_scopes,
+                exp: Some(2_000),
+            },
+            Subject {
+                username: "alice",
+                scopes: &scopes,
+                exp: Some(2_001),
+            },
+        ];
+        for d in &differing {
+            let (t, reused) = m.mint(d, None, 1_100).unwrap();
+            assert!(!reused);
+            let p = payload(&t);
+            assert_eq!(p["sub"], d.username);
+            assert_eq!(p["exp"], d.exp.unwrap());
+        }
+        // The minimal token is another kind, per vhost.
+        let (min, reused) = m.mint(&who, Some("/"), 1_100).unwrap();
+        assert!(!reused);
+        assert_eq!(
+            payload(&min)["scope"],
+            "rabbitmq.read:%2F/amq.gateway.login-only"
+        );
+        assert!(m.mint(&who, Some("/"), 1_100).unwrap().1);
+        assert!(!m.mint(&who, Some("v2"), 1_100).unwrap().1);
+        // Expired, or without exp (counted from now): never reused.
+        assert!(!m.mint(&who, None, 2_000).unwrap().1);
+        let forever = Subject {
+            username: "alice",
+            scopes: &scopes,
+            exp: None,
+        };
+        m.mint(&forever, None, 1_000).unwrap();
+        let (t, reused) = m.mint(&forever, None, 1_500).unwrap();
+        assert!(!reused);
+        assert_eq!(payload(&t)["exp"], 1_500 + DEFAULT_LIFETIME);
     }
 
     /// A token the minter signs verifies with the JWK of its key: RSA and P-256.

@@ -926,14 +926,14 @@ fn backend_tokens(
 ) -> Result<(String, Option<String>), jsonwebtoken::errors::Error> {
     let now = now_secs();
     let who = subject(id);
-    let full = m.sign(&m.claims(&who, now, &jti()))?;
+    let (full, _) = m.mint(&who, None, now)?;
     // start-ok: frame header and end (8), ids (4), "PLAIN" and "en_US" with their lengths
     // (12), the response's length and its two NULs (6).
     if full.len() + properties_len + 30 <= PRE_TUNE_FRAME_MAX {
-        return Ok((full, None));
+        return Ok((full.to_string(), None));
     }
-    let minimal = m.sign(&m.minimal_claims(&who, vhost, now, &jti()))?;
-    Ok((minimal, Some(full)))
+    let (minimal, _) = m.mint(&who, Some(vhost), now)?;
+    Ok((minimal.to_string(), Some(full.to_string())))
 }
 
 /// An audit record about an authenticated client.
@@ -1023,8 +1023,8 @@ fn secret_verifier(
                     tracing::info!(%peer, user = %username, %vhost, token = %id.token_id, "secret updated");
                     let backend_secret = match &shared.minter {
                         None => None,
-                        Some(m) => match m.sign(&m.claims(&subject(&id), now_secs(), &jti())) {
-                            Ok(t) => Some(t),
+                        Some(m) => match m.mint(&subject(&id), None, now_secs()) {
+                            Ok((t, _)) => Some(t.to_string()),
                             Err(e) => {
                                 tracing::error!(%peer, user = %username, error = %e, "backend token not minted");
                                 return Err(refused);
