@@ -171,7 +171,8 @@ pub async fn run(target: Arc<Target>, o: Opts) -> Result<Report, String> {
     // Bounded as a whole: when the broker or proxy has stopped answering, the run still
     // ends by itself.
     let cleanup = async {
-        for qname in names.iter().filter(|_| generated) {
+        let delete_all = if generated { &names[..] } else { &[] };
+        for qname in delete_all {
             let delete = queue::Delete {
                 queue: short(qname),
                 if_unused: false,

@@ -42,6 +42,11 @@ struct MintKey {
     only_vhost: Option<Box<str>>,
 }
 
+/// A fresh `jti` for a backend token.
+pub fn jti() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
 /// The PEM key mints tokens with RS256 (an RSA key) or ES256 (a P-256 key).
 pub struct BackendMinter {
     key: EncodingKey,
@@ -192,25 +197,24 @@ impl BackendMinter {
 
     /// The backend token for `who` at `now`: with `only_vhost`, the minimal one of
     /// [`BackendMinter::minimal_claims`]. A token signed before for the same user, scopes
-    /// and `exp` (and vhost, for a minimal one) that has not expired is used again; the
-    /// `bool` says so. A client token without `exp` gets a fresh one each time (its `exp`
-    /// is counted from `now`).
+    /// and `exp` (and vhost, for a minimal one) that has not expired is used again. A
+    /// client token without `exp` gets a fresh one each time (its `exp` is counted from
+    /// `now`).
     pub fn mint(
         &self,
         who: &Subject<'_>,
         only_vhost: Option<&str>,
         now: i64,
-    ) -> Result<(Arc<str>, bool), jsonwebtoken::errors::Error> {
-        let fresh = || -> Result<Arc<str>, jsonwebtoken::errors::Error> {
-            let jti = format!("{:032x}", rand::random::<u128>());
+    ) -> Result<String, jsonwebtoken::errors::Error> {
+        let fresh = || {
             let claims = match only_vhost {
-                Some(v) => self.minimal_claims(who, v, now, &jti),
-                None => self.claims(who, now, &jti),
+                Some(v) => self.minimal_claims(who, v, now, &jti()),
+                None => self.claims(who, now, &jti()),
             };
-            Ok(Arc::from(self.sign(&claims)?))
+            self.sign(&claims)
         };
         let Some(exp) = who.exp.filter(|&e| e > now) else {
-            return Ok((fresh()?, false));
+            return fresh();
         };
         let key = MintKey {
             username: who.username.into(),
@@ -219,11 +223,11 @@ impl BackendMinter {
             only_vhost: only_vhost.map(Into::into),
         };
         if let Some(t) = self.signed.get(&key) {
-            return Ok((t, true));
+            return Ok(t.to_string());
         }
         let t = fresh()?;
-        self.signed.insert(key, t.clone());
-        Ok((t, false))
+        self.signed.insert(key, Arc::from(t.as_str()));
+        Ok(t)
     }
 
     /// Signs `claims` as a JWT.
@@ -354,10 +358,9 @@ mod tests {
             scopes: &scopes,
             exp: Some(2_000),
         };
-        let (first, reused) = m.mint(&who, None, 1_000).unwrap();
-        assert!(!reused);
-        let (again, reused) = m.mint(&who, None, 1_100).unwrap();
-        assert!(reused);
+        // A token signed anew has a `jti` of its own: a reused one is the same string.
+        let first = m.mint(&who, None, 1_000).unwrap();
+        let again = m.mint(&who, None, 1_100).unwrap();
         assert_eq!(first, again);
         assert_eq!(payload(&again)["scope"], "rabbitmq.read:%2F/*");
         // Anything the broker decides on differs: signed anew.
@@ -380,31 +383,31 @@ mod tests {
             },
         ];
         for d in &differing {
-            let (t, reused) = m.mint(d, None, 1_100).unwrap();
-            assert!(!reused);
+            let t = m.mint(d, None, 1_100).unwrap();
+            assert_ne!(t, first);
             let p = payload(&t);
             assert_eq!(p["sub"], d.username);
             assert_eq!(p["exp"], d.exp.unwrap());
         }
         // The minimal token is another kind, per vhost.
-        let (min, reused) = m.mint(&who, Some("/"), 1_100).unwrap();
-        assert!(!reused);
+        let min = m.mint(&who, Some("/"), 1_100).unwrap();
+        assert_ne!(min, first);
         assert_eq!(
             payload(&min)["scope"],
             "rabbitmq.read:%2F/amq.gateway.login-only"
         );
-        assert!(m.mint(&who, Some("/"), 1_100).unwrap().1);
-        assert!(!m.mint(&who, Some("v2"), 1_100).unwrap().1);
+        assert_eq!(m.mint(&who, Some("/"), 1_100).unwrap(), min);
+        assert_ne!(m.mint(&who, Some("v2"), 1_100).unwrap(), min);
         // Expired, or without exp (counted from now): never reused.
-        assert!(!m.mint(&who, None, 2_000).unwrap().1);
+        assert_ne!(m.mint(&who, None, 2_000).unwrap(), first);
         let forever = Subject {
             username: "alice",
             scopes: &scopes,
             exp: None,
         };
-        m.mint(&forever, None, 1_000).unwrap();
-        let (t, reused) = m.mint(&forever, None, 1_500).unwrap();
-        assert!(!reused);
+        let earlier = m.mint(&forever, None, 1_000).unwrap();
+        let t = m.mint(&forever, None, 1_500).unwrap();
+        assert_ne!(t, earlier);
         assert_eq!(payload(&t)["exp"], 1_500 + DEFAULT_LIFETIME);
     }
 

@@ -907,11 +907,6 @@ pub(super) fn subject(id: &Identity) -> Subject<'_> {
     }
 }
 
-/// A fresh `jti` for a backend token.
-pub(super) fn jti() -> String {
-    format!("{:032x}", rand::random::<u128>())
-}
-
 /// RabbitMQ before 4.1 takes frames of at most 4096 bytes until the connection is tuned.
 const PRE_TUNE_FRAME_MAX: usize = 4096;
 
@@ -926,14 +921,14 @@ fn backend_tokens(
 ) -> Result<(String, Option<String>), jsonwebtoken::errors::Error> {
     let now = now_secs();
     let who = subject(id);
-    let (full, _) = m.mint(&who, None, now)?;
+    let full = m.mint(&who, None, now)?;
     // start-ok: frame header and end (8), ids (4), "PLAIN" and "en_US" with their lengths
     // (12), the response's length and its two NULs (6).
     if full.len() + properties_len + 30 <= PRE_TUNE_FRAME_MAX {
-        return Ok((full.to_string(), None));
+        return Ok((full, None));
     }
-    let (minimal, _) = m.mint(&who, Some(vhost), now)?;
-    Ok((minimal.to_string(), Some(full.to_string())))
+    let minimal = m.mint(&who, Some(vhost), now)?;
+    Ok((minimal, Some(full)))
 }
 
 /// An audit record about an authenticated client.
@@ -1024,7 +1019,7 @@ fn secret_verifier(
                     let backend_secret = match &shared.minter {
                         None => None,
                         Some(m) => match m.mint(&subject(&id), None, now_secs()) {
-                            Ok((t, _)) => Some(t.to_string()),
+                            Ok(t) => Some(t),
                             Err(e) => {
                                 tracing::error!(%peer, user = %username, error = %e, "backend token not minted");
                                 return Err(refused);

@@ -112,9 +112,11 @@ impl Management {
         {
             return Ok(token);
         }
-        let claims = self
-            .minter
-            .claims(&super::conn::subject(id), now, &super::conn::jti());
+        let claims = self.minter.claims(
+            &super::conn::subject(id),
+            now,
+            &crate::auth::exchange::jti(),
+        );
         let exp = claims["exp"].as_i64().unwrap_or(now);
         let token: Arc<str> = self
             .minter
