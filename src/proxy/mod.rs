@@ -692,10 +692,14 @@ async fn serve_socket(
         Some(acceptor) => {
             let deadline = shared.cfg.listener.handshake_timeout;
             let timer = shared.metrics.phase("tls").start_timer();
-            match tokio::time::timeout(deadline, acceptor.accept(ReadAhead::new(stream))).await {
+            // Boxed: see `conn::serve`.
+            let accepting = Box::pin(acceptor.accept(ReadAhead::new(stream)));
+            match tokio::time::timeout(deadline, accepting).await {
                 Ok(Ok(tls_stream)) => {
                     timer.observe_duration();
-                    conn::serve(tls_stream, peer, shared, true).await
+                    // Boxed: the TLS state is over 1 KiB, and the futures it passes through
+                    // on its way into the relay would each keep a slot of that size.
+                    conn::serve(Box::new(tls_stream), peer, shared, true).await
                 }
                 Ok(Err(e)) => {
                     timer.stop_and_discard();

@@ -225,7 +225,8 @@ pub struct Session {
     limits: Limits,
     /// Looked up several times per message: FxHash, not SipHash (the keys are channel
     /// numbers, bounded by `channel_max`, nothing to flood).
-    channels: FxHashMap<u16, Channel>,
+    /// Boxed: a map's buckets are allocated in fours, and most connections use one channel.
+    channels: FxHashMap<u16, Box<Channel>>,
     /// Consumers on all channels.
     consumers: usize,
     /// Awaited replies with something to learn, on all channels.
@@ -619,7 +620,7 @@ impl Session {
             Some(Pause::ServerName(ch)) => self.channels.get(&ch).is_none_or(|c| {
                 c.state != State::Open || !matches!(c.last_queue, LastQueue::ServerNamed { .. })
             }),
-            Some(Pause::Reopen(ch)) => self.channels.get(&ch).is_none_or(Channel::finished),
+            Some(Pause::Reopen(ch)) => self.channels.get(&ch).is_none_or(|c| c.finished()),
             Some(Pause::Pending) => self.pending < self.limits.pending_replies,
             Some(Pause::Declared(ch)) => self
                 .channels
@@ -903,7 +904,7 @@ impl Session {
             }
             None => {}
         }
-        self.channels.insert(ch, Channel::open());
+        self.channels.insert(ch, Box::new(Channel::open()));
         Step::Forward
     }
 
@@ -1179,7 +1180,9 @@ impl Session {
     }
 
     fn channel(&mut self, ch: u16) -> &mut Channel {
-        self.channels.entry(ch).or_insert_with(Channel::open)
+        self.channels
+            .entry(ch)
+            .or_insert_with(|| Box::new(Channel::open()))
     }
 
     fn queue_declare(
@@ -1528,7 +1531,7 @@ impl Session {
     }
 
     fn forget_if_finished(&mut self, ch: u16) {
-        if self.channels.get(&ch).is_some_and(Channel::finished) {
+        if self.channels.get(&ch).is_some_and(|c| c.finished()) {
             self.channels.remove(&ch);
         }
     }
