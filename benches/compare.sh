@@ -46,6 +46,8 @@
 #                       run failed or a cell got no number
 # Environment: GATEWAY_PER_CORE=true runs the gateways with [runtime] per_core = true
 #   (single-threaded runtimes, connections handed off by the acceptor).
+# Environment: GATEWAY_BUSY_POLL_US=N runs the gateways with [runtime] busy_poll_us = N
+#   (bounded busy polling; default 0, off).
 # Environment: LOADGEN=PATH runs that load generator (same CLI) instead of building
 # examples/loadgen.
 #
@@ -349,6 +351,7 @@ level = "info"
 
 [runtime]
 per_core = ${GATEWAY_PER_CORE:-false}
+busy_poll_us = ${GATEWAY_BUSY_POLL_US:-0}
 EOF
 "$GW" check-config --config "$BENCH/gateway.toml" >/dev/null
 TOKIO_WORKER_THREADS=$THREADS RUST_LOG=info \

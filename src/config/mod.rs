@@ -317,8 +317,9 @@ impl Default for AuthConfig {
 /// RabbitMQ's default `loopback_users`.
 pub const DEFAULT_LOOPBACK_USER: &str = "guest";
 
-/// `[runtime]`: the process's threads. Read at start only; a reload that changes it is
-/// logged as taking effect at the next restart.
+/// `[runtime]`: the process's threads. `worker_threads` and `per_core` are read at start
+/// only (a reload that changes them is logged as taking effect at the next restart);
+/// `busy_poll` applies to the connections opened after a reload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuntimeConfig {
     /// Worker threads of the async runtime that relays connections. `None`: the
@@ -328,7 +329,15 @@ pub struct RuntimeConfig {
     /// it by the acceptor: a connection's client and backend sockets are served by one
     /// thread. `false`: one multi-thread runtime (tokio's work stealing).
     pub per_core: bool,
+    /// Bounded busy polling: after moving bytes, a connection's task keeps polling its
+    /// sockets for this long before it sleeps, instead of waiting to be woken
+    /// (`runtime.busy_poll_us`, default 0: off). It trades a core kept busy for fewer
+    /// wake-ups.
+    pub busy_poll: std::time::Duration,
 }
+
+/// The longest `runtime.busy_poll_us`.
+pub const MAX_BUSY_POLL_US: u64 = 1_000;
 
 /// `[listener]`: where clients connect and the limits applied to them.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -68,6 +68,7 @@ pub(super) struct RawAuthorization {
 pub(super) struct RawRuntime {
     pub worker_threads: Option<u64>,
     pub per_core: Option<bool>,
+    pub busy_poll_us: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -894,6 +894,16 @@ fn worker_threads_default_to_the_runtime_and_are_bounded() {
 }
 
 #[test]
+fn busy_polling_is_off_by_default_and_bounded() {
+    let (c, _) = parse_ok(MINIMAL);
+    assert_eq!(c.runtime.busy_poll, std::time::Duration::ZERO);
+    let (c, _) = parse_ok(&minimal_with("runtime", "busy_poll_us = 50"));
+    assert_eq!(c.runtime.busy_poll, std::time::Duration::from_micros(50));
+    let errors = parse_err(&minimal_with("runtime", "busy_poll_us = 1001"));
+    assert_eq!(keys(&errors), ["runtime.busy_poll_us"], "{errors}");
+}
+
+#[test]
 fn the_auth_chain_is_checked() {
     let (c, _) = parse_ok(MINIMAL);
     assert_eq!(c.auth.backends, [crate::config::AuthBackend::OAuth2]);

@@ -44,7 +44,7 @@ use super::{
     DEFAULT_JWKS_STALE_GRACE_SECONDS, DEFAULT_TOKEN_CACHE_SIZE, MAX_JWKS_STALE_GRACE_SECONDS,
     MAX_TOKEN_CACHE_SIZE,
 };
-use super::{IssuerConfig, MAX_WORKER_THREADS, RuntimeConfig};
+use super::{IssuerConfig, MAX_BUSY_POLL_US, MAX_WORKER_THREADS, RuntimeConfig};
 use crate::auth::policy::{ClaimRule, ClaimTest, Policy};
 use crate::auth::scopes;
 
@@ -69,6 +69,13 @@ pub(super) fn validate(
             .worker_threads
             .map(|n| c.bounded("runtime.worker_threads", Some(n), 1, 1, MAX_WORKER_THREADS)),
         per_core: raw.runtime.per_core.unwrap_or(false),
+        busy_poll: std::time::Duration::from_micros(c.bounded(
+            "runtime.busy_poll_us",
+            raw.runtime.busy_poll_us,
+            0,
+            0,
+            MAX_BUSY_POLL_US,
+        )),
     };
     let auth = c.auth(raw.auth);
     let authorization = c.authorization(raw.authorization);

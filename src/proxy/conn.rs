@@ -183,6 +183,7 @@ where
             traffic: Some(relay::Traffic::new(&shared.metrics)),
             shutdown: Some(shutdown_signal(&shared)),
             policies: Some(policy_watch(&shared, facts, peer, secure)),
+            busy_poll: shared.cfg.runtime.busy_poll,
         },
     )
     .await;
@@ -639,6 +640,7 @@ where
             traffic: Some(relay::Traffic::new(&shared.metrics)),
             shutdown: Some(shutdown_signal(shared)),
             policies: None,
+            busy_poll: shared.cfg.runtime.busy_poll,
         },
     )
     .await;

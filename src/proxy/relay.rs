@@ -73,6 +73,9 @@ pub struct Hooks {
     /// The broker policies in force, and how this connection binds them to its principal:
     /// when a reload changes them, the session is given the new binding.
     pub policies: Option<PolicyWatch>,
+    /// Bounded busy polling (`runtime.busy_poll_us`): for this long after the last bytes
+    /// moved, the task asks to be polled again instead of sleeping until woken. Zero: off.
+    pub busy_poll: std::time::Duration,
 }
 
 /// Binds a configuration's broker policies to the connection's principal.
@@ -179,6 +182,7 @@ where
             tokio::time::interval_at(Instant::now() + every, every)
         }),
         policy_change: None,
+        last_progress: None,
         hooks,
     };
     if let Some(w) = r.hooks.policies.take() {
@@ -301,6 +305,8 @@ struct Relay<C, B> {
     forget: Option<tokio::time::Interval>,
     /// The next change of the broker policies, and the binder.
     policy_change: Option<(PolicyChange, Rebind)>,
+    /// When bytes last moved, with busy polling on.
+    last_progress: Option<std::time::Instant>,
     hooks: Hooks,
 }
 
@@ -422,7 +428,24 @@ where
                 return Poll::Ready(end);
             }
             if !progress {
+                self.busy_poll(cx);
                 return Poll::Pending;
+            }
+            if !self.hooks.busy_poll.is_zero() {
+                self.last_progress = Some(std::time::Instant::now());
+            }
+        }
+    }
+
+    /// Bounded busy polling: within `busy_poll` of the last progress, the task wakes itself
+    /// and is polled again after the runtime's other tasks (the runtime checks the sockets
+    /// without sleeping every few dozen polls), rather than waiting to be woken.
+    fn busy_poll(&mut self, cx: &mut Context<'_>) {
+        if let Some(at) = self.last_progress {
+            if at.elapsed() < self.hooks.busy_poll {
+                cx.waker().wake_by_ref();
+            } else {
+                self.last_progress = None;
             }
         }
     }
@@ -609,6 +632,7 @@ mod tests {
             traffic: None,
             shutdown: None,
             policies: None,
+            busy_poll: std::time::Duration::ZERO,
         };
         let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
         let session = Session::new(
@@ -651,6 +675,55 @@ mod tests {
             future <= state + 64,
             "the relay future is {future} bytes for {state} bytes of state"
         );
+    }
+
+    /// Busy polling is bounded: while bytes move the task polls itself again, and once
+    /// they stop for longer than `busy_poll` it sleeps until woken.
+    #[tokio::test]
+    async fn busy_polling_stops_after_its_bound() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client, mut app) = tokio::io::duplex(1024);
+        let (backend, mut broker) = tokio::io::duplex(1024);
+        let (mut hooks, session) = hooks_and_session(&[]);
+        hooks.busy_poll = std::time::Duration::from_millis(20);
+        let mut relay = Box::pin(run(
+            client,
+            backend,
+            BytesMut::new(),
+            BytesMut::new(),
+            session,
+            None,
+            hooks,
+        ));
+        let polls = Arc::new(AtomicUsize::new(0));
+        let counted = polls.clone();
+        let task = tokio::spawn(std::future::poll_fn(move |cx| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            relay.as_mut().poll(cx).map(|_| ())
+        }));
+        let heartbeat = [8u8, 0, 0, 0, 0, 0, 0, 0xCE];
+        app.write_all(&heartbeat).await.unwrap();
+        let mut got = [0u8; 8];
+        broker.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, heartbeat);
+        // Within the bound the task keeps polling itself; past it, it sleeps.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let spinning = polls.load(Ordering::Relaxed);
+        assert!(spinning > 10, "{spinning} polls while busy polling");
+        tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+        let settled = polls.load(Ordering::Relaxed);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(
+            polls.load(Ordering::Relaxed),
+            settled,
+            "still polling after the bound"
+        );
+        // And it still relays once woken.
+        app.write_all(&heartbeat).await.unwrap();
+        broker.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, heartbeat);
+        task.abort();
     }
 
     /// The broker-close bound the tests run with.
