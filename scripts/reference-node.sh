@@ -122,7 +122,15 @@ ctl() {
 # The node answers (not just: a VM with that name exists).
 running() { CTL_TIMEOUT=15 ctl -q await_startup --timeout 5 >/dev/null 2>&1; }
 
-node_pid() { if [[ -s "$PIDFILE" ]]; then cat "$PIDFILE"; fi; }
+node_pid() {
+    if [[ -s "$PIDFILE" ]]; then
+        cat "$PIDFILE"
+        return
+    fi
+    # The pid file can be gone while the node runs (a stop that overlapped a start removed
+    # it): ask the node itself, or it could never be stopped by this script.
+    CTL_TIMEOUT=10 ctl -q eval 'os:getpid().' 2>/dev/null | tr -dc '0-9' || true
+}
 
 render() {
     mkdir -p "$STATE/log" "$STATE/new"
@@ -216,6 +224,7 @@ do_stop() {
         return 0
     fi
     log "stopping $NODE"
+    [[ -s "$PIDFILE" || -z "$pid" ]] || echo "$pid" >"$PIDFILE"
     # `stop <pidfile>` waits until that VM has exited.
     if ! ctl -q stop --idempotent "$PIDFILE" >/dev/null 2>&1; then
         pid="$(node_pid)"
