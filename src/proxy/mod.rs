@@ -191,12 +191,11 @@ impl Live {
         {
             tracing::warn!("listener addresses changed: they take effect at the next restart");
         }
-        if cfg.runtime.worker_threads != old.cfg.runtime.worker_threads
-            || cfg.runtime.per_core != old.cfg.runtime.per_core
-        {
-            tracing::warn!(
-                "runtime.worker_threads or runtime.per_core changed: it takes effect at the next restart"
-            );
+        if cfg.runtime.worker_threads != old.cfg.runtime.worker_threads {
+            tracing::warn!("runtime.worker_threads changed: it takes effect at the next restart");
+        }
+        if cfg.runtime.per_core != old.cfg.runtime.per_core {
+            tracing::warn!("runtime.per_core changed: it takes effect at the next restart");
         }
         let result = build(cfg, Some(&old), old.drain.clone()).await;
         let label = if result.is_ok() { "ok" } else { "error" };
