@@ -61,7 +61,7 @@ TARGET_DIR="$(cargo metadata --format-version 1 --no-deps \
 export GATEWAY_BIN="$TARGET_DIR/debug/amqp-iam-gateway"
 
 step "integration tests (pytest tests/python: Python clients, amqp-tools, Node clients via node --test)"
-"$ROOT/.venv/bin/python" -m pytest tests/python -q -p no:cacheprovider
+"$ROOT/.venv/bin/python" -m pytest tests/python -q -p no:cacheprovider --durations=25
 
 # A smoke: every target builds and runs clean from its seeds for a few seconds, in the dev
 # profile (debug assertions and overflow checks on; it builds in half the release build's

@@ -485,8 +485,9 @@ def generated_names(d, c: Ctx) -> bool:
     return a != b and _GENERATED.sub("#", a) == _GENERATED.sub("#", b)
 
 
+# `basic.get` takes a message: two channels' gets of one message race for it.
 _MUTATING = {"queue.delete", "exchange.delete", "queue.purge", "queue.declare", "exchange.declare",
-             "queue.bind", "queue.unbind", "exchange.bind", "exchange.unbind"}
+             "queue.bind", "queue.unbind", "exchange.bind", "exchange.unbind", "basic.get"}
 
 
 def _names(side: dict, op: dict, ref: str) -> set[str]:
@@ -556,7 +557,7 @@ def cross_channel_race(d, c: Ctx) -> bool:
     """R-CROSS-CHANNEL (race): the divergent method shares a queue or exchange with a
     method sent with it (in its step, or in steps the runner did not wait between) on
     another channel, one of them changing it (declare,
-    delete, purge, bind, unbind). RabbitMQ runs channels concurrently: which one the
+    delete, purge, bind, unbind, or a `basic.get` taking a message). RabbitMQ runs channels concurrently: which one the
     broker handles first is not defined, and the gateway's pauses (a type lookup, a
     server-named declare) change the timing."""
     if d.kind == "async":
