@@ -40,7 +40,7 @@
 #                       connections are added; plotted as SVG by the report)
 #   --debug             use the debug build instead of the release build
 #   --keep-node         leave the benchmark RabbitMQ node running at the end
-#   --smoke             1 rep, 1 s throughput runs after 0.5 s of warm-up, 2 s of churn,
+#   --smoke             1 rep, 0.5 s throughput runs after 0.25 s of warm-up, 1 s of churn,
 #                       200 idle connections held 1 s, sweep points 1 and 10, debug build (CI: test.sh has built
 #                       it): under a minute with the node start; exit non-zero only if a
 #                       run failed or a cell got no number
@@ -136,7 +136,7 @@ while (($#)); do
     shift
 done
 if ((SMOKE)); then
-    REPS=1 DURATION=1 WARMUP=0.5 CHURN_DURATION=2 IDLE=200 IDLE_HOLD=1 PROFILE=debug
+    REPS=1 DURATION=0.5 WARMUP=0.25 CHURN_DURATION=1 IDLE=200 IDLE_HOLD=1 PROFILE=debug
     SWEEP="1,10"
 fi
 IFS=, read -ra SWEEP_POINTS <<<"$SWEEP"

@@ -14,6 +14,8 @@
 #   FUZZ_PROFILE   release (-O, for real runs) or dev (no optimisation, with debug
 #                  assertions and overflow checks: builds in about half the time, runs
 #                  5-30 times slower; the test command's smoke uses it)          [release]
+#   FUZZ_BUILD_ONLY  1: build the targets and stop (the test command builds them in the
+#                  background, niced, while the integration tests run)           [0]
 #
 # It installs cargo-fuzz (a pinned version, about 30 s) when it is missing. cargo-fuzz needs
 # unstable compiler flags; RUSTC_BOOTSTRAP=1 allows them on the stable toolchain. No
@@ -50,6 +52,10 @@ fi
 
 echo "fuzz: building ${targets[*]} (${FUZZ_PROFILE:-release})"
 cargo fuzz build --sanitizer none "${PROFILE[@]}"
+if [[ ${FUZZ_BUILD_ONLY:-0} == 1 ]]; then
+    echo "fuzz: built"
+    exit 0
+fi
 
 failed=()
 summary=()

@@ -13,8 +13,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$(pwd)"
 
 STEP="setup"
+FUZZ_BUILD_PID=""
 on_exit() {
     local rc=$?
+    # The background fuzz build (its own process group), should the run end before it.
+    if [[ -n $FUZZ_BUILD_PID ]]; then kill -- "-$FUZZ_BUILD_PID" 2>/dev/null || true; fi
     if ((rc != 0)); then echo; echo "test.sh: FAILED at step: $STEP (exit $rc)"; fi
 }
 trap on_exit EXIT
@@ -60,14 +63,31 @@ TARGET_DIR="$(cargo metadata --format-version 1 --no-deps \
     | "$ROOT/.venv/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
 export GATEWAY_BIN="$TARGET_DIR/debug/amqp-iam-gateway"
 
-step "integration tests (pytest tests/python: Python clients, amqp-tools, Node clients via node --test)"
+# The fuzz smoke's targets build in the background while the integration tests run (they
+# leave about half of the CPU idle, waiting on brokers and clients), niced so that the
+# tests keep their CPU; the smoke itself runs after them. The build's output goes to a log
+# printed after the tests.
+export FUZZ_SECONDS="${FUZZ_SECONDS:-5}" FUZZ_PROFILE="${FUZZ_PROFILE:-dev}"
+FUZZ_BUILD_LOG="$TARGET_DIR/fuzz-build.log"
+FUZZ_BUILD_ONLY=1 setsid nice -n 19 bash scripts/fuzz.sh >"$FUZZ_BUILD_LOG" 2>&1 &
+FUZZ_BUILD_PID=$!
+
+step "integration tests (pytest tests/python: Python clients, amqp-tools, Node clients via node --test; the fuzz targets build meanwhile)"
 "$ROOT/.venv/bin/python" -m pytest tests/python -q -p no:cacheprovider --durations=25
 
 # A smoke: every target builds and runs clean from its seeds for a few seconds, in the dev
 # profile (debug assertions and overflow checks on; it builds in half the release build's
 # time). Real runs: scripts/fuzz.sh alone, release by default.
-export FUZZ_SECONDS="${FUZZ_SECONDS:-5}" FUZZ_PROFILE="${FUZZ_PROFILE:-dev}"
 step "fuzz smoke (scripts/fuzz.sh: every cargo-fuzz target, ${FUZZ_SECONDS} s each, ${FUZZ_PROFILE} profile)"
+fuzz_build_rc=0
+wait "$FUZZ_BUILD_PID" || fuzz_build_rc=$?
+FUZZ_BUILD_PID=""
+tail -5 "$FUZZ_BUILD_LOG"
+if ((fuzz_build_rc != 0)); then
+    cat "$FUZZ_BUILD_LOG"
+    echo "fuzz: the background build failed (exit $fuzz_build_rc)" >&2
+    exit 1
+fi
 bash scripts/fuzz.sh
 
 step "benchmark smoke (benches/compare.sh --smoke: direct, HAProxy, the gateway, the gateway with backend tokens, RabbitMQ TLS with OAuth 2.0; debug build)"
