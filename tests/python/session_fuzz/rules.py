@@ -521,7 +521,8 @@ def _unwaited_to(c: Ctx, step: int) -> int:
 
 def _state_race(d, c: Ctx) -> bool:
     """Final states that differ only in the message counts of queues that a publish
-    raced for with a declare, delete, purge or bind of that queue on another channel."""
+    raced for with a declare, delete, purge, bind or get of that queue on another
+    channel."""
     def queues(lines: list[str]) -> dict:
         out = {}
         for line in lines:
@@ -553,6 +554,40 @@ def _state_race(d, c: Ctx) -> bool:
     return True
 
 
+def _state_exchange_race(d, c: Ctx) -> bool:
+    """Final states that differ only in exchanges, and in bindings from or to them, that
+    an `exchange.declare` and an `exchange.delete` on different channels, sent without a
+    wait between them, raced for: which of the two the broker ran last is not defined."""
+    raced = set()
+    ops = sorted(c.gw["ops"].items(), key=lambda kv: op_key(kv[0]))
+    for r1, a in ops:
+        if a["m"] != "exchange.delete":
+            continue
+        step = op_key(r1)[0]
+        first, last = _unwaited_from(c, step), _unwaited_to(c, step)
+        x = (a.get("a") or {}).get("exchange")
+        for r2, b in ops:
+            if b["m"] == "exchange.declare" and b["ch"] != a["ch"] \
+                    and not (b.get("a") or {}).get("passive") \
+                    and (b.get("a") or {}).get("exchange") == x \
+                    and first <= op_key(r2)[0] <= last:
+                raced.add(x)
+    if not raced:
+        return False
+    for line in d.ref_extra + d.gw_extra:
+        kind, _, rest = line.partition(": ")
+        row = json.loads(rest)
+        if kind == "exchanges":
+            involved = {row[0]}
+        elif kind == "bindings":
+            involved = {row[0]} | ({row[1]} if row[2] == "exchange" else set())
+        else:
+            return False
+        if not involved & raced:
+            return False
+    return True
+
+
 def cross_channel_race(d, c: Ctx) -> bool:
     """R-CROSS-CHANNEL (race): the divergent method shares a queue or exchange with a
     method sent with it (in its step, or in steps the runner did not wait between) on
@@ -573,7 +608,7 @@ def cross_channel_race(d, c: Ctx) -> bool:
                        for x in side["events"])
         return all(failed_near(c.gw, e["step"]) and failed_near(c.ref, e["step"]) for e in extra)
     if d.kind == "state":
-        return _state_race(d, c)
+        return _state_race(d, c) or _state_exchange_race(d, c)
     if d.kind != "ordered":
         return False
     for e in (d.gw, d.ref):
