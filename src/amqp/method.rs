@@ -73,8 +73,6 @@ pub mod id {
     pub const BASIC_PUBLISH: (u16, u16) = (60, 40);
     pub const BASIC_DELIVER: (u16, u16) = (60, 60);
     pub const BASIC_GET: (u16, u16) = (60, 70);
-    pub const BASIC_ACK: (u16, u16) = (60, 80);
-    pub const BASIC_NACK: (u16, u16) = (60, 120);
 }
 
 /// `class.method` for the methods the gateway refuses or reports, e.g. `queue.declare`.

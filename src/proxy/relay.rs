@@ -513,7 +513,7 @@ where
 
     fn pump_backend(&mut self, cx: &mut Context<'_>) -> Result<bool, RelayEnd> {
         let mut progress = false;
-        if self.fail.is_some() || self.session.backend_held() {
+        if self.fail.is_some() {
             return Ok(false);
         }
         if !self.backend.eof && self.client.out.weight() < HIGH_WATER {
@@ -562,12 +562,6 @@ where
             .broker_close_wait
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
         if wait.as_mut().poll(cx).is_pending() {
-            return false;
-        }
-        // Overdue, but the broker's frames are held for a lookup and its answer may be
-        // among them: judged once they are read (the lookup's end wakes the task, and the
-        // backend is read before this runs again).
-        if self.session.backend_held() {
             return false;
         }
         self.broker_close_wait = None;
@@ -635,11 +629,6 @@ mod tests {
 
     /// Hooks that call out to nothing, and a session with `scopes`.
     fn hooks_and_session(scopes: &[&str]) -> (Hooks, Session) {
-        hooks_and_session_with(scopes, false)
-    }
-
-    /// As [`hooks_and_session`]; `lookups`: the session asks for exchange types.
-    fn hooks_and_session_with(scopes: &[&str], lookups: bool) -> (Hooks, Session) {
         let hooks = Hooks {
             verifier: Box::new(|_| Box::pin(async { Err(SecretRefused("unused".to_owned())) })),
             lookup: None,
@@ -662,7 +651,7 @@ mod tests {
                 limits: Default::default(),
                 seed: 0,
                 epochs: crate::amqp::session::ExchangeEpochs::new(),
-                lookups,
+                lookups: false,
                 cancel_notify: false,
             },
             Permissions::from_scopes(&scopes),
@@ -741,210 +730,6 @@ mod tests {
         broker.read_exact(&mut got).await.unwrap();
         assert_eq!(got, heartbeat);
         task.abort();
-    }
-
-    /// Finding 21bb9ac018 of the session fuzzer: what the broker sends while an
-    /// exchange-type lookup runs waits for the decision. A refusal drops the confirms that
-    /// came on the refused channel (RabbitMQ's closing channel sends nothing, so its
-    /// client never sees them); other channels get theirs after the decision.
-    #[tokio::test]
-    async fn the_brokers_frames_wait_for_a_lookup_and_a_refusal_drops_its_channels() {
-        use crate::authz::ExchangeKind;
-        use amq_protocol::protocol::{AMQPClass, basic, channel};
-        use std::sync::Mutex;
-        let (client, mut app) = tokio::io::duplex(64 * 1024);
-        let (backend, mut broker) = tokio::io::duplex(64 * 1024);
-        let (mut hooks, session) = hooks_and_session_with(&["write:*/*"], true);
-        let (answer, asked) = tokio::sync::oneshot::channel::<Option<ExchangeKind>>();
-        let asked = Mutex::new(Some(asked));
-        hooks.lookup = Some(Box::new(move |_| {
-            let rx = asked.lock().unwrap().take().expect("one lookup");
-            Box::pin(async move { rx.await.ok().flatten() })
-        }));
-        let relay = tokio::spawn(relay_between(client, backend, (hooks, session)));
-        let frame = |ch: u16, m: AMQPClass| {
-            let mut b = BytesMut::new();
-            method::encode(&mut b, ch, m);
-            b
-        };
-        let mut buf = vec![0u8; 64 * 1024];
-        for ch in [1, 2] {
-            let open = frame(
-                ch,
-                AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
-            );
-            app.write_all(&open).await.unwrap();
-            let n = broker.read(&mut buf).await.unwrap();
-            assert_eq!(&buf[..n], &open[..]);
-            let ok = frame(
-                ch,
-                AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
-            );
-            broker.write_all(&ok).await.unwrap();
-            let n = app.read(&mut buf).await.unwrap();
-            assert_eq!(&buf[..n], &ok[..]);
-        }
-        // A publish whose topic check needs the exchange's type: the lookup starts.
-        let publish = frame(
-            1,
-            AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
-                exchange: "ext".into(),
-                routing_key: "rk".into(),
-                ..Default::default()
-            })),
-        );
-        app.write_all(&publish).await.unwrap();
-        // Its content header (class 60, body size 1, no properties) and body: the publish
-        // is decided once its header is in.
-        let mut content = vec![2u8, 0, 1, 0, 0, 0, 14, 0, 60, 0, 0];
-        content.extend_from_slice(&1u64.to_be_bytes());
-        content.extend_from_slice(&[0, 0, 0xCE]);
-        content.extend_from_slice(&[3u8, 0, 1, 0, 0, 0, 1, b'b', 0xCE]);
-        app.write_all(&content).await.unwrap();
-        // Meanwhile the broker confirms on both channels.
-        let ack = |ch| {
-            frame(
-                ch,
-                AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
-                    delivery_tag: 1,
-                    multiple: false,
-                })),
-            )
-        };
-        let (ack1, ack2) = (ack(1), ack(2));
-        broker.write_all(&ack1).await.unwrap();
-        broker.write_all(&ack2).await.unwrap();
-        let early = tokio::time::timeout(std::time::Duration::from_millis(200), app.read(&mut buf));
-        assert!(
-            early.await.is_err(),
-            "nothing reaches the client during the lookup"
-        );
-        // A topic exchange: the 2-part write scope does not grant the key.
-        answer.send(Some(ExchangeKind::Topic)).unwrap();
-        let n = broker.read(&mut buf).await.unwrap();
-        assert!(
-            buf[..n].windows(14).any(|w| w == b"access refusal"),
-            "the gateway closes the refused channel at the broker"
-        );
-        let close_ok = frame(
-            1,
-            AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
-        );
-        broker.write_all(&close_ok).await.unwrap();
-        let mut got = Vec::new();
-        while !got.windows(ack2.len()).any(|w| w == &ack2[..])
-            || !got.windows(14).any(|w| w == b"ACCESS_REFUSED")
-        {
-            let n = tokio::time::timeout(std::time::Duration::from_secs(10), app.read(&mut buf))
-                .await
-                .expect("the client hears of the refusal and channel 2's ack")
-                .unwrap();
-            assert!(n > 0);
-            got.extend_from_slice(&buf[..n]);
-        }
-        assert!(
-            !got.windows(ack1.len()).any(|w| w == &ack1[..]),
-            "the refused channel's confirm is dropped, as RabbitMQ's closing channel drops it"
-        );
-        relay.abort();
-    }
-
-    /// A lookup that outlasts the broker-close bound does not make the broker's held
-    /// answer overdue: it is read when the lookup ends, and the client gets its refusal,
-    /// not a `541`.
-    #[tokio::test(start_paused = true)]
-    async fn a_close_ok_held_during_a_lookup_is_not_overdue() {
-        use crate::authz::ExchangeKind;
-        use amq_protocol::protocol::{AMQPClass, basic, channel, queue};
-        use std::sync::Mutex;
-        let (client, mut app) = tokio::io::duplex(64 * 1024);
-        let (backend, mut broker) = tokio::io::duplex(64 * 1024);
-        let (mut hooks, session) = hooks_and_session_with(&["write:*/*"], true);
-        let (answer, asked) = tokio::sync::oneshot::channel::<Option<ExchangeKind>>();
-        let asked = Mutex::new(Some(asked));
-        hooks.lookup = Some(Box::new(move |_| {
-            let rx = asked.lock().unwrap().take().expect("one lookup");
-            Box::pin(async move { rx.await.ok().flatten() })
-        }));
-        let relay = tokio::spawn(relay_between(client, backend, (hooks, session)));
-        let frame = |ch: u16, m: AMQPClass| {
-            let mut b = BytesMut::new();
-            method::encode(&mut b, ch, m);
-            b
-        };
-        let mut buf = vec![0u8; 64 * 1024];
-        for ch in [1, 2] {
-            let open = frame(
-                ch,
-                AMQPClass::Channel(channel::AMQPMethod::Open(channel::Open {})),
-            );
-            app.write_all(&open).await.unwrap();
-            broker.read_exact(&mut buf[..open.len()]).await.unwrap();
-            let ok = frame(
-                ch,
-                AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {})),
-            );
-            broker.write_all(&ok).await.unwrap();
-            app.read_exact(&mut buf[..ok.len()]).await.unwrap();
-        }
-        // Refused on channel 2 (no configure permission): the gateway closes it at the
-        // broker and waits for the close-ok.
-        let declare = frame(
-            2,
-            AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
-                queue: "q".into(),
-                ..Default::default()
-            })),
-        );
-        app.write_all(&declare).await.unwrap();
-        let n = broker.read(&mut buf).await.unwrap();
-        assert!(buf[..n].windows(14).any(|w| w == b"access refusal"));
-        // A publish on channel 1 waits for a type lookup; the broker answers the close
-        // meanwhile, and the lookup outlasts the bound.
-        let mut publish = frame(
-            1,
-            AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
-                exchange: "ext".into(),
-                routing_key: "rk".into(),
-                ..Default::default()
-            })),
-        );
-        publish.extend_from_slice(&[2u8, 0, 1, 0, 0, 0, 14, 0, 60, 0, 0]);
-        publish.extend_from_slice(&1u64.to_be_bytes());
-        publish.extend_from_slice(&[0, 0, 0xCE, 3, 0, 1, 0, 0, 0, 1, b'b', 0xCE]);
-        app.write_all(&publish).await.unwrap();
-        let close_ok = frame(
-            2,
-            AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {})),
-        );
-        broker.write_all(&close_ok).await.unwrap();
-        tokio::time::sleep(2 * BROKER_CLOSE_TIMEOUT).await;
-        // A direct exchange: the publish goes on.
-        answer.send(Some(ExchangeKind::Other)).unwrap();
-        let mut got = Vec::new();
-        while !got.windows(14).any(|w| w == b"ACCESS_REFUSED") {
-            let n = tokio::time::timeout(BROKER_CLOSE_TIMEOUT, app.read(&mut buf))
-                .await
-                .expect("the client hears of its refusal")
-                .unwrap();
-            assert!(n > 0, "closed: {got:?}");
-            got.extend_from_slice(&buf[..n]);
-        }
-        if let Ok(Ok(n)) =
-            tokio::time::timeout(std::time::Duration::from_millis(100), app.read(&mut buf)).await
-        {
-            got.extend_from_slice(&buf[..n]);
-        }
-        assert!(
-            !got.windows(14).any(|w| w == b"INTERNAL_ERROR"),
-            "the held close-ok was taken for a silent broker"
-        );
-        let n = broker.read(&mut buf).await.unwrap();
-        assert!(
-            buf[..n].windows(3).any(|w| w == b"ext"),
-            "the publish goes to the broker"
-        );
-        relay.abort();
     }
 
     /// The broker-close bound the tests run with.

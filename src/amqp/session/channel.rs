@@ -299,9 +299,6 @@ pub struct Channel {
     /// While the client closes the channel, the broker closed it too (an error crossing
     /// the client's close): the client's `close-ok` then answers it and goes to the broker.
     pub broker_close_relayed: bool,
-    /// The refusal being told waited for an exchange-type lookup: the broker's confirms
-    /// are dropped until its channel ends (see [`super::Session::backend_held`]).
-    pub confirms_dropped: bool,
 }
 
 impl Channel {
@@ -320,7 +317,6 @@ impl Channel {
             declared_ok: false,
             awaiting_open_ok: true,
             broker_close_relayed: false,
-            confirms_dropped: false,
         }
     }
 

@@ -154,10 +154,9 @@ impl Exchanges {
         }
     }
 
-    /// Ends the use of a finished lookup's answer (called after each decision). Returns
-    /// whether there was one: the decision waited for a lookup.
-    pub fn decided(&mut self) -> bool {
-        self.fresh.take().is_some()
+    /// Ends the use of a finished lookup's answer (called after each decision).
+    pub fn decided(&mut self) {
+        self.fresh = None;
     }
 
     /// The epoch to tag a lookup of `name` with, read when it starts.

@@ -392,17 +392,6 @@ impl Session {
         self.pause.is_some()
     }
 
-    /// Whether the broker's frames are held (not read, not relayed): while an exchange-type
-    /// lookup runs. At RabbitMQ the method waiting on it is handled as it arrives, before
-    /// anything the broker sends later on its channel; when it is refused the channel is
-    /// closing, and a closing channel sends nothing (`rabbit_channel:send/2`). Relaying the
-    /// broker's frames during the lookup would give the client, say, a confirm that
-    /// RabbitMQ would have dropped. Held, they are relayed after the decision, or dropped
-    /// with the refused channel's frames.
-    pub fn backend_held(&self) -> bool {
-        self.pause == Some(Pause::Lookup)
-    }
-
     /// How many channels, consumers and awaited replies the session holds (for tests and
     /// the bounds' measurements).
     pub fn held(&self) -> (usize, usize, usize) {
@@ -1014,12 +1003,11 @@ impl Session {
         to_backend: &mut Outbox,
     ) -> Result<(), Step> {
         let verdict = self.decide(op, ids);
-        let looked_up = self.exchanges.decided();
+        self.exchanges.decided();
         match verdict {
             Verdict::Permit => Ok(()),
             Verdict::Deny(d) => {
                 self.refuse(ch, d, named_empty.then_some(ids), to_backend);
-                self.channel(ch).confirms_dropped = looked_up;
                 Err(Step::Drop)
             }
             Verdict::NeedKind => Err(self.need_kind(
@@ -1403,12 +1391,11 @@ impl Session {
         };
         let verdict = self.decide(&op, id::BASIC_PUBLISH);
         let exchange = p.exchange.to_owned();
-        let looked_up = self.exchanges.decided();
+        self.exchanges.decided();
         match verdict {
             Verdict::Permit => Step::Release,
             Verdict::Deny(d) => {
                 self.refuse(ch, d, None, to_backend);
-                self.channel(ch).confirms_dropped = looked_up;
                 Step::Drop
             }
             Verdict::NeedKind => self.need_kind(ch, strip_cr_lf(&exchange).into_owned()),
@@ -1632,14 +1619,6 @@ impl Session {
             return BackendStep::Forward;
         };
         match c.state.phase() {
-            // At RabbitMQ the refused method was handled as it came, and its closing
-            // channel sends nothing after it: confirms the broker sent during the lookup
-            // (held meanwhile) or before it took the gateway's close are not RabbitMQ's.
-            Phase::Refusing
-                if c.confirms_dropped && matches!(ids, id::BASIC_ACK | id::BASIC_NACK) =>
-            {
-                BackendStep::Drop
-            }
             Phase::Open | Phase::Refusing => self.backend_reply(ch, ids, payload, to_client),
             Phase::ClientClosing => {
                 if ids == id::CHANNEL_CLOSE_OK {
