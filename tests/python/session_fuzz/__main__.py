@@ -38,10 +38,16 @@ def main(argv=None) -> int:
                          "printed by a fuzz run; repeatable")
     ap.add_argument("--replay", nargs="*", metavar="FILE",
                     help="replay regression files instead of fuzzing (all when none given)")
+    ap.add_argument("--runs", type=int, default=0, metavar="N",
+                    help="with --replay or --sequence-seed: run each N times and print every "
+                         "divergence with the rule that explains it (or UNEXPLAINED), then the "
+                         "counts; exit status 1 if any was unexplained")
     args = ap.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().getrandbits(32)
     keep = args.keep_reference or os.environ.get("CONFORMANCE_KEEP_REFERENCE") == "1"
     with harness.Env(keep_reference=keep) as env:
+        if args.runs > 0 and (args.replay is not None or args.sequence_seed):
+            return _runs(env, args)
         if args.replay is not None:
             files = [Path(f) for f in args.replay] or sorted(fuzzmod.REGRESSIONS.glob("*.json"))
             bad = 0
@@ -75,6 +81,37 @@ def main(argv=None) -> int:
         print(st.report())
         print(f"(reproduce with --seed {seed})")
         return 1 if st.unexplained else 0
+
+
+def _runs(env, args) -> int:
+    """`--runs N`: how often a sequence diverges, and which rule explains each divergence."""
+    import json
+    from collections import Counter
+    if args.replay is not None:
+        files = [Path(f) for f in args.replay] or sorted(fuzzmod.REGRESSIONS.glob("*.json"))
+        seqs = [(f.name, json.loads(f.read_text())["sequence"]) for f in files]
+    else:
+        seqs = [(f"sequence {ss}", fuzzmod.generate(random.Random(ss))) for ss in args.sequence_seed]
+    unexplained = 0
+    for name, seq in seqs:
+        counts = Counter()
+        for i in range(args.runs):
+            v, _ = fuzzmod.check(env, seq)
+            for rule, d in v.explained:
+                print(f"{name} run {i + 1}: {rule}: {d.describe()[:300]}", flush=True)
+            for d in v.unexplained:
+                print(f"{name} run {i + 1}: UNEXPLAINED: {d.describe()[:300]}", flush=True)
+            for o, m in v.oracle:
+                print(f"{name} run {i + 1}: ORACLE {o}: {m[:300]}", flush=True)
+            counts["diverged"] += bool(v.explained or v.unexplained or v.oracle)
+            counts["unexplained"] += bool(v.unexplained or v.oracle)
+            counts.update(r for r, _ in v.explained)
+        unexplained += counts["unexplained"]
+        print(f"{name}: {args.runs} runs, {counts['diverged']} diverged, "
+              f"{counts['unexplained']} with an unexplained difference; rules: "
+              + (", ".join(f"{r} {n}" for r, n in sorted(counts.items())
+                           if r not in ("diverged", "unexplained")) or "none"), flush=True)
+    return 1 if unexplained else 0
 
 
 if __name__ == "__main__":
