@@ -82,12 +82,12 @@ step "fuzz smoke (scripts/fuzz.sh: every cargo-fuzz target, ${FUZZ_SECONDS} s ea
 fuzz_build_rc=0
 wait "$FUZZ_BUILD_PID" || fuzz_build_rc=$?
 FUZZ_BUILD_PID=""
-tail -5 "$FUZZ_BUILD_LOG"
 if ((fuzz_build_rc != 0)); then
     cat "$FUZZ_BUILD_LOG"
     echo "fuzz: the background build failed (exit $fuzz_build_rc)" >&2
     exit 1
 fi
+tail -5 "$FUZZ_BUILD_LOG"
 bash scripts/fuzz.sh
 
 step "benchmark smoke (benches/compare.sh --smoke: direct, HAProxy, the gateway, the gateway with backend tokens, RabbitMQ TLS with OAuth 2.0; debug build)"

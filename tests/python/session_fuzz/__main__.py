@@ -9,9 +9,11 @@ when an unexplained difference or an oracle violation was confirmed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
+from collections import Counter
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python tests/python/session_fuzz`
@@ -39,7 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--replay", nargs="*", metavar="FILE",
                     help="replay regression files instead of fuzzing (all when none given)")
     ap.add_argument("--runs", type=int, default=0, metavar="N",
-                    help="with --replay or --sequence-seed: run each N times and print every "
+                    help="with --replay and/or --sequence-seed: run each N times and print every "
                          "divergence with the rule that explains it (or UNEXPLAINED), then the "
                          "counts; exit status 1 if any was unexplained")
     args = ap.parse_args(argv)
@@ -49,9 +51,8 @@ def main(argv=None) -> int:
         if args.runs > 0 and (args.replay is not None or args.sequence_seed):
             return _runs(env, args)
         if args.replay is not None:
-            files = [Path(f) for f in args.replay] or sorted(fuzzmod.REGRESSIONS.glob("*.json"))
             bad = 0
-            for f in files:
+            for f in _replay_files(args):
                 still, v = fuzzmod.replay(env, f)
                 print(f"{f.name}: {'STILL DIFFERS' if still else 'agrees'}")
                 if still and v:
@@ -83,35 +84,35 @@ def main(argv=None) -> int:
         return 1 if st.unexplained else 0
 
 
+def _replay_files(args) -> list[Path]:
+    """The files `--replay` names, or every regression file when it names none."""
+    return [Path(f) for f in args.replay] or sorted(fuzzmod.REGRESSIONS.glob("*.json"))
+
+
 def _runs(env, args) -> int:
     """`--runs N`: how often a sequence diverges, and which rule explains each divergence."""
-    import json
-    from collections import Counter
-    if args.replay is not None:
-        files = [Path(f) for f in args.replay] or sorted(fuzzmod.REGRESSIONS.glob("*.json"))
-        seqs = [(f.name, json.loads(f.read_text())["sequence"]) for f in files]
-    else:
-        seqs = [(f"sequence {ss}", fuzzmod.generate(random.Random(ss))) for ss in args.sequence_seed]
-    unexplained = 0
+    seqs = [(f.name, json.loads(f.read_text())["sequence"])
+            for f in (_replay_files(args) if args.replay is not None else [])]
+    seqs += [(f"sequence {ss}", fuzzmod.generate(random.Random(ss)))
+             for ss in args.sequence_seed or []]
+    failed = 0
     for name, seq in seqs:
-        counts = Counter()
+        diverged = unexplained = 0
+        rules = Counter()
         for i in range(args.runs):
             v, _ = fuzzmod.check(env, seq)
             for rule, d in v.explained:
                 print(f"{name} run {i + 1}: {rule}: {d.describe()[:300]}", flush=True)
-            for d in v.unexplained:
-                print(f"{name} run {i + 1}: UNEXPLAINED: {d.describe()[:300]}", flush=True)
-            for o, m in v.oracle:
-                print(f"{name} run {i + 1}: ORACLE {o}: {m[:300]}", flush=True)
-            counts["diverged"] += bool(v.explained or v.unexplained or v.oracle)
-            counts["unexplained"] += bool(v.unexplained or v.oracle)
-            counts.update(r for r, _ in v.explained)
-        unexplained += counts["unexplained"]
-        print(f"{name}: {args.runs} runs, {counts['diverged']} diverged, "
-              f"{counts['unexplained']} with an unexplained difference; rules: "
-              + (", ".join(f"{r} {n}" for r, n in sorted(counts.items())
-                           if r not in ("diverged", "unexplained")) or "none"), flush=True)
-    return 1 if unexplained else 0
+            for p in v.problems():
+                print(f"{name} run {i + 1}: {p[:300]}", flush=True)
+            diverged += bool(v.explained or not v.ok)
+            unexplained += not v.ok
+            rules.update(r for r, _ in v.explained)
+        failed += unexplained
+        print(f"{name}: {args.runs} runs, {diverged} diverged, {unexplained} with an unexplained "
+              f"difference; rules: {', '.join(f'{r} {n}' for r, n in sorted(rules.items())) or 'none'}",
+              flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -558,20 +558,17 @@ def _state_exchange_race(d, c: Ctx) -> bool:
     """Final states that differ only in exchanges, and in bindings from or to them, that
     an `exchange.declare` and an `exchange.delete` on different channels, sent without a
     wait between them, raced for: which of the two the broker ran last is not defined."""
+    ops = c.gw["ops"].items()
+    declares = [(op_key(r)[0], op["ch"], op["a"].get("exchange")) for r, op in ops
+                if op["m"] == "exchange.declare" and not op["a"].get("passive")]
     raced = set()
-    ops = sorted(c.gw["ops"].items(), key=lambda kv: op_key(kv[0]))
-    for r1, a in ops:
-        if a["m"] != "exchange.delete":
+    for r, op in ops:
+        if op["m"] != "exchange.delete":
             continue
-        step = op_key(r1)[0]
+        step, x = op_key(r)[0], op["a"].get("exchange")
         first, last = _unwaited_from(c, step), _unwaited_to(c, step)
-        x = (a.get("a") or {}).get("exchange")
-        for r2, b in ops:
-            if b["m"] == "exchange.declare" and b["ch"] != a["ch"] \
-                    and not (b.get("a") or {}).get("passive") \
-                    and (b.get("a") or {}).get("exchange") == x \
-                    and first <= op_key(r2)[0] <= last:
-                raced.add(x)
+        if any(first <= s <= last and ch != op["ch"] and name == x for s, ch, name in declares):
+            raced.add(x)
     if not raced:
         return False
     for line in d.ref_extra + d.gw_extra:
@@ -591,8 +588,8 @@ def _state_exchange_race(d, c: Ctx) -> bool:
 def cross_channel_race(d, c: Ctx) -> bool:
     """R-CROSS-CHANNEL (race): the divergent method shares a queue or exchange with a
     method sent with it (in its step, or in steps the runner did not wait between) on
-    another channel, one of them changing it (declare,
-    delete, purge, bind, unbind, or a `basic.get` taking a message). RabbitMQ runs channels concurrently: which one the
+    another channel, one of them changing it (declare, delete, purge, bind, unbind, or a
+    `basic.get` taking a message). RabbitMQ runs channels concurrently: which one the
     broker handles first is not defined, and the gateway's pauses (a type lookup, a
     server-named declare) change the timing."""
     if d.kind == "async":
