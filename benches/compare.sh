@@ -29,7 +29,9 @@
 #                       open-file hard limit lets a proxy hold (two sockets each)       [10000]
 #   --sweep LIST        connection-count sweep points: producer-consumer pairs, each pair
 #                       on a queue of its own (2N connections)                [1,10,100,1000]
-#   --threads N         HAProxy nbthread and the gateway's tokio worker threads  [nproc]
+#   --threads N         HAProxy nbthread and the gateway's tokio worker threads
+#                       [HAProxy: nproc, its default; the gateway: its own default,
+#                       one worker per CPU and one on 2 CPUs or fewer]
 #   --workloads LIST    comma-separated subset of: idle,1KiB,1KiB-confirms,16B,64KiB,latency,churn,
 #                       churn-distinct (churn where every gateway connection presents a token
 #                       the gateway has not seen: no verified-token cache hit, one signature
@@ -44,6 +46,9 @@
 #                       200 idle connections held 1 s, sweep points 1 and 10, debug build (CI: test.sh has built
 #                       it): under a minute with the node start; exit non-zero only if a
 #                       run failed or a cell got no number
+# Environment: GATEWAY_THREADS=N runs the gateways with N tokio worker threads whatever
+#   --threads says (HAProxy keeps --threads); GATEWAY_THREADS=default leaves them to the
+#   gateway's own default.
 # Environment: GATEWAY_PER_CORE=true runs the gateways with [runtime] per_core = true
 #   (single-threaded runtimes, connections handed off by the acceptor).
 # Environment: GATEWAY_BUSY_POLL_US=N runs the gateways with [runtime] busy_poll_us = N
@@ -62,8 +67,9 @@
 #      by both HAProxy and the gateway; clients offer only X25519 to both (the same
 #      handshake: OpenSSL 3.0 has no post-quantum hybrid);
 #   4. HAProxy (the Debian package, 2.6 on Debian 12) in the foreground, TCP mode, nbthread
-#      equal to the gateway's worker threads (both default to the number of CPUs, as tokio's
-#      multi-thread runtime does: neither proxy gets more cores than the other);
+#      the number of CPUs (HAProxy's default); the gateway runs with its own default worker
+#      threads (one per CPU, one on 2 CPUs or fewer, with signature checks on its blocking
+#      pool): each proxy as it ships, on the same CPUs;
 #   5. the STS emulator (`amqp-iam-gateway sts-emulator`, a process of its own so that the
 #      gateway's RSS is the gateway's) and the gateway with a generated config
 #      (`serve --config`, the production path: TLS, JWKS-verified ES384 token, per-method
@@ -91,6 +97,7 @@ IDLE_HOLD=10
 IDLE_RATE=500
 CHURN_DURATION=""
 THREADS="$(nproc)"
+THREADS_GIVEN=0
 WORKLOADS="idle,1KiB,1KiB-confirms,16B,64KiB,latency,churn,churn-distinct,100x100,sweep"
 PROFILE=release
 KEEP_NODE=0
@@ -123,7 +130,7 @@ while (($#)); do
     --duration) positive "$1" "${2:-}"; DURATION="$2"; shift ;;
     --warmup) positive "$1" "${2:-}"; WARMUP="$2"; shift ;;
     --idle) positive "$1" "${2:-}"; IDLE="$2"; shift ;;
-    --threads) positive "$1" "${2:-}"; THREADS="$2"; shift ;;
+    --threads) positive "$1" "${2:-}"; THREADS="$2"; THREADS_GIVEN=1; shift ;;
     --workloads) WORKLOADS="${2:-}"; shift ;;
     --sweep) [[ "${2:-}" =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--sweep needs numbers, got '${2:-}'"
         SWEEP="$2"; shift ;;
@@ -138,6 +145,15 @@ done
 if ((SMOKE)); then
     REPS=1 DURATION=0.5 WARMUP=0.25 CHURN_DURATION=1 IDLE=200 IDLE_HOLD=1 PROFILE=debug
     SWEEP="1,10"
+fi
+# The gateway's own default (one worker on 2 CPUs or fewer) unless --threads names a number.
+((THREADS_GIVEN)) && GATEWAY_THREADS="${GATEWAY_THREADS:-$THREADS}"
+GATEWAY_THREADS="${GATEWAY_THREADS:-default}"
+if [[ $GATEWAY_THREADS == default ]]; then
+    GATEWAY_ENV=(env -u TOKIO_WORKER_THREADS)  # env execs the gateway: $! stays its pid
+else
+    positive GATEWAY_THREADS "$GATEWAY_THREADS"
+    GATEWAY_ENV=(env "TOKIO_WORKER_THREADS=$GATEWAY_THREADS")
 fi
 IFS=, read -ra SWEEP_POINTS <<<"$SWEEP"
 SWEEP_MAX=0
@@ -354,12 +370,12 @@ per_core = ${GATEWAY_PER_CORE:-false}
 busy_poll_us = ${GATEWAY_BUSY_POLL_US:-0}
 EOF
 "$GW" check-config --config "$BENCH/gateway.toml" >/dev/null
-TOKIO_WORKER_THREADS=$THREADS RUST_LOG=info \
+"${GATEWAY_ENV[@]}" RUST_LOG=info \
     "$GW" serve --config "$BENCH/gateway.toml" >"$BENCH/gateway.log" 2>&1 &
 GATEWAY_PID=$!
 PIDS+=("$GATEWAY_PID")
 wait_port $GATEWAY_PORT $GATEWAY_PID gateway "$BENCH/gateway.log"
-log "gateway pid $GATEWAY_PID on 127.0.0.1:$GATEWAY_PORT (${THREADS} tokio worker threads)"
+log "gateway pid $GATEWAY_PID on 127.0.0.1:$GATEWAY_PORT ($GATEWAY_THREADS tokio worker threads)"
 
 # (d) The same gateway with backend tokens. The node (profile `backend`) runs the OAuth 2.0
 # plugin with tests/fixtures/rsa-public.pem as signing key test-rsa; tokens are added to its
@@ -375,7 +391,7 @@ sed -e "s/^address = \"127.0.0.1:$GATEWAY_PORT\"/address = \"127.0.0.1:$TOKENS_P
     "$BENCH/gateway.toml" >"$BENCH/gateway-tokens.toml"
 "$GW" check-config --config "$BENCH/gateway-tokens.toml" >/dev/null ||
     die "the benchmark node does not accept the gateway's backend tokens"
-TOKIO_WORKER_THREADS=$THREADS RUST_LOG=info \
+"${GATEWAY_ENV[@]}" RUST_LOG=info \
     "$GW" serve --config "$BENCH/gateway-tokens.toml" >"$BENCH/gateway-tokens.log" 2>&1 &
 TOKENS_PID=$!
 PIDS+=("$TOKENS_PID")
@@ -576,7 +592,7 @@ BENCH_RUSTC_VERSION="$(rustc -V)"
 BENCH_COMMIT="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
 git diff --quiet HEAD 2>/dev/null || BENCH_COMMIT+="-dirty"
 export BENCH_SMOKE=$SMOKE BENCH_REPS=$REPS BENCH_DURATION=$DURATION BENCH_WARMUP=$WARMUP \
-    BENCH_IDLE=$IDLE BENCH_SWEEP=$SWEEP BENCH_THREADS=$THREADS BENCH_PROFILE=$PROFILE BENCH_WORKLOADS=$WORKLOADS \
+    BENCH_IDLE=$IDLE BENCH_SWEEP=$SWEEP BENCH_THREADS=$THREADS BENCH_GATEWAY_THREADS=$GATEWAY_THREADS BENCH_PROFILE=$PROFILE BENCH_WORKLOADS=$WORKLOADS \
     BENCH_HAPROXY_VERSION BENCH_RABBITMQ_VERSION BENCH_ERLANG_VERSION BENCH_RUSTC_VERSION \
     BENCH_COMMIT BENCH_ELAPSED=$((SECONDS - T0)) BENCH_STAMP=$STAMP
 report_rc=0

@@ -729,13 +729,31 @@ fn command_runtime() -> Option<tokio::runtime::Runtime> {
 }
 
 /// The runtime of a server: `workers` threads, or when `None` what `TOKIO_WORKER_THREADS`
-/// says, else one per CPU.
+/// says, else [`default_workers`].
 fn server_runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
-        builder.worker_threads(n);
+    match workers {
+        Some(n) => {
+            builder.worker_threads(n);
+        }
+        // tokio reads the variable itself when no number is given.
+        None if std::env::var_os("TOKIO_WORKER_THREADS").is_some() => {}
+        None => {
+            builder.worker_threads(default_workers(
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+            ));
+        }
     }
     builder.enable_all().build()
+}
+
+/// Worker threads when neither the config nor the environment names a number: one per CPU,
+/// except with 2 CPUs or fewer, where one thread relays more than two. With two workers on
+/// two CPUs, tokio wakes the idle worker to steal each task the other is woken for, and the
+/// broker beside the gateway loses the CPU it needs (docs/performance.md, "One worker on 2
+/// CPUs"). Signature checks run on the blocking pool, so the second CPU still serves them.
+fn default_workers(cpus: usize) -> usize {
+    if cpus <= 2 { 1 } else { cpus }
 }
 
 fn init_logging(level: &str, format: config::LogFormat) {

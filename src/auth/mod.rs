@@ -347,8 +347,9 @@ impl Authenticator {
         self.stats
             .signature_verifications
             .fetch_add(1, Ordering::Relaxed);
-        let claims = jwt::verify_signature(token, &header, &key)?;
-        Ok((claims, key.kid.clone()))
+        let kid = key.kid.clone();
+        let claims = off_the_relay(token, header, key).await?;
+        Ok((claims, kid))
     }
 
     /// Checks the header and signature only, returning the claims (no cache).
@@ -386,6 +387,38 @@ impl Authenticator {
             issuer_name: self.name.clone(),
             facts: Arc::new(principal_facts(claims)),
         })
+    }
+}
+
+/// Signature checks running at once, at most: one per CPU. More would only queue in the
+/// kernel's scheduler, and each holds a thread of tokio's blocking pool.
+static SIGNATURE_SLOTS: std::sync::LazyLock<tokio::sync::Semaphore> =
+    std::sync::LazyLock::new(|| {
+        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    });
+
+/// Checks a signature on tokio's blocking pool, not on the worker thread that relays
+/// connections: an ES384 or RS256 check is CPU work of a few hundred microseconds, which
+/// would otherwise hold up every connection on that worker (the default is one worker on
+/// 2 CPUs: `runtime.worker_threads`). At most [`SIGNATURE_SLOTS`] run at once; the rest
+/// wait here, in the order they came.
+async fn off_the_relay(
+    token: &str,
+    header: jwt::TokenHeader,
+    key: Arc<jwt::VerifyKey>,
+) -> Result<Value, AuthError> {
+    let _slot = SIGNATURE_SLOTS
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
+    let token = token.to_owned();
+    match tokio::task::spawn_blocking(move || jwt::verify_signature(&token, &header, &key)).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // The runtime is shutting down.
+        Err(_) => Err(AuthError::KeysUnavailable(
+            "the gateway is shutting down".into(),
+        )),
     }
 }
 

@@ -409,11 +409,13 @@ def gateway(tmp_path_factory) -> Gateway:
 
 
 @contextlib.contextmanager
-def run_gateway(workdir: Path, config: Path, port: int, ca_file: Path):
+def run_gateway(workdir: Path, config: Path, port: int, ca_file: Path,
+                env: dict[str, str | None] | None = None):
     """Checks `config`, runs `serve` with it until the block ends, and yields the Gateway
     once it accepts TCP on `port`. The process is `gw.proc` (a test may signal it, e.g.
     SIGHUP or SIGTERM), its stdout and stderr are `gw.log()`; at the end it is stopped with
-    `stop_process` unless it has exited already."""
+    `stop_process` unless it has exited already. `env` changes the process's environment
+    (a value of None removes the variable)."""
     global _GATEWAY_LOG
     binary = gateway_binary()
     check = subprocess.run(
@@ -428,10 +430,16 @@ def run_gateway(workdir: Path, config: Path, port: int, ca_file: Path):
 
     log_file = workdir / "gateway.stderr.log"
     log = open(log_file, "wb")
+    environ = {**os.environ, "NO_COLOR": "1"}
+    for name, value in (env or {}).items():
+        if value is None:
+            environ.pop(name, None)
+        else:
+            environ[name] = value
     proc = subprocess.Popen(
         [str(binary), "serve", "--config", str(config)],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=workdir,
-        env={**os.environ, "NO_COLOR": "1"},
+        env=environ,
     )
     _GATEWAY_LOG = log_file
     gw = Gateway("127.0.0.1", port, ca_file, log_file, proc)

@@ -1,10 +1,12 @@
-"""`[runtime] per_core = true`: single-threaded runtimes, one per worker thread, each
-relaying the connections the acceptor hands to it. The same sessions must work as on the
-default multi-thread runtime, across several workers, and the process must drain and exit
-on SIGTERM."""
+"""The runtime's threads. The default number of workers: one per CPU, one on 2 CPUs or
+fewer, unless the config or TOKIO_WORKER_THREADS names a number. `[runtime] per_core =
+true`: single-threaded runtimes, one per worker thread, each relaying the connections the
+acceptor hands to it. The same sessions must work as on the default multi-thread runtime,
+across several workers, and the process must drain and exit on SIGTERM."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -12,6 +14,31 @@ import pika
 
 from conftest import (ADMIN_ROLE, _free_port, _write_config, _write_tls, metric, mint,
                       run_gateway, unique)
+
+
+def default_workers() -> int:
+    """The rule of src/main.rs, from the CPUs this process may run on (as Rust's
+    available_parallelism counts them, without a cgroup quota)."""
+    cpus = len(os.sched_getaffinity(0))
+    return 1 if cpus <= 2 else cpus
+
+
+def test_worker_threads_default_and_their_overrides(tmp_path):
+    ca = _write_tls(tmp_path)
+    port, admin_port = _free_port(), _free_port()
+    config = _write_config(tmp_path, port, admin_port)
+    gauge = "amqp_iam_gateway_runtime_worker_threads"
+    with run_gateway(tmp_path, config, port, ca, env={"TOKIO_WORKER_THREADS": None}) as gw:
+        assert metric(admin_port, gauge) == default_workers()
+        # Token checks run on the blocking pool: a fresh token is verified and relayed.
+        c = gw.connect(mint(ADMIN_ROLE))
+        c.channel().queue_declare("", exclusive=True)
+        c.close()
+    with run_gateway(tmp_path, config, port, ca, env={"TOKIO_WORKER_THREADS": "3"}):
+        assert metric(admin_port, gauge) == 3
+    config.write_text(config.read_text() + "\n[runtime]\nworker_threads = 4\n")
+    with run_gateway(tmp_path, config, port, ca, env={"TOKIO_WORKER_THREADS": "3"}):
+        assert metric(admin_port, gauge) == 4
 
 
 def test_per_core_runtimes_relay_sessions_and_drain(tmp_path):
