@@ -401,18 +401,23 @@ static SIGNATURE_SLOTS: std::sync::LazyLock<tokio::sync::Semaphore> =
 /// connections: a check is 25 µs (RS256) to 150 µs (ES384) of CPU, during which every
 /// connection on that worker would otherwise wait (the default is one worker on
 /// 2 CPUs: `runtime.worker_threads`). At most [`SIGNATURE_SLOTS`] run at once; the rest
-/// wait here, in the order they came.
+/// wait here, in the order they came. A check keeps its slot until it ends, even when the
+/// connection that asked for it is gone: a blocking task cannot be cancelled.
 async fn off_the_relay(
     token: &str,
     header: jwt::TokenHeader,
     key: Arc<jwt::VerifyKey>,
 ) -> Result<Value, AuthError> {
-    let _slot = SIGNATURE_SLOTS
+    let slot = SIGNATURE_SLOTS
         .acquire()
         .await
         .expect("the semaphore is never closed");
     let token = token.to_owned();
-    match tokio::task::spawn_blocking(move || jwt::verify_signature(&token, &header, &key)).await {
+    let check = move || {
+        let _slot = slot;
+        jwt::verify_signature(&token, &header, &key)
+    };
+    match tokio::task::spawn_blocking(check).await {
         Ok(result) => result,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         // The runtime is shutting down.
