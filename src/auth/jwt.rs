@@ -53,6 +53,10 @@ pub enum AuthError {
     WrongAudience { expected: String },
     #[error("token issuer {found:?} is not the configured issuer")]
     WrongIssuer { found: Option<String> },
+    /// The `iss` of a token whose signature the configured issuer's key verified is not that
+    /// issuer's (`WrongIssuer` is the answer before any signature check).
+    #[error("token signed with the configured issuer's key names issuer {found:?}")]
+    SignedWrongIssuer { found: Option<String> },
     #[error("token has more than {max} scopes")]
     TooManyScopes { max: usize },
     #[error("key set unavailable: {0}")]
@@ -76,6 +80,33 @@ pub enum AuthError {
 }
 
 impl AuthError {
+    /// The token's signature was verified with a configured issuer's key, and a claim rule
+    /// or a token policy refused it: the token is that issuer's, not a password. Such a
+    /// refusal ends the login chain (see `proxy::conn::login`): offered to the broker as an
+    /// internal user's password, a broker running its own OAuth 2.0 plugin could accept the
+    /// token by weaker rules (no `nbf`, no `iss`, no `jti_deny`, no token policies). Of the
+    /// two issuer refusals only `SignedWrongIssuer` is among them: `WrongIssuer` is the
+    /// answer for a token whose `iss` names no configured issuer, before any signature is
+    /// checked.
+    pub fn of_a_verified_token(&self) -> bool {
+        matches!(
+            self,
+            AuthError::Expired { .. }
+                | AuthError::MissingExp
+                | AuthError::InvalidNumericClaim(_)
+                | AuthError::NotYetValid { .. }
+                | AuthError::IssuedInFuture { .. }
+                | AuthError::MissingAudience
+                | AuthError::WrongAudience { .. }
+                | AuthError::SignedWrongIssuer { .. }
+                | AuthError::TooManyScopes { .. }
+                | AuthError::PolicyLifetime(_)
+                | AuthError::PolicyRequiredClaim(_)
+                | AuthError::PolicyJti(_)
+                | AuthError::PolicyClaim { .. }
+        )
+    }
+
     /// A short label for metrics and audit records.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -92,7 +123,7 @@ impl AuthError {
             AuthError::NotYetValid { .. } => "not_yet_valid",
             AuthError::IssuedInFuture { .. } => "issued_in_future",
             AuthError::MissingAudience | AuthError::WrongAudience { .. } => "audience",
-            AuthError::WrongIssuer { .. } => "issuer",
+            AuthError::WrongIssuer { .. } | AuthError::SignedWrongIssuer { .. } => "issuer",
             AuthError::TooManyScopes { .. } => "too_many_scopes",
             AuthError::KeysUnavailable(_) => "keys_unavailable",
             AuthError::CachedFailure { .. } => "cached_failure",
@@ -376,7 +407,7 @@ pub fn check_claims(claims: &Value, r: &ClaimRules, now: i64) -> Result<Option<i
     if let Some(issuer) = &r.issuer {
         let found = claims.get("iss").and_then(Value::as_str);
         if found != Some(issuer.as_str()) {
-            return Err(AuthError::WrongIssuer {
+            return Err(AuthError::SignedWrongIssuer {
                 found: found.map(str::to_owned),
             });
         }
@@ -421,6 +452,71 @@ fn check_audience(claims: &Value, rsid: &str) -> Result<(), AuthError> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Which refusals end the login chain: those of a token whose signature was verified
+    /// (claims and policies), not those that say nothing about who signed it.
+    #[test]
+    fn only_refusals_of_a_verified_token_end_the_chain() {
+        let ends = [
+            AuthError::Expired { exp: 1, now: 2 },
+            AuthError::MissingExp,
+            AuthError::InvalidNumericClaim("nbf"),
+            AuthError::NotYetValid {
+                nbf: 9,
+                now: 1,
+                leeway: 0,
+            },
+            AuthError::IssuedInFuture {
+                iat: 9,
+                now: 1,
+                leeway: 0,
+            },
+            AuthError::MissingAudience,
+            AuthError::WrongAudience {
+                expected: "rabbitmq".into(),
+            },
+            AuthError::SignedWrongIssuer {
+                found: Some("https://elsewhere".into()),
+            },
+            AuthError::TooManyScopes { max: 1 },
+            AuthError::PolicyLifetime("1 h".into()),
+            AuthError::PolicyRequiredClaim("jti".into()),
+            AuthError::PolicyJti("x".into()),
+            AuthError::PolicyClaim {
+                rule: 0,
+                description: "d".into(),
+                found: None,
+            },
+        ];
+        let goes_on = [
+            AuthError::Malformed("x".into()),
+            AuthError::CriticalExtension(vec![]),
+            AuthError::AlgorithmNotAllowed("HS256".into()),
+            AuthError::NoKid,
+            AuthError::UnknownKid("k".into()),
+            AuthError::KeyMismatch {
+                kid: "k".into(),
+                key: "RSA".into(),
+                alg: "ES256".into(),
+            },
+            AuthError::BadSignature,
+            // Also the answer before any signature check, for an `iss` no issuer has.
+            AuthError::WrongIssuer { found: None },
+            AuthError::KeysUnavailable("down".into()),
+            AuthError::CachedFailure {
+                last: "bad_signature",
+            },
+        ];
+        for e in &ends {
+            assert!(e.of_a_verified_token(), "{e:?} must end the chain");
+        }
+        for e in &goes_on {
+            assert!(
+                !e.of_a_verified_token(),
+                "{e:?} must go on to the next backend"
+            );
+        }
+    }
 
     fn rules() -> ClaimRules {
         ClaimRules {

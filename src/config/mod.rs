@@ -314,6 +314,25 @@ impl Default for AuthConfig {
     }
 }
 
+impl AuthConfig {
+    /// The backends in the order a password is tried: as configured, except that a
+    /// JWT-shaped password goes to `oauth2` first when the chain has it. With `internal`
+    /// before `oauth2`, a token would otherwise reach the broker as a password before the
+    /// gateway had checked it, and a broker running its own OAuth 2.0 plugin could accept a
+    /// token the gateway refuses (RabbitMQ checks no `nbf`, no `iss` and no token policy).
+    /// Any other password keeps the configured order.
+    pub fn order_for(&self, jwt_shaped: bool) -> impl Iterator<Item = AuthBackend> + '_ {
+        let first = (jwt_shaped && self.backends.contains(&AuthBackend::OAuth2))
+            .then_some(AuthBackend::OAuth2);
+        first.into_iter().chain(
+            self.backends
+                .iter()
+                .copied()
+                .filter(move |b| Some(*b) != first),
+        )
+    }
+}
+
 /// RabbitMQ's default `loopback_users`.
 pub const DEFAULT_LOOPBACK_USER: &str = "guest";
 

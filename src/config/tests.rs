@@ -1070,3 +1070,28 @@ fn authorization_reads_and_compiles_the_policy_documents() {
     assert!(e.contains("policys"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A JWT-shaped password is checked as a token before any internal login, whatever the
+/// configured order; any other password follows the configured order.
+#[test]
+fn a_token_is_tried_as_a_token_first() {
+    use AuthBackend::{Internal, OAuth2};
+    let cases: [(&[AuthBackend], bool, &[AuthBackend]); 8] = [
+        (&[OAuth2], true, &[OAuth2]),
+        (&[OAuth2], false, &[OAuth2]),
+        (&[Internal], true, &[Internal]),
+        (&[Internal], false, &[Internal]),
+        (&[OAuth2, Internal], true, &[OAuth2, Internal]),
+        (&[OAuth2, Internal], false, &[OAuth2, Internal]),
+        (&[Internal, OAuth2], true, &[OAuth2, Internal]),
+        (&[Internal, OAuth2], false, &[Internal, OAuth2]),
+    ];
+    for (backends, jwt, want) in cases {
+        let auth = AuthConfig {
+            backends: backends.to_vec(),
+            ..AuthConfig::default()
+        };
+        let got: Vec<_> = auth.order_for(jwt).collect();
+        assert_eq!(got, want, "{backends:?}, jwt-shaped {jwt}");
+    }
+}

@@ -337,10 +337,16 @@ struct Refusal {
 }
 
 /// RabbitMQ's `rabbit_access_control:check_user_login`: each backend of `[auth] backends`
-/// in order, the next tried only after a refusal, the first success wins. Every refusal is
+/// in order, the next tried only after a refusal, the first success wins; a JWT-shaped
+/// password goes to `oauth2` first whatever the order ([`crate::config::AuthConfig::order_for`]).
+/// Every refusal is
 /// logged and counted with its backend and reason; the audit record names the last one.
-/// No password shape stops the chain: one that is not a valid token goes on to the next
-/// backend whatever went wrong with it.
+/// A password that is not a valid token goes on to the next backend, whatever its shape,
+/// with one exception: a token whose signature a configured issuer's key verified and that
+/// a claim rule or a token policy then refused
+/// ([`crate::auth::jwt::AuthError::of_a_verified_token`]) ends
+/// the chain. Passed on as an internal user's password, it would reach a broker that may
+/// run its own OAuth 2.0 plugin, which checks no `nbf`, no `jti_deny` and no token policy.
 async fn login(
     peer: SocketAddr,
     shared: &Shared,
@@ -351,7 +357,7 @@ async fn login(
     // password must not be.
     let token = jwt_shaped(&creds.token).then(|| token_id(&creds.token));
     let mut last = (AuthBackend::OAuth2, "no_backend", None);
-    for &backend in &shared.cfg.auth.backends {
+    for backend in shared.cfg.auth.order_for(token.is_some()) {
         match backend {
             AuthBackend::OAuth2 => {
                 let timer = shared.metrics.phase("verify").start_timer();
@@ -377,6 +383,9 @@ async fn login(
                             .with_label_values(&[issuer, "refused", e.reason()])
                             .inc();
                         last = (backend, e.reason(), None);
+                        if e.of_a_verified_token() {
+                            break;
+                        }
                     }
                 }
             }

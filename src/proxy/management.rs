@@ -721,7 +721,7 @@ async fn judge(
         ));
     };
     let backends = &shared.cfg.auth.backends;
-    let internal_on = backends.contains(&AuthBackend::Internal);
+    let mut internal_on = backends.contains(&AuthBackend::Internal);
     let ip = peer.ip();
     let mut reason = "no_backend";
     if backends.contains(&AuthBackend::OAuth2) {
@@ -768,6 +768,12 @@ async fn judge(
             },
             Err(e) => {
                 reason = e.reason();
+                // A verified token that a claim rule or a policy refused is not offered to
+                // the broker as a password (as for AMQP: `conn::login`): it is refused here,
+                // as with the token backend alone.
+                if e.of_a_verified_token() {
+                    internal_on = false;
+                }
                 if !internal_on {
                     let token = jwt_shaped(&p.secret).then(|| token_id(&p.secret));
                     tracing::info!(

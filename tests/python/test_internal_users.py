@@ -42,12 +42,18 @@ MONITOR = f"iu-monitor-{RUN}"
 TWIN = f"iu-twin-{RUN}"
 FALLS = f"iu-falls-{RUN}"
 FALLS_GARBAGE = f"iu-garbage-{RUN}"
+FALLS_BADSIG = f"iu-badsig-{RUN}"
+FALLS_ISS = f"iu-iss-{RUN}"
 VHOST = f"iu-vh-{RUN}"
 PASSWORD = uuid.uuid4().hex
-# An expired token with a valid signature, and a JWT-shaped string that is no token: the
-# passwords of two internal users, so a failed token falls through to a login that works.
+# The passwords of three internal users. A token whose signature fails and a JWT-shaped
+# string that is no token fall through to a login that works; an expired token with a
+# valid signature is the issuer's, and ends the chain at the token backend.
 EXPIRED_TOKEN = mint(FALLS, exp_in=-600)
+# Signed with the trusted key, but naming another issuer than the pinned one.
+OTHER_ISSUER_TOKEN = mint(FALLS_ISS, iss="https://sts.elsewhere.example")
 GARBAGE_JWT = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.not-a-signature"
+BAD_SIGNATURE_TOKEN = mint(FALLS_BADSIG)[:-6] + "AAAAAA"
 LOGIN_REFUSED = (
     "ConnectionClosedByBroker: (403) 'ACCESS_REFUSED - Login was refused using "
     "authentication mechanism PLAIN. For details see the broker logfile.'"
@@ -84,6 +90,8 @@ def users():
         user(TWIN, PASSWORD, None)
         user(FALLS, EXPIRED_TOKEN, allow)
         user(FALLS_GARBAGE, GARBAGE_JWT, allow)
+        user(FALLS_BADSIG, BAD_SIGNATURE_TOKEN, allow)
+        user(FALLS_ISS, OTHER_ISSUER_TOKEN, allow)
         yield
     finally:
         for name in made:
@@ -286,16 +294,69 @@ def test_a_valid_token_wins_over_an_internal_user_of_the_same_name(gw):
 
 
 def test_a_password_that_fails_as_a_token_falls_through_to_the_internal_user(gw):
-    for user, password in ((FALLS, EXPIRED_TOKEN), (FALLS_GARBAGE, GARBAGE_JWT)):
+    for user, password in ((FALLS_BADSIG, BAD_SIGNATURE_TOKEN), (FALLS_GARBAGE, GARBAGE_JWT)):
         conn = connect(gw, user, password, source="10.30.0.1")
         try:
             assert round_trip(conn, f"iu-falls-q-{RUN}") == b"hello"
         finally:
             conn.close()
     # A login that succeeded leaves no refusal record, though its first backend refused.
-    denies = [r for r in audit_records(gw) if r.get("username") in (FALLS, FALLS_GARBAGE)
+    denies = [r for r in audit_records(gw) if r.get("username") in (FALLS_BADSIG, FALLS_GARBAGE)
               and r["decision"] == "deny"]
     assert not denies, denies
+
+
+def test_a_verified_token_that_a_claim_refuses_is_not_offered_to_the_broker(gw):
+    """An expired token with a valid signature is the issuer's, not a password: the chain
+    ends at the token backend. FALLS's internal password is exactly this token, so had it
+    gone on to the broker, the login would have worked (and a broker running its own OAuth
+    2.0 plugin could accept a token the gateway refused, by rules without `nbf`, `jti_deny`
+    or token policies)."""
+    before = len(audit_records(gw))
+    got = refusal(lambda: connect(gw, FALLS, EXPIRED_TOKEN, source="10.31.0.1"))
+    assert got == f"ProbableAuthenticationError: {LOGIN_REFUSED}", got
+    denies = [r for r in audit_records(gw)[before:] if r["decision"] == "deny"
+              and r.get("event") == "authentication"]
+    assert [(r.get("backend"), r.get("reason")) for r in denies] == [("oauth2", "expired")], denies
+
+
+def test_a_verified_token_naming_another_issuer_is_not_offered_to_the_broker(gw):
+    """The same for a token the trusted key signed whose `iss` is not the pinned issuer:
+    RabbitMQ's own OAuth 2.0 plugin (3.10) does not check `iss`, so a broker running it would
+    take the token. FALLS_ISS's internal password is this token; the chain ends before it."""
+    before = len(audit_records(gw))
+    got = refusal(lambda: connect(gw, FALLS_ISS, OTHER_ISSUER_TOKEN, source="10.31.0.2"))
+    assert got == f"ProbableAuthenticationError: {LOGIN_REFUSED}", got
+    denies = [r for r in audit_records(gw)[before:] if r["decision"] == "deny"
+              and r.get("event") == "authentication"]
+    assert [(r.get("backend"), r.get("reason")) for r in denies] == [("oauth2", "issuer")], denies
+
+
+def test_with_internal_first_a_token_is_still_checked_before_the_broker_sees_it(
+        tmp_path, users):
+    """`backends = ["internal", "oauth2"]`: a JWT-shaped password goes to the token backend
+    first, so FALLS's expired token (its internal password) is refused by the gateway and
+    never offered to the broker. A password and a token whose signature fails still reach
+    the broker, in the configured order."""
+    ca = _write_tls(tmp_path)
+    port = _free_port()
+    cfg = _write_config(tmp_path, port, _free_port())
+    cfg.write_text(cfg.read_text() + 'audit = "audit.jsonl"\n\n'
+                   '[auth]\nbackends = ["internal", "oauth2"]\n')
+    with run_gateway(tmp_path, cfg, port, ca) as g:
+        g.audit = tmp_path / "audit.jsonl"
+        got = refusal(lambda: pika.BlockingConnection(params(g, port, FALLS, EXPIRED_TOKEN)))
+        assert got == f"ProbableAuthenticationError: {LOGIN_REFUSED}", got
+        denies = [r for r in audit_records(g) if r["decision"] == "deny"
+                  and r.get("event") == "authentication"]
+        assert [(r.get("backend"), r.get("reason")) for r in denies] == [
+            ("oauth2", "expired")], denies
+        for user, password in ((FULL, PASSWORD), (FALLS_BADSIG, BAD_SIGNATURE_TOKEN)):
+            conn = pika.BlockingConnection(params(g, port, user, password))
+            try:
+                assert round_trip(conn, f"iu-first-{user}") == b"hello"
+            finally:
+                conn.close()
 
 
 def test_refusals_do_not_tell_which_backend_refused(gw):

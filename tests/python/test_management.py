@@ -429,10 +429,15 @@ def test_keep_alive_and_every_request_audited_without_the_token(mg):
     mine = [r for r in lines if r.get("username") == f"mg-admin-{RUN}"]
     assert any(r["path"] == "/api/queues/{vhost}" and r["status"] == 200 and r["decision"] == "allow"
                and r["method"] == "GET" for r in mine), mine[-5:]
-    # With the internal backend on, a token the gateway refuses goes on to the broker's
-    # internal users, and the audit record says why the token was not used.
-    passed = [r for r in lines if r["decision"] == "pass" and "expired" in r["reason"]]
-    assert passed, "the expired token's refusal is not in the audit log"
+    # With the internal backend on, a token whose signature fails goes on to the broker's
+    # internal users, and the audit record says why the token was not used. An expired
+    # token with a valid signature is the issuer's: the gateway refuses it itself, and it
+    # never reaches the broker as a password (test_refusals_look_like_rabbitmqs sent both).
+    passed = [r for r in lines if r["decision"] == "pass" and "bad_signature" in r["reason"]]
+    assert passed, "the forged token's pass to the internal users is not in the audit log"
+    denied = [r for r in lines if r["decision"] == "deny" and r["reason"] == "expired"
+              and r["backend"] == "oauth2"]
+    assert denied, "the expired token's refusal is not in the audit log"
     for tok in mg.tokens.values():
         sig = tok.rsplit(".", 1)[1]
         assert sig not in audit
