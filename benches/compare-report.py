@@ -177,6 +177,83 @@ def metric(run, key):
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def cost_units(run):
+    """What a run's CPU is divided by: messages published (each one crosses a proxy twice,
+    in from its producer and out to its consumer) or connections opened, with the unit's
+    name; None when the run has no such count."""
+    res = run.get("result")
+    if run.get("exit") != 0 or not isinstance(res, dict):
+        return None
+    if res.get("mode") == "throughput" and res.get("published"):
+        return res["published"], "message"
+    if res.get("mode") == "churn" and res.get("connections"):
+        return res["connections"], "connection"
+    return None
+
+
+# The parts of a run's cost: (key, label). proxy: the proxy's process (none for direct and
+# RabbitMQ's own TLS); broker: beam.smp; load generator: its own process, the clients' TLS
+# included; idle: CPU time no process used during the run (all CPUs), per unit: what the
+# path left unused while its processes waited on each other.
+COST_PARTS = (("proxy", "proxy"), ("broker", "broker"), ("loadgen", "load generator"),
+              ("all", "all three"), ("idle", "idle"), ("proxy_ctx", "context switches"))
+
+
+def cost_of(run):
+    """The run's CPU per unit in µs (and the proxy's context switches per unit), by part."""
+    units = cost_units(run)
+    cost = run.get("cost")
+    if not units or not isinstance(cost, dict):
+        return None
+    n, unit = units
+    proxy, broker = cost.get("proxy_cpu_s"), cost.get("broker_cpu_s")
+    loadgen = run["result"].get("loadgen_cpu_s")
+    out = {"unit": unit}
+    out["proxy"] = proxy * 1e6 / n if isinstance(proxy, (int, float)) else None
+    out["broker"] = broker * 1e6 / n if isinstance(broker, (int, float)) else None
+    out["loadgen"] = loadgen * 1e6 / n if isinstance(loadgen, (int, float)) else None
+    parts = [out["broker"], out["loadgen"]] + ([out["proxy"]] if out["proxy"] is not None else [])
+    out["all"] = sum(parts) if None not in parts else None
+    idle = cost.get("idle_cpu_s")
+    out["idle"] = idle * 1e6 / n if isinstance(idle, (int, float)) else None
+    ctx = cost.get("proxy_ctx_switches")
+    out["proxy_ctx"] = ctx / n if isinstance(ctx, (int, float)) else None
+    return out
+
+
+def cost_table(runs, workloads):
+    """CPU per message (or per connection, for churn) of each part, medians by workload and
+    target, and the gateway's proxy CPU against HAProxy's: what each path costs the machine,
+    apart from how the two CPUs happened to be shared in a run."""
+    rows, table = [], []
+    table.append("| workload | µs CPU per | part | direct | haproxy | gateway | gateway-tokens "
+                 "| rabbitmq-tls | gateway/haproxy |")
+    table.append("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for workload in workloads:
+        costs = {t: [c for r in runs if r["workload"] == workload and r["target"] == t
+                     for c in [cost_of(r)] if c] for t in TARGETS}
+        units = {c["unit"] for cs in costs.values() for c in cs}
+        if len(units) != 1:
+            continue
+        unit = units.pop()
+        for key, label in COST_PARTS:
+            cells, samples = {}, {}
+            for t in TARGETS:
+                good = [c[key] for c in costs[t] if c[key] is not None]
+                samples[t] = good
+                cells[t] = statistics.median(good) if good else None
+            if all(v is None for v in cells.values()):
+                continue
+            r = ratio(cells["gateway"], cells["haproxy"]) if key in ("proxy", "all", "proxy_ctx") else None
+            rows.append({"workload": workload, "per": unit, "part": key, "median": cells,
+                         "samples": samples, "gateway/haproxy": r})
+            table.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                workload, unit, label, fmt(cells["direct"]), fmt(cells["haproxy"]),
+                fmt(cells["gateway"]), fmt(cells["gateway-tokens"]), fmt(cells["rabbitmq-tls"]),
+                fmt(r)))
+    return rows, table
+
+
 def run_failed(run):
     res = run.get("result")
     if run.get("exit") != 0 or not isinstance(res, dict):
@@ -367,6 +444,8 @@ def main():
         with open(prefix + "-sweep.svg", "w") as f:
             f.write(svg)
 
+    cost_rows, cost_lines = cost_table(runs, [w for w in workloads if w != "sweep"])
+
     mach = machine()
     notes = [
         "",
@@ -382,6 +461,13 @@ def main():
             conf["reps"], conf["duration_s"], conf["warmup_s"], conf["idle_connections"],
             threads_text(conf), conf["profile"], ", SMOKE" if smoke else "", conf["elapsed_s"]),
     ]
+    if len(cost_lines) > 2:
+        notes += ["", "CPU per message (per connection for churn), in µs, medians: the proxy's "
+                  "process, the broker (beam.smp), the load generator (its clients' TLS "
+                  "included), the three together, the CPU time no process used (all CPUs), "
+                  "and the proxy's context switches per unit. "
+                  "Read from /proc around each run, warm-up and draining included.", ""]
+        notes += cost_lines
     if problems:
         notes += ["", "Problems:"] + ["- " + p for p in problems]
     text = "\n".join(table + notes) + "\n"
@@ -390,7 +476,7 @@ def main():
         f.write("# benches/compare.sh, %s\n\n" % conf["stamp"])
         f.write(text)
     with open(prefix + ".json", "w") as f:
-        json.dump({"settings": conf, "machine": mach, "rows": rows, "runs": runs,
+        json.dump({"settings": conf, "machine": mach, "rows": rows, "cost": cost_rows, "runs": runs,
                    "problems": problems}, f, indent=1)
     print(text)
     print("written: %s.md %s.json%s" % (prefix, prefix, " %s-sweep.svg" % prefix if svg else ""))

@@ -78,8 +78,11 @@
 #   6. the workloads, each repetition running direct, haproxy, gateway back to back; idle
 #      first, while the proxies are fresh (memory per connection = RSS while all are open
 #      minus RSS before, divided by the connections opened; for direct, RabbitMQ's own);
+#      around every other run, the CPU time of the proxy and the broker, the proxy's
+#      context switches and the CPU no process used, from /proc;
 #   7. benches/compare-report.py: the table on stdout, and target/bench/results-<time>.json
-#      (settings, machine, every run's raw output) and .md (the table and the machine).
+#      (settings, machine, every run's raw output) and .md (the table, the CPU per message
+#      of each process and the machine).
 # Every load generator run is bounded by `timeout`. Ports: 5695 (node; distribution 25695,
 # management 15695),
 # 5696 HAProxy, 5697 gateway, 5698 STS emulator, 5699 gateway admin.
@@ -255,6 +258,15 @@ for p in $HAPROXY_PORT $GATEWAY_PORT $STS_PORT $ADMIN_PORT $TOKENS_PORT $TOKENS_
 done
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+# CPU time (user + system) a process has used, all its threads, in seconds: fields 14 and
+# 15 of /proc/PID/stat, after the command name (which could hold spaces).
+CLK_TCK="$(getconf CLK_TCK)"
+cpu_s() { sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | awk -v hz="$CLK_TCK" '{printf "%.2f", ($12 + $13) / hz}'; }
+# CPU time no process used, all CPUs (idle and iowait, fields 5 and 6 of /proc/stat's first
+# line), in seconds.
+idle_s() { awk -v hz="$CLK_TCK" 'NR == 1 {printf "%.2f", ($5 + $6) / hz}' /proc/stat; }
+# Context switches (voluntary and not) of a process's live threads, summed.
+ctx_switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches:/ {n += $2} END {print n + 0}'; }
 
 # --- 2. certificates (HAProxy, the gateways and the node's TLS listener) ---------------------------------------------------------------------
 
@@ -506,13 +518,45 @@ workload_args() {
 
 FAILED=0
 
-# Appends one line to runs.jsonl: the run's identity, exit status, memory readings and the
-# load generator's JSON (null when it printed none).
-record() { # WORKLOAD TARGET REP EXIT SECONDS RSS_BEFORE RSS_DURING OUT
+# Appends one line to runs.jsonl: the run's identity, exit status, memory readings, the CPU
+# the broker and the proxy used during it (null for the idle workload) and the load
+# generator's JSON (null when it printed none).
+record() { # WORKLOAD TARGET REP EXIT SECONDS RSS_BEFORE RSS_DURING OUT [COST_JSON]
     local result=null
     if [[ -s $8 && $(head -c1 "$8") == "{" ]]; then result="$(tr -d '\n' <"$8")"; fi
-    printf '{"workload":"%s","target":"%s","rep":%s,"exit":%s,"seconds":%s,"rss_before_kib":%s,"rss_during_kib":%s,"result":%s}\n' \
-        "$1" "$2" "$3" "$4" "$5" "${6:-null}" "${7:-null}" "$result" >>"$RUNS"
+    printf '{"workload":"%s","target":"%s","rep":%s,"exit":%s,"seconds":%s,"rss_before_kib":%s,"rss_during_kib":%s,"cost":%s,"result":%s}\n' \
+        "$1" "$2" "$3" "$4" "$5" "${6:-null}" "${7:-null}" "${9:-null}" "$result" >>"$RUNS"
+}
+
+# The proxy's process for a target, or nothing when the clients talk to the broker itself.
+proxy_pid() {
+    case "$1" in direct | rabbitmq-tls) ;; *) target_pid "$1" ;; esac
+}
+
+# What a run cost the broker and the proxy: CPU seconds and the proxy's context switches,
+# read around the load generator's run (its own CPU is in its JSON), and the CPU time that
+# no process used meanwhile: what the path left idle.
+COST_PROXY=""
+cost_start() { # TARGET
+    COST_PROXY="$(proxy_pid "$1")"
+    COST_B0="$(cpu_s "$BEAM_PID")"
+    COST_I0="$(idle_s)"
+    COST_P0="" COST_X0=""
+    if [[ -n $COST_PROXY ]]; then
+        COST_P0="$(cpu_s "$COST_PROXY")"
+        COST_X0="$(ctx_switches "$COST_PROXY")"
+    fi
+}
+cost_json() {
+    local b1 p=null x=null
+    b1="$(cpu_s "$BEAM_PID")"
+    if [[ -n $COST_PROXY ]]; then
+        p="$(awk -v a="$COST_P0" -v b="$(cpu_s "$COST_PROXY")" 'BEGIN {printf "%.2f", b - a}')"
+        x=$(($(ctx_switches "$COST_PROXY") - COST_X0))
+    fi
+    printf '{"broker_cpu_s":%s,"proxy_cpu_s":%s,"proxy_ctx_switches":%s,"idle_cpu_s":%s}' \
+        "$(awk -v a="$COST_B0" -v b="$b1" 'BEGIN {printf "%.2f", b - a}')" "$p" "$x" \
+        "$(awk -v a="$COST_I0" -v b="$(idle_s)" 'BEGIN {printf "%.2f", b - a}')"
 }
 
 run_one() { # WORKLOAD TARGET REP
@@ -528,10 +572,11 @@ run_one() { # WORKLOAD TARGET REP
     fi
     # Bounded: the run's own duration plus a minute for connecting and draining (and, for
     # many connections, time to open them: 2,000 TLS handshakes take seconds).
+    cost_start "$target"
     timeout -k 5 "$(awk "BEGIN {print int($DURATION + $WARMUP + 60 + 2 * $SWEEP_MAX / 100)}")" \
         "$LOADGEN" "${args[@]}" >"$out.json" 2>"$out.err" || rc=$?
     ((rc == 0)) || { FAILED=1; log "$w $target rep $rep FAILED (exit $rc, see $out.err)"; }
-    record "$w" "$target" "$rep" "$rc" $((SECONDS - t0)) "" "" "$out.json"
+    record "$w" "$target" "$rep" "$rc" $((SECONDS - t0)) "" "" "$out.json" "$(cost_json)"
     log "$w $target rep $rep: $(tr -d '\n' <"$out.json" | cut -c1-160)"
 }
 
