@@ -50,8 +50,10 @@ PASSWORD = uuid.uuid4().hex
 # string that is no token fall through to a login that works; an expired token with a
 # valid signature is the issuer's, and ends the chain at the token backend.
 EXPIRED_TOKEN = mint(FALLS, exp_in=-600)
-# Signed with the trusted key, but naming another issuer than the pinned one.
-OTHER_ISSUER_TOKEN = mint(FALLS_ISS, iss="https://sts.elsewhere.example")
+# Signed with the trusted key, but naming another issuer than the pinned one. Minted when
+# the module is collected, so valid for long enough to still be unexpired when the test
+# runs in a full suite (`exp` is checked before `iss`).
+OTHER_ISSUER_TOKEN = mint(FALLS_ISS, iss="https://sts.elsewhere.example", exp_in=3600)
 GARBAGE_JWT = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.not-a-signature"
 BAD_SIGNATURE_TOKEN = mint(FALLS_BADSIG)[:-6] + "AAAAAA"
 LOGIN_REFUSED = (
