@@ -729,22 +729,39 @@ fn command_runtime() -> Option<tokio::runtime::Runtime> {
 }
 
 /// The runtime of a server: `workers` threads, or when `None` what `TOKIO_WORKER_THREADS`
-/// says, else [`default_workers`].
-fn server_runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    match workers {
-        Some(n) => {
-            builder.worker_threads(n);
-        }
-        // tokio reads the variable itself when no number is given.
-        None if std::env::var_os("TOKIO_WORKER_THREADS").is_some() => {}
-        None => {
-            builder.worker_threads(default_workers(
-                std::thread::available_parallelism().map_or(1, |n| n.get()),
-            ));
-        }
+/// says, else [`default_workers`]. An unusable `TOKIO_WORKER_THREADS` is an error here,
+/// where tokio, left to read it, would panic.
+fn server_runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let n = match workers {
+        Some(n) => n,
+        None => env_workers()?.unwrap_or_else(|| {
+            default_workers(std::thread::available_parallelism().map_or(1, |n| n.get()))
+        }),
+    };
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(n)
+        .enable_all()
+        .build()?)
+}
+
+/// `TOKIO_WORKER_THREADS`, read once for every runtime the gateway builds: `None` when it
+/// is not set, an error unless it is a whole number from 1 to `runtime.worker_threads`'s
+/// bound.
+fn env_workers() -> anyhow::Result<Option<usize>> {
+    parse_workers(std::env::var_os("TOKIO_WORKER_THREADS").as_deref())
+}
+
+fn parse_workers(value: Option<&std::ffi::OsStr>) -> anyhow::Result<Option<usize>> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let max = config::MAX_WORKER_THREADS as usize;
+    match value.to_str().map(|v| v.trim().parse::<usize>()) {
+        Some(Ok(n)) if (1..=max).contains(&n) => Ok(Some(n)),
+        _ => anyhow::bail!(
+            "TOKIO_WORKER_THREADS must be a whole number from 1 to {max}, not {value:?}"
+        ),
     }
-    builder.enable_all().build()
 }
 
 /// Worker threads when neither the config nor the environment names a number: one per CPU,
@@ -798,7 +815,7 @@ fn serve(cfg: config::Config, path: PathBuf) -> anyhow::Result<()> {
         let n = cfg
             .runtime
             .worker_threads
-            .or_else(|| std::env::var("TOKIO_WORKER_THREADS").ok()?.parse().ok())
+            .map_or_else(env_workers, |n| Ok(Some(n)))?
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         // The acceptor, the admin listener and the background tasks: one more thread.
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -944,5 +961,51 @@ fn backend_setup(config: &std::path::Path, public_key: &std::path::Path) -> Exit
             eprintln!("{e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_threads_from_the_environment() {
+        use std::ffi::OsStr;
+        let ok: [(Option<&str>, Option<usize>); 4] = [
+            (None, None),
+            (Some("1"), Some(1)),
+            (Some(" 3 "), Some(3)),
+            (Some("1024"), Some(1024)),
+        ];
+        for (value, want) in ok {
+            assert_eq!(
+                parse_workers(value.map(OsStr::new)).unwrap(),
+                want,
+                "{value:?}"
+            );
+        }
+        for bad in [
+            "",
+            "0",
+            "-1",
+            "1.5",
+            "two",
+            "1025",
+            "99999999999999999999999",
+        ] {
+            let e = parse_workers(Some(OsStr::new(bad)))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("TOKIO_WORKER_THREADS must be a whole number from 1 to 1024"),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn one_worker_on_two_cpus_or_fewer() {
+        let got: Vec<_> = [1, 2, 3, 8].into_iter().map(default_workers).collect();
+        assert_eq!(got, [1, 1, 3, 8]);
     }
 }

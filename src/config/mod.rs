@@ -342,7 +342,9 @@ pub const DEFAULT_LOOPBACK_USER: &str = "guest";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuntimeConfig {
     /// Worker threads of the async runtime that relays connections. `None`: the
-    /// `TOKIO_WORKER_THREADS` environment variable if set, else one per CPU.
+    /// `TOKIO_WORKER_THREADS` environment variable if set (1 to 1,024, else the gateway
+    /// does not start), else one per CPU and one on 2 CPUs or fewer (`per_core`: one per
+    /// CPU).
     pub worker_threads: Option<usize>,
     /// One single-threaded runtime per worker, each relaying the connections handed to
     /// it by the acceptor: a connection's client and backend sockets are served by one

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 
 import pika
 
-from conftest import (ADMIN_ROLE, _free_port, _write_config, _write_tls, metric, mint,
-                      run_gateway, unique)
+from conftest import (ADMIN_ROLE, _free_port, _write_config, _write_tls, gateway_binary,
+                      metric, mint, run_gateway, unique)
 
 
 def default_workers() -> int:
@@ -39,6 +40,27 @@ def test_worker_threads_default_and_their_overrides(tmp_path):
     config.write_text(config.read_text() + "\n[runtime]\nworker_threads = 4\n")
     with run_gateway(tmp_path, config, port, ca, env={"TOKIO_WORKER_THREADS": "3"}):
         assert metric(admin_port, gauge) == 4
+
+
+def test_an_unusable_tokio_worker_threads_is_a_clear_error(tmp_path):
+    """TOKIO_WORKER_THREADS that is no whole number from 1 to 1024 stops the gateway at start
+    with a message naming it, on either runtime, instead of tokio's panic (multi-thread) or
+    a quietly ignored value (per_core, where 0 left no worker to hand connections to)."""
+    _write_tls(tmp_path)
+    port, admin_port = _free_port(), _free_port()
+    config = _write_config(tmp_path, port, admin_port)
+    per_core = tmp_path / "per-core.toml"
+    per_core.write_text(config.read_text() + "\n[runtime]\nper_core = true\n")
+    for cfg in (config, per_core):
+        for value in ("0", "two", "1025"):
+            env = {**os.environ, "TOKIO_WORKER_THREADS": value}
+            got = subprocess.run([str(gateway_binary()), "serve", "--config", str(cfg)],
+                                 cwd=tmp_path, env=env, capture_output=True, text=True,
+                                 timeout=30)
+            assert got.returncode == 1, (cfg.name, value, got.returncode, got.stderr[-2000:])
+            assert "TOKIO_WORKER_THREADS must be a whole number from 1 to 1024" in got.stderr, (
+                cfg.name, value, got.stderr[-2000:])
+            assert "panicked" not in got.stderr, got.stderr[-2000:]
 
 
 def test_per_core_runtimes_relay_sessions_and_drain(tmp_path):
