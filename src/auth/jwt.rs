@@ -88,23 +88,34 @@ impl AuthError {
     /// two issuer refusals only `SignedWrongIssuer` is among them: `WrongIssuer` is the
     /// answer for a token whose `iss` names no configured issuer, before any signature is
     /// checked.
+    ///
+    /// Every variant is named, with no catch-all: a new refusal must be placed on one side.
     pub fn of_a_verified_token(&self) -> bool {
-        matches!(
-            self,
+        match self {
             AuthError::Expired { .. }
-                | AuthError::MissingExp
-                | AuthError::InvalidNumericClaim(_)
-                | AuthError::NotYetValid { .. }
-                | AuthError::IssuedInFuture { .. }
-                | AuthError::MissingAudience
-                | AuthError::WrongAudience { .. }
-                | AuthError::SignedWrongIssuer { .. }
-                | AuthError::TooManyScopes { .. }
-                | AuthError::PolicyLifetime(_)
-                | AuthError::PolicyRequiredClaim(_)
-                | AuthError::PolicyJti(_)
-                | AuthError::PolicyClaim { .. }
-        )
+            | AuthError::MissingExp
+            | AuthError::InvalidNumericClaim(_)
+            | AuthError::NotYetValid { .. }
+            | AuthError::IssuedInFuture { .. }
+            | AuthError::MissingAudience
+            | AuthError::WrongAudience { .. }
+            | AuthError::SignedWrongIssuer { .. }
+            | AuthError::TooManyScopes { .. }
+            | AuthError::PolicyLifetime(_)
+            | AuthError::PolicyRequiredClaim(_)
+            | AuthError::PolicyJti(_)
+            | AuthError::PolicyClaim { .. } => true,
+            AuthError::Malformed(_)
+            | AuthError::CriticalExtension(_)
+            | AuthError::AlgorithmNotAllowed(_)
+            | AuthError::NoKid
+            | AuthError::UnknownKid(_)
+            | AuthError::KeyMismatch { .. }
+            | AuthError::BadSignature
+            | AuthError::WrongIssuer { .. }
+            | AuthError::KeysUnavailable(_)
+            | AuthError::CachedFailure { .. } => false,
+        }
     }
 
     /// A short label for metrics and audit records.
